@@ -1,0 +1,38 @@
+"""ksbopt: symmetry-aware Optax transformations and Noether-charge diagnostics for JAX.
+
+The learning rule of a network is a kinetic energy and the loss a potential; when the kinetic
+energy breaks a symmetry of the loss, the matching Noether charge moves in a predictable way.
+ksbopt lets you declare the symmetries (:class:`Scale`, :class:`Rescale`,
+:class:`Translation`, :class:`Linear`), read their charges (:func:`charges`), and choose what
+the optimiser does with them (:func:`project`, :func:`retract`, :func:`steer`).
+"""
+
+from ksbopt import targets
+from ksbopt._src.api import charges
+from ksbopt._src.symmetry import Linear, Rescale, Scale, Symmetry, Translation
+from ksbopt._src.transforms import (
+    ProjectState,
+    RetractState,
+    SteerState,
+    project,
+    retract,
+    steer,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Linear",
+    "ProjectState",
+    "Rescale",
+    "RetractState",
+    "Scale",
+    "SteerState",
+    "Symmetry",
+    "Translation",
+    "charges",
+    "project",
+    "retract",
+    "steer",
+    "targets",
+]

@@ -1,0 +1,133 @@
+"""Shared helpers of the peer optimizers: hyperparameter checks and per-unit reductions.
+
+Flax layout: a kernel of shape ``(..., in, out)`` has its output units on the LAST axis, so a
+"unit" (a neuron, a channel, a filter) is the slice ``x[..., j]`` and every per-unit reduction
+runs over all axes but the last. Leaves with fewer than two dimensions (biases, scales,
+scalars) have no unit axis; each optimizer documents what it does with them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "check_range",
+    "compute_dtype",
+    "concrete_float",
+    "is_kernel",
+    "map_leaves",
+    "require_params",
+    "safe_div",
+    "unit_norm",
+    "unit_sum",
+]
+
+
+def concrete_float(value: Any) -> float | None:
+    """Returns ``float(value)`` for a concrete real scalar, else ``None``.
+
+    ``None`` comes back for schedules (callables), tracers (``inject_hyperparams`` calls the
+    factory inside ``jit``), arrays with more than one element and non-numbers: those cannot
+    be checked at construction time and are left alone.
+    """
+    if value is None or callable(value):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):  # tracers raise a TypeError subclass
+        return None
+
+
+def check_range(
+    owner: str,
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    hint: str = "",
+) -> None:
+    """Raises ``ValueError`` when a concrete hyperparameter lies outside its interval.
+
+    Args:
+      owner: the public factory doing the check (named in the message).
+      name: the argument's name.
+      value: its value; non-concrete values (schedules, tracers) are not checked.
+      low: lower bound or ``None``.
+      high: upper bound or ``None``.
+      low_open: whether ``low`` itself is excluded.
+      high_open: whether ``high`` itself is excluded.
+      hint: what to write instead, appended to the message.
+    """
+    v = concrete_float(value)
+    if v is None:
+        return
+    bad = math.isnan(v)
+    if low is not None:
+        bad = bad or (v <= low if low_open else v < low)
+    if high is not None:
+        bad = bad or (v >= high if high_open else v > high)
+    if bad:
+        lo = "-inf" if low is None else f"{low:g}"
+        hi = "inf" if high is None else f"{high:g}"
+        interval = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
+        raise ValueError(
+            f"{owner}: {name}={value!r} is outside {interval}. {hint}".rstrip()
+        )
+
+
+def require_params(owner: str, params: Any) -> None:
+    """Raises ``ValueError`` when an optimizer that needs the parameters got none."""
+    if params is None:
+        raise ValueError(
+            f"{owner}: params=None, but this transform needs the current parameters; "
+            "call tx.update(grads, state, params)."
+        )
+
+
+def compute_dtype(x: jax.Array) -> jnp.dtype:
+    """The dtype for norms and projections: at least float32 (float64 stays float64)."""
+    return jnp.promote_types(x.dtype, jnp.float32)
+
+
+def is_kernel(x: jax.Array) -> bool:
+    """Whether a leaf has a unit axis (two or more dimensions)."""
+    return jnp.ndim(x) >= 2
+
+
+def unit_sum(x: jax.Array) -> jax.Array:
+    """Sums over all axes but the last: one number per output unit, shape ``(units,)``."""
+    return jnp.sum(x, axis=tuple(range(x.ndim - 1)))
+
+
+def unit_norm(x: jax.Array) -> jax.Array:
+    """Euclidean norm of each unit ``x[..., j]``, shape ``(units,)``."""
+    return jnp.sqrt(unit_sum(jnp.square(x)))
+
+
+def safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
+    """``num / den`` where ``den > 0``, and ``0`` where ``den == 0`` (no NaN, no inf).
+
+    The inner ``where`` keeps the gradient of this function finite as well.
+    """
+    pos = den > 0
+    return jnp.where(pos, num / jnp.where(pos, den, 1), 0)
+
+
+def map_leaves(fn, tree: Any, *rest: Any, n_out: int) -> tuple[Any, ...]:
+    """Maps ``fn`` over the leaves of ``tree`` and matching leaves of ``rest``.
+
+    ``fn`` returns a tuple of ``n_out`` arrays per leaf; the result is a tuple of ``n_out``
+    trees shaped like ``tree``. The other trees must have ``tree``'s structure (or a
+    structure ``tree`` is a prefix of).
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    others = [treedef.flatten_up_to(r) for r in rest]
+    results = [fn(*args) for args in zip(leaves, *others)]
+    return tuple(treedef.unflatten([r[i] for r in results]) for i in range(n_out))

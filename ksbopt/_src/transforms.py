@@ -1,0 +1,262 @@
+"""Gradient transformations that preserve or steer Noether charges: project, retract, steer.
+
+Each factory returns an ``optax.GradientTransformationExtraArgs``. The declarations are
+validated when the factory is called and resolved against the parameter tree at ``init``
+(a selector that matches nothing, a wrong axis, ... raise there). ``update`` needs
+``params``.
+
+Non-finite input: when the incoming updates hold a NaN or an infinity, these transforms
+return all-zero updates and leave their state unchanged (the step is skipped for the
+parameters; ``optax.apply_if_finite`` around the whole chain also skips the base
+optimizer's state). A zero-norm group has no orbit to move along: it is left as it is.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ksbopt._src import orbit
+from ksbopt._src import targets as targets_lib
+
+
+def _flat(tree: Any) -> list:
+    return jax.tree.leaves(tree)
+
+
+def _all_finite(flat: list) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in flat])) if flat else True
+
+
+def _unflatten_like(updates: Any, flat: list) -> Any:
+    return jax.tree.unflatten(jax.tree.structure(updates), flat)
+
+
+def _updates_from_move(updates: Any, binding: orbit.Binding, moved: list, w: list) -> list:
+    """New updates: moved - w on the leaves a symmetry touched, the old updates elsewhere."""
+    touched = {i for b in binding.bound for i in b.leaves}
+    flat_u = _flat(updates)
+    return [
+        (moved[i] - w[i]).astype(u.dtype) if i in touched else u for i, u in enumerate(flat_u)
+    ]
+
+
+def _guard(ok: jax.Array, new: list, old_updates: list) -> list:
+    """Zero updates when the step is not finite (no NaN reaches params)."""
+    return [jnp.where(ok, n, jnp.zeros_like(u)) for n, u in zip(new, old_updates)]
+
+
+class ProjectState(NamedTuple):
+    """:func:`project` keeps no state."""
+
+
+def project(symmetries) -> optax.GradientTransformationExtraArgs:
+    r"""Remove from the updates their component along every symmetry generator.
+
+    .. math::
+
+        u \mapsto u - J (J^\top J)^{+} J^\top u, \qquad J c = \sum_g c_g\, \xi_g(\theta),
+
+    the Euclidean projection on the orthogonal complement of the span of all generators of
+    all groups. Groups of one symmetry are disjoint and are projected one by one; where
+    generators of different symmetries overlap on the same numbers (a ReLU layer feeding a
+    softmax head: a head row is in a rescale AND a translation group) the Gram system is
+    solved jointly, so the result is orthogonal to every generator at once.
+
+    Placed before the base optimizer it projects gradients (which for a true symmetry are
+    already orthogonal, up to weight decay); placed after it, it projects the final step:
+    the charges then change only at second order, by Q(u) (THEORY.md section 3).
+
+    Args:
+      symmetries: a :class:`~ksbopt.Scale`, :class:`~ksbopt.Rescale`,
+        :class:`~ksbopt.Translation`, :class:`~ksbopt.Linear` or a list of them.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, ksbopt
+      >>> params = {"w": jnp.array([3.0, 4.0])}
+      >>> tx = ksbopt.project(ksbopt.Scale("w", axis=None))
+      >>> u, _ = tx.update({"w": jnp.array([1.0, 0.0])}, tx.init(params), params)
+      >>> float(jnp.dot(u["w"], params["w"]))
+      0.0
+
+    References:
+      Heo et al., "AdamP: Slowing Down the Slowdown for Momentum Optimizers on
+      Scale-invariant Weights", ICLR 2021, https://arxiv.org/abs/2006.08217 (the radial
+      projection for scale groups); Kunin et al., "Neural Mechanics", ICLR 2021,
+      https://arxiv.org/abs/2012.04728 (the generators).
+    """
+    syms = orbit.as_symmetries(symmetries)
+
+    def init_fn(params):
+        orbit.bind(syms, params)
+        return ProjectState()
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
+        orbit.require_params(params, "project")
+        binding = orbit.bind(syms, params)
+        flat_u = _flat(updates)
+        w = orbit.promote(_flat(params))
+        u = orbit.promote(flat_u)
+        projected = orbit.project(binding, w, u)
+        new = [p.astype(x.dtype) for p, x in zip(projected, flat_u)]
+        new = _guard(_all_finite(flat_u), new, flat_u)
+        return _unflatten_like(updates, new), state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class RetractState(NamedTuple):
+    """State of :func:`retract`.
+
+    Attributes:
+      initial: the charges at ``init``, one array per symmetry: the level set kept.
+      residual: the largest relative charge error |Q - Q_init| / scale after the last step,
+        over all groups (float32). It is ~eps for converged moves; a value far above that
+        reports a Linear retraction whose Newton solve did not converge.
+    """
+
+    initial: tuple
+    residual: jax.Array
+
+
+def retract(symmetries) -> optax.GradientTransformationExtraArgs:
+    r"""Keep every Noether charge exactly where it was: a retraction onto the charge level set.
+
+    Placed LAST in a chain, it replaces the step u by psi(w + u, a) - w where the group
+    element a (one per group) is chosen so that Q(psi(w + u, a)) = Q(w_0), the charge at
+    ``init`` (holding the initial charge rather than the previous one means rounding errors
+    never accumulate over steps):
+
+    - scale: a = |w_0| / |w + u| (restore the norm; the constrained-filter-norm control
+      experiment of Tanaka & Kunin, THEORY.md section 5);
+    - rescale: a^2 solves a^4 x_in - 2 Q a^2 - x_out = 0;
+    - translation: shift by (Q(w_0) - Q(w + u)) / n;
+    - linear: G from Newton's method on symmetric G = exp(X) (see :class:`~ksbopt.Linear`).
+
+    Overlapping symmetries are retracted in sweeps until every charge is within 64 eps.
+    The move is along the orbit, so the loss is unchanged by it (exactly, for a true
+    symmetry). Charges are computed in float32 or wider whatever the parameter dtype.
+
+    Args:
+      symmetries: a declaration or a list of them.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` with :class:`RetractState`.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, ksbopt
+      >>> params = {"w": jnp.array([3.0, 4.0])}
+      >>> tx = optax.chain(optax.sgd(0.5), ksbopt.retract(ksbopt.Scale("w", axis=None)))
+      >>> u, _ = tx.update({"w": jnp.array([1.0, 1.0])}, tx.init(params), params)
+      >>> float(jnp.linalg.norm(optax.apply_updates(params, u)["w"]))
+      5.0
+
+    References:
+      Tanaka, Kunin, "Noether's Learning Dynamics: Role of Symmetry Breaking in Neural
+      Networks", NeurIPS 2021, https://arxiv.org/abs/2105.02716
+    """
+    syms = orbit.as_symmetries(symmetries)
+    return _orbit_move(syms, targets_lib.constant("initial"), rate=1.0, name="retract")
+
+
+class SteerState(NamedTuple):
+    """State of :func:`steer`.
+
+    Attributes:
+      count: steps taken (drives ``targets.schedule``).
+      initial: the charges at ``init``, one array per symmetry.
+      residual: largest relative distance of the charges from this step's targets (float32).
+    """
+
+    count: jax.Array
+    initial: tuple
+    residual: jax.Array
+
+
+def steer(symmetries, target, rate: float = 1.0) -> optax.GradientTransformationExtraArgs:
+    r"""Move along the orbits so that each charge approaches a target by ``rate`` per step.
+
+    Placed LAST in a chain. With Q = Q(w + u) the charge after the base step and T the
+    target, the step is replaced by psi(w + u, a) - w with a chosen so that
+
+    .. math::
+
+        Q(\psi(w + u, a)) = Q + \text{rate}\,(T - Q).
+
+    Orbit moves never change the loss; they change the kinetic state the next steps see
+    (e.g. the effective learning rate eta / |w|^2 of a scale group, THEORY.md P2).
+
+    Args:
+      symmetries: a declaration or a list of them.
+      target: a :mod:`ksbopt.targets` object (``constant``, ``schedule``, ``balanced``),
+        a number or array (a constant charge; for ``Linear`` a number v means v I), or a
+        callable step -> value (a schedule). A numeric target can be scheduled with
+        ``optax.inject_hyperparams``.
+      rate: fraction of the distance to the target covered each step, in (0, 1].
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` with :class:`SteerState`.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, ksbopt
+      >>> params = {"w": jnp.array([3.0, 4.0])}
+      >>> tx = ksbopt.steer(ksbopt.Scale("w", axis=None), ksbopt.targets.constant(2.0))
+      >>> u, _ = tx.update({"w": jnp.zeros(2)}, tx.init(params), params)
+      >>> q = ksbopt.charges(optax.apply_updates(params, u), ksbopt.Scale("w", axis=None))[0]
+      >>> round(float(q[0]), 5)
+      2.0
+
+    References:
+      Tanaka, Kunin, "Noether's Learning Dynamics: Role of Symmetry Breaking in Neural
+      Networks", NeurIPS 2021, https://arxiv.org/abs/2105.02716
+    """
+    syms = orbit.as_symmetries(symmetries)
+    if not isinstance(rate, jax.core.Tracer) and not 0 < float(jnp.asarray(rate)) <= 1:
+        raise ValueError(f"{rate=} must be in (0, 1]: the fraction of the distance to the "
+                         "target covered per step (1 jumps to the target).")
+    return _orbit_move(syms, targets_lib.as_target(target), rate=rate, name="steer")
+
+
+def _orbit_move(syms, target: targets_lib.Target, *, rate, name: str):
+    """One implementation for retract (steer to the initial charges at rate 1) and steer."""
+    is_retract = name == "retract"
+
+    def init_fn(params):
+        binding = orbit.bind(syms, params)
+        for b in binding.bound:
+            target.check(b)
+        initial = orbit.charges(binding, orbit.promote(_flat(params)))
+        residual = jnp.zeros((), jnp.float32)
+        if is_retract:
+            return RetractState(initial, residual)
+        return SteerState(jnp.zeros((), jnp.int32), initial, residual)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
+        orbit.require_params(params, name)
+        binding = orbit.bind(syms, params)
+        flat_u = _flat(updates)
+        w = orbit.promote(_flat(params))
+        cand = [x + u for x, u in zip(w, orbit.promote(flat_u))]
+        count = getattr(state, "count", None)
+        goals = []
+        for b, q0 in zip(binding.bound, state.initial):
+            q = b.charge(cand)
+            goals.append(q + rate * (target.charge_for(b, q, q0, count) - q))
+        moved, residual = orbit.move(binding, cand, goals)
+        ok = _all_finite(flat_u)
+        new = _guard(ok, _updates_from_move(updates, binding, moved, w), flat_u)
+        residual = jnp.where(ok, residual, state.residual)
+        if is_retract:
+            return _unflatten_like(updates, new), RetractState(state.initial, residual)
+        count = jnp.where(ok, optax.safe_increment(count), count)
+        return _unflatten_like(updates, new), SteerState(count, state.initial, residual)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
