@@ -167,28 +167,37 @@ def tangent_coefficients(binding: Binding, flat: Flat, u: Flat) -> list[jax.Arra
     return coefs
 
 
-def project(binding: Binding, flat: Flat, u: Flat) -> Flat:
-    """u minus its component along every generator of every group (jointly)."""
+def project(binding: Binding, flat: Flat, u: Flat) -> tuple[Flat, list[jax.Array]]:
+    """u minus its component along every generator of every group (jointly).
+
+    Returns the projected leaves and the coefficients c of the removed component J c.
+    """
+    coefs = tangent_coefficients(binding, flat, u)
     out = list(u)
-    for b, c in zip(binding.bound, tangent_coefficients(binding, flat, u)):
+    for b, c in zip(binding.bound, coefs):
         out = _apply(out, b.expand(flat, c), sign=-1.0)
-    return out
+    return out, coefs
 
 
 def move(binding: Binding, flat: Flat, targets: Sequence[jax.Array],
          max_sweeps: int = 64) -> tuple[Flat, jax.Array]:
     """Act on ``flat`` along the orbits until each charge equals its target.
 
-    Returns the moved leaves and the largest relative residual |Q - target| / scale over all
-    symmetries (0 up to rounding when every target was reached).
+    Returns the moved leaves and the largest relative residual |Q - target| / scale over the
+    iterative solves (Linear, overlapping symmetries); closed-form moves are exact up to
+    rounding and are not re-measured (that would cost a pass over the parameters).
     """
     out = list(flat)
+    measured = []
     for comp in binding.components:
         syms = [binding.bound[i] for i in comp]
         tgts = [targets[i] for i in comp]
         if len(syms) == 1:
             out = _apply(out, syms[0].move_to(out, tgts[0]), add=False)
+            if not syms[0].closed_form_move:
+                measured.append(comp[0])
             continue
+        measured.extend(comp)
         leaves = sorted({i for s in syms for i in s.leaves})
         tol = 64 * jnp.finfo(out[leaves[0]].dtype).eps
 
@@ -213,6 +222,6 @@ def move(binding: Binding, flat: Flat, targets: Sequence[jax.Array],
         _, sub = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32),
                                                  sweep([out[i] for i in leaves])))
         out = _apply(out, dict(zip(leaves, sub)), add=False)
-    residual = jnp.max(jnp.stack([b.residual(out, t).astype(jnp.float32)
-                                  for b, t in zip(binding.bound, targets)]))
+    residual = jnp.max(jnp.stack([jnp.zeros((), jnp.float32)] + [
+        binding.bound[i].residual(out, targets[i]).astype(jnp.float32) for i in measured]))
     return out, residual

@@ -59,6 +59,9 @@ class BoundSymmetry(abc.ABC):
     """A symmetry resolved against one parameter tree structure."""
 
     symmetry: Symmetry
+    #: Whether :meth:`move_to` is a closed form (exact up to rounding) or an iterative solve
+    #: whose residual must be measured and reported.
+    closed_form_move: bool = True
 
     @property
     @abc.abstractmethod
@@ -296,6 +299,8 @@ def _eigh_fn(m: jax.Array, fn) -> jax.Array:
 
 class _BoundLinear(BoundSymmetry):
     """GL(k) acting on x A B: (A, B) -> (A G, G^-1 B), per head."""
+
+    closed_form_move = False
 
     def __init__(self, symmetry: Symmetry, parts: tuple[_LinearPart, ...], heads: int, k: int,
                  max_iter: int):

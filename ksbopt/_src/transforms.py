@@ -27,26 +27,28 @@ def _flat(tree: Any) -> list:
     return jax.tree.leaves(tree)
 
 
-def _all_finite(flat: list) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in flat])) if flat else True
+def _all_finite(values) -> jax.Array:
+    """Whether every per-group reduction is finite.
+
+    A NaN or infinity anywhere in a group's numbers makes its reductions (charges, inner
+    products with generators) non-finite, so this detects non-finite updates on every leaf a
+    symmetry touches without another pass over the parameters.
+    """
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in values]))
 
 
 def _unflatten_like(updates: Any, flat: list) -> Any:
     return jax.tree.unflatten(jax.tree.structure(updates), flat)
 
 
-def _updates_from_move(updates: Any, binding: orbit.Binding, moved: list, w: list) -> list:
-    """New updates: moved - w on the leaves a symmetry touched, the old updates elsewhere."""
+def _new_updates(ok: jax.Array, binding: orbit.Binding, flat_u: list, new: list) -> list:
+    """The new updates on the leaves a symmetry touched (zero if ``ok`` is false), the
+    incoming updates elsewhere."""
     touched = {i for b in binding.bound for i in b.leaves}
-    flat_u = _flat(updates)
     return [
-        (moved[i] - w[i]).astype(u.dtype) if i in touched else u for i, u in enumerate(flat_u)
+        jnp.where(ok, new[i], 0).astype(u.dtype) if i in touched else u
+        for i, u in enumerate(flat_u)
     ]
-
-
-def _guard(ok: jax.Array, new: list, old_updates: list) -> list:
-    """Zero updates when the step is not finite (no NaN reaches params)."""
-    return [jnp.where(ok, n, jnp.zeros_like(u)) for n, u in zip(new, old_updates)]
 
 
 class ProjectState(NamedTuple):
@@ -104,9 +106,8 @@ def project(symmetries) -> optax.GradientTransformationExtraArgs:
         flat_u = _flat(updates)
         w = orbit.promote(_flat(params))
         u = orbit.promote(flat_u)
-        projected = orbit.project(binding, w, u)
-        new = [p.astype(x.dtype) for p, x in zip(projected, flat_u)]
-        new = _guard(_all_finite(flat_u), new, flat_u)
+        projected, coefs = orbit.project(binding, w, u)
+        new = _new_updates(_all_finite(coefs), binding, flat_u, projected)
         return _unflatten_like(updates, new), state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -246,13 +247,14 @@ def _orbit_move(syms, target: targets_lib.Target, *, rate, name: str):
         w = orbit.promote(_flat(params))
         cand = [x + u for x, u in zip(w, orbit.promote(flat_u))]
         count = getattr(state, "count", None)
-        goals = []
+        goals, charges = [], []
         for b, q0 in zip(binding.bound, state.initial):
             q = b.charge(cand)
+            charges.append(q)
             goals.append(q + rate * (target.charge_for(b, q, q0, count) - q))
         moved, residual = orbit.move(binding, cand, goals)
-        ok = _all_finite(flat_u)
-        new = _guard(ok, _updates_from_move(updates, binding, moved, w), flat_u)
+        ok = _all_finite(charges)
+        new = _new_updates(ok, binding, flat_u, [m - x for m, x in zip(moved, w)])
         residual = jnp.where(ok, residual, state.residual)
         if is_retract:
             return _unflatten_like(updates, new), RetractState(state.initial, residual)
