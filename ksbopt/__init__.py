@@ -7,8 +7,28 @@ ksbopt lets you declare the symmetries (:class:`Scale`, :class:`Rescale`,
 the optimiser does with them (:func:`project`, :func:`retract`, :func:`steer`).
 """
 
-from ksbopt import targets
+from ksbopt import targets, theory
 from ksbopt._src.api import charges
+from ksbopt._src.peers import (
+    NeroRetractionState,
+    RotationalState,
+    ScaleByAdampState,
+    ScaleByNeroState,
+    ScaleByPathNormState,
+    ScaleBySgdpState,
+    adamp,
+    nero,
+    nero_retraction,
+    path_preconditioner,
+    path_sgd,
+    radial_projection,
+    rotational,
+    scale_by_adamp,
+    scale_by_nero,
+    scale_by_path_norm,
+    scale_by_sgdp,
+    sgdp,
+)
 from ksbopt._src.symmetry import Linear, Rescale, Scale, Symmetry, Translation
 from ksbopt._src.transforms import (
     ProjectState,
@@ -23,6 +43,25 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Linear",
+    "NeroRetractionState",
+    "RotationalState",
+    "ScaleByAdampState",
+    "ScaleByNeroState",
+    "ScaleByPathNormState",
+    "ScaleBySgdpState",
+    "adamp",
+    "nero",
+    "nero_retraction",
+    "path_preconditioner",
+    "path_sgd",
+    "radial_projection",
+    "rotational",
+    "scale_by_adamp",
+    "scale_by_nero",
+    "scale_by_path_norm",
+    "scale_by_sgdp",
+    "sgdp",
+    "theory",
     "ProjectState",
     "Rescale",
     "RetractState",

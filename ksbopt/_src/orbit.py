@@ -179,36 +179,38 @@ def project(binding: Binding, flat: Flat, u: Flat) -> tuple[Flat, list[jax.Array
     return out, coefs
 
 
-def move(binding: Binding, flat: Flat, targets: Sequence[jax.Array],
+def move(binding: Binding, w: Flat, u: Flat, targets: Sequence[jax.Array],
          max_sweeps: int = 64) -> tuple[Flat, jax.Array]:
-    """Act on ``flat`` along the orbits until each charge equals its target.
+    """Replace the step ``u`` by u' so that w + u' is on the orbit of w + u with the target
+    charges.
 
-    Returns the moved leaves and the largest relative residual |Q - target| / scale over the
-    iterative solves (Linear, overlapping symmetries); closed-form moves are exact up to
+    Returns the new update leaves and the largest relative residual |Q - target| / scale over
+    the iterative solves (Linear, overlapping symmetries); closed-form moves are exact up to
     rounding and are not re-measured (that would cost a pass over the parameters).
     """
-    out = list(flat)
+    out = list(u)
     measured = []
     for comp in binding.components:
         syms = [binding.bound[i] for i in comp]
         tgts = [targets[i] for i in comp]
         if len(syms) == 1:
-            out = _apply(out, syms[0].move_to(out, tgts[0]), add=False)
+            out = _apply(out, syms[0].step_to(w, u, tgts[0]), add=False)
             if not syms[0].closed_form_move:
                 measured.append(comp[0])
             continue
         measured.extend(comp)
         leaves = sorted({i for s in syms for i in s.leaves})
-        tol = 64 * jnp.finfo(out[leaves[0]].dtype).eps
+        cand = [w[i] + u[i] if i in leaves else w[i] for i in range(len(w))]
+        tol = 64 * jnp.finfo(cand[leaves[0]].dtype).eps
 
-        def sweep(sub, syms=syms, tgts=tgts, leaves=leaves):
-            cur = _apply(out, dict(zip(leaves, sub)), add=False)
+        def sweep(sub, syms=syms, tgts=tgts, leaves=leaves, cand=cand):
+            cur = _apply(cand, dict(zip(leaves, sub)), add=False)
             for s, t in zip(syms, tgts):
                 cur = _apply(cur, s.move_to(cur, t), add=False)
             return [cur[i] for i in leaves]
 
-        def worst(sub, syms=syms, tgts=tgts, leaves=leaves):
-            cur = _apply(out, dict(zip(leaves, sub)), add=False)
+        def worst(sub, syms=syms, tgts=tgts, leaves=leaves, cand=cand):
+            cur = _apply(cand, dict(zip(leaves, sub)), add=False)
             return jnp.max(jnp.stack([s.residual(cur, t) for s, t in zip(syms, tgts)]))
 
         def cond(state, worst=worst, tol=tol):
@@ -220,8 +222,9 @@ def move(binding: Binding, flat: Flat, targets: Sequence[jax.Array],
             return it + 1, sweep(sub)
 
         _, sub = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32),
-                                                 sweep([out[i] for i in leaves])))
-        out = _apply(out, dict(zip(leaves, sub)), add=False)
+                                                 sweep([cand[i] for i in leaves])))
+        out = _apply(out, {i: v - w[i] for i, v in zip(leaves, sub)}, add=False)
+    new_w = [w[i] + out[i] for i in range(len(w))] if measured else w
     residual = jnp.max(jnp.stack([jnp.zeros((), jnp.float32)] + [
-        binding.bound[i].residual(out, targets[i]).astype(jnp.float32) for i in measured]))
+        binding.bound[i].residual(new_w, targets[i]).astype(jnp.float32) for i in measured]))
     return out, residual

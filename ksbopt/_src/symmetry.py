@@ -113,6 +113,11 @@ class BoundSymmetry(abc.ABC):
     def move_to(self, flat: Flat, target: jax.Array) -> Moved:
         """Move along the orbit so that the charge equals ``target`` (where reachable)."""
 
+    def step_to(self, w: Flat, u: Flat, target: jax.Array) -> Moved:
+        """The update u' with Q(w + u') = target and w + u' on the orbit of w + u."""
+        cand = [w[i] + u[i] if i in self.leaves else w[i] for i in range(len(w))]
+        return {i: v - w[i] for i, v in self.move_to(cand, target).items()}
+
     def residual(self, flat: Flat, target: jax.Array) -> jax.Array:
         """Largest relative distance of the charge from ``target``, a scalar."""
         q = self.charge(flat)
@@ -184,7 +189,10 @@ class _BoundAxis(BoundSymmetry):
         return jnp.diag(self.norms(flat))
 
     def solve_gram(self, flat: Flat, r: jax.Array) -> jax.Array:
-        return _safe_div(r, self.norms(flat))
+        # A zero-norm group has no generator: coefficient 0 * r, which is 0 for a finite r
+        # but keeps a NaN / inf of r visible to the non-finite checks of the transforms.
+        n = self.norms(flat)
+        return jnp.where(n != 0, r / jnp.where(n != 0, n, 1), 0 * r)
 
     def _map(self, flat: Flat, fn) -> Moved:
         out: Moved = {}
@@ -193,26 +201,45 @@ class _BoundAxis(BoundSymmetry):
         return out
 
 
-class _BoundScale(_BoundAxis):
+class _BoundMultiplicative(_BoundAxis):
+    """Scale and Rescale: the action multiplies each part by a per-group factor a^sign."""
+
+    def _factors(self, flat: Flat, target: jax.Array) -> jax.Array:
+        """The group element a (one per group) that takes the charge to ``target``."""
+        raise NotImplementedError
+
+    def _part_factor(self, p: AxisPart, s: int, a: jax.Array) -> jax.Array:
+        return p.broadcast(a[p.offset : p.offset + p.size]) ** s
+
     def act(self, flat: Flat, a: jax.Array) -> Moved:
-        return self._map(flat, lambda w, p, s: w * p.broadcast(a[p.offset : p.offset + p.size]))
+        return self._map(flat, lambda w, p, s: w * self._part_factor(p, s, a))
 
     def move_to(self, flat: Flat, target: jax.Array) -> Moved:
+        return self.act(flat, self._factors(flat, target))
+
+    def step_to(self, w: Flat, u: Flat, target: jax.Array) -> Moved:
+        # psi(w + u, a) - w = (f - 1) w + f u with f = a^sign: written so that w + u is never
+        # stored (one fused pass), and exact where f = 1.
+        cand = [w[i] + u[i] if i in self.leaves else None for i in range(len(w))]
+        a = self._factors(cand, target)
+        out: Moved = {}
+        for p, s in zip(self.parts, self.signs):
+            f = self._part_factor(p, s, a)
+            out[p.leaf] = (f - 1) * w[p.leaf] + f * u[p.leaf]
+        return out
+
+
+class _BoundScale(_BoundMultiplicative):
+    def _factors(self, flat: Flat, target: jax.Array) -> jax.Array:
         # [derived] psi(w, a) = a w multiplies the charge by a^2; a zero group has no orbit to
         # move along and stays where it is, as does a group asked for a non-positive charge.
         q = self.charge(flat)
         ok = (q > 0) & (target > 0)
-        a = jnp.where(ok, jnp.sqrt(jnp.where(ok, target, 1) / jnp.where(ok, q, 1)), 1)
-        return self.act(flat, a)
+        return jnp.where(ok, jnp.sqrt(jnp.where(ok, target, 1) / jnp.where(ok, q, 1)), 1)
 
 
-class _BoundRescale(_BoundAxis):
-    def act(self, flat: Flat, a: jax.Array) -> Moved:
-        return self._map(
-            flat, lambda w, p, s: w * p.broadcast(a[p.offset : p.offset + p.size]) ** s
-        )
-
-    def move_to(self, flat: Flat, target: jax.Array) -> Moved:
+class _BoundRescale(_BoundMultiplicative):
+    def _factors(self, flat: Flat, target: jax.Array) -> jax.Array:
         # [derived] with t = a^2: t^2 x_in - 2 q t - x_out = 0 (x = squared norms); take the
         # positive root in the form that avoids cancellation for either sign of q.
         x_in = self._sum([p.reduce(jnp.square(flat[p.leaf])) * (s > 0) for p, s in
@@ -222,8 +249,7 @@ class _BoundRescale(_BoundAxis):
         q = target
         disc = jnp.sqrt(q * q + x_in * x_out)
         t = jnp.where(q >= 0, _safe_div(q + disc, x_in), _safe_div(x_out, disc - q))
-        t = jnp.where(t > 0, t, 1)
-        return self.act(flat, jnp.sqrt(t))
+        return jnp.sqrt(jnp.where(t > 0, t, 1))
 
 
 class _BoundTranslation(_BoundAxis):
@@ -251,9 +277,16 @@ class _BoundTranslation(_BoundAxis):
     def act(self, flat: Flat, a: jax.Array) -> Moved:
         return self._map(flat, lambda w, p, s: w + p.broadcast(a[p.offset : p.offset + p.size]))
 
-    def move_to(self, flat: Flat, target: jax.Array) -> Moved:
+    def _shift(self, flat: Flat, target: jax.Array) -> jax.Array:
         # Shifting a group by a changes <1, w> by a * (number of entries): solve for a.
-        return self.act(flat, (target - self.charge(flat)) / self.norms(flat))
+        return (target - self.charge(flat)) / self.norms(flat)
+
+    def move_to(self, flat: Flat, target: jax.Array) -> Moved:
+        return self.act(flat, self._shift(flat, target))
+
+    def step_to(self, w: Flat, u: Flat, target: jax.Array) -> Moved:
+        cand = [w[i] + u[i] if i in self.leaves else None for i in range(len(w))]
+        return self.act(u, self._shift(cand, target))
 
 
 # --------------------------------------------------------------------------- linear symmetry
@@ -383,7 +416,8 @@ class _BoundLinear(BoundSymmetry):
         m = jnp.einsum("hai,hab,hbj->hij", up, r.reshape(self.charge_shape), ur)
         den = lp[:, :, None] + lr[:, None, :]
         tol = _finfo_tol(den) * jnp.max(jnp.abs(den), axis=(1, 2), keepdims=True)
-        x = jnp.where(den > tol, m / jnp.where(den > tol, den, 1), 0)
+        # 0 * m where the system is singular: 0 for finite m, NaN kept visible otherwise.
+        x = jnp.where(den > tol, m / jnp.where(den > tol, den, 1), 0 * m)
         return jnp.einsum("hia,hab,hjb->hij", up, x, ur)
 
     def act(self, flat: Flat, g: jax.Array) -> Moved:
@@ -456,10 +490,9 @@ class _BoundLinear(BoundSymmetry):
         ph = _eigh_fn(p, jnp.sqrt)
         pih = _eigh_fn(p, lambda v: jnp.where(v > 0, 1 / jnp.sqrt(jnp.where(v > 0, v, 1)), 0))
         m = pih @ _eigh_fn(ph @ r @ ph, lambda v: jnp.sqrt(jnp.maximum(v, 0))) @ pih
-        g = _eigh_fn(m, lambda v: jnp.sqrt(jnp.sqrt(jnp.maximum(v, 0))))
-        g_inv = _eigh_fn(
-            m, lambda v: jnp.where(v > 0, 1 / jnp.sqrt(jnp.sqrt(jnp.where(v > 0, v, 1))), 0)
-        )
+        # G = M^(1/2) (G^2 P G^2 = M P M = R), not M^(1/4).
+        g = _eigh_fn(m, lambda v: jnp.sqrt(jnp.maximum(v, 0)))
+        g_inv = _eigh_fn(m, lambda v: jnp.where(v > 0, 1 / jnp.sqrt(jnp.where(v > 0, v, 1)), 0))
         return self._act_pair(flat, g, g_inv)
 
 

@@ -24,6 +24,7 @@ from ksbopt._src.peers._common import (
     concrete_float,
     is_kernel,
     map_leaves,
+    one_minus_power,
     require_params,
     safe_div,
     unit_norm,
@@ -39,6 +40,7 @@ __all__ = [
     "scale_by_sgdp",
     "sgdp",
 ]
+
 
 def radial_projection(
     p: jax.Array, g: jax.Array, w: jax.Array, delta: Any, eps: Any
@@ -203,8 +205,15 @@ def scale_by_sgdp(
       https://arxiv.org/abs/2006.08217
     """
     owner = "scale_by_sgdp"
-    check_range(owner, "momentum", momentum, low=0.0, high=1.0, high_open=True,
-                hint="Use a value such as 0.9.")
+    check_range(
+        owner,
+        "momentum",
+        momentum,
+        low=0.0,
+        high=1.0,
+        high_open=True,
+        hint="Use a value such as 0.9.",
+    )
     check_range(owner, "dampening", dampening, low=0.0, high=1.0, hint="Use 0 (no dampening).")
     _check_common(owner, eps, weight_decay, delta, wd_ratio)
     if nesterov:
@@ -401,11 +410,11 @@ def scale_by_adamp(
         def leaf(g, m, v, w):
             cd = compute_dtype(g)
             gc, wc = g.astype(cd), w.astype(cd)
-            t = count.astype(cd)
             m_new = b1 * m.astype(cd) + (1 - b1) * gc
             v_new = b2 * v.astype(cd) + (1 - b2) * gc * gc
             first = b1 * m_new + (1 - b1) * gc if nesterov else m_new
-            p = (first / (1 - b1**t)) / (jnp.sqrt(v_new / (1 - b2**t)) + eps)
+            bc1, bc2 = one_minus_power(b1, count, cd), one_minus_power(b2, count, cd)
+            p = (first / bc1) / (jnp.sqrt(v_new / bc2) + eps)
             if is_kernel(w):
                 q, projected = radial_projection(p, gc, wc, delta, eps)
             else:
@@ -486,4 +495,3 @@ def adamp(
         ),
         optax.scale_by_learning_rate(learning_rate),
     )
-
