@@ -180,7 +180,7 @@ def project(binding: Binding, flat: Flat, u: Flat) -> tuple[Flat, list[jax.Array
 
 
 def move(binding: Binding, w: Flat, u: Flat, targets: Sequence[jax.Array],
-         max_sweeps: int = 64) -> tuple[Flat, jax.Array]:
+         max_sweeps: int = 256) -> tuple[Flat, jax.Array]:
     """Replace the step ``u`` by u' so that w + u' is on the orbit of w + u with the target
     charges.
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ksbopt._src.symmetry import BoundSymmetry
 
@@ -29,6 +30,35 @@ class Target(abc.ABC):
                    count: jax.Array) -> jax.Array:
         """Target charge (shaped like ``charge``) given the current and initial charges."""
 
+    # Stateful targets (an EMA of a measured gradient, a simulated trajectory) override the
+    # two methods below; their state lives in ``SteerState.target_state``, one entry per
+    # symmetry. Stateless targets need neither.
+
+    def init_state(self, bound: BoundSymmetry, flat: list) -> Any:
+        """Per-symmetry state at ``init`` from the (promoted) parameter leaves; default none."""
+        del bound, flat
+        return ()
+
+    def step(self, bound: BoundSymmetry, state: Any, *, params: list, updates: list,
+             charge: jax.Array, initial: jax.Array, count: jax.Array,
+             extra_args: dict) -> tuple[jax.Array, Any]:
+        """Target charge and new state for one step.
+
+        Args:
+          bound: the symmetry.
+          state: this target's state for ``bound``.
+          params: the current parameter leaves (promoted to at least float32).
+          updates: the incoming (base optimizer's) update leaves, promoted.
+          charge: the charge after the base step, Q(params + updates).
+          initial: the charge at ``init``.
+          count: steps taken before this one.
+          extra_args: the extra keyword arguments given to ``update``.
+
+        The default calls :meth:`charge_for` and keeps the state.
+        """
+        del params, updates, extra_args
+        return self.charge_for(bound, charge, initial, count), state
+
 
 def _broadcast(bound: BoundSymmetry, v: Any, like: jax.Array) -> jax.Array:
     """A scalar (or per-group array) as a charge: for Linear a scalar v means v * I."""
@@ -41,7 +71,8 @@ def _broadcast(bound: BoundSymmetry, v: Any, like: jax.Array) -> jax.Array:
 def _check_scale_value(bound: BoundSymmetry, value: Any, name: str) -> None:
     if isinstance(value, jax.core.Tracer):  # a traced hyperparameter: checked where concrete
         return
-    if bound.symmetry.kind == "scale" and bool(jnp.any(jnp.asarray(value) <= 0)):
+    # numpy, not jnp: under jit (tx.init inside jax.jit) jnp would stage the comparison.
+    if bound.symmetry.kind == "scale" and bool(np.any(np.asarray(value) <= 0)):
         raise ValueError(
             f"{name}: a scale charge is 1/2 |w|^2 > 0, got value={value!r} for "
             f"{bound.symmetry!r}. Give a positive value, or 'initial' to hold the charge at init."

@@ -5,10 +5,11 @@ validated when the factory is called and resolved against the parameter tree at 
 (a selector that matches nothing, a wrong axis, ... raise there). ``update`` needs
 ``params``.
 
-Non-finite input: when the incoming updates hold a NaN or an infinity, these transforms
-return all-zero updates and leave their state unchanged (the step is skipped for the
-parameters; ``optax.apply_if_finite`` around the whole chain also skips the base
-optimizer's state). A zero-norm group has no orbit to move along: it is left as it is.
+Non-finite input: when the incoming updates hold a NaN or an infinity on a leaf that a
+symmetry acts on, these transforms return zero updates on every such leaf and leave their
+state unchanged; updates of leaves no symmetry touches pass through as they came (wrap the
+whole chain in ``optax.apply_if_finite`` to skip the step everywhere, base optimizer state
+included). A zero-norm group has no orbit to move along: it is left as it is.
 """
 
 from __future__ import annotations
@@ -174,11 +175,14 @@ class SteerState(NamedTuple):
       count: steps taken (drives ``targets.schedule``).
       initial: the charges at ``init``, one array per symmetry.
       residual: largest relative distance of the charges from this step's targets (float32).
+      target_state: the target's own state, one entry per symmetry (``()`` for stateless
+        targets such as ``constant``; e.g. an EMA for ``targets.equilibrium``).
     """
 
     count: jax.Array
     initial: tuple
     residual: jax.Array
+    target_state: tuple = ()
 
 
 def steer(symmetries, target, rate: float = 1.0) -> optax.GradientTransformationExtraArgs:
@@ -233,32 +237,41 @@ def _orbit_move(syms, target: targets_lib.Target, *, rate, name: str):
         binding = orbit.bind(syms, params)
         for b in binding.bound:
             target.check(b)
-        initial = orbit.charges(binding, orbit.promote(_flat(params)))
+        w = orbit.promote(_flat(params))
+        initial = orbit.charges(binding, w)
         residual = jnp.zeros((), jnp.float32)
         if is_retract:
             return RetractState(initial, residual)
-        return SteerState(jnp.zeros((), jnp.int32), initial, residual)
+        target_state = tuple(target.init_state(b, w) for b in binding.bound)
+        return SteerState(jnp.zeros((), jnp.int32), initial, residual, target_state)
 
     def update_fn(updates, state, params=None, **extra_args):
-        del extra_args
         orbit.require_params(params, name)
         binding = orbit.bind(syms, params)
         flat_u = _flat(updates)
         w = orbit.promote(_flat(params))
-        cand = [x + u for x, u in zip(w, orbit.promote(flat_u))]
+        u = orbit.promote(flat_u)
+        cand = [x + v for x, v in zip(w, u)]
         count = getattr(state, "count", None)
-        goals, charges = [], []
-        for b, q0 in zip(binding.bound, state.initial):
+        t_states = getattr(state, "target_state", None) or ((),) * len(binding.bound)
+        goals, charges, new_t_states = [], [], []
+        for b, q0, ts in zip(binding.bound, state.initial, t_states):
             q = b.charge(cand)
             charges.append(q)
-            goals.append(q + rate * (target.charge_for(b, q, q0, count) - q))
-        moved, residual = orbit.move(binding, cand, goals)
+            t, ts = target.step(b, ts, params=w, updates=u, charge=q, initial=q0, count=count,
+                                extra_args=extra_args)
+            new_t_states.append(ts)
+            goals.append(q + rate * (t - q))
+        stepped, residual = orbit.move(binding, w, u, goals)
         ok = _all_finite(charges)
-        new = _new_updates(ok, binding, flat_u, [m - x for m, x in zip(moved, w)])
+        new = _new_updates(ok, binding, flat_u, stepped)
         residual = jnp.where(ok, residual, state.residual)
         if is_retract:
             return _unflatten_like(updates, new), RetractState(state.initial, residual)
         count = jnp.where(ok, optax.safe_increment(count), count)
-        return _unflatten_like(updates, new), SteerState(count, state.initial, residual)
+        new_t_states = jax.tree.map(lambda a, b: jnp.where(ok, a, b), tuple(new_t_states),
+                                    tuple(t_states))
+        return _unflatten_like(updates, new), SteerState(count, state.initial, residual,
+                                                         new_t_states)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
