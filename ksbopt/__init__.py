@@ -9,6 +9,7 @@ the optimiser does with them (:func:`project`, :func:`retract`, :func:`steer`).
 
 from ksbopt import targets, theory
 from ksbopt._src.api import charges
+from ksbopt._src.detect import SymmetryCheck, SymmetryReport, detect, verify
 from ksbopt._src.peers import (
     NeroRetractionState,
     RotationalState,
@@ -49,7 +50,10 @@ __all__ = [
     "ScaleByNeroState",
     "ScaleByPathNormState",
     "ScaleBySgdpState",
+    "SymmetryCheck",
+    "SymmetryReport",
     "adamp",
+    "detect",
     "nero",
     "nero_retraction",
     "path_preconditioner",
@@ -62,6 +66,7 @@ __all__ = [
     "scale_by_sgdp",
     "sgdp",
     "theory",
+    "verify",
     "ProjectState",
     "Rescale",
     "RetractState",
