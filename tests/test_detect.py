@@ -22,12 +22,9 @@ from flax import nnx
 
 import ksbopt
 import ksbopt.flax as kflax
-from ksbopt._src import detect as detect_lib
 from ksbopt._src import jaxpr_analysis as ja
 from ksbopt._src import orbit
 from ksbopt._src.detect import detect, verify
-
-HAS_GROUPS = detect_lib._SCALE_GROUPS
 
 # --------------------------------------------------------------------------- helpers
 
@@ -419,21 +416,17 @@ def test_verify_accepts_what_detect_found():
 
 def test_groupnorm_scale_per_channel_group():
     loss_fn, params, bs = _nnx_case(lambda r: CNN(r, "gn"), (8, 6, 6, 3))
-    syms, report = detect(loss_fn, params, *bs)
+    syms, _report = detect(loss_fn, params, *bs)
     common = [
         R(["n1/scale", "n1/bias"], "conv2/kernel"),
         R(["n2/scale", "n2/bias"], "head/kernel"),
         HEAD,
     ]
-    if HAS_GROUPS:
-        expected = [
-            S(["conv1/kernel", "conv1/bias"], groups=2),
-            S(["conv2/kernel", "conv2/bias"], groups=2),
-            *common,
-        ]
-    else:  # the vocabulary cannot say "per channel group": reported, never coarsened
-        expected = common
-        assert sum("channel groups (GroupNorm)" in n for n in report.notes) == 2
+    expected = [
+        S(["conv1/kernel", "conv1/bias"], groups=2),
+        S(["conv2/kernel", "conv2/bias"], groups=2),
+        *common,
+    ]
     assert_same_groups(syms, expected, params)
     wrong = S(["conv1/kernel", "conv1/bias"], axis=-1)  # per channel: GroupNorm mixes them
     rep = verify(wrong, loss_fn, params, *bs)

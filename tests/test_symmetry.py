@@ -416,3 +416,18 @@ def test_value_output_heads_keep_their_value_to_output_map(x64):
 
     np.testing.assert_allclose(head_maps(new), head_maps(params), rtol=1e-12, atol=1e-12)
     assert np.max(np.abs(np.asarray(new["value"]["kernel"]) - params["value"]["kernel"])) > 0.1
+
+
+def test_scale_groups_sum_contiguous_units_and_reject_bad_counts():
+    # GroupNorm layout: Scale(groups=G) makes G contiguous blocks of units along the axis; its
+    # charge is the sum of the per-unit charges of each block (exact: same float32 sums).
+    params = {"c": {"kernel": jnp.arange(24.0).reshape(2, 3, 4), "bias": jnp.ones(4)}}
+    per_unit = ksbopt.charges(params, ksbopt.Scale("c/*"))[0]
+    grouped = ksbopt.charges(params, ksbopt.Scale("c/*", groups=2))[0]
+    np.testing.assert_allclose(grouped, per_unit.reshape(2, 2).sum(1), rtol=1e-6)
+    with pytest.raises(ValueError, match=r"groups=3 does not divide the 4 units"):
+        ksbopt.charges(params, ksbopt.Scale("c/*", groups=3))
+    with pytest.raises(ValueError, match=r"groups=0 must be a positive int"):
+        ksbopt.Scale("c/*", groups=0)
+    with pytest.raises(ValueError, match=r"needs a unit axis"):
+        ksbopt.Scale("c/*", axis=None, groups=2)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import inspect
 import math
 import re
 import warnings
@@ -613,9 +612,6 @@ def _neg(ax: int, ndim: int) -> int:
     return ax - ndim
 
 
-_SCALE_GROUPS = "groups" in inspect.signature(Scale.__init__).parameters
-
-
 class _Builder:
     """Turns graph findings into declarations (or notes saying why they cannot be)."""
 
@@ -671,12 +667,6 @@ class _Builder:
                     side = self._side(f.members, a)
                     if side is None:
                         return self._skip(what, "its leaves do not share the unit axis")
-                    if not _SCALE_GROUPS:
-                        return self._skip(
-                            what,
-                            f"{blocks[0][1]} channel groups (GroupNorm) "
-                            "need ksbopt.Scale(..., groups=G), not available",
-                        )
                     sym = Scale(self.names(side[0]), axis=side[1], groups=blocks[0][1])
                     return _Cand(sym, "graph", f.reason, f.approximate)
                 return self._skip(what, "its groups are not contiguous blocks of one axis")

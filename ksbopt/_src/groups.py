@@ -17,13 +17,13 @@ import fnmatch
 import math
 import re
 from collections.abc import Callable, Sequence
-from typing import Any, Union
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-Selector = Union[str, re.Pattern, Callable[[str, Any], bool], Sequence[Any]]
+Selector = str | re.Pattern | Callable[[str, Any], bool] | Sequence[Any]
 
 
 def key_to_str(key: Any) -> str | None:
@@ -91,13 +91,16 @@ def select(tree: Any, selector: tuple[Any, ...], *, what: str) -> list[int]:
     paths = [path_str(p) for p, _ in flat]
     chosen: list[int] = []
     for item in selector:
-        hits = [i for i, (p, (_, leaf)) in enumerate(zip(paths, flat)) if _matches_one(item, p, leaf)]
+        hits = [
+            i for i, (p, (_, leaf)) in enumerate(zip(paths, flat)) if _matches_one(item, p, leaf)
+        ]
         if not hits:
             shown = ", ".join(repr(p) for p in paths[:8]) + (", ..." if len(paths) > 8 else "")
             raise ValueError(
                 f"{what}={item!r} matches no leaf of the parameter tree. Available paths: {shown}. "
-                "Write a glob over these '/'-joined paths (a pattern also matches any path suffix at "
-                "a '/' boundary, e.g. 'Dense_0/kernel'), a compiled regex, or a callable."
+                "Write a glob over these '/'-joined paths (a pattern also matches any path "
+                "suffix at a '/' boundary, e.g. 'Dense_0/kernel'), a compiled regex, or a "
+                "callable."
             )
         chosen.extend(h for h in hits if h not in chosen)
     return sorted(chosen)
@@ -135,15 +138,18 @@ class AxisPart:
     shape: tuple[int, ...]
     group_axes: tuple[int, ...]
     offset: int = 0
+    block: int = 1  # consecutive units along a single group axis that form one group
 
     def __post_init__(self):
         if tuple(sorted(self.group_axes)) != tuple(self.group_axes):
             raise ValueError(f"group_axes={self.group_axes} must be increasing.")
+        if self.block != 1 and len(self.group_axes) != 1:
+            raise ValueError("block > 1 needs exactly one group axis.")
 
     @property
     def size(self) -> int:
         """Number of groups this leaf contributes to."""
-        return math.prod(self.shape[a] for a in self.group_axes)
+        return math.prod(self.shape[a] for a in self.group_axes) // self.block
 
     @property
     def reduce_axes(self) -> tuple[int, ...]:
@@ -152,16 +158,19 @@ class AxisPart:
     @property
     def count(self) -> int:
         """Number of entries of the leaf in each group."""
-        return math.prod(self.shape[a] for a in self.reduce_axes)
+        return math.prod(self.shape[a] for a in self.reduce_axes) * self.block
 
     def reduce(self, x: jax.Array) -> jax.Array:
         """Sum ``x`` (leaf-shaped) over each group: a vector of length :attr:`size`."""
-        return jnp.reshape(jnp.sum(x, axis=self.reduce_axes), (self.size,))
+        return jnp.sum(
+            jnp.reshape(jnp.sum(x, axis=self.reduce_axes), (self.size, self.block)), axis=1
+        )
 
     def broadcast(self, c: jax.Array) -> jax.Array:
         """Per-group values ``c`` (length :attr:`size`) shaped to broadcast against the leaf."""
         shape = [self.shape[a] if a in self.group_axes else 1 for a in range(len(self.shape))]
-        return jnp.reshape(c, shape)
+        return jnp.reshape(jnp.repeat(c, self.block) if self.block > 1 else c, shape)
+
 
 def scatter_groups(parts: Sequence[AxisPart], values: Sequence[jax.Array], n: int) -> jax.Array:
     """Add each part's per-group vector into a length-``n`` vector at the part's offset."""

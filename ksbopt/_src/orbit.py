@@ -34,12 +34,16 @@ def as_symmetries(symmetries: Any, *, what: str = "symmetries") -> tuple[Symmetr
             "[ksbopt.Scale('conv/kernel', axis=-1)]."
         )
     if not symmetries:
-        raise ValueError(f"{what}=[] declares nothing; give at least one ksbopt.Scale, "
-                         "Rescale, Translation or Linear.")
+        raise ValueError(
+            f"{what}=[] declares nothing; give at least one ksbopt.Scale, "
+            "Rescale, Translation or Linear."
+        )
     for s in symmetries:
         if not isinstance(s, Symmetry):
-            raise TypeError(f"{what} holds {s!r} of type {type(s).__name__}; each entry must be "
-                            "a ksbopt.Scale, Rescale, Translation or Linear.")
+            raise TypeError(
+                f"{what} holds {s!r} of type {type(s).__name__}; each entry must be "
+                "a ksbopt.Scale, Rescale, Translation or Linear."
+            )
     seen = set()
     for s in symmetries:
         if s in seen:
@@ -157,8 +161,9 @@ def tangent_coefficients(binding: Binding, flat: Flat, u: Flat) -> list[jax.Arra
             coefs[comp[0]] = syms[0].solve_gram(flat, syms[0].reduce(flat, u))
             continue
         r = jnp.concatenate([s.reduce(flat, u).reshape(-1) for s in syms])
-        gram = jnp.block([[s.gram(flat) if s is t else _cross_gram(flat, s, t) for t in syms]
-                          for s in syms])
+        gram = jnp.block(
+            [[s.gram(flat) if s is t else _cross_gram(flat, s, t) for t in syms] for s in syms]
+        )
         c = _pinv_solve(gram, r)
         start = 0
         for i, s in zip(comp, syms):
@@ -179,8 +184,9 @@ def project(binding: Binding, flat: Flat, u: Flat) -> tuple[Flat, list[jax.Array
     return out, coefs
 
 
-def move(binding: Binding, w: Flat, u: Flat, targets: Sequence[jax.Array],
-         max_sweeps: int = 256) -> tuple[Flat, jax.Array]:
+def move(
+    binding: Binding, w: Flat, u: Flat, targets: Sequence[jax.Array], max_sweeps: int = 256
+) -> tuple[Flat, jax.Array]:
     """Replace the step ``u`` by u' so that w + u' is on the orbit of w + u with the target
     charges.
 
@@ -221,10 +227,15 @@ def move(binding: Binding, w: Flat, u: Flat, targets: Sequence[jax.Array],
             it, sub = state
             return it + 1, sweep(sub)
 
-        _, sub = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32),
-                                                 sweep([cand[i] for i in leaves])))
+        _, sub = jax.lax.while_loop(
+            cond, body, (jnp.zeros((), jnp.int32), sweep([cand[i] for i in leaves]))
+        )
         out = _apply(out, {i: v - w[i] for i, v in zip(leaves, sub)}, add=False)
     new_w = [w[i] + out[i] for i in range(len(w))] if measured else w
-    residual = jnp.max(jnp.stack([jnp.zeros((), jnp.float32)] + [
-        binding.bound[i].residual(new_w, targets[i]).astype(jnp.float32) for i in measured]))
+    residual = jnp.max(
+        jnp.stack(
+            [jnp.zeros((), jnp.float32)]
+            + [binding.bound[i].residual(new_w, targets[i]).astype(jnp.float32) for i in measured]
+        )
+    )
     return out, residual

@@ -242,10 +242,12 @@ class _BoundRescale(_BoundMultiplicative):
     def _factors(self, flat: Flat, target: jax.Array) -> jax.Array:
         # [derived] with t = a^2: t^2 x_in - 2 q t - x_out = 0 (x = squared norms); take the
         # positive root in the form that avoids cancellation for either sign of q.
-        x_in = self._sum([p.reduce(jnp.square(flat[p.leaf])) * (s > 0) for p, s in
-                          zip(self.parts, self.signs)])
-        x_out = self._sum([p.reduce(jnp.square(flat[p.leaf])) * (s < 0) for p, s in
-                           zip(self.parts, self.signs)])
+        x_in = self._sum(
+            [p.reduce(jnp.square(flat[p.leaf])) * (s > 0) for p, s in zip(self.parts, self.signs)]
+        )
+        x_out = self._sum(
+            [p.reduce(jnp.square(flat[p.leaf])) * (s < 0) for p, s in zip(self.parts, self.signs)]
+        )
         q = target
         disc = jnp.sqrt(q * q + x_in * x_out)
         t = jnp.where(q >= 0, _safe_div(q + disc, x_in), _safe_div(x_out, disc - q))
@@ -306,7 +308,7 @@ class _LinearPart:
         """Axis order (head, rest..., k) for left, (head, k, rest...) for right."""
         rest = [a for a in range(len(self.shape)) if a not in (self.k_axis, self.head_axis)]
         head = [] if self.head_axis is None else [self.head_axis]
-        return tuple(head + rest + [self.k_axis] if self.left else head + [self.k_axis] + rest)
+        return tuple(head + rest + [self.k_axis] if self.left else [*head, self.k_axis, *rest])
 
     def to_matrix(self, x: jax.Array) -> jax.Array:
         """The leaf as a batch of matrices: (H, rest, k) for left, (H, k, rest) for right."""
@@ -335,8 +337,9 @@ class _BoundLinear(BoundSymmetry):
 
     closed_form_move = False
 
-    def __init__(self, symmetry: Symmetry, parts: tuple[_LinearPart, ...], heads: int, k: int,
-                 max_iter: int):
+    def __init__(
+        self, symmetry: Symmetry, parts: tuple[_LinearPart, ...], heads: int, k: int, max_iter: int
+    ):
         self.symmetry = symmetry
         self.parts = parts
         self.heads = heads
@@ -515,7 +518,13 @@ def _shape(leaf: Any, path: str) -> tuple[int, ...]:
 
 
 def _unit_parts(
-    params: Any, selection: tuple, axis: int | None, *, what: str, sign: int = 1
+    params: Any,
+    selection: tuple,
+    axis: int | None,
+    *,
+    what: str,
+    sign: int = 1,
+    groups: int | None = None,
 ) -> tuple[list[AxisPart], list[int]]:
     """Parts of a per-unit declaration (Scale, one side of Rescale): shared groups."""
     paths, leaves = _leaves_with_paths(params)
@@ -523,19 +532,35 @@ def _unit_parts(
     parts = []
     for i in idx:
         shape = _shape(leaves[i], paths[i])
-        axes = () if axis is None else (
-            groups_lib.normalize_axis(axis, len(shape), what=f"{what} axis", path=paths[i],
-                                      shape=shape),
+        axes = (
+            ()
+            if axis is None
+            else (
+                groups_lib.normalize_axis(
+                    axis, len(shape), what=f"{what} axis", path=paths[i], shape=shape
+                ),
+            )
         )
-        parts.append(AxisPart(i, paths[i], shape, axes))
+        block = 1
+        if groups is not None:
+            n = shape[axes[0]]
+            if n % groups:
+                raise ValueError(
+                    f"{groups=} does not divide the {n} units of {paths[i]!r} (shape {shape}) "
+                    "into equal contiguous groups; give the normalisation's number of groups "
+                    "(e.g. GroupNorm(num_groups=...))."
+                )
+            block = n // groups
+        parts.append(AxisPart(i, paths[i], shape, axes, block=block))
     return parts, [sign] * len(parts)
 
 
 def _check_units(parts: list[AxisPart], *, what: str) -> None:
     sizes = {p.path: (p.shape, p.size) for p in parts}
     if len({s for _, s in sizes.values()}) > 1:
-        listing = "; ".join(f"{path!r} shape {shape} -> {n} units" for path, (shape, n) in
-                            sizes.items())
+        listing = "; ".join(
+            f"{path!r} shape {shape} -> {n} units" for path, (shape, n) in sizes.items()
+        )
         raise ValueError(
             f"{what}: the selected leaves disagree on the number of units along the unit axis "
             f"({listing}). Every leaf of one declaration must have the same number of units; "
@@ -546,8 +571,9 @@ def _check_units(parts: list[AxisPart], *, what: str) -> None:
 def _check_disjoint(a: list, b: list, *, what: str) -> None:
     both = sorted({p.path for p in a} & {p.path for p in b})
     if both:
-        raise ValueError(f"{what}: leaves {both} are selected on both sides; each leaf belongs "
-                         "to one side only.")
+        raise ValueError(
+            f"{what}: leaves {both} are selected on both sides; each leaf belongs to one side only."
+        )
 
 
 @dataclasses.dataclass(frozen=True, init=False)
@@ -572,6 +598,8 @@ class Scale(Symmetry):
         (``axis=-1``: BatchNorm, one group per output unit made of ``kernel[..., j]`` and
         ``bias[j]``). ``axis=None``: the whole selection is one group (LayerNorm / RMSNorm
         over the features of a Dense layer).
+      groups: split the units along ``axis`` into this many contiguous groups of equal
+        size (GroupNorm with ``num_groups=groups``); default ``None``, one group per unit.
 
     Example:
       >>> import jax.numpy as jnp, ksbopt
@@ -586,15 +614,31 @@ class Scale(Symmetry):
 
     selection: tuple
     axis: int | None
+    groups: int | None
 
     kind = "scale"
 
-    def __init__(self, selection, axis: int | None = -1):
+    def __init__(self, selection, axis: int | None = -1, groups: int | None = None):
         object.__setattr__(self, "selection", groups_lib.normalize_selector(selection))
         object.__setattr__(self, "axis", _check_axis_arg(axis, "axis"))
+        if groups is not None:
+            if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups < 1:
+                raise ValueError(
+                    f"{groups=} must be a positive int (the number of channel "
+                    "groups, as GroupNorm's num_groups) or None."
+                )
+            if axis is None:
+                raise ValueError(
+                    f"{groups=} needs a unit axis to split; got axis=None. Write "
+                    "axis=-1 (the output unit of a Flax kernel)."
+                )
+            groups = int(groups)
+        object.__setattr__(self, "groups", groups)
 
     def bind(self, params: Any) -> BoundSymmetry:
-        parts, signs = _unit_parts(params, self.selection, self.axis, what="Scale selection")
+        parts, signs = _unit_parts(
+            params, self.selection, self.axis, what="Scale selection", groups=self.groups
+        )
         _check_units(parts, what=f"Scale({self.selection!r}, axis={self.axis})")
         return _BoundScale(self, tuple(parts), tuple(signs))
 
@@ -624,7 +668,8 @@ class Rescale(Symmetry):
 
     Example:
       >>> import jax.numpy as jnp, ksbopt
-      >>> params = {"Dense_0": {"kernel": 2 * jnp.ones((3, 2))}, "Dense_1": {"kernel": jnp.ones((2, 5))}}
+      >>> params = {"Dense_0": {"kernel": 2 * jnp.ones((3, 2))},
+      ...           "Dense_1": {"kernel": jnp.ones((2, 5))}}
       >>> sym = ksbopt.Rescale(incoming="Dense_0/kernel", outgoing="Dense_1/kernel")
       >>> ksbopt.charges(params, [sym])[0]
       Array([3.5, 3.5], dtype=float32)
@@ -646,15 +691,17 @@ class Rescale(Symmetry):
         object.__setattr__(self, "outgoing", groups_lib.normalize_selector(outgoing))
         for name, value in (("incoming_axis", incoming_axis), ("outgoing_axis", outgoing_axis)):
             if value is None:
-                raise TypeError(f"{name}=None is not allowed for Rescale; the unit axis must be "
-                                "an int (default incoming_axis=-1, outgoing_axis=-2).")
+                raise TypeError(
+                    f"{name}=None is not allowed for Rescale; the unit axis must be "
+                    "an int (default incoming_axis=-1, outgoing_axis=-2)."
+                )
             object.__setattr__(self, name, _check_axis_arg(value, name))
 
     def bind(self, params: Any) -> BoundSymmetry:
-        p_in, s_in = _unit_parts(params, self.incoming, self.incoming_axis,
-                                 what="Rescale incoming")
-        p_out, s_out = _unit_parts(params, self.outgoing, self.outgoing_axis,
-                                   what="Rescale outgoing", sign=-1)
+        p_in, s_in = _unit_parts(params, self.incoming, self.incoming_axis, what="Rescale incoming")
+        p_out, s_out = _unit_parts(
+            params, self.outgoing, self.outgoing_axis, what="Rescale outgoing", sign=-1
+        )
         what = f"Rescale(incoming={self.incoming!r}, outgoing={self.outgoing!r})"
         _check_disjoint(p_in, p_out, what=what)
         _check_units(p_in + p_out, what=what)
@@ -701,8 +748,9 @@ class Translation(Symmetry):
     def __init__(self, selection, axis: int = -1):
         object.__setattr__(self, "selection", groups_lib.normalize_selector(selection))
         if axis is None:
-            raise TypeError("axis=None is not allowed for Translation; give the class axis "
-                            "(default -1).")
+            raise TypeError(
+                "axis=None is not allowed for Translation; give the class axis (default -1)."
+            )
         object.__setattr__(self, "axis", _check_axis_arg(axis, "axis"))
 
     def bind(self, params: Any) -> BoundSymmetry:
@@ -710,10 +758,12 @@ class Translation(Symmetry):
         parts, offset = [], 0
         for i in groups_lib.select(params, self.selection, what="Translation selection"):
             shape = _shape(leaves[i], paths[i])
-            ax = groups_lib.normalize_axis(self.axis, len(shape), what="Translation axis",
-                                           path=paths[i], shape=shape)
-            part = AxisPart(i, paths[i], shape, tuple(a for a in range(len(shape)) if a != ax),
-                            offset)
+            ax = groups_lib.normalize_axis(
+                self.axis, len(shape), what="Translation axis", path=paths[i], shape=shape
+            )
+            part = AxisPart(
+                i, paths[i], shape, tuple(a for a in range(len(shape)) if a != ax), offset
+            )
             parts.append(part)
             offset += part.size
         return _BoundTranslation(self, tuple(parts), (1,) * len(parts))
@@ -767,19 +817,29 @@ class Linear(Symmetry):
 
     kind = "linear"
 
-    def __init__(self, left, right, *, left_axis: int = -1, right_axis: int = -2,
-                 left_head_axis: int | None = None, right_head_axis: int | None = None,
-                 max_iter: int = 32):
+    def __init__(
+        self,
+        left,
+        right,
+        *,
+        left_axis: int = -1,
+        right_axis: int = -2,
+        left_head_axis: int | None = None,
+        right_head_axis: int | None = None,
+        max_iter: int = 32,
+    ):
         object.__setattr__(self, "left", groups_lib.normalize_selector(left))
         object.__setattr__(self, "right", groups_lib.normalize_selector(right))
         for name, value in (("left_axis", left_axis), ("right_axis", right_axis)):
             if value is None:
                 raise TypeError(f"{name}=None is not allowed; give the shared k axis as an int.")
             object.__setattr__(self, name, _check_axis_arg(value, name))
-        object.__setattr__(self, "left_head_axis", _check_axis_arg(left_head_axis,
-                                                                   "left_head_axis"))
-        object.__setattr__(self, "right_head_axis", _check_axis_arg(right_head_axis,
-                                                                    "right_head_axis"))
+        object.__setattr__(
+            self, "left_head_axis", _check_axis_arg(left_head_axis, "left_head_axis")
+        )
+        object.__setattr__(
+            self, "right_head_axis", _check_axis_arg(right_head_axis, "right_head_axis")
+        )
         if not isinstance(max_iter, int) or max_iter < 1:
             raise ValueError(f"{max_iter=} must be a positive int (Newton steps), e.g. 32.")
         object.__setattr__(self, "max_iter", max_iter)
@@ -792,8 +852,9 @@ class Linear(Symmetry):
         biases (heads, head_dim); the scores q k^T are unchanged. Without QK-normalisation
         this is an exact symmetry of the attention logits.
         """
-        return cls(query, key, left_axis=-1, right_axis=-1, left_head_axis=-2,
-                   right_head_axis=-2, **kwargs)
+        return cls(
+            query, key, left_axis=-1, right_axis=-1, left_head_axis=-2, right_head_axis=-2, **kwargs
+        )
 
     @classmethod
     def value_output(cls, value, output, **kwargs) -> Linear:
@@ -802,39 +863,59 @@ class Linear(Symmetry):
         Value kernel (embed, heads, head_dim) and bias (heads, head_dim); output kernel
         (heads, head_dim, embed).
         """
-        return cls(value, output, left_axis=-1, right_axis=-2, left_head_axis=-2,
-                   right_head_axis=-3, **kwargs)
+        return cls(
+            value,
+            output,
+            left_axis=-1,
+            right_axis=-2,
+            left_head_axis=-2,
+            right_head_axis=-3,
+            **kwargs,
+        )
 
     def bind(self, params: Any) -> BoundSymmetry:
         paths, leaves = _leaves_with_paths(params)
         parts = []
-        for side, sel, axis, head in (("left", self.left, self.left_axis, self.left_head_axis),
-                                      ("right", self.right, self.right_axis,
-                                       self.right_head_axis)):
+        for side, sel, axis, head in (
+            ("left", self.left, self.left_axis, self.left_head_axis),
+            ("right", self.right, self.right_axis, self.right_head_axis),
+        ):
             for i in groups_lib.select(params, sel, what=f"Linear {side}"):
                 shape = _shape(leaves[i], paths[i])
-                k_ax = groups_lib.normalize_axis(axis, len(shape), what=f"{side}_axis",
-                                                 path=paths[i], shape=shape)
-                h_ax = None if head is None else groups_lib.normalize_axis(
-                    head, len(shape), what=f"{side}_head_axis", path=paths[i], shape=shape)
+                k_ax = groups_lib.normalize_axis(
+                    axis, len(shape), what=f"{side}_axis", path=paths[i], shape=shape
+                )
+                h_ax = (
+                    None
+                    if head is None
+                    else groups_lib.normalize_axis(
+                        head, len(shape), what=f"{side}_head_axis", path=paths[i], shape=shape
+                    )
+                )
                 if h_ax == k_ax:
-                    raise ValueError(f"{side}_head_axis={head} and {side}_axis={axis} name the "
-                                     f"same axis of {paths[i]!r} with shape {shape}.")
+                    raise ValueError(
+                        f"{side}_head_axis={head} and {side}_axis={axis} name the "
+                        f"same axis of {paths[i]!r} with shape {shape}."
+                    )
                 parts.append(_LinearPart(i, paths[i], shape, k_ax, h_ax, side == "left"))
         what = f"Linear(left={self.left!r}, right={self.right!r})"
-        _check_disjoint([p for p in parts if p.left], [p for p in parts if not p.left],
-                        what=what)
+        _check_disjoint([p for p in parts if p.left], [p for p in parts if not p.left], what=what)
         ks = {p.path: p.shape[p.k_axis] for p in parts}
         if len(set(ks.values())) > 1:
-            raise ValueError(f"{what}: the shared dimension k differs between leaves ({ks}); "
-                             "the left map's output size must equal the right map's input size. "
-                             "Check left_axis / right_axis.")
+            raise ValueError(
+                f"{what}: the shared dimension k differs between leaves ({ks}); "
+                "the left map's output size must equal the right map's input size. "
+                "Check left_axis / right_axis."
+            )
         hs = {p.path: 1 if p.head_axis is None else p.shape[p.head_axis] for p in parts}
         if len(set(hs.values())) > 1:
-            raise ValueError(f"{what}: the number of heads differs between leaves ({hs}); set "
-                             "left_head_axis / right_head_axis to the heads axis of every leaf.")
-        return _BoundLinear(self, tuple(parts), next(iter(hs.values())),
-                            next(iter(ks.values())), self.max_iter)
+            raise ValueError(
+                f"{what}: the number of heads differs between leaves ({hs}); set "
+                "left_head_axis / right_head_axis to the heads axis of every leaf."
+            )
+        return _BoundLinear(
+            self, tuple(parts), next(iter(hs.values())), next(iter(ks.values())), self.max_iter
+        )
 
 
 def _check_axis_arg(value, name):
