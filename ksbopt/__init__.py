@@ -10,6 +10,7 @@ the optimiser does with them (:func:`project`, :func:`retract`, :func:`steer`).
 from ksbopt import targets, theory
 from ksbopt._src.api import charges
 from ksbopt._src.detect import SymmetryCheck, SymmetryReport, detect, verify
+from ksbopt._src.implicit import NoetherRmspropState, noether_rmsprop
 from ksbopt._src.peers import (
     NeroRetractionState,
     RotationalState,
@@ -30,7 +31,9 @@ from ksbopt._src.peers import (
     scale_by_sgdp,
     sgdp,
 )
+from ksbopt._src.symmetrize import SymmetrizeState, symmetrize
 from ksbopt._src.symmetry import Linear, Rescale, Scale, Symmetry, Translation
+from ksbopt._src.teleport import TeleportState, teleport
 from ksbopt._src.transforms import (
     ProjectState,
     RetractState,
@@ -45,38 +48,44 @@ __version__ = "0.1.0"
 __all__ = [
     "Linear",
     "NeroRetractionState",
+    "NoetherRmspropState",
+    "ProjectState",
+    "Rescale",
+    "RetractState",
     "RotationalState",
+    "Scale",
     "ScaleByAdampState",
     "ScaleByNeroState",
     "ScaleByPathNormState",
     "ScaleBySgdpState",
+    "SteerState",
+    "SymmetrizeState",
+    "Symmetry",
     "SymmetryCheck",
     "SymmetryReport",
+    "TeleportState",
+    "Translation",
     "adamp",
+    "charges",
     "detect",
     "nero",
     "nero_retraction",
+    "noether_rmsprop",
     "path_preconditioner",
     "path_sgd",
+    "project",
     "radial_projection",
+    "retract",
     "rotational",
     "scale_by_adamp",
     "scale_by_nero",
     "scale_by_path_norm",
     "scale_by_sgdp",
     "sgdp",
+    "steer",
+    "symmetrize",
+    "targets",
+    "teleport",
     "theory",
     "verify",
-    "ProjectState",
-    "Rescale",
-    "RetractState",
-    "Scale",
-    "SteerState",
-    "Symmetry",
-    "Translation",
-    "charges",
-    "project",
-    "retract",
-    "steer",
-    "targets",
 ]

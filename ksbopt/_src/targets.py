@@ -26,8 +26,9 @@ class Target(abc.ABC):
         """Raise ``ValueError`` at ``init`` if the target cannot apply to ``bound``."""
 
     @abc.abstractmethod
-    def charge_for(self, bound: BoundSymmetry, charge: jax.Array, initial: jax.Array,
-                   count: jax.Array) -> jax.Array:
+    def charge_for(
+        self, bound: BoundSymmetry, charge: jax.Array, initial: jax.Array, count: jax.Array
+    ) -> jax.Array:
         """Target charge (shaped like ``charge``) given the current and initial charges."""
 
     # Stateful targets (an EMA of a measured gradient, a simulated trajectory) override the
@@ -39,9 +40,18 @@ class Target(abc.ABC):
         del bound, flat
         return ()
 
-    def step(self, bound: BoundSymmetry, state: Any, *, params: list, updates: list,
-             charge: jax.Array, initial: jax.Array, count: jax.Array,
-             extra_args: dict) -> tuple[jax.Array, Any]:
+    def step(
+        self,
+        bound: BoundSymmetry,
+        state: Any,
+        *,
+        params: list,
+        updates: list,
+        charge: jax.Array,
+        initial: jax.Array,
+        count: jax.Array,
+        extra_args: dict,
+    ) -> tuple[jax.Array, Any]:
         """Target charge and new state for one step.
 
         Args:
@@ -97,8 +107,9 @@ class constant(Target):  # noqa: N801  (a factory-like name, as in optax)
 
     def __post_init__(self):
         if isinstance(self.value, str) and self.value != "initial":
-            raise ValueError(f"value={self.value!r} is not a charge; write a number, an array "
-                             "or 'initial'.")
+            raise ValueError(
+                f"value={self.value!r} is not a charge; write a number, an array or 'initial'."
+            )
 
     def check(self, bound: BoundSymmetry) -> None:
         if not isinstance(self.value, str):

@@ -224,8 +224,10 @@ def steer(symmetries, target, rate: float = 1.0) -> optax.GradientTransformation
     """
     syms = orbit.as_symmetries(symmetries)
     if not isinstance(rate, jax.core.Tracer) and not 0 < float(jnp.asarray(rate)) <= 1:
-        raise ValueError(f"{rate=} must be in (0, 1]: the fraction of the distance to the "
-                         "target covered per step (1 jumps to the target).")
+        raise ValueError(
+            f"{rate=} must be in (0, 1]: the fraction of the distance to the "
+            "target covered per step (1 jumps to the target)."
+        )
     return _orbit_move(syms, targets_lib.as_target(target), rate=rate, name="steer")
 
 
@@ -258,8 +260,9 @@ def _orbit_move(syms, target: targets_lib.Target, *, rate, name: str):
         for b, q0, ts in zip(binding.bound, state.initial, t_states):
             q = b.charge(cand)
             charges.append(q)
-            t, ts = target.step(b, ts, params=w, updates=u, charge=q, initial=q0, count=count,
-                                extra_args=extra_args)
+            t, ts = target.step(
+                b, ts, params=w, updates=u, charge=q, initial=q0, count=count, extra_args=extra_args
+            )
             new_t_states.append(ts)
             goals.append(q + rate * (t - q))
         stepped, residual = orbit.move(binding, w, u, goals)
@@ -269,9 +272,11 @@ def _orbit_move(syms, target: targets_lib.Target, *, rate, name: str):
         if is_retract:
             return _unflatten_like(updates, new), RetractState(state.initial, residual)
         count = jnp.where(ok, optax.safe_increment(count), count)
-        new_t_states = jax.tree.map(lambda a, b: jnp.where(ok, a, b), tuple(new_t_states),
-                                    tuple(t_states))
-        return _unflatten_like(updates, new), SteerState(count, state.initial, residual,
-                                                         new_t_states)
+        new_t_states = jax.tree.map(
+            lambda a, b: jnp.where(ok, a, b), tuple(new_t_states), tuple(t_states)
+        )
+        return _unflatten_like(updates, new), SteerState(
+            count, state.initial, residual, new_t_states
+        )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,298 @@
+"""Tests of the dynamic charge targets targets.equilibrium and targets.nld (via steer)."""
+
+from __future__ import annotations
+
+import contract
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import utils
+
+import ksbopt
+from ksbopt._src import theory
+from ksbopt._src.targets_dynamic import equilibrium, nld
+
+SYM = [ksbopt.Scale("w", axis=-1)]
+_SCALES = np.array([0.1, 1.0, 10.0, 100.0])  # initial norms 1000x apart
+
+
+def _noisy_loss(p, key):
+    """A scale-invariant loss under minibatch noise (a random direction each step)."""
+    w = p["w"]
+    u = w / jnp.linalg.norm(w, axis=0)
+    return jnp.sum(jax.random.normal(key, w.shape) * u) + 0.5 * jnp.sum(jnp.square(u[0]))
+
+
+def _run(tx, steps, *, grad=False):
+    """Angular update per step and unit, and the squared norms, along a noisy run."""
+    p0 = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(32, 4)) * _SCALES)}
+
+    def step(carry, key):
+        p, s = carry
+        g = jax.grad(_noisy_loss)(p, key)
+        u, s = tx.update(g, s, p, grad=g) if grad else tx.update(g, s, p)
+        new = optax.apply_updates(p, u)
+        d0 = p["w"] / jnp.linalg.norm(p["w"], axis=0)
+        d1 = new["w"] / jnp.linalg.norm(new["w"], axis=0)
+        return (new, s), (jnp.linalg.norm(d1 - d0, axis=0), jnp.sum(new["w"] ** 2, axis=0))
+
+    keys = jax.random.split(jax.random.PRNGKey(0), steps)
+    out = utils.jit(lambda p: jax.lax.scan(step, (p, tx.init(p)), keys)[1])(p0)
+    return jax.tree.map(np.asarray, out)
+
+
+# --------------------------------------------------------------------------- equilibrium
+
+
+def test_equilibrium_holds_the_p7a_angular_update_from_the_start(x64):
+    eta, lam, momentum = 0.05, 0.01, 0.9
+    target = equilibrium(eta, lam, momentum)
+    a_star = float(theory.equilibrium_angular_update(eta, lam, momentum))
+    tx = optax.chain(optax.sgd(eta, momentum=momentum), ksbopt.steer(SYM, target))
+    angles, _ = _run(tx, 400)
+    # RMS angular update per unit over steps 20..400, relative to A*. Measured: within 4 %
+    # for all four units (norms 1000x apart at init); the sampling error of the RMS of this
+    # noise over 380 steps is ~2-3 %, so 10 % cannot be reached by chance, while without
+    # the target the units differ by 10^6 in angular update.
+    rms = np.sqrt(np.mean(angles[20:] ** 2, axis=0))
+    np.testing.assert_allclose(rms / a_star, 1.0, atol=0.1)
+    # ...and a plain heavy ball (no target) is nowhere near it at the same steps
+    plain, _ = _run(optax.sgd(eta, momentum=momentum), 400)
+    assert np.max(np.abs(np.sqrt(np.mean(plain[20:] ** 2, axis=0)) / a_star - 1)) > 0.9
+
+
+def test_equilibrium_jumps_at_the_first_step(x64):
+    """After one step the charge is x* / 2 = sqrt(|w|^2 |u_perp|^2) / (2 A*) exactly."""
+    eta, lam = 0.1, 1e-3
+    target = equilibrium(eta, lam, 0.0)
+    params = {"w": jnp.asarray(np.random.default_rng(1).normal(size=(5, 3)) * [1.0, 4.0, 9.0])}
+    key = jax.random.PRNGKey(3)
+    g = jax.grad(_noisy_loss)(params, key)
+    tx = optax.chain(optax.sgd(eta), ksbopt.steer(SYM, target))
+    u, _ = utils.jit(tx.update)(g, tx.init(params), params)
+    new = optax.apply_updates(params, u)
+    w, gw = params["w"], g["w"]
+    g_t = gw - w * jnp.sum(gw * w, 0) / jnp.sum(w * w, 0)
+    x_star = jnp.sqrt(jnp.sum(w * w, 0) * jnp.sum((eta * g_t) ** 2, 0)) / target.angular_update()
+    utils.assert_rel_close(jnp.sum(new["w"] ** 2, 0), x_star, 1e-12, "x*")
+    # the direction is the base step's
+    d_new = new["w"] / jnp.linalg.norm(new["w"], axis=0)
+    d_base = (w - eta * gw) / jnp.linalg.norm(w - eta * gw, axis=0)
+    utils.assert_rel_close(d_new, d_base, 1e-12, "direction")
+
+
+def test_equilibrium_with_adam_converges(x64):
+    """Adam's step does not scale with the gradient: the angular update converges to A*."""
+    target = equilibrium(0.05, 0.01, 0.0)
+    a_star = float(target.angular_update())
+    tx = optax.chain(optax.adam(1e-2), ksbopt.steer(SYM, target, rate=1.0))
+    angles, _ = _run(tx, 1500)
+    early = np.sqrt(np.mean(angles[1:50] ** 2, axis=0)) / a_star
+    late = np.sqrt(np.mean(angles[-300:] ** 2, axis=0)) / a_star
+    # Measured: late 0.98, 0.95, 0.94, 0.82 (the unit that starts 1000x too large is the
+    # slowest: the EMA lags the norm it changes). Every unit gets closer, all within 25 %.
+    assert np.all(np.abs(late - 1) < np.abs(early - 1))
+    np.testing.assert_allclose(late, 1.0, atol=0.25)
+
+
+# --------------------------------------------------------------------------- nld
+
+
+def test_nld_reproduces_sgd_with_weight_decay(x64):
+    """Plain SGD at eta / (1 - eta lam) steered to targets.nld(eta, lam) IS SGD + weight decay:
+    the direction of (1 - eta lam) w - eta g is that of w - eta / (1 - eta lam) g, and the
+    target supplies the norm P1 predicts."""
+    case = utils.CASES_BY_NAME["scale_phi"]
+    eta, lam = 0.05, 0.1
+    ref = optax.chain(optax.add_decayed_weights(lam), optax.sgd(eta))
+    tx = optax.chain(
+        optax.sgd(eta / (1 - eta * lam)), ksbopt.steer(list(case.symmetries), nld(eta, lam))
+    )
+
+    @utils.jit
+    def run(params):
+        def step(carry, _):
+            (p_a, s_a), (p_b, s_b) = carry
+            g_a = jax.grad(case.loss)(p_a)
+            g_b = jax.grad(case.loss)(p_b)
+            u_a, s_a = ref.update(g_a, s_a, p_a)
+            u_b, s_b = tx.update(g_b, s_b, p_b, grad=g_b)
+            return (
+                (optax.apply_updates(p_a, u_a), s_a),
+                (optax.apply_updates(p_b, u_b), s_b),
+            ), None
+
+        init = ((params, ref.init(params)), (params, tx.init(params)))
+        ((p_a, _), (p_b, _)), _ = jax.lax.scan(step, init, None, length=60)
+        return p_a, p_b
+
+    p_a, p_b = run(case.params())
+    # float64: the two runs agree to ~1e-15; 1e-10 is the issue's bar.
+    utils.assert_rel_close(p_b, p_a, 1e-10, "params")
+    assert utils.rel_err(p_a, case.params()) > 0.05  # it moved
+
+
+def test_nld_gives_adam_the_p1_charge(x64):
+    """Whatever the base (here Adam), the charge after each step is P1 of the measured
+    gradient: x_{k+1} = (1 - eta lam)^2 x_k + eta^2 |g_k|^2 (theory.scale_sgd_step)."""
+    case = utils.CASES_BY_NAME["scale_layernorm"]
+    eta, lam = 1.0, 0.02
+    tx = optax.chain(optax.adam(0.05), ksbopt.steer(list(case.symmetries), nld(eta, lam)))
+    b = case.bind(case.params()).bound[0]
+
+    @utils.jit
+    def run(params):
+        def step(carry, _):
+            p, s = carry
+            g = jax.grad(case.loss)(p)
+            u, s = tx.update(g, s, p, grad=g)
+            flat, gf = jax.tree.leaves(p), jax.tree.leaves(g)
+            return (optax.apply_updates(p, u), s), (b.norms(flat), b.norms(gf))
+
+        return jax.lax.scan(step, (params, tx.init(params)), None, length=40)[1]
+
+    x, g_sq = run(case.params())
+    want = theory.scale_sgd_step(x[:-1], g_sq[:-1], eta, lam)
+    utils.assert_rel_close(x[1:], want, 1e-12, "P1")
+    # the gradient term is not negligible next to the decay term (it is what P1 tests)
+    assert float(jnp.max(eta**2 * g_sq / x)) > 1e-3
+
+
+def test_nld_with_momentum_follows_heavy_ball_norms(x64):
+    """Adam steered to nld(eta, lam, 0.9) on a noisy loss: its norms follow those of heavy ball
+    + weight decay (normalisation-style growth and decay of the effective learning rate)."""
+    eta, lam, beta = 0.05, 1e-3, 0.9
+    _, x_ref = _run(optax.chain(optax.add_decayed_weights(lam), optax.sgd(eta, momentum=beta)), 600)
+    _, x = _run(
+        optax.chain(optax.adam(1e-2), ksbopt.steer(SYM, nld(eta, lam, beta))), 600, grad=True
+    )
+    _, x_adam = _run(optax.adam(1e-2), 600)
+    steps = [1, 10, 100, 599]
+    # Measured: within 4 % at every step listed (the radial dynamics are P3's; only the
+    # correlation <v, g> of the buffer with the new gradient is modelled). The smallest
+    # unit's norm grows 160x, so a wrong model is far off; 10 % leaves room for the noise.
+    np.testing.assert_allclose(x[steps] / x_ref[steps], 1.0, atol=0.1)
+    assert x_ref[-1, 0] > 100 * x_ref[0, 0]
+    assert np.max(np.abs(x_adam[-1] / x_ref[-1] - 1)) > 0.5  # plain Adam does not
+
+
+def test_nld_ignores_other_extra_args():
+    params = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(3, 2)))}
+    tx = optax.chain(optax.sgd(0.1), ksbopt.steer(SYM, nld(0.1, 1e-3, 0.9)))
+    g = {"w": jnp.ones((3, 2))}
+    state = tx.init(params)
+    want = tx.update(g, state, params, grad=g)
+    got = tx.update(g, state, params, grad=g, value=1.0, unknown_flag=True)
+    utils.assert_equal(got, want)
+
+
+def test_nld_needs_the_gradient():
+    params = {"w": jnp.ones((3, 2))}
+    tx = ksbopt.steer(SYM, nld(0.1, 1e-3))
+    g = {"w": jnp.ones((3, 2))}
+    with pytest.raises(ValueError, match=r"grad=grads\).*got extra arguments \['gradient'\]"):
+        tx.update(g, tx.init(params), params, gradient=g)
+    with pytest.raises(ValueError, match="grad has 2 leaves"):
+        tx.update(g, tx.init(params), params, grad={"a": g["w"], "b": g["w"]})
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: equilibrium(0.1, 0.0), "weight_decay=0.0 must be > 0"),
+        (lambda: equilibrium(0.0, 1e-3), "learning_rate=0.0 must be > 0"),
+        (lambda: equilibrium(0.1, 1e-3, 1.0), r"momentum=1.0 must be in \[0, 1\)"),
+        (lambda: equilibrium(0.1, 1e-3, 0.9, decay=1.0), r"decay=1.0 must be in \[0, 1\)"),
+        (lambda: nld(-0.1), "learning_rate=-0.1 must be > 0"),
+        (lambda: nld(0.1, -1.0), "weight_decay=-1.0 must be >= 0"),
+        (lambda: nld(0.1, 0.0, -0.5), "momentum=-0.5"),
+    ],
+)
+def test_bad_hyperparameters(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+@pytest.mark.parametrize(
+    "target", [equilibrium(0.1, 1e-3), nld(0.1, 1e-3)], ids=["equilibrium", "nld"]
+)
+def test_scale_only(target):
+    case = utils.CASES_BY_NAME["rescale_mlp"]
+    tx = ksbopt.steer(list(case.symmetries), target)
+    with pytest.raises(ValueError, match=r"Scale symmetries only \(supported kinds: \('scale',\)"):
+        tx.init(case.params())
+
+
+@pytest.mark.parametrize(
+    "target", [equilibrium(0.1, 1e-3, 0.9), nld(0.1, 1e-3, 0.9)], ids=["equilibrium", "nld"]
+)
+def test_zero_norm_unit_stays_zero_without_nan(target):
+    params = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(3, 3))).at[:, 1].set(0.0)}
+    tx = optax.chain(optax.sgd(0.1, momentum=0.9), ksbopt.steer(SYM, target))
+    step = utils.jit(tx.update)
+    state = tx.init(params)
+    g = {"w": jnp.ones((3, 3)).at[:, 1].set(0.0)}  # a scale-invariant loss has no gradient
+    for _ in range(2):  # at w = 0 that could move it
+        u, state = step(g, state, params, grad=g)
+        params = optax.apply_updates(params, u)
+    utils.assert_finite((params, state))
+    assert float(jnp.max(jnp.abs(params["w"][:, 1]))) == 0.0
+
+
+# --------------------------------------------------------------------------- contract
+
+
+def _passing_grad(tx):
+    """The battery calls update without ``grad``; give targets.nld the incoming updates.
+
+    (A harness for the battery's mechanics only: jit, dtypes, wrappers. The tests above feed
+    the real gradient.)
+    """
+
+    def update(updates, state, params=None, **extra):
+        extra.setdefault("grad", updates)
+        return tx.update(updates, state, params, **extra)
+
+    return optax.GradientTransformationExtraArgs(tx.init, update)
+
+
+SPECS = [
+    contract.Spec(
+        "steer_equilibrium",
+        lambda sym, rate=1.0: ksbopt.steer(sym, equilibrium(0.1, 5e-4, 0.9), rate),
+        hyperparams={"rate": 0.5},
+    ),
+    contract.Spec(
+        "steer_nld",
+        lambda sym, rate=1.0: _passing_grad(ksbopt.steer(sym, nld(0.1, 5e-4, 0.9), rate)),
+        hyperparams={"rate": 0.5},
+    ),
+]
+# nnx / linen: the battery's models declare a Rescale, and these targets are for Scale.
+# steer_nld runs the checks that exercise the target's own state (jit, wrappers, dtypes,
+# non-finite input); the others test steer itself, through steer_equilibrium. Its
+# check_extra_args: "grad" is the argument it consumes (test_nld_ignores_other_extra_args).
+_NLD_CHECKS = (
+    "check_jit",
+    "check_multi_steps",
+    "check_apply_if_finite",
+    "check_nonfinite",
+    "check_bfloat16",
+)
+CASES = [
+    (spec, check)
+    for spec in SPECS
+    for check in contract.CHECKS
+    if check.__name__ not in ("check_nnx", "check_linen")
+    and (spec.name != "steer_nld" or check.__name__ in _NLD_CHECKS)
+]
+
+
+@pytest.mark.parametrize(("spec", "check"), CASES, ids=[f"{s.name}-{c.__name__}" for s, c in CASES])
+def test_contract(spec, check):
+    check(spec)
