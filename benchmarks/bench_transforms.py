@@ -30,13 +30,23 @@ import ksbopt
 def cnn_tree(n_params_million: float, key=0) -> tuple[dict, list]:
     """A CNN-shaped parameter tree of about ``n_params_million`` million float32 numbers."""
     # Widths double every two conv layers, as in VGG/ResNet; a dense head of 1/5 of the total.
-    base = [(3, 32), (32, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 512),
-            (512, 512)]
+    base = [
+        (3, 32),
+        (32, 64),
+        (64, 128),
+        (128, 128),
+        (128, 256),
+        (256, 256),
+        (256, 512),
+        (512, 512),
+    ]
     target = n_params_million * 1e6
     conv_size = sum(9 * i * o + o for i, o in base)
     width = math.sqrt(0.8 * target / conv_size)
-    convs = [(max(1, round(i * width)) if j else 3, max(1, round(o * width)))
-             for j, (i, o) in enumerate(base)]
+    convs = [
+        (max(1, round(i * width)) if j else 3, max(1, round(o * width)))
+        for j, (i, o) in enumerate(base)
+    ]
     convs = [(convs[j - 1][1] if j else 3, o) for j, (_, o) in enumerate(convs)]
     dense_in = convs[-1][1]
     dense_out = max(8, int(0.2 * target / dense_in))
@@ -51,10 +61,13 @@ def cnn_tree(n_params_million: float, key=0) -> tuple[dict, list]:
         "kernel": jax.random.normal(next(keys), (dense_in, dense_out)) / math.sqrt(dense_in),
         "bias": jnp.zeros(dense_out),
     }
-    params["head"] = {"kernel": jax.random.normal(next(keys), (dense_out, 10)) * 0.01,
-                      "bias": jnp.zeros(10)}
-    symmetries = [ksbopt.Scale([f"conv{j}/kernel", f"conv{j}/bias"], axis=-1)
-                  for j in range(len(convs))]
+    params["head"] = {
+        "kernel": jax.random.normal(next(keys), (dense_out, 10)) * 0.01,
+        "bias": jnp.zeros(10),
+    }
+    symmetries = [
+        ksbopt.Scale([f"conv{j}/kernel", f"conv{j}/bias"], axis=-1) for j in range(len(convs))
+    ]
     symmetries.append(ksbopt.Scale(["dense/kernel", "dense/bias"], axis=-1))
     return params, symmetries
 
@@ -113,9 +126,15 @@ def run(size: float, repeats: int, inner: int) -> dict:
     rows = []
     for name, ts in times.items():
         med = statistics.median(ts)
-        rows.append({"variant": name, "median_ms": 1e3 * med, "ratio": med / base,
-                     "compile_s": states[name][2],
-                     "GB_per_s_params": 4 * n / med / 1e9})
+        rows.append(
+            {
+                "variant": name,
+                "median_ms": 1e3 * med,
+                "ratio": med / base,
+                "compile_s": states[name][2],
+                "GB_per_s_params": 4 * n / med / 1e9,
+            }
+        )
     return {"params": n, "rows": rows}
 
 
@@ -126,19 +145,27 @@ def main(argv=None) -> dict:
     parser.add_argument("--inner", type=int, default=3, help="steps per timed repeat")
     parser.add_argument("--json", default=None, help="write the results to this file")
     args = parser.parse_args(argv)
-    out = {"devices": [str(d) for d in jax.devices()], "machine": platform.processor()
-           or platform.machine(), "jax": jax.__version__, "optax": optax.__version__,
-           "results": []}
+    out = {
+        "devices": [str(d) for d in jax.devices()],
+        "machine": platform.processor() or platform.machine(),
+        "jax": jax.__version__,
+        "optax": optax.__version__,
+        "results": [],
+    }
     print(f"devices: {out['devices']}")
     for size in (float(s) for s in args.sizes.split(",")):
         res = run(size, args.repeats, args.inner)
         out["results"].append(res)
-        print(f"\n{res['params'] / 1e6:.1f}M parameters (median of {args.repeats} interleaved "
-              f"repeats of {args.inner} steps)")
+        print(
+            f"\n{res['params'] / 1e6:.1f}M parameters (median of {args.repeats} interleaved "
+            f"repeats of {args.inner} steps)"
+        )
         print(f"{'variant':<28} {'ms/step':>9} {'ratio':>7} {'GB/s':>7} {'compile s':>10}")
         for r in res["rows"]:
-            print(f"{r['variant']:<28} {r['median_ms']:9.2f} {r['ratio']:7.2f} "
-                  f"{r['GB_per_s_params']:7.1f} {r['compile_s']:10.2f}")
+            print(
+                f"{r['variant']:<28} {r['median_ms']:9.2f} {r['ratio']:7.2f} "
+                f"{r['GB_per_s_params']:7.1f} {r['compile_s']:10.2f}"
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

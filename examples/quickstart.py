@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -55,8 +54,13 @@ def load_data(seed: int = 0):
     return (x[n_test:], y[n_test:]), (x[:n_test], y[:n_test])
 
 
-def train(tx: optax.GradientTransformation, steps: int = 1200, batch: int = 64,
-          report_every: int = 300, seed: int = 0) -> None:
+def train(
+    tx: optax.GradientTransformation,
+    steps: int = 1200,
+    batch: int = 64,
+    report_every: int = 300,
+    seed: int = 0,
+) -> None:
     (x_tr, y_tr), (x_te, y_te) = load_data()
     model = MLP(nnx.Rngs(seed))
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
@@ -91,8 +95,10 @@ def train(tx: optax.GradientTransformation, steps: int = 1200, batch: int = 64,
                 f"{float(jnp.max(jnp.abs(c / c0 - 1))):.1e}"
                 for i, (c, c0) in enumerate(zip(q, q0))
             )
-            print(f"  step {step:5d}  loss {float(loss):.4f}  test acc "
-                  f"{float(accuracy(model, x_te, y_te)):.3f}  {charges}")
+            print(
+                f"  step {step:5d}  loss {float(loss):.4f}  test acc "
+                f"{float(accuracy(model, x_te, y_te)):.3f}  {charges}"
+            )
     print(f"  ({time.perf_counter() - t0:.1f} s)")
 
 

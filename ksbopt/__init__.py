@@ -7,9 +7,10 @@ ksbopt lets you declare the symmetries (:class:`Scale`, :class:`Rescale`,
 the optimiser does with them (:func:`project`, :func:`retract`, :func:`steer`).
 """
 
-from ksbopt import targets, theory
+from ksbopt import dynamics, targets, theory
 from ksbopt._src.api import charges
 from ksbopt._src.detect import SymmetryCheck, SymmetryReport, detect, verify
+from ksbopt._src.diagnostics import MonitorState, NoetherDiagnostics, monitor
 from ksbopt._src.implicit import NoetherRmspropState, noether_rmsprop
 from ksbopt._src.peers import (
     NeroRetractionState,
@@ -31,6 +32,7 @@ from ksbopt._src.peers import (
     scale_by_sgdp,
     sgdp,
 )
+from ksbopt._src.recorder import History, Recorder, summarize
 from ksbopt._src.symmetrize import SymmetrizeState, symmetrize
 from ksbopt._src.symmetry import Linear, Rescale, Scale, Symmetry, Translation
 from ksbopt._src.teleport import TeleportState, teleport
@@ -46,10 +48,14 @@ from ksbopt._src.transforms import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "History",
     "Linear",
+    "MonitorState",
     "NeroRetractionState",
+    "NoetherDiagnostics",
     "NoetherRmspropState",
     "ProjectState",
+    "Recorder",
     "Rescale",
     "RetractState",
     "RotationalState",
@@ -68,6 +74,8 @@ __all__ = [
     "adamp",
     "charges",
     "detect",
+    "dynamics",
+    "monitor",
     "nero",
     "nero_retraction",
     "noether_rmsprop",
@@ -83,6 +91,7 @@ __all__ = [
     "scale_by_sgdp",
     "sgdp",
     "steer",
+    "summarize",
     "symmetrize",
     "targets",
     "teleport",

@@ -22,7 +22,7 @@ from ksbopt._src.symmetry import BoundSymmetry
 class Target(abc.ABC):
     """Base class: ``charge_for`` gives the target charge of one symmetry at one step."""
 
-    def check(self, bound: BoundSymmetry) -> None:
+    def check(self, bound: BoundSymmetry) -> None:  # noqa: B027  (optional hook)
         """Raise ``ValueError`` at ``init`` if the target cannot apply to ``bound``."""
 
     @abc.abstractmethod
@@ -90,7 +90,7 @@ def _check_scale_value(bound: BoundSymmetry, value: Any, name: str) -> None:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class constant(Target):  # noqa: N801  (a factory-like name, as in optax)
+class constant(Target):
     """Hold each charge at a constant.
 
     Args:
@@ -122,7 +122,7 @@ class constant(Target):  # noqa: N801  (a factory-like name, as in optax)
 
 
 @dataclasses.dataclass(frozen=True)
-class schedule(Target):  # noqa: N801
+class schedule(Target):
     """A charge that follows ``fn(step)`` (an optax schedule or any jit-able function).
 
     Example:
@@ -141,7 +141,7 @@ class schedule(Target):  # noqa: N801
 
 
 @dataclasses.dataclass(frozen=True)
-class balanced(Target):  # noqa: N801
+class balanced(Target):
     """Balance rescale and linear symmetries: every charge goes to 0.
 
     For ``Rescale`` each unit gets |w_in| = |w_out|; for ``Linear`` A^T A = B B^T (the

@@ -1,0 +1,746 @@
+"""Noether diagnostics inside ``jit``: :func:`monitor` and its state.
+
+:func:`monitor` wraps any optax transformation. It never changes the updates; it reads the
+incoming gradient ``g``, the parameters ``w`` and the final step ``u`` of the wrapped
+optimizer, and keeps in its state, per declared symmetry and per group (fixed shapes, read
+with ``optax.tree.get(state, name)``):
+
+- the charges before and after the step and their exact decomposition (THEORY.md section 3)
+  ``Q(w + u) = Q(w) + <xi(w), u> + Q(u)``: ``first_order`` (metric, momentum and weight-decay
+  breaking) and ``second_order`` (the finite-step kinetic breaking);
+- ``violation``: the cosine between the gradient and the generator, 0 for a true symmetry;
+- ``angular_update`` (the angle between w and w + u), ``relative_update`` |u| / |w| and, for
+  scale groups, ``effective_learning_rate`` eta / ((1 - eta lam) |w|^2) (THEORY.md P2);
+- with a :class:`~ksbopt._src.dynamics.Dynamics`: ``weight_decay_term``, the charge the exact
+  recursions predict (``predicted_charges``) and the normalised residual
+  (``prediction_error``); for RMSProp/Adam the metric-weighted charges of P6 and their
+  prediction; the equilibrium angular update of P7a.
+
+Cost model: the charges, decomposition, violation, angles and metric identities are the
+*expensive* part (several reductions over the symmetric leaves); with ``every=N`` they are
+computed every N steps under ``lax.cond`` (one compiled program). The exact recursions
+need a few measured norms at *every* step (``|g|^2`` per group for P1/P10, ``|v|^2`` of the
+momentum buffer for P3): that *cheap* part always runs, so the predictions stay exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ksbopt._src import dynamics as dynamics_lib
+from ksbopt._src import groups as groups_lib
+from ksbopt._src import orbit, theory
+from ksbopt._src.symmetry import BoundSymmetry
+
+__all__ = ["MonitorState", "NoetherDiagnostics", "RecursionState", "monitor", "symmetry_labels"]
+
+Flat = list
+
+
+class NoetherDiagnostics(NamedTuple):
+    """Diagnostics of the last recorded step: each field a tuple with one entry per symmetry.
+
+    An entry is an array with one value per group (shape ``(n_groups,)``; ``(heads, k, k)``
+    for the charges of a :class:`~ksbopt.Linear` symmetry, ``(heads,)`` for its per-group
+    scalars), or None where the quantity does not apply (e.g. the effective learning rate of
+    a rescale group, or any prediction without ``dynamics``). Charges follow
+    :func:`ksbopt.charges`: ``1/2 |w|^2`` (scale), ``1/2 (|w_in|^2 - |w_out|^2)`` (rescale),
+    ``<1, w>`` (translation), ``A^T A - B B^T`` (linear).
+
+    Attributes:
+      step: index (from 0) of the step these describe; -1 at ``init``.
+      charges_before: Q(w) before the step.
+      charges: Q(w + u) after it, from the exact identity
+        ``Q(w + u) = Q(w) + first_order + second_order`` in the compute dtype (the charge of
+        ``optax.apply_updates(params, updates)`` up to its rounding to the parameter dtype).
+      first_order: ``<xi(w), u>`` (for Linear ``R + R^T`` with ``R = A^T U_A - U_B B^T``).
+      second_order: ``Q(u)`` (0 for translation).
+      weight_decay_term: ``Q((1 - eta lam) w) - Q(w)``, the part of the change that the decay
+        factor of one step makes on its own (known dynamics only). It is contained in
+        ``first_order + second_order``.
+      violation: cosine between the incoming gradient g and the generator,
+        ``<xi, g> / (|xi| |g|)`` per group (signed); for Linear the cosine between g and its
+        projection on the generators of the head (>= 0). 0 for a true symmetry; a loss with
+        L2 regularisation inside it shows the regulariser here.
+      angular_update: angle in radians between the group's vector w and w + u.
+      relative_update: ``|u| / |w|`` per group.
+      effective_learning_rate: ``eta / ((1 - eta lam) |w|^2)`` of scale groups (THEORY.md P2;
+        lam = 0 unless the dynamics are SGD), when the learning rate is known.
+      predicted_charges: the charge after the step predicted by the exact recursion (P1, P3,
+        P4, P10), run open-loop from the charges at ``init`` with the measured gradient or
+        momentum norms of every step.
+      prediction_error: ``(charges - predicted_charges) / scale`` per group, with scale the
+        charge's natural size (``1/2 |w|^2`` for scale and rescale groups,
+        ``sqrt(n) |w|`` for translation, ``|A|^2 + |B|^2`` per head for linear, where the
+        error is the largest entry of the k x k difference).
+      metric_charges_before, metric_charges: RMSProp/Adam: ``1/2 w^T P w`` (scale, rescale)
+        or ``<P 1, w>`` (translation) with the metric P of this step, before and after it.
+      predicted_metric_charges: the metric charge after the step by [derived] P6 (Adam: with
+        its momentum term).
+      metric_prediction_error: normalised residual of the metric charges.
+      equilibrium_angular_update: [derived] P7a ``sqrt(2 eta lam / (1 + beta))`` for scale
+        groups under SGD with coupled weight decay (a scalar per symmetry).
+    """
+
+    step: jax.Array
+    charges_before: tuple
+    charges: tuple
+    first_order: tuple
+    second_order: tuple
+    weight_decay_term: tuple
+    violation: tuple
+    angular_update: tuple
+    relative_update: tuple
+    effective_learning_rate: tuple
+    predicted_charges: tuple
+    prediction_error: tuple
+    metric_charges_before: tuple
+    metric_charges: tuple
+    predicted_metric_charges: tuple
+    metric_prediction_error: tuple
+    equilibrium_angular_update: tuple
+
+
+class RecursionState(NamedTuple):
+    """What the exact recursions carry from step to step (one entry per symmetry or None).
+
+    Attributes:
+      predicted_carry: the predicted charge after the last step (open loop).
+      overlap_carry: P3's overlap ``<xi(w_k), v_{k+1}>`` in charge units.
+      velocity_carry: ``Q(v_k)`` of the momentum buffer of the last step.
+      previous_carry: the predicted charge one step earlier (P4 heavy ball).
+      learning_rate_carry: eta of the last step (exact recursions under a schedule).
+    """
+
+    predicted_carry: tuple
+    overlap_carry: tuple
+    velocity_carry: tuple
+    previous_carry: tuple
+    learning_rate_carry: tuple
+
+
+class MonitorState(NamedTuple):
+    """State of :func:`monitor`.
+
+    Attributes:
+      inner: the wrapped optimizer's state.
+      monitor_count: steps seen (a step whose gradient is not finite is not counted).
+      diagnostics: :class:`NoetherDiagnostics` of the last recorded step.
+      recursion: :class:`RecursionState`.
+    """
+
+    inner: Any
+    monitor_count: jax.Array
+    diagnostics: NoetherDiagnostics
+    recursion: RecursionState
+
+
+# --------------------------------------------------------------------------- small numerics
+
+
+def _safe_div(num, den):
+    ok = den != 0
+    return jnp.where(ok, num / jnp.where(ok, den, 1), 0)
+
+
+def _strong(tree):
+    """Arrays without weak types (a jitted step must return the types ``init`` made)."""
+    return jax.tree.map(lambda x: jax.lax.convert_element_type(x, jnp.result_type(x)), tree)
+
+
+def _dtype(b: BoundSymmetry, flat: Flat):
+    return jnp.result_type(*[flat[i] for i in b.leaves])
+
+
+def _partial(flat_like: Flat, values: dict) -> Flat:
+    """A flat list with ``values`` at their leaf indices (None elsewhere, never read)."""
+    out = [None] * len(flat_like)
+    for i, v in values.items():
+        out[i] = v
+    return out
+
+
+def _map_leaves(b: BoundSymmetry, fn, *flats) -> Flat:
+    """``fn`` applied leaf-wise on the symmetry's leaves only."""
+    return _partial(flats[0], {i: fn(*(f[i] for f in flats)) for i in b.leaves})
+
+
+# ----------------------------------------------------------------- per-group building blocks
+
+
+def _group_inner(b: BoundSymmetry, x: Flat, y: Flat) -> jax.Array:
+    """Unsigned per-group sum of x * y over the group's entries (the core's own grouping)."""
+    if b.symmetry.kind == "linear":
+        total = None
+        for part in b.parts:
+            s = jnp.sum(part.to_matrix(x[part.leaf] * y[part.leaf]), axis=(1, 2))
+            total = s if total is None else total + s
+        return total
+    return groups_lib.scatter_groups(
+        b.parts, [p.reduce(x[p.leaf] * y[p.leaf]) for p in b.parts], b.n_groups
+    )
+
+
+def _sq_norm(b: BoundSymmetry, x: Flat) -> jax.Array:
+    """|x restricted to each group|^2 (unsigned)."""
+    if b.symmetry.kind == "translation":
+        return _group_inner(b, x, x)
+    return b.norms(x)  # sum of squares of the generator's values, i.e. of x itself
+
+
+def _first_order(b: BoundSymmetry, w: Flat, u: Flat) -> jax.Array:
+    r = b.reduce(w, u)
+    return r + jnp.swapaxes(r, -1, -2) if b.symmetry.kind == "linear" else r
+
+
+def _charge_scale(b: BoundSymmetry, w: Flat, q: jax.Array) -> jax.Array:
+    kind = b.symmetry.kind
+    if kind == "scale":
+        return q
+    if kind == "rescale":
+        return 0.5 * b.norms(w)
+    if kind == "translation":
+        return jnp.sqrt(b.norms(w) * _group_inner(b, w, w))
+    return b.norms(w)
+
+
+def _residual(b: BoundSymmetry, observed, predicted, scale) -> jax.Array:
+    diff = observed - predicted
+    if b.symmetry.kind == "linear":
+        diff = jnp.max(jnp.abs(diff), axis=(-2, -1))
+    return _safe_div(diff, scale)
+
+
+def _linear_grads(b: BoundSymmetry, g: Flat) -> tuple[jax.Array, jax.Array]:
+    """G_A (heads, d, k) and G_B (heads, k, o) of a Linear symmetry, for theory P10."""
+    left = [p.to_matrix(g[p.leaf]) for p in b.parts if p.left]
+    right = [p.to_matrix(g[p.leaf]) for p in b.parts if not p.left]
+    return jnp.concatenate(left, axis=1), jnp.concatenate(right, axis=2)
+
+
+def _adam_metric_step(charge, overlap, quad, learning_rate, b1, weight_decay, count):
+    """[derived] P6 with Adam's momentum: the metric charge after one Adam(W) step.
+
+    With the metric P of the step, ``c = eta / (1 - b1^t)``, ``a = eta lam`` (decoupled) and
+    ``w' = (1 - a) w - c P^-1 m_{k+1}``::
+
+        1/2 w'^T P w' = (1 - a)^2 1/2 w^T P w - (1 - a) c <xi(w), m_{k+1}> + c^2 Q(P^-1/2 m)
+
+    and ``<xi(w_k), m_{k+1}> = b1 <xi(w_k), m_k>`` because ``m_{k+1} = b1 m_k + (1 - b1) g_k``
+    and ``<xi, g> = 0`` for a symmetry. ``overlap`` is ``<xi(w_k), m_k>`` and ``quad`` is
+    ``Q(P^-1/2 m_{k+1})`` (both in charge units). With ``b1 = 0`` it is RMSProp's P6.
+    """
+    dtype = jnp.result_type(charge)
+    t = jnp.asarray(count, dtype)
+    c = _safe_div(jnp.asarray(learning_rate, dtype), 1 - jnp.asarray(b1, dtype) ** t)
+    keep = 1 - learning_rate * weight_decay
+    return keep**2 * charge - keep * c * b1 * overlap + c**2 * quad
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Which quantities apply to one symmetry under the given dynamics (static)."""
+
+    kind: str
+    recursion: str | None  # "sgd" | "hb" | "hbd" | "shift" | "shift_hb" | None
+    metric: str | None  # "rmsprop" | "adam" | None
+    equilibrium: bool
+    effective_lr: bool
+
+
+def _plan(b: BoundSymmetry, dyn: dynamics_lib.Dynamics | None, lr_known: bool) -> _Plan:
+    kind = b.symmetry.kind
+    recursion = metric = None
+    equilibrium = False
+    if dyn is not None and dyn.kind == "sgd":
+        mom, wd = dyn.has_momentum, dyn.has_weight_decay
+        if kind == "translation":
+            if not mom or not wd or dyn.decoupled:
+                recursion = "shift"  # P4: (1 - eta lam) s, or conserved
+            elif not dyn.nesterov:
+                recursion = "shift_hb"
+        elif not mom:
+            recursion = "sgd"  # P1 / P10
+        elif not dyn.nesterov:
+            recursion = "hbd" if dyn.decoupled else "hb"  # P3
+        equilibrium = kind == "scale" and wd and not dyn.nesterov and (not mom or not dyn.decoupled)
+    elif dyn is not None and dyn.adaptive:
+        if kind != "linear" and (dyn.decoupled or not dyn.has_weight_decay):
+            metric = dyn.kind
+    return _Plan(kind, recursion, metric, equilibrium, kind == "scale" and lr_known)
+
+
+def _some(values: Sequence, plans: Sequence[_Plan], fn) -> tuple:
+    """``fn(value, plan)`` for symmetries with a recursion, None for the others."""
+    return tuple(fn(v, p) if p.recursion else None for v, p in zip(values, plans, strict=True))
+
+
+# --------------------------------------------------------------------------- the monitor
+
+
+def symmetry_labels(symmetries) -> list[str]:
+    """Short unique names of declarations, e.g. ``"scale:conv1/kernel"`` (for logs, plots)."""
+    syms = orbit.as_symmetries(symmetries)
+    labels = []
+    for i, s in enumerate(syms):
+        sel = (
+            getattr(s, "selection", None)
+            or getattr(s, "incoming", None)
+            or getattr(s, "left", None)
+        )
+        first = sel[0] if sel else None
+        name = first if isinstance(first, str) else str(i)
+        label = f"{s.kind}:{name}"
+        if label in labels:
+            label = f"{label}#{i}"
+        labels.append(label)
+    return labels
+
+
+def monitor(
+    tx: optax.GradientTransformation,
+    symmetries,
+    *,
+    dynamics: dynamics_lib.Dynamics | None = None,
+    every: int = 1,
+    learning_rate=None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Wrap any optax transformation and record Noether diagnostics in its state.
+
+    The updates are those of ``tx``, unchanged. Per declared symmetry and group the state
+    holds (see :class:`NoetherDiagnostics`) the exact per-step decomposition of the charge,
+    [derived] THEORY.md section 3,
+
+    .. math::
+
+        Q(w + u) = Q(w) + \langle \xi(w), u \rangle + Q(u),
+
+    the symmetry violation ``<xi, g> / (|xi| |g|)`` of the gradient, the angular and relative
+    update, the effective learning rate ``eta / ((1 - eta lam) |w|^2)`` of scale groups
+    ([derived] P2), and with ``dynamics`` the charges predicted by the exact recursions
+    (P1, P3, P4, P10; P6 for RMSProp/Adam; the P7a equilibrium) and the residuals. Read them
+    with ``optax.tree.get(state, "charges")``, ``optax.tree.get(state, "prediction_error")``,
+    ... (each a tuple with one array per symmetry), or with :class:`ksbopt.Recorder`.
+
+    Place the monitor OUTSIDE ``optax.apply_if_finite`` / ``optax.MultiSteps`` so that it
+    sees the steps actually applied (``optax.MultiSteps(ksbopt.monitor(tx, sym), k)``). The
+    incoming updates must be the loss gradient: weight decay belongs inside ``tx``
+    (``optax.add_decayed_weights``, ``optax.adamw``); an L2 term inside the loss shows up as
+    a symmetry violation. A step whose gradient is not finite leaves the diagnostics and the
+    recursions as they were.
+
+    Args:
+      tx: the optimizer to monitor (any ``optax.GradientTransformation``).
+      symmetries: a :class:`~ksbopt.Scale`, :class:`~ksbopt.Rescale`,
+        :class:`~ksbopt.Translation`, :class:`~ksbopt.Linear` or a list of them.
+      learning_rate: eta, for the effective learning rate when no ``dynamics`` give it: a
+        number or a schedule ``step -> eta``; None reads it from an
+        ``optax.inject_hyperparams`` state inside ``tx`` if there is one.
+      dynamics: a description of ``tx`` (:func:`ksbopt.dynamics.sgd`,
+        :func:`~ksbopt.dynamics.rmsprop`, :func:`~ksbopt.dynamics.adam`) to predict charges.
+      every: compute the expensive diagnostics every ``every`` steps (``lax.cond``, no
+        recompilation); the recursions still advance every step and stay exact.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` with :class:`MonitorState`; its
+      ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, ksbopt
+      >>> params = {"w": jnp.array([3.0, 4.0])}
+      >>> sym = ksbopt.Scale("w", axis=None)
+      >>> tx = ksbopt.monitor(optax.sgd(0.1), sym, dynamics=ksbopt.dynamics.sgd(0.1))
+      >>> state = tx.init(params)
+      >>> u, state = tx.update({"w": jnp.array([4.0, -3.0])}, state, params)
+      >>> optax.tree.get(state, "charges")[0], optax.tree.get(state, "predicted_charges")[0]
+      (Array([12.625], dtype=float32), Array([12.625], dtype=float32))
+
+    References:
+      Tanaka, Kunin, "Noether's Learning Dynamics: Role of Symmetry Breaking in Neural
+      Networks", NeurIPS 2021, https://arxiv.org/abs/2105.02716; Kunin et al., "Neural
+      Mechanics: Symmetry and Broken Conservation Laws in Deep Learning Dynamics", ICLR
+      2021, https://arxiv.org/abs/2012.04728
+    """
+    if not isinstance(tx, optax.GradientTransformation):
+        raise TypeError(
+            f"tx={tx!r} (type {type(tx).__name__}) is not an optax transformation; pass the "
+            "optimizer to monitor, e.g. ksbopt.monitor(optax.sgd(0.1), symmetries)."
+        )
+    syms = orbit.as_symmetries(symmetries)
+    dyn = dynamics_lib.as_dynamics(dynamics)
+    dynamics_lib.check_learning_rate(learning_rate)
+    if dyn is not None and learning_rate is not None and dyn.learning_rate is not None:
+        raise ValueError(
+            f"learning_rate={learning_rate!r} is given twice (also dynamics.learning_rate="
+            f"{dyn.learning_rate!r}); give it once, in the dynamics."
+        )
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(
+            f"{every=} must be a positive int: compute the diagnostics every "
+            "`every` steps (1: every step)."
+        )
+    inner = optax.with_extra_args_support(tx)
+    explicit_lr = learning_rate if dyn is None or dyn.learning_rate is None else dyn.learning_rate
+
+    def lr_source(state) -> str | None:
+        if explicit_lr is not None:
+            return "explicit"
+        if _state_learning_rates(state):
+            return "state"
+        return None
+
+    def learning_rate_at(source, step, state):
+        if source == "explicit":
+            return explicit_lr(step) if callable(explicit_lr) else explicit_lr
+        if source == "state":
+            return _state_learning_rates(state)[0]
+        return None
+
+    def check(binding, inner_state, params):
+        source = lr_source(inner_state)
+        if len(_state_learning_rates(inner_state)) > 1 and explicit_lr is None:
+            raise ValueError(
+                "the wrapped optimizer's state holds several 'learning_rate' hyperparameters; "
+                "say which one the monitor uses: ksbopt.monitor(tx, symmetries, "
+                "learning_rate=...) or dynamics=ksbopt.dynamics.sgd(learning_rate, ...)."
+            )
+        if dyn is not None:
+            dyn.check_state(inner_state, params)
+            if source is None:
+                raise ValueError(
+                    f"dynamics={dyn!r} has learning_rate=None and the wrapped optimizer has no "
+                    "optax.inject_hyperparams state to read it from; give "
+                    "ksbopt.dynamics.<kind>(learning_rate, ...)."
+                )
+        return source, [_plan(b, dyn, source is not None) for b in binding.bound]
+
+    def start(params, inner_state, lr):
+        binding = orbit.bind(syms, params)
+        _, plans = check(binding, inner_state, params)
+        w = orbit.promote(jax.tree.leaves(params))
+        zeros = [jnp.zeros_like(x) for x in w]
+        q0 = [b.charge(w) for b in binding.bound]
+        hb = ("hb", "hbd")
+        recursion = RecursionState(
+            predicted_carry=_some(q0, plans, lambda q, p: q),
+            overlap_carry=_some(
+                q0, plans, lambda q, p: jnp.zeros_like(q) if p.recursion in hb else None
+            ),
+            velocity_carry=_some(
+                q0, plans, lambda q, p: jnp.zeros_like(q) if p.recursion in hb else None
+            ),
+            previous_carry=_some(q0, plans, lambda q, p: q if p.recursion == "shift_hb" else None),
+            learning_rate_carry=_some(q0, plans, lambda q, p: jnp.zeros((), q.dtype)),
+        )
+        ctx = _Context(binding, plans, dyn, w, zeros, zeros, inner_state, inner_state, lr)
+        diagnostics = _diagnose(ctx, recursion, jnp.full((), -1, jnp.int32))
+        return _strong((diagnostics, recursion))
+
+    # One compilation for init instead of hundreds of eager operations, shared by monitors
+    # with the same declarations and dynamics (e.g. rebuilt by optax.inject_hyperparams).
+    start_jit = _cached_jit(start, (syms, dyn, explicit_lr))
+
+    def init_fn(params):
+        inner_state = inner.init(params)
+        binding = orbit.bind(syms, params)
+        source, _ = check(binding, inner_state, params)  # errors here, eagerly
+        lr = learning_rate_at(source, jnp.zeros((), jnp.int32), inner_state)
+        diagnostics, recursion = start_jit(params, inner_state, lr)
+        return MonitorState(inner_state, jnp.zeros((), jnp.int32), diagnostics, recursion)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        orbit.require_params(params, "monitor")
+        new_updates, inner_state = inner.update(updates, state.inner, params, **extra_args)
+        binding = orbit.bind(syms, params)
+        source, plans = check(binding, state.inner, params)
+        step = state.monitor_count
+        lr = learning_rate_at(source, step, inner_state)
+        ctx = _Context(
+            binding,
+            plans,
+            dyn,
+            orbit.promote(jax.tree.leaves(params)),
+            orbit.promote(jax.tree.leaves(updates)),
+            orbit.promote(jax.tree.leaves(new_updates)),
+            state.inner,
+            inner_state,
+            lr,
+        )
+        recursion, ok = _advance(ctx, state.recursion)
+        recursion = _strong(recursion)
+
+        def compute():
+            return _strong(_diagnose(ctx, recursion, step))
+
+        # A step whose gradient (or diagnostics) is not finite keeps the old state.
+        def keep(ok, new, old):
+            return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+        def compute_or_keep():
+            new = compute()
+            return keep(ok & _all_finite(new), new, state.diagnostics)
+
+        if every == 1:
+            diagnostics = compute()
+            ok = ok & _all_finite(diagnostics)
+            diagnostics = keep(ok, diagnostics, state.diagnostics)
+        else:
+            record = (step % every) == 0
+            diagnostics = jax.lax.cond(record, compute_or_keep, lambda: state.diagnostics)
+            # On a recorded step the diagnostics say whether it was finite.
+            ok = ok & (~record | (diagnostics.step == step))
+        recursion = keep(ok, recursion, state.recursion)
+        count = jnp.where(ok, optax.safe_increment(step), step)
+        new_state = MonitorState(inner_state, count, diagnostics, recursion)
+        return new_updates, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+_JIT_CACHE: dict = {}
+
+
+def _cached_jit(fn, key):
+    """``jax.jit(fn)``, reused for an equal ``key`` when the key is hashable."""
+    try:
+        hash(key)
+    except TypeError:
+        return jax.jit(fn)
+    if key not in _JIT_CACHE:
+        if len(_JIT_CACHE) > 64:
+            _JIT_CACHE.clear()
+        _JIT_CACHE[key] = jax.jit(fn)
+    return _JIT_CACHE[key]
+
+
+def _state_learning_rates(state) -> list:
+    found = optax.tree.get_all_with_path(state, "learning_rate")
+    return [v for _, v in found if hasattr(v, "dtype") and jnp.ndim(v) == 0]
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    if not leaves:
+        return jnp.asarray(True)
+    dtype = jnp.result_type(*leaves)
+    return jnp.all(jnp.isfinite(jnp.concatenate([jnp.ravel(x).astype(dtype) for x in leaves])))
+
+
+# --------------------------------------------------------------------------- one step
+
+
+@dataclasses.dataclass
+class _Context:
+    """Everything one step of the monitor reads (leaves promoted to the compute dtype)."""
+
+    binding: orbit.Binding
+    plans: list
+    dyn: dynamics_lib.Dynamics | None
+    w: Flat
+    g: Flat
+    u: Flat
+    inner_old: Any
+    inner_new: Any
+    lr: Any
+
+    def lr_as(self, dtype):
+        return jnp.asarray(self.lr, dtype)
+
+    @property
+    def weight_decay(self):
+        return 0.0 if self.dyn is None else self.dyn.weight_decay
+
+    def buffer(self, key: str, *, old: bool = False) -> Flat:
+        state = self.inner_old if old else self.inner_new
+        return orbit.promote(jax.tree.leaves(optax.tree.get(state, key)))
+
+
+def _advance(ctx: _Context, rec: RecursionState) -> tuple[RecursionState, jax.Array]:
+    """One step of every exact recursion (the cheap part: runs at every step)."""
+    dyn = ctx.dyn
+    out = {name: list(getattr(rec, name)) for name in RecursionState._fields}
+    checks = []
+    trace = None
+    for i, (b, plan) in enumerate(zip(ctx.binding.bound, ctx.plans, strict=True)):
+        if plan.recursion is None:
+            continue
+        dtype = _dtype(b, ctx.w)
+        lr = ctx.lr_as(dtype)
+        lr_prev = rec.learning_rate_carry[i]
+        wd, mom = dyn.weight_decay, dyn.momentum
+        q = rec.predicted_carry[i]
+        if plan.recursion == "sgd":
+            if plan.kind == "linear":
+                ga, gb = _linear_grads(b, ctx.g)
+                new = theory.linear_sgd_step(q, ga, gb, lr, wd)  # [derived] P10
+            else:
+                new = theory.scale_sgd_step(q, b.quadratic(ctx.g), lr, wd)  # P1
+            checks.append(jnp.sum(new))  # a non-finite gradient skips the step
+        elif plan.recursion in ("hb", "hbd"):
+            if trace is None:
+                trace = ctx.buffer("trace")
+            qv = b.quadratic(trace)
+            checks.append(jnp.sum(qv))
+            ratio = _safe_div(lr_prev, lr)  # carried norms refer to last step's eta
+            if plan.recursion == "hb":  # [derived] P3, coupled weight decay
+                overlap, new = theory.heavy_ball_step(
+                    q, rec.overlap_carry[i], rec.velocity_carry[i] * ratio, qv, lr, mom, wd
+                )
+            else:  # [derived] P3, decoupled weight decay
+                carried = rec.overlap_carry[i] * _safe_div(1 - lr_prev * wd, 1 - lr * wd)
+                overlap, new = theory.heavy_ball_decoupled_step(
+                    q, carried, rec.velocity_carry[i] * ratio, qv, lr, mom, wd
+                )
+            out["overlap_carry"][i] = overlap
+            out["velocity_carry"][i] = qv
+        elif plan.recursion == "shift":
+            new = theory.translation_sgd_step(q, lr, wd)  # [derived from NM] P4
+        else:  # "shift_hb": P4 heavy ball, previous charge rescaled to this step's eta
+            prev = q + _safe_div(lr, lr_prev) * (rec.previous_carry[i] - q)
+            new = theory.translation_heavy_ball_step(q, prev, lr, mom, wd)
+            out["previous_carry"][i] = q
+        out["predicted_carry"][i] = new.astype(dtype)
+        out["learning_rate_carry"][i] = lr
+    ok = jnp.isfinite(sum(checks)) if checks else jnp.asarray(True)
+    return RecursionState(**{k: tuple(v) for k, v in out.items()}), ok
+
+
+def _diagnose(ctx: _Context, rec: RecursionState, step: jax.Array) -> NoetherDiagnostics:
+    """The expensive part: charges, decomposition, violation, angles, metric identities."""
+    fields = {name: [] for name in NoetherDiagnostics._fields if name != "step"}
+    w, u, g = ctx.w, ctx.u, ctx.g
+    metric = _Metric(ctx) if any(p.metric for p in ctx.plans) else None
+    for i, (b, plan) in enumerate(zip(ctx.binding.bound, ctx.plans, strict=True)):
+        dtype = _dtype(b, w)
+        kind = plan.kind
+        q0 = b.charge(w)
+        first = _first_order(b, w, u)
+        second = b.quadratic(u)
+        q1 = q0 + first + second
+        fields["charges_before"].append(q0)
+        fields["charges"].append(q1)
+        fields["first_order"].append(first)
+        fields["second_order"].append(second)
+
+        # Symmetry violation of the gradient.
+        r = b.reduce(w, g)
+        gg = _sq_norm(b, g)
+        if kind == "linear":
+            proj = jnp.sum(b.solve_gram(w, r) * r, axis=(-2, -1))
+            violation = jnp.sqrt(_safe_div(jnp.maximum(proj, 0), gg))
+        else:
+            violation = _safe_div(r, jnp.sqrt(b.norms(w) * gg))
+        fields["violation"].append(violation)
+
+        # Angles and sizes of the step, per group (unsigned inner products).
+        if kind == "scale":
+            ww, uu, wu = 2 * q0, 2 * second, first
+        else:
+            ww, uu, wu = _sq_norm(b, w), _sq_norm(b, u), _group_inner(b, w, u)
+        cross = jnp.sqrt(jnp.maximum(ww * uu - wu * wu, 0))
+        fields["angular_update"].append(jnp.arctan2(cross, ww + wu))
+        fields["relative_update"].append(jnp.sqrt(_safe_div(uu, ww)))
+
+        lr = None if ctx.lr is None else ctx.lr_as(dtype)
+        sgd_wd = ctx.weight_decay if ctx.dyn is not None and ctx.dyn.kind == "sgd" else 0.0
+        fields["effective_learning_rate"].append(
+            theory.effective_learning_rate(2 * q0, lr, sgd_wd) if plan.effective_lr else None
+        )
+        if ctx.dyn is not None:
+            keep = 1 - lr * ctx.weight_decay
+            decay = (keep - 1) * q0 if kind == "translation" else (keep**2 - 1) * q0
+            fields["weight_decay_term"].append(decay)
+        else:
+            fields["weight_decay_term"].append(None)
+
+        if plan.recursion is not None:
+            pred = rec.predicted_carry[i]
+            fields["predicted_charges"].append(pred)
+            fields["prediction_error"].append(_residual(b, q1, pred, _charge_scale(b, w, q0)))
+        else:
+            fields["predicted_charges"].append(None)
+            fields["prediction_error"].append(None)
+
+        if plan.metric is not None:
+            m0, m1, mpred, mscale = metric.charges(i, b, plan, lr)
+            fields["metric_charges_before"].append(m0)
+            fields["metric_charges"].append(m1)
+            fields["predicted_metric_charges"].append(mpred)
+            fields["metric_prediction_error"].append(_residual(b, m1, mpred, mscale))
+        else:
+            for name in (
+                "metric_charges_before",
+                "metric_charges",
+                "predicted_metric_charges",
+                "metric_prediction_error",
+            ):
+                fields[name].append(None)
+
+        fields["equilibrium_angular_update"].append(
+            theory.equilibrium_angular_update(lr, ctx.weight_decay, ctx.dyn.momentum).astype(dtype)
+            if plan.equilibrium
+            else None
+        )
+    return NoetherDiagnostics(
+        step=jnp.asarray(step, jnp.int32), **{k: tuple(v) for k, v in fields.items()}
+    )
+
+
+class _Metric:
+    """The diagonal metric P of an RMSProp/Adam step, read from the wrapped state."""
+
+    def __init__(self, ctx: _Context):
+        self.ctx = ctx
+        self.nu = ctx.buffer("nu")
+        self.to_metric = ctx.dyn.preconditioner(ctx.inner_new)
+        self._p: dict[int, jax.Array] = {}
+        self.mu_old = self.mu_new = None
+        if ctx.dyn.kind == "adam":
+            self.mu_old = ctx.buffer("mu", old=True)
+            self.mu_new = ctx.buffer("mu")
+            self.count = ctx.dyn.adam_count(ctx.inner_new)
+
+    def p(self, leaf: int) -> jax.Array:
+        if leaf not in self._p:
+            self._p[leaf] = self.to_metric(self.nu[leaf])
+        return self._p[leaf]
+
+    def charges(self, i: int, b: BoundSymmetry, plan: _Plan, lr):
+        ctx = self.ctx
+        w, u, g = ctx.w, ctx.u, ctx.g
+        dyn = ctx.dyn
+        wd = dyn.weight_decay if dyn.decoupled else 0.0
+        new_w = _map_leaves(b, jnp.add, w, u)
+        if plan.kind == "translation":
+            scaled = lambda x: _partial(x, {j: self.p(j) * x[j] for j in b.leaves})
+            m0, m1 = b.charge(scaled(w)), b.charge(scaled(new_w))
+            pred = theory.translation_sgd_step(m0, lr, wd)  # [derived] P6: <P 1, u> = -a <P 1, w>
+            pw = scaled(w)
+            return m0, m1, pred, jnp.sqrt(b.norms(w) * _group_inner(b, pw, pw))
+        root = lambda x: _partial(x, {j: jnp.sqrt(self.p(j)) * x[j] for j in b.leaves})
+        m0, m1 = b.charge(root(w)), b.charge(root(new_w))
+        whiten = lambda x: _partial(x, {j: x[j] / jnp.sqrt(self.p(j)) for j in b.leaves})
+        if plan.metric == "rmsprop":
+            # [derived] P6 = P1 in the coordinates P^(1/2) w: SGD with gradient P^(-1/2) g.
+            pred = theory.scale_sgd_step(m0, b.quadratic(whiten(g)), lr, wd)
+        else:
+            pred = _adam_metric_step(
+                m0,
+                b.reduce(w, self.mu_old),
+                b.quadratic(whiten(self.mu_new)),
+                lr,
+                dyn.momentum,
+                wd,
+                self.count,
+            )
+        scale = m1 if plan.kind == "scale" else 0.5 * b.norms(root(w))
+        return m0, m1, pred, scale
