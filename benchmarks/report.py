@@ -61,7 +61,8 @@ def _grid_summary(recs: list[dict]) -> dict:
             scores = {}
             for lr, rs in lrs.items():
                 m, _, _ = _mean_std([x["final"]["val_metric"] for x in rs])
-                scores[lr] = m
+                # a learning rate at which any seed diverged is never chosen
+                scores[lr] = None if any(x["status"] == "diverged" for x in rs) else m
             finite = {lr: s for lr, s in scores.items() if s is not None}
             if finite:
                 best = (max if higher else min)(finite, key=finite.get)

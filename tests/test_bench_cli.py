@@ -220,6 +220,40 @@ def test_interrupted_benchmark_keeps_finished_runs(tmp_path, cache, monkeypatch)
     assert len(_records(tmp_path)) == 2
 
 
+def test_diverged_run_is_recorded_and_never_chosen(tmp_path, cache):
+    rc, stdout, err = _main(
+        [
+            "--scale",
+            "tiny",
+            "--tasks",
+            "teacher_relu",
+            "--optimizers",
+            "sgd",
+            "--lrs",
+            "0.01,1e4",
+            "--seeds",
+            "1",
+            "--steps",
+            "20",
+            "--no-progress",
+            "--no-plots",
+            "--out",
+            tmp_path,
+            "--cache-dir",
+            cache,
+        ]
+    )
+    assert rc == 0, err
+    recs = {r["config"]["learning_rate"]: r for r in _records(tmp_path)}
+    assert recs[1e4]["status"] == "diverged" and "DIVERGED" in stdout
+    assert recs[1e4]["steps_done"] < 20  # stopped at the first chunk with a non-finite loss
+    assert recs[0.01]["status"] == "ok"
+    row = json.loads((tmp_path / "summary.json").read_text())["grid"]["teacher_relu"]["optimizers"][
+        "sgd"
+    ]
+    assert row["best_lr"] == 0.01 and row["val_by_lr"]["10000.0"] is None
+
+
 def test_gpu_suite_runs_tiny_on_cpu(tmp_path, cache, monkeypatch):
     monkeypatch.setenv("KSBOPT_BENCH_SCALE", "tiny")
     opt = "sgd+retract" if RETRACT else "sgd"
