@@ -61,10 +61,7 @@ def _bind(syms: tuple, params: Any, *, owner: str) -> orbit.Binding:
 
 def _project(binding: orbit.Binding, flat: list, u: list) -> list:
     """``u`` minus its component along every generator at ``flat`` (jointly)."""
-    out = list(u)
-    for b, c in zip(binding.bound, orbit.tangent_coefficients(binding, flat, u)):
-        out = orbit._apply(out, b.expand(flat, c), sign=-1.0)
-    return out
+    return orbit.project(binding, flat, u)[0]
 
 
 def invariant_coordinates(binding: orbit.Binding, w: list, g: list | None = None):
