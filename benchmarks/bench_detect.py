@@ -142,7 +142,7 @@ def main() -> None:
         "groups": sum(c.n_groups for c in report.checks),
         "expected groups found": bool(same),
         "gradient evaluations": counted["gradient"],
-        "forward evaluations (finite actions; the first also warms the compile)": counted["loss"],
+        "forward evaluations (finite actions)": counted["loss"],
         "detect, first call (s)": round(first, 2),
         "detect, first call, CPU time of all threads (s)": round(first_cpu, 2),
         "load average before the call": round(load, 2),

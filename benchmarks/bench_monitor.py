@@ -2,7 +2,9 @@
 
 Two workloads, each a jitted step timed with interleaved repeats (baseline, variant,
 baseline, ...) so that machine noise hits all variants alike; medians and the ratio of
-medians are reported (and the minima, less sensitive to other processes on the machine):
+medians are reported, the minima (less sensitive to other processes on the machine) and the
+median CPU time of the process per step (all threads; on a shared machine the wall time
+also counts the time other jobs hold the cores):
 
 1. optimizer step only (``tx.update`` + ``optax.apply_updates``) on the CNN-shaped tree of
    ``bench_transforms.py`` (~10M float32 parameters; conv and dense kernels, one Scale group
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import platform
 import statistics
 import time
@@ -55,35 +58,42 @@ def variants(symmetries, lr: float = LR) -> dict[str, optax.GradientTransformati
     }
 
 
-def interleaved(runners: dict, repeats: int, inner: int) -> dict[str, list[float]]:
-    """runners: name -> (step, carry); step(carry) -> carry. Seconds per step, per repeat."""
+def interleaved(runners: dict, repeats: int, inner: int) -> tuple[dict, dict]:
+    """runners: name -> (step, carry); step(carry) -> carry. Seconds per step, per repeat:
+    wall time, and the CPU time of the process (all threads), which a machine shared with
+    other jobs disturbs less than the wall time."""
     carries = {}
     for name, (step, carry) in runners.items():
         carry = step(carry)  # compile and warm up
         jax.block_until_ready(carry)
         carries[name] = carry
     times = {name: [] for name in runners}
+    cpu = {name: [] for name in runners}
     for _ in range(repeats):
         for name, (step, _) in runners.items():
             carry = carries[name]
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(inner):
                 carry = step(carry)
             jax.block_until_ready(carry)
             times[name].append((time.perf_counter() - t0) / inner)
+            cpu[name].append((time.process_time() - c0) / inner)
             carries[name] = carry
-    return times
+    return times, cpu
 
 
-def table(times: dict[str, list[float]], base: str) -> list[dict]:
+def table(times: dict[str, list[float]], cpu: dict[str, list[float]], base: str) -> list[dict]:
     b_med, b_min = statistics.median(times[base]), min(times[base])
+    b_cpu = statistics.median(cpu[base])
     return [
         {
             "variant": name,
             "median_ms": 1e3 * statistics.median(ts),
             "min_ms": 1e3 * min(ts),
+            "cpu_median_ms": 1e3 * statistics.median(cpu[name]),
             "ratio_median": statistics.median(ts) / b_med,
             "ratio_min": min(ts) / b_min,
+            "ratio_cpu": statistics.median(cpu[name]) / b_cpu,
         }
         for name, ts in times.items()
     ]
@@ -104,11 +114,11 @@ def optimizer_workload(size: float, repeats: int, inner: int, donate: bool = Tru
         p = jax.tree.map(jnp.copy, params)
         fn = jax.jit(step, donate_argnums=0) if donate else jax.jit(step)
         runners[name] = (functools.partial(fn, g=grads), (p, tx.init(p)))
-    times = interleaved(runners, repeats, inner)
+    times, cpu = interleaved(runners, repeats, inner)
     kind = "donated" if donate else "not donated"
     return {
         "workload": f"optimizer step, {n / 1e6:.1f}M params ({kind})",
-        "rows": table(times, "bare sgd(momentum) + wd"),
+        "rows": table(times, cpu, "bare sgd(momentum) + wd"),
     }
 
 
@@ -145,11 +155,12 @@ def train_workload(repeats: int, inner: int, batch: int = 100, steps_per_call: i
             return jax.lax.scan(body, state, (x, y))[0]
 
         runners[name] = (jax.jit(call, donate_argnums=0), state)
-    times = interleaved(runners, repeats, max(1, inner // steps_per_call))
+    times, cpu = interleaved(runners, repeats, max(1, inner // steps_per_call))
     times = {k: [t / steps_per_call for t in v] for k, v in times.items()}
+    cpu = {k: [t / steps_per_call for t in v] for k, v in cpu.items()}
     return {
         "workload": f"MNIST-1D CNN train step (batch {batch})",
-        "rows": table(times, "bare sgd(momentum) + wd"),
+        "rows": table(times, cpu, "bare sgd(momentum) + wd"),
     }
 
 
@@ -174,7 +185,8 @@ def main(argv=None) -> dict:
         "optax": optax.__version__,
         "results": [],
     }
-    print(f"devices: {out['devices']}")
+    out["load_average"] = os.getloadavg()
+    print(f"devices: {out['devices']}, load average {out['load_average'][0]:.2f}")
     out["results"].append(optimizer_workload(args.size, args.repeats, args.inner))
     if args.no_donate:
         out["results"].append(optimizer_workload(args.size, args.repeats, args.inner, False))
@@ -182,12 +194,17 @@ def main(argv=None) -> dict:
         out["results"].append(train_workload(args.repeats, args.train_inner))
     for res in out["results"]:
         print(f"\n{res['workload']} (median and min of {args.repeats} interleaved repeats)")
-        print(f"{'variant':<30} {'median ms':>10} {'ratio':>6} {'min ms':>9} {'ratio':>6}")
+        print(
+            f"{'variant':<30} {'median ms':>10} {'ratio':>6} {'min ms':>9} {'ratio':>6} "
+            f"{'cpu ms':>9} {'ratio':>6}"
+        )
         for r in res["rows"]:
             print(
                 f"{r['variant']:<30} {r['median_ms']:10.3f} {r['ratio_median']:6.2f} "
-                f"{r['min_ms']:9.3f} {r['ratio_min']:6.2f}"
+                f"{r['min_ms']:9.3f} {r['ratio_min']:6.2f} "
+                f"{r['cpu_median_ms']:9.3f} {r['ratio_cpu']:6.2f}"
             )
+    print(f"load average at the end: {os.getloadavg()[0]:.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

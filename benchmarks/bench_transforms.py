@@ -1,14 +1,25 @@
 """Per-step cost of ksbopt transforms as a ratio to the matching optax optimizer.
 
 Each variant is one jitted step, ``updates = tx.update(grads, state, params)`` followed by
-``optax.apply_updates``, on a parameter tree shaped like a CNN (conv and dense kernels with
-biases; one Scale group per output unit, as BatchNorm gives). The baseline is
-``optax.sgd(lr, momentum=0.9)`` alone; every ksbopt variant chains a transform after it.
-Repeats are interleaved (baseline, variant, baseline, ...) so that machine noise hits all
-variants alike; the table reports medians and the ratio of medians. A plain copy of the
-parameter bytes is timed too: the memory-bound floor of any step that touches them.
+``optax.apply_updates``, params and state donated, on a parameter tree shaped like a CNN
+(conv and dense kernels with biases; one Scale group per output unit, as BatchNorm gives).
+Variants come in groups, each timed against the optax optimizer it modifies or replaces:
 
-Run:  python -m benchmarks.bench_transforms --sizes 10 --repeats 30
+- ``optax.sgd(0.1, momentum=0.9)``: ``project``, ``retract``, ``steer`` chained after it
+  (issue 2: each <= 1.3x on CPU is the target), ``monitor`` wrapped around it, ``sgdp``;
+- ``optax.adam``: ``symmetrize(adam)``, ``adamp``, ``nero``;
+- ``optax.rmsprop``: ``noether_rmsprop``;
+- ``optax.sgd`` with weight decay: ``rotational`` (REQ).
+
+Repeats are interleaved within a group (every variant once per repeat, the order rotated)
+so that machine noise hits all variants alike; the table reports medians and the ratio of
+medians to the group's optax optimizer. A negation of every parameter (a real read and
+write of the same bytes, donated) is timed with the first group: the memory-bound floor of
+any step that updates the parameters; ``copies`` is a step's time in units of it and its
+row gives the bandwidth achieved. The load average of the machine is printed with each
+size: on a shared machine compare ratios, not milliseconds.
+
+Run:  python -m benchmarks.bench_transforms --sizes 1,10,50 --repeats 9 --json out.json
 """
 
 from __future__ import annotations
@@ -16,8 +27,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
+import sys
 import time
 
 import jax
@@ -72,8 +85,15 @@ def cnn_tree(n_params_million: float, key=0) -> tuple[dict, list]:
     return params, symmetries
 
 
+LR = 0.1  # optax.sgd(0.1, momentum=0.9): the baseline of issue 2
+MOMENTUM = 0.9
+WEIGHT_DECAY = 5e-4
+ADAM_LR = 1e-3
+
+
 def variants(symmetries) -> dict[str, optax.GradientTransformation]:
-    base = optax.sgd(0.01, momentum=0.9)
+    """The transforms of issue 2 chained after ``optax.sgd(0.1, momentum=0.9)``, and it alone."""
+    base = optax.sgd(LR, momentum=MOMENTUM)
     return {
         "optax.sgd(momentum=0.9)": base,
         "+ ksbopt.project": optax.chain(base, ksbopt.project(symmetries)),
@@ -84,7 +104,46 @@ def variants(symmetries) -> dict[str, optax.GradientTransformation]:
     }
 
 
+def groups(symmetries) -> dict[str, dict[str, optax.GradientTransformation]]:
+    """Each group: the optax optimizer first (the baseline of the ratios), then its variants.
+
+    Every ksbopt transform, ``monitor`` and every peer optimizer is timed against the optax
+    optimizer it modifies or replaces.
+    """
+    sgd = variants(symmetries)
+    sgd["ksbopt.monitor(sgd)"] = ksbopt.monitor(
+        optax.sgd(LR, momentum=MOMENTUM), symmetries, learning_rate=LR
+    )
+    sgd["ksbopt.sgdp"] = ksbopt.sgdp(LR, MOMENTUM)
+    return {
+        "sgd": sgd,
+        "adam": {
+            "optax.adam": optax.adam(ADAM_LR),
+            "ksbopt.symmetrize(adam)": ksbopt.symmetrize(optax.adam(ADAM_LR), symmetries),
+            "ksbopt.adamp": ksbopt.adamp(ADAM_LR),
+            "ksbopt.nero": ksbopt.nero(ADAM_LR),
+        },
+        "rmsprop": {
+            "optax.rmsprop": optax.rmsprop(ADAM_LR),
+            "ksbopt.noether_rmsprop": ksbopt.noether_rmsprop(ADAM_LR, symmetries=symmetries),
+        },
+        "sgd+wd": {
+            "optax.sgd(momentum) + wd": optax.chain(
+                optax.add_decayed_weights(WEIGHT_DECAY), optax.sgd(LR, momentum=MOMENTUM)
+            ),
+            "ksbopt.rotational(trace)": ksbopt.rotational(
+                optax.trace(MOMENTUM), LR, WEIGHT_DECAY, MOMENTUM
+            ),
+        },
+    }
+
+
+COPY = "copy of the parameters (floor)"
+
+
 def make_step(tx):
+    """One jitted optimizer step, params and state donated (updated in place)."""
+
     def step(params, state, grads):
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state
@@ -92,79 +151,121 @@ def make_step(tx):
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-def copy_step(params, state, grads):
+def _negate(params, state, grads):
+    # A real read and write of every parameter byte that XLA cannot elide (unlike x + 0, or
+    # a copy into a donated buffer): the memory-bound floor of any step that updates the
+    # parameters. Negation is exact, so repeating it never drifts.
     del grads
-    return jax.tree.map(lambda x: x + 0, params), state
+    return jax.tree.map(jnp.negative, params), state
 
 
-def run(size: float, repeats: int, inner: int) -> dict:
-    params, symmetries = cnn_tree(size)
-    n = sum(x.size for x in jax.tree.leaves(params))
-    grads = jax.tree.map(lambda x: 1e-3 * jnp.ones_like(x), params)
-    txs = variants(symmetries)
-    runners = {name: (make_step(tx), tx) for name, tx in txs.items()}
-    runners["plain copy of params"] = (jax.jit(copy_step, donate_argnums=(0,)), None)
-    states = {}
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else math.nan
+
+
+def time_group(runners: dict, params, grads, repeats: int, inner: int, baseline: str) -> list[dict]:
+    """Median seconds per step of each runner, repeats interleaved (order rotated each time)."""
+    states, compile_s = {}, {}
     for name, (fn, tx) in runners.items():
         p = jax.tree.map(jnp.copy, params)
         s = tx.init(p) if tx is not None else ()
         t0 = time.perf_counter()
         p, s = fn(p, s, grads)
         jax.block_until_ready(p)
-        states[name] = [p, s, time.perf_counter() - t0]
-    times = {name: [] for name in runners}
-    for _ in range(repeats):
-        for name, (fn, _) in runners.items():
-            p, s, _ = states[name]
+        compile_s[name] = time.perf_counter() - t0
+        states[name] = [p, s]
+    names = list(runners)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            fn = runners[name][0]
+            p, s = states[name]
             t0 = time.perf_counter()
             for _ in range(inner):
                 p, s = fn(p, s, grads)
             jax.block_until_ready(p)
             times[name].append((time.perf_counter() - t0) / inner)
-            states[name][:2] = [p, s]
-    base = statistics.median(times["optax.sgd(momentum=0.9)"])
-    rows = []
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        rows.append(
-            {
-                "variant": name,
-                "median_ms": 1e3 * med,
-                "ratio": med / base,
-                "compile_s": states[name][2],
-                "GB_per_s_params": 4 * n / med / 1e9,
-            }
-        )
-    return {"params": n, "rows": rows}
+            states[name] = [p, s]
+    base = _median(times[baseline])
+    copy = _median(times.get(COPY, []))
+    return [
+        {
+            "variant": name,
+            "baseline": baseline,
+            "median_ms": 1e3 * _median(ts),
+            "min_ms": 1e3 * min(ts),
+            "ratio": _median(ts) / base,
+            "copies": _median(ts) / copy if COPY in times else None,
+            "compile_s": compile_s[name],
+        }
+        for name, ts in times.items()
+    ]
+
+
+def run(size: float, repeats: int, inner: int, only: tuple[str, ...] | None = None) -> dict:
+    """Time every group on the CNN-shaped tree of ``size`` million parameters."""
+    params, symmetries = cnn_tree(size)
+    leaves = jax.tree.leaves(params)
+    n = sum(x.size for x in leaves)
+    nbytes = sum(x.size * x.dtype.itemsize for x in leaves)
+    keys = iter(jax.random.split(jax.random.key(1), len(leaves)))
+    grads = jax.tree.map(lambda x: 1e-3 * jax.random.normal(next(keys), x.shape, x.dtype), params)
+    rows, loads = [], []
+    for group, txs in groups(symmetries).items():
+        if only and group not in only:
+            continue
+        runners = {name: (make_step(tx), tx) for name, tx in txs.items()}
+        if group == "sgd":
+            runners[COPY] = (jax.jit(_negate, donate_argnums=(0,)), None)
+        loads.append(os.getloadavg()[0])
+        rows += time_group(runners, params, grads, repeats, inner, baseline=next(iter(txs)))
+        del runners
+    for row in rows:
+        if row["variant"] == COPY:
+            # Read and write of every parameter byte.
+            row["GB_per_s"] = 2 * nbytes / (row["median_ms"] * 1e-3) / 1e9
+    return {"params": n, "bytes": nbytes, "load_average": loads, "rows": rows}
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", default="10", help="comma-separated sizes in millions")
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--inner", type=int, default=3, help="steps per timed repeat")
+    parser.add_argument("--sizes", default="1,10,50", help="comma-separated sizes in millions")
+    parser.add_argument("--repeats", type=int, default=9, help="interleaved repeats")
+    parser.add_argument("--inner", type=int, default=2, help="steps per timed repeat")
+    parser.add_argument(
+        "--groups", default=None, help="comma-separated subset of: sgd, adam, rmsprop, sgd+wd"
+    )
     parser.add_argument("--json", default=None, help="write the results to this file")
     args = parser.parse_args(argv)
+    only = tuple(args.groups.split(",")) if args.groups else None
     out = {
+        "command": "python -m benchmarks.bench_transforms " + " ".join(argv or sys.argv[1:]),
         "devices": [str(d) for d in jax.devices()],
         "machine": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
         "jax": jax.__version__,
         "optax": optax.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "results": [],
     }
-    print(f"devices: {out['devices']}")
+    print(f"devices: {out['devices']}  cpus: {out['cpu_count']}")
     for size in (float(s) for s in args.sizes.split(",")):
-        res = run(size, args.repeats, args.inner)
+        res = run(size, args.repeats, args.inner, only)
         out["results"].append(res)
+        loads = ", ".join(f"{x:.1f}" for x in res["load_average"])
         print(
-            f"\n{res['params'] / 1e6:.1f}M parameters (median of {args.repeats} interleaved "
-            f"repeats of {args.inner} steps)"
+            f"\n{res['params'] / 1e6:.1f}M parameters, {res['bytes'] / 1e6:.0f} MB (median of "
+            f"{args.repeats} interleaved repeats of {args.inner} steps; load average {loads})"
         )
-        print(f"{'variant':<28} {'ms/step':>9} {'ratio':>7} {'GB/s':>7} {'compile s':>10}")
+        print(f"{'variant':<32} {'ms/step':>9} {'ratio':>6} {'copies':>7} {'compile s':>10}")
         for r in res["rows"]:
+            if r["variant"] == r["baseline"]:
+                print(f"{'':-<32}")
+            copies = "" if r["copies"] is None else f"{r['copies']:7.2f}"
+            extra = f"   {r['GB_per_s']:.1f} GB/s" if "GB_per_s" in r else ""
             print(
-                f"{r['variant']:<28} {r['median_ms']:9.2f} {r['ratio']:7.2f} "
-                f"{r['GB_per_s_params']:7.1f} {r['compile_s']:10.2f}"
+                f"{r['variant']:<32} {r['median_ms']:9.2f} {r['ratio']:6.2f} {copies:>7} "
+                f"{r['compile_s']:10.2f}{extra}"
             )
     if args.json:
         with open(args.json, "w") as f:

@@ -8,7 +8,9 @@ Examples::
     ksbopt-bench --list
 
 Every input is checked before training starts. Finished runs are kept as JSON under
-``OUT/runs``; rerunning the same command skips them (resume after an interruption).
+``OUT/runs``; rerunning the same command skips them (resume after an interruption). A run that
+raises is reported (stderr, the report's notes, exit status 1) and the suite goes on without
+the rest of that optimizer/task combination; a rerun retries it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 import shlex
 import sys
 import time
+import traceback
 from pathlib import Path
 
 __all__ = ["main"]
@@ -110,6 +113,8 @@ def _list(out=sys.stdout) -> None:
     print("suites:", file=out)
     for s in SUITES.values():
         print(f"  {s.name:8s} scale={s.scale:6s} {s.description}", file=out)
+        for e, sc in s.experiment_scales.items():
+            print(f"  {'':8s}   {e} at scale {sc}", file=out)
 
 
 def _check_out(p, out: Path) -> None:
@@ -144,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.suite not in SUITES:
         p.error(f"--suite={a.suite!r} is not a suite; valid suites: {', '.join(SUITES)}")
     suite = SUITES[a.suite]
-    scale = a.scale or os.environ.get("KSBOPT_BENCH_SCALE") or suite.scale
-    if scale not in SCALES:
+    scale = a.scale or os.environ.get("KSBOPT_BENCH_SCALE") or None  # None: the suite's
+    if scale is not None and scale not in SCALES:
         p.error(f"scale {scale!r} (from KSBOPT_BENCH_SCALE) is not one of {', '.join(SCALES)}")
     tasks = tuple(_csv(a.tasks)) if a.tasks else suite.tasks
     bad = [t for t in tasks if t not in TASKS]
@@ -231,17 +236,28 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.suites import PUBLISHED
 
     t0 = time.perf_counter()
-    print(f"ksbopt-bench: suite={a.suite} scale={scale} runs={len(runs)} out={out}", flush=True)
+    scale = ", ".join(f"{e}={s}" for e, s in dict.fromkeys((r.experiment, r.scale) for r in runs))
+    print(f"ksbopt-bench: suite={a.suite} scale: {scale}; runs={len(runs)} out={out}", flush=True)
     print(f"jax devices: {jax.devices()}", flush=True)
     for n in notes:
         print(f"note: {n}", flush=True)
     cache = Path(a.cache_dir) if a.cache_dir else out / "cache"
     runner = Runner(out, cache_dir=cache, progress=not a.no_progress)
-    records, trained = [], 0
+    records, trained, failed = [], 0, {}
     try:
         for i, cfg in enumerate(runs, 1):
             pos = f"[{i}/{len(runs)}] "
-            rec, new = runner.run(cfg, position=pos)
+            combo = (cfg.experiment, cfg.task, cfg.scale, cfg.optimizer, cfg.hparams)
+            if combo in failed:  # the same error again: do not pay its compilation 15 times
+                print(f"{pos}{cfg.run_id}: skipped, {failed[combo]}", flush=True)
+                continue
+            try:
+                rec, new = runner.run(cfg, position=pos)
+            except Exception as e:  # one broken optimizer must not stop a long suite
+                failed[combo] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+                print(f"{pos}{cfg.run_id}: FAILED, {failed[combo]}", file=sys.stderr, flush=True)
+                traceback.print_exc()
+                continue
             trained += new
             records.append(rec)
             f = rec["final"]
@@ -274,10 +290,17 @@ def main(argv: list[str] | None = None) -> int:
         "trained": trained,
         "reused": len(records) - trained,
         "wall_s": time.perf_counter() - t0,
-        "notes": notes,
+        "notes": notes
+        + [
+            f"FAILED (no record; a rerun retries): {c[3]} on {c[1]} ({c[0]}): {why}"
+            for c, why in failed.items()
+        ],
     }
     path = write_report(out, records, meta, published=PUBLISHED, plots=not a.no_plots)
     print(f"report: {path} ({time.perf_counter() - t0:.1f} s in all)", flush=True)
+    if failed:
+        print(f"{len(failed)} optimizer/task combinations failed; see the report", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -294,7 +317,12 @@ def _report_only(p, a, argv) -> int:
     _check_out(p, out)
     meta = {
         "suite": a.suite,
-        "scale": records[0]["config"]["scale"],
+        "scale": ", ".join(
+            f"{e}={s}"
+            for e, s in dict.fromkeys(
+                (r["config"]["experiment"], r["config"]["scale"]) for r in records
+            )
+        ),
         "command": "ksbopt-bench " + shlex.join(argv),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "devices": records[0]["env"].get("device", "?"),

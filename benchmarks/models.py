@@ -16,6 +16,16 @@ __all__ = ["CNN1D", "MLP", "DeepMLP", "DigitsCNN", "TransformerLM"]
 BN_MOMENTUM = 0.9
 
 
+def _activation(linear: bool):
+    """ReLU, or the identity for ``linear=True``.
+
+    ``model(x, linear=True)`` is the network with every ReLU replaced by the identity: run on
+    squared weights and an all-ones input, its summed output is the squared l2 path norm that
+    Path-SGD needs (Neyshabur et al. 2015, https://arxiv.org/abs/1506.02617).
+    """
+    return (lambda h: h) if linear else jax.nn.relu
+
+
 class CNN1D(nnx.Module):
     """MNIST-1D's published CNN: three strided 1-D convolutions, ReLU, a linear head.
 
@@ -44,13 +54,14 @@ class CNN1D(nnx.Module):
             n = (n + 2 - k) // 2 + 1
         self.head = nnx.Linear(channels * n, 10, rngs=rngs)
 
-    def __call__(self, x):
+    def __call__(self, x, *, linear: bool = False):
+        act = _activation(linear)
         h = x[..., None]
         for i in (1, 2, 3):
             h = getattr(self, f"conv{i}")(h)
             if self.batchnorm:
                 h = getattr(self, f"bn{i}")(h)
-            h = jax.nn.relu(h)
+            h = act(h)
         return self.head(h.reshape(h.shape[0], -1))
 
 
@@ -80,13 +91,14 @@ class MLP(nnx.Module):
                 setattr(self, f"ln{i + 1}", nnx.LayerNorm(dims[i + 1], rngs=rngs))
         self.head = nnx.Linear(hidden, n_out, rngs=rngs)
 
-    def __call__(self, x):
+    def __call__(self, x, *, linear: bool = False):
+        act = _activation(linear)
         h = x.reshape(x.shape[0], -1)
         for i in range(1, self.depth + 1):
             h = getattr(self, f"fc{i}")(h)
             if self.layernorm:
                 h = getattr(self, f"ln{i}")(h)
-            h = jax.nn.relu(h)
+            h = act(h)
         return self.head(h)
 
 
@@ -104,14 +116,15 @@ class DigitsCNN(nnx.Module):
             self.bn2 = nnx.BatchNorm(c2, momentum=BN_MOMENTUM, rngs=rngs)
         self.head = nnx.Linear(4 * 4 * c2, 10, rngs=rngs)
 
-    def __call__(self, x):
+    def __call__(self, x, *, linear: bool = False):
+        act = _activation(linear)
         h = self.conv1(x)
         if self.batchnorm:
             h = self.bn1(h)
-        h = self.conv2(jax.nn.relu(h))
+        h = self.conv2(act(h))
         if self.batchnorm:
             h = self.bn2(h)
-        h = jax.nn.relu(h)
+        h = act(h)
         return self.head(h.reshape(h.shape[0], -1))
 
 
@@ -131,11 +144,11 @@ class DeepMLP(nnx.Module):
         for i in range(depth):
             setattr(self, f"fc{i + 1}", nnx.Linear(dims[i], dims[i + 1], use_bias=relu, rngs=rngs))
 
-    def __call__(self, x):
+    def __call__(self, x, *, linear: bool = False):
         h = x
         for i in range(1, self.depth + 1):
             h = getattr(self, f"fc{i}")(h)
-            if self.relu and i < self.depth:
+            if self.relu and not linear and i < self.depth:
                 h = jax.nn.relu(h)
         return h
 

@@ -3,12 +3,16 @@
 An entry maps a name to ``factory(learning_rate, task, **hparams) -> optax transformation``,
 its learning-rate grid (log-spaced, at least five points, the same size for every optimizer:
 the same tuning budget), the smaller grid of the quick suite, the other hyperparameters at their
-published defaults, the ``ksbopt`` features it needs and the kind of symmetry the task must
-declare (``"scale"`` for the constrained-norm control, for instance).
+published defaults, the ``ksbopt`` features it needs, what the task must offer for the entry to
+apply (``symmetry``: any of these symmetry kinds; ``task_features``: all of these, e.g.
+``"path_norm"``) and the extra arguments its ``update`` needs (``extra_args``, supplied by the
+runner: ``grad`` the loss gradient, ``batch`` the minibatch, ``value_fn`` the loss
+``value_fn(params, batch, model_state)``, ``model_state`` the model's non-parameter state).
+A task that lacks what an entry needs is reported as "not applicable" for it, never run.
 
 Adding an optimizer is one line::
 
-    register("nero", lambda lr, task: ks("nero")(lr), ADAPTIVE_GRID, needs=("nero",))
+    register("nero", lambda lr, task: ks("nero")(lr), NERO_GRID, needs=("nero",))
 
 An entry whose ``ksbopt`` feature is missing stays listed; looking it up with :func:`get`
 raises :class:`FeatureUnavailable` naming the feature (nothing is faked or stubbed).
@@ -21,11 +25,14 @@ import importlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax.numpy as jnp
 import optax
 
 __all__ = [
     "ADAPTIVE_GRID",
+    "EXTRA_ARGS",
     "LARS_GRID",
+    "NERO_GRID",
     "REGISTRY",
     "SGD_GRID",
     "FeatureUnavailable",
@@ -67,6 +74,16 @@ ks = ksbopt_feature
 SGD_GRID = (0.003, 0.01, 0.03, 0.1, 0.3)
 ADAPTIVE_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 LARS_GRID = (0.3, 1.0, 3.0, 10.0, 30.0)  # LARS's relative step is lr * trust coefficient 1e-3
+NERO_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)  # Nero's lr is about the angle turned per step
+
+# The extra arguments of ``update`` that the runner can supply (see the module docstring).
+EXTRA_ARGS = ("grad", "batch", "value_fn", "model_state")
+
+# What a task feature means, for "not applicable" notes.
+_FEATURE_TEXT = {
+    "units": "hidden units whose norm can be held (normalised groups or ReLU units)",
+    "path_norm": "a ReLU or linear network without normalisation (path norm)",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,8 +96,10 @@ class OptimizerSpec:
     quick_lrs: tuple[float, ...]
     hparams: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     needs: tuple[str, ...] = ()
-    symmetry: str | None = None
+    symmetry: str | tuple[str, ...] | None = None
     description: str = ""
+    task_features: tuple[str, ...] = ()
+    extra_args: tuple[str, ...] = ()
 
     def missing(self) -> list[str]:
         """The ``ksbopt`` features this entry needs and that are not importable."""
@@ -96,9 +115,26 @@ class OptimizerSpec:
     def available(self) -> bool:
         return not self.missing()
 
+    @property
+    def symmetries(self) -> tuple[str, ...]:
+        """The symmetry kinds of which the task must declare at least one (empty: any task)."""
+        if self.symmetry is None:
+            return ()
+        return (self.symmetry,) if isinstance(self.symmetry, str) else tuple(self.symmetry)
+
+    def not_applicable(self, task) -> str | None:
+        """Why the entry does not apply to ``task`` (a Task or TaskSpec), or None if it does."""
+        kinds, features = set(task.kinds), set(task.features)
+        if self.symmetries and not kinds & set(self.symmetries):
+            return f"no {' or '.join(self.symmetries)} symmetry"
+        for f in self.task_features:
+            if f not in features:
+                return f"needs {_FEATURE_TEXT.get(f, f)}"
+        return None
+
     def applies_to(self, task) -> bool:
-        """Whether the task declares the symmetry this entry acts on."""
-        return self.symmetry is None or task.has_symmetry(self.symmetry)
+        """Whether ``task`` (a Task or TaskSpec) offers what this entry acts on."""
+        return self.not_applicable(task) is None
 
 
 REGISTRY: dict[str, OptimizerSpec] = {}
@@ -112,15 +148,30 @@ def register(
     quick: tuple[float, ...] | None = None,
     hparams: Mapping[str, Any] | None = None,
     needs: tuple[str, ...] = (),
-    symmetry: str | None = None,
+    symmetry: str | tuple[str, ...] | None = None,
+    task_features: tuple[str, ...] = (),
+    extra_args: tuple[str, ...] = (),
     description: str = "",
 ) -> OptimizerSpec:
     """Adds (or replaces) a registry entry; ``quick`` defaults to grid points 2, 4 and 5."""
     if len(grid) < 5:
         raise ValueError(f"{name}: {grid=} needs at least 5 learning rates (equal tuning budget).")
+    if bad := [a for a in extra_args if a not in EXTRA_ARGS]:
+        raise ValueError(
+            f"{name}: extra_args {bad} unknown to the runner; it supplies {EXTRA_ARGS}"
+        )
     quick = tuple(quick) if quick is not None else (grid[1], grid[3], grid[4])
     spec = OptimizerSpec(
-        name, factory, tuple(grid), quick, dict(hparams or {}), tuple(needs), symmetry, description
+        name,
+        factory,
+        tuple(grid),
+        quick,
+        dict(hparams or {}),
+        tuple(needs),
+        symmetry,
+        description,
+        tuple(task_features),
+        tuple(extra_args),
     )
     REGISTRY[name] = spec
     return spec
@@ -164,6 +215,16 @@ def make(name: str, learning_rate: float, task, **overrides) -> optax.GradientTr
 
 
 # ---- entries ----------------------------------------------------------------------------------
+
+
+def _steer(symmetries, target):
+    """``ksbopt.steer(symmetries, target)`` at rate 1, buildable inside a jit trace.
+
+    ``optax.inject_hyperparams`` rebuilds the optimizer inside the jitted step; steer's range
+    check of a Python ``rate`` converts it with ``jnp.asarray``, which is traced there under
+    jax 0.10, so the rate is given as an array (a traced value skips the check).
+    """
+    return ks("steer")(symmetries, target, rate=jnp.ones((), jnp.float32))
 
 
 def _sgd(lr, momentum, weight_decay):
@@ -223,4 +284,130 @@ register(
     symmetry="scale",
     description="SGD momentum 0.9 + ksbopt.retract on the scale groups: the NLD "
     "constrained-filter-norm control",
+)
+register(
+    "sgd+steer_eq",
+    lambda lr, task, momentum, weight_decay: optax.chain(
+        _sgd(lr, momentum, weight_decay),
+        _steer(task.symmetries("scale"), ks("targets.equilibrium")(lr, weight_decay, momentum)),
+    ),
+    SGD_GRID,
+    hparams={"momentum": 0.9, "weight_decay": 5e-4},
+    needs=("steer", "targets.equilibrium", "Scale"),
+    symmetry="scale",
+    description="sgd+wd with every scale group steered to the rotational equilibrium of its "
+    "own heavy ball from the first step (THEORY.md P7a): no warm-up transient",
+)
+register(
+    "adam+steer_nld",
+    lambda lr, task, nld_learning_rate, weight_decay, momentum: optax.chain(
+        optax.adam(lr),
+        _steer(
+            task.symmetries("scale"), ks("targets.nld")(nld_learning_rate, weight_decay, momentum)
+        ),
+    ),
+    ADAPTIVE_GRID,
+    hparams={"nld_learning_rate": 0.1, "weight_decay": 5e-4, "momentum": 0.9},
+    needs=("steer", "targets.nld", "Scale"),
+    symmetry="scale",
+    extra_args=("grad",),
+    description="Adam with the scale-group norms steered to the trajectory that SGD (lr 0.1, "
+    "momentum 0.9, weight decay 5e-4) on a normalised layer would give them (NLD's implicit "
+    "RMSProp, THEORY.md section 5)",
+)
+register(
+    "adam+project",
+    lambda lr, task: optax.chain(
+        optax.adam(lr), ks("project")(task.symmetries(("scale", "translation")))
+    ),
+    ADAPTIVE_GRID,
+    needs=("project",),
+    symmetry="scale",
+    description="Adam whose step is projected orthogonal to the scale and translation "
+    "generators (AdamP's projection, every step, without its cosine test): those charges "
+    "change only at second order",
+)
+register(
+    "adam+symmetrize",
+    lambda lr, task: ks("symmetrize")(optax.adam(lr), task.symmetries(("scale", "translation"))),
+    ADAPTIVE_GRID,
+    needs=("symmetrize",),
+    symmetry="scale",
+    description="ksbopt.symmetrize(optax.adam): Adam on the orbit-invariant coordinates of "
+    "the scale and translation groups (a symmetric kinetic energy)",
+)
+register(
+    "noether_rmsprop",
+    lambda lr, task, weight_decay, momentum: ks("noether_rmsprop")(
+        lr, weight_decay, momentum, symmetries=task.unit_symmetries()
+    ),
+    SGD_GRID,
+    hparams={"weight_decay": 5e-4, "momentum": 0.9},
+    needs=("noether_rmsprop", "Scale"),
+    task_features=("units",),
+    description="the implicit RMSProp of normalisation + SGD made explicit (mode 'exact', "
+    "momentum 0.9, weight decay 5e-4) on the units: the normalised groups, or the hidden "
+    "ReLU units of a network without normalisation",
+)
+register(
+    "sgd+teleport",
+    lambda lr, task, momentum, every, steps: ks("teleport")(
+        task.symmetries(("rescale", "linear")),
+        _sgd(lr, momentum, 0.0),
+        every,
+        steps,
+        objective="grad_norm",
+    ),
+    SGD_GRID,
+    hparams={"momentum": 0.9, "every": 100, "steps": 8},
+    needs=("teleport",),
+    symmetry=("rescale", "linear"),
+    extra_args=("value_fn", "batch", "model_state"),
+    description="SGD momentum 0.9, teleported every 100 steps along the rescale/linear orbits "
+    "to a larger gradient norm (Zhao et al. 2022), momentum transported",
+)
+register(
+    "sgdp",
+    lambda lr, task, momentum, weight_decay: ks("sgdp")(
+        lr, momentum=momentum, weight_decay=weight_decay
+    ),
+    SGD_GRID,
+    hparams={"momentum": 0.9, "weight_decay": 5e-4},
+    needs=("sgdp",),
+    description="SGDP (Heo et al. 2021; delta 0.1, wd_ratio 0.1), momentum 0.9, weight decay "
+    "5e-4 as sgd+wd",
+)
+register(
+    "adamp",
+    lambda lr, task, weight_decay: ks("adamp")(lr, weight_decay=weight_decay),
+    ADAPTIVE_GRID,
+    hparams={"weight_decay": 1e-2},
+    needs=("adamp",),
+    description="AdamP (Heo et al. 2021; delta 0.1, wd_ratio 0.1), weight decay 1e-2 as adamw",
+)
+register(
+    "nero",
+    lambda lr, task: ks("nero")(lr),
+    NERO_GRID,
+    needs=("nero",),
+    description="Nero (Liu et al. 2021; beta 0.999, balanced units)",
+)
+register(
+    "rotational",
+    lambda lr, task, weight_decay, momentum: ks("rotational")(
+        optax.trace(momentum), lr, weight_decay, momentum, kind="sgdm"
+    ),
+    SGD_GRID,
+    hparams={"weight_decay": 5e-4, "momentum": 0.9},
+    needs=("rotational",),
+    description="rotational SGDM (Kosson et al. 2024): frozen unit norms, equilibrium "
+    "angular update sqrt(2 lr 5e-4 / 1.9) per step",
+)
+register(
+    "path_sgd",
+    lambda lr, task: ks("path_sgd")(lr, path_norm_fn=task.path_norm_fn()),
+    SGD_GRID,
+    needs=("path_sgd",),
+    task_features=("path_norm",),
+    description="Path-SGD (Neyshabur et al. 2015): steps divided by the path-norm curvature",
 )

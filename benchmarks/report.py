@@ -13,6 +13,7 @@ import datetime
 import json
 import math
 import os
+import warnings
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -73,6 +74,7 @@ def _grid_summary(recs: list[dict]) -> dict:
             vm, vs, _ = _mean_std([x["final"]["val_metric"] for x in rs])
             reached = [x["steps_to_target"] for x in rs if x["steps_to_target"] is not None]
             rows[opt] = {
+                **_diag_stats(rs),
                 "best_lr": best,
                 "test_mean": tm,
                 "test_std": ts,
@@ -87,6 +89,7 @@ def _grid_summary(recs: list[dict]) -> dict:
                 "compile_s": max(x["timing"]["compile_s"] for x in rs),
                 "val_by_lr": {str(lr): s for lr, s in sorted(scores.items())},
                 "runs": [x["id"] for x in rs],
+                "hparams": rs[0]["config"]["hparams"],
             }
         out[task] = {
             "data": _data_line(any_rec["task"].get("data", {})),
@@ -99,6 +102,30 @@ def _grid_summary(recs: list[dict]) -> dict:
             "optimizers": dict(sorted(rows.items(), key=lambda kv: _sort_key(kv[1], higher))),
         }
     return out
+
+
+def _diag_stats(rs: list[dict]) -> dict:
+    """Means over seeds and groups of the recorded diagnostics of the runs ``rs``.
+
+    ``angle_first`` / ``angle_last``: angular update per step (radians) of the units in the
+    first and the last chunk of steps; ``charge_growth``: last / first scale charge (mean over
+    the scale groups). None where the runs recorded no such diagnostic.
+    """
+    first, last, growth = [], [], []
+    for r in rs:
+        summ = r.get("diagnostics", {}).get("summary") or {}
+        a = [v["angular_update"] for v in summ.values() if "angular_update" in v]
+        if a:
+            first.append(np.mean([x["first"] for x in a]))
+            last.append(np.mean([x["last"] for x in a]))
+        q = [v["charge"] for v in summ.values() if "eff_lr" in v and v["charge"]["first"]]
+        if q:
+            growth.append(np.mean([x["last"] / x["first"] for x in q]))
+
+    def mean(v):
+        return float(np.mean(v)) if v else None
+
+    return {"angle_first": mean(first), "angle_last": mean(last), "charge_growth": mean(growth)}
 
 
 def _data_line(info: Mapping) -> str:
@@ -212,6 +239,18 @@ def _scale_mean(rec: dict, key: str) -> list | None:
     return list(np.nanmean(a, 0))
 
 
+def _group_mean(rec: dict, select: str, key: str, n: int) -> list | None:
+    """Mean over the groups that record ``select`` of their curve ``key`` (None if none)."""
+    dc = rec["diagnostics"]["curves"]
+    labels = [k for k, v in dc.items() if select in v and key in v]
+    if not labels:
+        return None
+    a = _stack([dc[k][key] for k in labels], n)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return list(np.nanmean(a, 0))
+
+
 def _nld_charge_plot(plt, path: Path, recs: Sequence[dict]) -> bool:
     """Effective learning rate lr/|w|^2 (mean over filters) of the momentum-0.9, no-decay runs."""
     sel = [
@@ -298,34 +337,14 @@ def _plots(
 
         diag = {o: rs for o, rs in best.items() if rs[0]["diagnostics"]["curves"]}
         if diag:
-            fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+            fig, axes = plt.subplots(1, 4, figsize=(20, 4))
             for o, rs in diag.items():
-                dc = rs[0]["diagnostics"]["curves"]
-                scale_labels = [k for k, v in dc.items() if "eff_lr" in v]
-                if scale_labels:
-                    q = [
-                        np.nanmean(
-                            _stack(
-                                [r["diagnostics"]["curves"][k]["charge"] for k in scale_labels],
-                                len(steps),
-                            ),
-                            0,
-                        )
-                        for r in rs
-                    ]
-                    e = [
-                        np.nanmean(
-                            _stack(
-                                [r["diagnostics"]["curves"][k]["eff_lr"] for k in scale_labels],
-                                len(steps),
-                            ),
-                            0,
-                        )
-                        for r in rs
-                    ]
-                    _mean_band(axes[0], steps, [list(x) for x in q], o)
-                    _mean_band(axes[1], steps, [list(x) for x in e], o)
-                _mean_band(axes[2], steps, [r["curves"]["param_norm"] for r in rs], o)
+                for ax, key in zip(axes, ("charge", "eff_lr", "angular_update")):
+                    select = "eff_lr" if key != "angular_update" else key  # scale groups / units
+                    curves = [_group_mean(r, select, key, len(steps)) for r in rs]
+                    if all(c is not None for c in curves):
+                        _mean_band(ax, steps, curves, o)
+                _mean_band(axes[3], steps, [r["curves"]["param_norm"] for r in rs], o)
             axes[0].set(
                 xlabel="step",
                 ylabel="scale charge 1/2|w|^2 (mean over groups)",
@@ -336,9 +355,15 @@ def _plots(
                 xlabel="step",
                 ylabel="effective lr = lr/|w|^2 (mean over groups)",
                 yscale="log",
-                title="effective learning rate (THEORY P2)",
+                title="effective learning rate of SGD (THEORY P2)",
             )
-            axes[2].set(xlabel="step", ylabel="global parameter norm", title="parameter norm")
+            axes[2].set(
+                xlabel="step",
+                ylabel="angle turned per step, radians (mean over units)",
+                yscale="log",
+                title="angular update (the effective step of any optimizer)",
+            )
+            axes[3].set(xlabel="step", ylabel="global parameter norm", title="parameter norm")
             for ax in axes:
                 if ax.lines:
                     ax.legend(fontsize=7)
@@ -414,13 +439,25 @@ def _overview(grid: Mapping) -> list[str]:
         cells = []
         for o in opts:
             if o not in vals:
-                cells.append(" ")
+                cells.append("n/a" if _not_applicable(o, task) else " ")
             elif vals[o] is None:
                 cells.append("diverged")
             else:
                 cells.append(f"**{fmt(vals[o])}**" if o == best else fmt(vals[o]))
         L.append(f"| {task} ({t['metric']}) | " + " | ".join(cells) + " |")
     L.append("")
+    na: dict[str, set] = {}
+    for task in grid:
+        for o in opts:
+            if o not in grid[task]["optimizers"] and (why := _not_applicable(o, task)):
+                na.setdefault(o, set()).add(why)
+    if na:
+        L += [
+            "n/a = not applicable, never run: "
+            + "; ".join(f"`{o}`: {' / '.join(sorted(w))}" for o, w in na.items())
+            + ".",
+            "",
+        ]
     rows = [(task, t) for task, t in grid.items() if {"sgd", "sgd+retract"} <= set(t["optimizers"])]
     if rows:
         L += [
@@ -452,6 +489,212 @@ def _overview(grid: Mapping) -> list[str]:
                     )
         L.append("")
     return L
+
+
+def _not_applicable(optimizer: str, task: str) -> str | None:
+    """Why a registry entry does not apply to a task (from metadata), or None."""
+    from benchmarks.registry import REGISTRY
+    from benchmarks.tasks import TASKS
+
+    if optimizer not in REGISTRY or task not in TASKS:
+        return None
+    return REGISTRY[optimizer].not_applicable(TASKS[task])
+
+
+# ---- the four questions -----------------------------------------------------------------------
+
+
+def _row(grid: Mapping, task: str, opt: str) -> Mapping | None:
+    t = grid.get(task)
+    return None if t is None else t["optimizers"].get(opt)
+
+
+def _verdict(t: Mapping, a: Mapping | None, b: Mapping | None, names: tuple[str, str]) -> str:
+    """``names[0]`` better / worse / tie against ``names[1]`` on the test metric.
+
+    A difference counts only when it exceeds the sum of the two standard deviations over
+    seeds (a conservative rule for 3 seeds); otherwise it is a tie.
+    """
+    if a is None or b is None:
+        return "-"
+    ma, mb = a["test_mean"], b["test_mean"]
+    if ma is None or mb is None:
+        return f"{names[0] if ma is None else names[1]} diverged"
+    d = (ma - mb) if t["higher_is_better"] else (mb - ma)
+    if abs(d) <= (a["test_std"] or 0) + (b["test_std"] or 0):
+        return "tie"
+    return f"{names[0]} better" if d > 0 else f"{names[1]} better"
+
+
+def _cell(r: Mapping | None) -> str:
+    if r is None:
+        return "-"
+    return f"{_pm(r['test_mean'], r['test_std'])} (lr {fmt_lr(r['best_lr'])})"
+
+
+def _best_of(t: Mapping, rows: Mapping[str, Mapping | None]) -> tuple[str, Mapping] | None:
+    ok = {o: r for o, r in rows.items() if r is not None and r["test_mean"] is not None}
+    if not ok:
+        return None
+    pick = max if t["higher_is_better"] else min
+    o = pick(ok, key=lambda k: ok[k]["test_mean"])
+    return o, ok[o]
+
+
+def _tally(verdicts: list[str], name: str) -> str:
+    wins = sum(v == f"{name} better" for v in verdicts)
+    ties = sum(v == "tie" for v in verdicts)
+    return f"{name} better on {wins}, tie on {ties}, worse on {len(verdicts) - wins - ties}"
+
+
+def _versus_table(grid, tasks, name, others) -> list[str]:
+    """Rows ``name`` vs each of ``others`` and a verdict against the best of ``others``."""
+    L = [
+        f"| task | {name} | " + " | ".join(others) + " | verdict vs the best of those |",
+        "|---|---|" + "---|" * len(others) + "---|",
+    ]
+    vs = []
+    for t in tasks:
+        base = {o: _row(grid, t, o) for o in others}
+        best = _best_of(grid[t], base)
+        mine = _row(grid, t, name)
+        v = "-" if best is None else _verdict(grid[t], mine, best[1], (name, best[0]))
+        vs.append(v)
+        cells = " | ".join(_cell(base[o]) for o in others)
+        L.append(f"| {t} | {_cell(mine)} | {cells} | {v} |")
+    L += ["", f"{_tally(vs, name)} of {len(vs)} tasks.", ""]
+    return L
+
+
+def _questions(summary: Mapping) -> list[str]:
+    """The report's answers to the four questions of the benchmark, with this run's numbers."""
+    from benchmarks.tasks import TASKS
+
+    grid, nld = summary["grid"], summary["nld"]
+    if not grid and not nld:
+        return []
+    normalised = [t for t in grid if t in TASKS and "scale" in TASKS[t].kinds]
+    plain = [t for t in grid if t in TASKS and "scale" not in TASKS[t].kinds]
+    L = [
+        "## The four questions",
+        "",
+        "Each answer uses the test metric at the learning rate chosen on validation (mean ± std "
+        "over seeds). A difference counts only when it exceeds the sum of the two standard "
+        "deviations; otherwise it is called a tie.",
+        "",
+        "### 1. Does the implicit adaptivity of normalisation + SGD matter?",
+        "",
+        "Free filter norm (`sgd`, heavy ball 0.9) against the norm held at its initial value "
+        "(`sgd+retract`, the control experiment of Tanaka & Kunin, arXiv 2105.02716).",
+        "",
+    ]
+    if nld:
+        L += ["NLD control (fixed learning rates, no tuning; test accuracy):", ""]
+        for r in nld:
+            d = r["free_minus_constrained"]
+            f, c = r["free"], r["constrained"]
+            if d is None:
+                verdict = "-"
+            else:
+                tie = abs(d) <= (f["test_std"] or 0) + (c["test_std"] or 0)
+                who = "tie" if tie else ("free" if d > 0 else "constrained") + " better"
+                verdict = f"{d:+.4f} ({who})"
+            L.append(
+                f"- lr {fmt_lr(r['learning_rate'])}, momentum {r['momentum']:g}, weight decay "
+                f"{r['weight_decay']:g}: free {_pm(f['test_mean'], f['test_std'])}, constrained "
+                f"{_pm(c['test_mean'], c['test_std'])}: {verdict}"
+            )
+        L.append("")
+    pairs = [t for t in normalised if {"sgd", "sgd+retract"} <= set(grid[t]["optimizers"])]
+    if pairs:
+        L += ["Tuned learning rates (the grid):", ""]
+        L += _versus_table(grid, pairs, "sgd", ("sgd+retract",))
+
+    L += [
+        "### 2. Does the explicit version help networks without normalisation?",
+        "",
+        "`noether_rmsprop` (the implicit RMSProp of normalisation + SGD made explicit on the "
+        "hidden units) against `sgd`, `sgd+wd` and `rmsprop` on networks without normalisation.",
+        "",
+    ]
+    rows2 = [t for t in plain if "noether_rmsprop" in grid[t]["optimizers"]]
+    if rows2:
+        L += _versus_table(grid, rows2, "noether_rmsprop", ("sgd", "sgd+wd", "rmsprop"))
+    else:
+        L += ["(no task without normalisation ran `noether_rmsprop`)", ""]
+
+    L += [
+        "### 3. Does steering to equilibrium skip the warm-up transient?",
+        "",
+        "`sgd+steer_eq` (sgd+wd whose scale groups are put at the rotational equilibrium of its "
+        "own heavy ball from the first step, THEORY.md P7a) against `sgd+wd` (the same base) "
+        "and `rotational` (REQ, the peer that imposes the equilibrium angular update). Steps to "
+        "the validation target: median over the seeds that reached it (k/n), measured at the "
+        "evaluation points. Angular update per step of the units in the first and the last "
+        "chunk of steps, against A* = sqrt(2 lr wd / (1 + momentum)).",
+        "",
+    ]
+    rows3 = [t for t in normalised if "sgd+steer_eq" in grid[t]["optimizers"]]
+    if rows3:
+        L += [
+            "| task | optimizer | steps to target | angle/step first → last chunk | A* | test |",
+            "|---|---|---|---|---|---|",
+        ]
+        faster = []
+        for t in rows3:
+            for o in ("sgd+wd", "sgd+steer_eq", "rotational"):
+                r = _row(grid, t, o)
+                if r is None:
+                    continue
+                stt = "-" if r["steps_to_target"] is None else f"{r['steps_to_target']:.0f}"
+                ang = "-"
+                if r["angle_first"] is not None:
+                    ang = f"{r['angle_first']:.2e} → {r['angle_last']:.2e}"
+                a_star = _a_star(r)
+                L.append(
+                    f"| {t} | {o} | {stt} ({r['reached']}/{r['seeds']}) | {ang} | "
+                    f"{'-' if a_star is None else f'{a_star:.2e}'} | {_cell(r)} |"
+                )
+            faster.append(f"{t}: {_faster(_row(grid, t, 'sgd+steer_eq'), _row(grid, t, 'sgd+wd'))}")
+        L += ["", "Steps to target, `sgd+steer_eq` vs `sgd+wd`: " + "; ".join(faster) + ".", ""]
+    else:
+        L += ["(`sgd+steer_eq` did not run on a normalised task)", ""]
+
+    L += [
+        "### 4. Does a symmetric kinetic energy beat Adam, AdamW and AdamP on normalised nets?",
+        "",
+        "`adam+symmetrize` (`ksbopt.symmetrize(optax.adam)`: Adam on the orbit-invariant "
+        "coordinates) against `adam`, `adamw` and `adamp`.",
+        "",
+    ]
+    rows4 = [t for t in normalised if "adam+symmetrize" in grid[t]["optimizers"]]
+    if rows4:
+        L += _versus_table(grid, rows4, "adam+symmetrize", ("adam", "adamw", "adamp"))
+    else:
+        L += ["(`adam+symmetrize` did not run on a normalised task)", ""]
+    return L
+
+
+def _a_star(row: Mapping) -> float | None:
+    """A* = sqrt(2 lr wd / (1 + momentum)) of a row's runs (THEORY.md P7a), if it has decay."""
+    hp = row.get("hparams") or {}
+    wd, m = hp.get("weight_decay"), hp.get("momentum")
+    if not wd or m is None:
+        return None
+    return math.sqrt(2 * row["best_lr"] * wd / (1 + m))
+
+
+def _faster(a: Mapping | None, b: Mapping | None) -> str:
+    if a is None or b is None:
+        return "-"
+    sa, sb = a["steps_to_target"], b["steps_to_target"]
+    if sa is None and sb is None:
+        return "neither reached the target"
+    if sb is None:
+        return f"only sgd+steer_eq reached it ({sa:.0f} steps)"
+    if sa is None:
+        return f"only sgd+wd reached it ({sb:.0f} steps)"
+    return f"{sa:.0f} vs {sb:.0f} steps ({sa / sb:.2f}x)"
 
 
 def _pm(m, s, digits=4):
@@ -499,9 +742,12 @@ def write_report(
         "Time per step: median over chunks after the first, compile time excluded. Charge "
         "plots show the Noether charge 1/2|w|^2 of the scale groups and lr/|w|^2, the "
         "effective learning rate of SGD on a scale-invariant group (THEORY.md P2; not the "
-        "effective step of Adam or RMSProp).",
+        "effective step of Adam or RMSProp), and the angle each unit turns per step (mean "
+        "over a chunk of steps; for any optimizer, the step a normalised unit actually "
+        "takes). Every run's record holds these curves and a summary (first, last, mean).",
         "",
     ]
+    L += _questions(summary)
     L += _overview(summary["grid"])
     for task, t in summary["grid"].items():
         arrow = "higher is better" if t["higher_is_better"] else "lower is better"

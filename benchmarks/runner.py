@@ -67,7 +67,18 @@ def environment() -> dict:
 
 
 _CACHE: dict[str, dict] = {
-    k: {} for k in ("tasks", "train", "eval", "arrays", "eval_compile_s", "diag", "init")
+    k: {}
+    for k in (
+        "tasks",
+        "train",
+        "eval",
+        "arrays",
+        "eval_compile_s",
+        "diag",
+        "init",
+        "units",
+        "value",
+    )
 }
 
 
@@ -99,6 +110,47 @@ def _compiler_options(task: Task) -> dict:
     return _fast_compile() if task.config.get("scale") == "tiny" else {}
 
 
+def _angular_updates(syms, params, updates, new_params) -> jax.Array:
+    """Mean over groups of the angle (radians) each unit turned in this step, per symmetry.
+
+    From three charges (1/2 |.|^2 per group) of ``ksbopt.charges``: with q_w, q_u, q_n those
+    of w, u and w + u, <w, u> = q_n - q_w - q_u, |u_perp|^2 = 2 q_u - <w, u>^2 / (2 q_w) and
+    the angle is atan2(|u_perp|, |w| + <w, u> / |w|) (no arccos: exact for small angles).
+    """
+    if not syms:
+        return jnp.zeros((0,), jnp.float32)
+    charges = registry.ksbopt_feature("charges")
+    out = []
+    for sym in syms:
+        (q_w,) = charges(params, [sym])
+        (q_u,) = charges(updates, [sym])
+        (q_n,) = charges(new_params, [sym])
+        q_w, q_u, q_n = (jnp.asarray(q, jnp.float32) for q in (q_w, q_u, q_n))
+        pos = q_w > 0
+        safe = jnp.where(pos, q_w, 1.0)
+        wu = q_n - q_w - q_u
+        perp = jnp.sqrt(jnp.maximum(2 * q_u - wu**2 / (2 * safe), 0.0))
+        norm = jnp.sqrt(2 * safe)
+        angle = jnp.where(pos, jnp.arctan2(perp, norm + wu / norm), 0.0)
+        out.append(jnp.mean(angle))
+    return jnp.stack(out)
+
+
+def _distinct_buffers(tree):
+    """``tree`` with every array that appears twice copied: the step donates its inputs, and
+    an ``init`` that puts one array in two fields would donate the same buffer twice."""
+    seen: set[int] = set()
+
+    def one(x):
+        if isinstance(x, jax.Array):
+            if id(x) in seen:
+                return jnp.array(x, copy=True)
+            seen.add(id(x))
+        return x
+
+    return jax.tree.map(one, tree)
+
+
 class _Compiled:
     """Compiled train chunk of one (task, optimizer, hparams) combination."""
 
@@ -124,6 +176,8 @@ class Runner:
         self._eval_compile_s: dict[tuple, float] = _CACHE["eval_compile_s"]
         self._diag: dict[tuple, tuple[list, str]] = _CACHE["diag"]
         self._init: dict[tuple, tuple] = _CACHE["init"]
+        self._units: dict[tuple, tuple[list, list[str]]] = _CACHE["units"]
+        self._value: dict[tuple, Any] = _CACHE["value"]
         self.env = environment()
 
     # ---- building blocks --------------------------------------------------------------------
@@ -220,6 +274,35 @@ class Runner:
         self._diag[tk] = (ok, note)
         return ok, note
 
+    def _unit_syms(self, task: Task, params) -> tuple[list, list[str]]:
+        """``ksbopt.Scale`` objects of the task's units and their labels (angular updates)."""
+        tk = _tkey(task)
+        if tk not in self._units:
+            syms, labels = [], []
+            try:
+                charges = registry.ksbopt_feature("charges")
+                for d in task.unit_decls:
+                    sym = d.build()
+                    jax.eval_shape(lambda p, s=sym: charges(p, [s]), params)
+                    syms.append(sym)
+                    labels.append(d.label)
+            except Exception as e:  # diagnostics are optional; training goes on without them
+                print(f"warning: no angular updates for {task.name}: {e}", file=sys.stderr)
+                syms, labels = [], []
+            self._units[tk] = (syms, labels)
+        return self._units[tk]
+
+    def _value_fn(self, task: Task, graph_train):
+        """``value_fn(params, batch, model_state) -> loss``: one object per task (teleport)."""
+        tk = _tkey(task)
+        if tk not in self._value:
+
+            def value_fn(params, batch, model_state):
+                return task.loss(nnx.merge(graph_train, params, model_state), batch)
+
+            self._value[tk] = value_fn
+        return self._value[tk]
+
     def _eval_fn(self, task: Task, graph_eval, params, rest):
         """``evaluate(params, rest) -> {"val", "test", "diag", "param_norm"}``, compiled once."""
         if _tkey(task) in self._eval:
@@ -259,6 +342,22 @@ class Runner:
         self._eval[_tkey(task)] = evaluate
         return evaluate
 
+    def _init_state(self, cfg: RunConfig, task: Task, params):
+        """The optimizer state at ``cfg.learning_rate``, from one compiled ``init`` per
+        (task, optimizer, hyperparameters): eager ``init`` of the ksbopt transforms costs up
+        to seconds of dispatch per run on CPU."""
+        key = ("init_state", *_train_key(cfg))
+        if key not in self._init:
+
+            def init(params, lr):
+                return registry.make(cfg.optimizer, lr, task, **dict(cfg.hparams)).init(params)
+
+            lr0 = jnp.float32(cfg.learning_rate)
+            self._init[key] = (
+                jax.jit(init).lower(params, lr0).compile(compiler_options=_fast_compile())
+            )
+        return self._init[key](params, jnp.float32(cfg.learning_rate))
+
     def _train_fn(
         self, cfg: RunConfig, task: Task, tx, graph_train, params, rest, opt_state, arrays, idx
     ) -> _Compiled:
@@ -271,11 +370,19 @@ class Runner:
             loss = task.loss(model, batch)
             return loss, nnx.as_pure(nnx.split(model, nnx.Param, ...)[2])
 
+        spec = registry.get(cfg.optimizer, check=False)
+        unit_syms, _ = self._unit_syms(task, params)
+        value_fn = self._value_fn(task, graph_train) if "value_fn" in spec.extra_args else None
+
         def step(params, rest, opt_state, arrays, idx):
             batch = task.batch(arrays, idx)
-            (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, batch)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), rest, opt_state, loss
+            (loss, new_rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, batch)
+            supply = {"grad": grads, "batch": batch, "value_fn": value_fn, "model_state": rest}
+            extra = {k: supply[k] for k in spec.extra_args}
+            updates, opt_state = tx.update(grads, opt_state, params, **extra)
+            new_params = optax.apply_updates(params, updates)
+            angles = _angular_updates(unit_syms, params, updates, new_params)
+            return new_params, new_rest, opt_state, loss, angles
 
         t0, c0 = time.perf_counter(), time.process_time()
         compiled = (
@@ -325,7 +432,8 @@ class Runner:
         steps = full["steps"]
         graph_train, graph_eval, params, rest = self._split(task, cfg.seed)
         tx = registry.make(cfg.optimizer, cfg.learning_rate, task, **dict(cfg.hparams))
-        opt_state = tx.init(params)
+        opt_state = self._init_state(cfg, task, params)
+        params, rest, opt_state = _distinct_buffers((params, rest, opt_state))
         arrays = self._train_arrays(task)
         sampler = task.sampler(cfg.seed)
         chunk_steps = task.eval_every
@@ -371,6 +479,7 @@ class Runner:
                         dc.setdefault(k, []).append(_finite_or_none(v))
 
         log(0, float("nan"), first_eval)
+        _, unit_labels = self._unit_syms(task, params)
         step_times, eval_s, diverged = [], 0.0, False
         desc = f"{position}{cfg.task} {cfg.optimizer} lr={cfg.learning_rate:g} s{cfg.seed}"
         bar = tqdm(
@@ -382,14 +491,19 @@ class Runner:
             mininterval=0.5,
         )
         step = 0
+        step_cpu = []
         while step < steps:
-            t0 = time.perf_counter()
-            losses = []
+            t0, c0 = time.perf_counter(), time.process_time()
+            losses, angles = [], []
             for i in range(chunk_steps):  # dispatched asynchronously; no host sync per step
-                params, rest, opt_state, loss = train.fn(params, rest, opt_state, arrays, idx[i])
+                params, rest, opt_state, loss, ang = train.fn(
+                    params, rest, opt_state, arrays, idx[i]
+                )
                 losses.append(loss)
-            losses = np.asarray(jax.device_get(losses))  # waits for the chunk
+                angles.append(ang)
+            losses, angles = (np.asarray(x) for x in jax.device_get((losses, angles)))
             step_times.append((time.perf_counter() - t0) / chunk_steps)
+            step_cpu.append((time.process_time() - c0) / chunk_steps)
             step += chunk_steps
             if step < steps:
                 idx = sampler.next(chunk_steps)
@@ -397,6 +511,12 @@ class Runner:
             ev = jax.device_get(eval_fn(params, rest))
             eval_s += time.perf_counter() - t1
             log(step, float(losses.mean()), ev)
+            with np.errstate(all="ignore"):
+                chunk_angles = angles.mean(0)
+            for label, a in zip(unit_labels, chunk_angles):
+                diag_curves.setdefault(label, {}).setdefault("angular_update", [None]).append(
+                    _finite_or_none(a)
+                )
             bar.update(chunk_steps)
             if not np.all(np.isfinite(losses)):
                 diverged = True
@@ -428,6 +548,8 @@ class Runner:
             pass
         st = np.asarray(step_times) * 1e3
         steady = st[1:] if st.size > 1 else st
+        sc = np.asarray(step_cpu) * 1e3
+        sc = sc[1:] if sc.size > 1 else sc
         _, diag_note = self._diag.get(_tkey(task), ([], ""))
         return {
             "schema": SCHEMA,
@@ -447,10 +569,15 @@ class Runner:
             "final": final,
             "steps_to_target": reached,
             "curves": curves,
-            "diagnostics": {"curves": diag_curves, "note": diag_note or None},
+            "diagnostics": {
+                "curves": diag_curves,
+                "summary": _diag_summary(diag_curves),
+                "note": diag_note or None,
+            },
             "timing": {
                 "step_ms_median": float(np.median(steady)),
                 "step_ms_mean": float(np.mean(steady)),
+                "step_cpu_ms_median": float(np.median(sc)),
                 "compile_s": train.compile_s,
                 "compile_cpu_s": train.compile_cpu_s,
                 "compiled_here": compiled_here,
@@ -464,3 +591,22 @@ class Runner:
             "compiler_options": _compiler_options(task),
             "env": self.env,
         }
+
+
+def _diag_summary(curves: dict[str, dict[str, list]]) -> dict:
+    """Per symmetry and quantity: the first and last recorded value and the mean over time.
+
+    Quantities: ``charge`` (mean over groups of the Noether charge), ``eff_lr`` (lr / |w|^2,
+    THEORY.md P2), ``angular_update`` (radians per step, mean over a chunk of steps).
+    """
+    out: dict[str, dict] = {}
+    for label, qs in curves.items():
+        for q, vals in qs.items():
+            v = [x for x in vals if x is not None]
+            if v:
+                out.setdefault(label, {})[q] = {
+                    "first": v[0],
+                    "last": v[-1],
+                    "mean": float(np.mean(v)),
+                }
+    return out

@@ -1,12 +1,17 @@
 """Suites: which tasks, optimizers, learning rates, seeds and experiments a run of the CLI plans.
 
-- ``quick`` (the README's main command): MNIST-1D CNN with and without BatchNorm, SGD with
-  momentum (with and without weight decay), Adam, RMSProp and the constrained-norm control
-  ``sgd+retract``; two learning rates per optimizer, two seeds; under 10 minutes on 2 CPU cores.
-- ``full``: every task and optimizer, the whole learning-rate grid (>= 5 log-spaced points per
-  optimizer), 3 seeds, plus the NLD control experiment (constrained vs free filter norm at a low
-  and a high constant learning rate, a momentum sweep and a weight-decay sweep) and the
-  MNIST-1D published baselines.
+- ``quick`` (the README's main command): MNIST-1D CNN with and without BatchNorm at the
+  ``small`` scale (800 steps); SGD with momentum (with and without weight decay), RMSProp,
+  Adam, AdamW, AdamP, the constrained-norm control ``sgd+retract``, ``sgd+steer_eq``,
+  ``adam+symmetrize`` and ``noether_rmsprop``, so that its report answers the four questions;
+  three learning rates per optimizer, two seeds; about 5 minutes on 2 idle CPU cores.
+- ``full``: every task except the larger-set variants (those are the gpu suite's), at the
+  ``small`` scale, and every optimizer of the registry where it applies, on its whole
+  learning-rate grid (5 log-spaced points), 3 seeds; plus, at the published sizes (``base``),
+  the NLD control experiment (constrained vs free filter norm at a low and a high constant
+  learning rate, a momentum sweep and a weight-decay sweep) and the MNIST-1D published
+  baselines. About 70 minutes on 2 idle CPU cores (measured per-run costs; see
+  ``benchmarks/results/README.md``).
 - ``gpu``: the ``large`` scale (widths, batches, data; the language model at ~25M parameters)
   for about 10 minutes on one modern GPU.
 """
@@ -14,6 +19,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 from benchmarks import registry
 from benchmarks.records import RunConfig
@@ -35,30 +41,52 @@ class Suite:
     experiments: tuple[str, ...]
     description: str
     max_lrs: int | None = None  # keep only the first max_lrs learning rates of the grid
+    # Scales of experiments that do not run at ``scale`` (the reproductions run at the sizes of
+    # the papers they reproduce); ``--scale`` overrides every experiment's.
+    experiment_scales: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def scale_of(self, experiment: str) -> str:
+        return self.experiment_scales.get(experiment, self.scale)
 
 
 _GRID_TASKS = tuple(t for t in TASKS if not t.endswith("_published"))
+# The larger generated MNIST-1D set belongs to the gpu suite: on 2 CPU cores the full suite's
+# time goes to the learning-rate grids of the standard tasks.
+_FULL_TASKS = tuple(t for t in _GRID_TASKS if "_large_" not in t)
 
 SUITES = {
     "quick": Suite(
         "quick",
         "small",
         ("mnist1d_cnn_bn", "mnist1d_cnn"),
-        ("sgd", "sgd+wd", "adam", "rmsprop", "sgd+retract"),
+        (
+            "sgd",
+            "sgd+wd",
+            "rmsprop",
+            "adam",
+            "adamw",
+            "adamp",
+            "sgd+retract",
+            "sgd+steer_eq",
+            "adam+symmetrize",
+            "noether_rmsprop",
+        ),
         (0, 1),
         "quick",
         ("grid",),
-        "MNIST-1D CNN with vs without BatchNorm; 5 optimizers x 3 learning rates x 2 seeds",
+        "MNIST-1D CNN with vs without BatchNorm; 10 optimizers x 3 learning rates x 2 seeds",
     ),
     "full": Suite(
         "full",
-        "base",
-        _GRID_TASKS,
+        "small",
+        _FULL_TASKS,
         tuple(registry.REGISTRY),
         (0, 1, 2),
         "full",
         EXPERIMENTS,
-        "every task and optimizer, >= 5 learning rates, 3 seeds, NLD control, baselines",
+        "every task (small scale) and optimizer, 5 learning rates, 3 seeds; NLD control and "
+        "MNIST-1D baselines at the published sizes",
+        experiment_scales={"nld": "base", "baselines": "base"},
     ),
     "gpu": Suite(
         "gpu",
@@ -98,25 +126,33 @@ def plan(
     tasks: tuple[str, ...],
     optimizers: tuple[str, ...],
     seeds: tuple[int, ...],
-    scale: str,
+    scale: str | None = None,
     lrs: tuple[float, ...] | None = None,
     steps: int | None = None,
     experiments: tuple[str, ...] | None = None,
 ) -> list[RunConfig]:
-    """The runs to do, in order, without duplicates. Inapplicable pairs are left out."""
+    """The runs to do, in order, without duplicates. Inapplicable pairs are left out.
+
+    ``scale`` (when given) replaces the scale of every experiment; ``steps`` the step budget of
+    every run (default: the task's at the experiment's scale).
+    """
     experiments = suite.experiments if experiments is None else experiments
+
+    def scale_of(experiment):
+        return scale or suite.scale_of(experiment)
+
     runs: list[RunConfig] = []
     if "grid" in experiments:
         for t in tasks:
             for o in optimizers:
                 spec = registry.get(o, check=False)
-                if spec.symmetry is not None and not _task_has(t, spec.symmetry):
+                if not spec.applies_to(TASKS[t]):
                     continue
                 grid = lrs or (spec.quick_lrs if suite.lr_grid == "quick" else spec.lr_grid)
                 if suite.max_lrs and not lrs:
                     grid = grid[: suite.max_lrs]
                 runs += [
-                    RunConfig("grid", t, o, float(lr), s, scale, steps=steps)
+                    RunConfig("grid", t, o, float(lr), s, scale_of("grid"), steps=steps)
                     for lr in grid
                     for s in seeds
                 ]
@@ -124,10 +160,11 @@ def plan(
         for o in ("sgd", "sgd+retract"):
             for _, lr, m, wd in nld_settings():
                 hp = (("momentum", m), ("weight_decay", wd))
-                runs += [RunConfig("nld", NLD_TASK, o, lr, s, scale, hp, steps) for s in seeds]
+                sc = scale_of("nld")
+                runs += [RunConfig("nld", NLD_TASK, o, lr, s, sc, hp, steps) for s in seeds]
     if "baselines" in experiments:
         runs += [
-            RunConfig("baselines", t, "adam", BASELINE_LR, s, scale, steps=steps)
+            RunConfig("baselines", t, "adam", BASELINE_LR, s, scale_of("baselines"), steps=steps)
             for t in BASELINE_TASKS
             for s in seeds
         ]
@@ -137,8 +174,3 @@ def plan(
             seen.add(r.run_id)
             out.append(r)
     return out
-
-
-def _task_has(task: str, kind: str) -> bool:
-    """Whether a task declares a symmetry kind (metadata only: nothing is built)."""
-    return kind in TASKS[task].kinds

@@ -21,7 +21,16 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["SCALES", "TASKS", "SymDecl", "Task", "TaskSpec", "build_task", "task_names"]
+__all__ = [
+    "SCALES",
+    "TASKS",
+    "SymDecl",
+    "Task",
+    "TaskSpec",
+    "build_task",
+    "task_names",
+    "unit_decls",
+]
 
 SCALES = ("tiny", "small", "base", "large")
 
@@ -91,8 +100,28 @@ class Task:
     data_info: Mapping[str, Any]
     seq_len: int = 0
     eval_batch: int = 1024
+    path_input_shape: tuple[int, ...] | None = None  # ReLU nets without normalisation
+    _path_fn: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     # ---- symmetries -------------------------------------------------------------------------
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The symmetry kinds this task declares."""
+        return tuple(dict.fromkeys(d.kind for d in self.decls))
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        """What optimizers may need besides symmetries: ``units``, ``path_norm``."""
+        return (
+            *(("units",) if self.unit_decls else ()),
+            *(("path_norm",) if self.path_input_shape else ()),
+        )
+
+    @property
+    def unit_decls(self) -> list[SymDecl]:
+        """The units (see :func:`unit_decls`) as ``scale`` declarations."""
+        return unit_decls(self.decls)
+
     def has_symmetry(self, kind: str) -> bool:
         return any(d.kind == kind for d in self.decls)
 
@@ -100,6 +129,40 @@ class Task:
         """``ksbopt`` symmetry objects of the given kind(s) (all kinds when ``None``)."""
         kinds = None if kind is None else {kind} if isinstance(kind, str) else set(kind)
         return [d.build() for d in self.decls if kinds is None or d.kind in kinds]
+
+    def unit_symmetries(self) -> list:
+        """``ksbopt.Scale`` objects of the units (:attr:`unit_decls`)."""
+        return [d.build() for d in self.unit_decls]
+
+    def path_norm_fn(self) -> Callable:
+        """``sq -> squared l2 path norm``: the net without ReLUs on squared weights, ones in.
+
+        The function Path-SGD needs (:func:`ksbopt.path_sgd`); built once per task, so every
+        optimizer made for this task gets the same object.
+        """
+        if self.path_input_shape is None:
+            raise ValueError(
+                f"task {self.name!r} has no path norm (it has normalisation layers or "
+                "non-ReLU activations); Path-SGD applies to ReLU networks without "
+                "normalisation, e.g. mnist1d_cnn or teacher_relu."
+            )
+        if self._path_fn is None:
+            import jax
+            import jax.numpy as jnp
+            from flax import nnx
+
+            abstract = nnx.eval_shape(lambda: self.make_model(jax.random.key(0, impl="rbg")))
+            graph, _, rest = nnx.split(abstract, nnx.Param, ...)
+            if jax.tree.leaves(rest):  # pragma: no cover - path tasks have no model state
+                raise ValueError(f"task {self.name!r}: the path norm needs a stateless model.")
+            shape = self.path_input_shape
+
+            def path_norm(sq):
+                out = nnx.merge(graph, sq, rest)(jnp.ones(shape, jnp.float32), linear=True)
+                return jnp.sum(out)
+
+            self._path_fn = path_norm
+        return self._path_fn
 
     # ---- data -------------------------------------------------------------------------------
     def sampler(self, seed: int) -> Sampler:
@@ -186,13 +249,43 @@ class Task:
 
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
-    """A task's name, what it needs installed, and how to build it at a scale."""
+    """A task's name, what it needs installed, and how to build it at a scale.
+
+    ``kinds`` and ``features`` repeat what the built task declares (a test checks it), so
+    that a suite can tell which optimizers apply without building anything.
+    """
 
     name: str
     description: str
     requires: tuple[str, ...]
     build: Callable[[str, Any], Task]
-    kinds: tuple[str, ...] = ()  # symmetry kinds the built task declares (checked by a test)
+    kinds: tuple[str, ...] = ()  # symmetry kinds the built task declares
+    features: tuple[str, ...] = ()  # "units", "path_norm" (see Task.features)
+
+
+def unit_decls(decls: Sequence[SymDecl]) -> list[SymDecl]:
+    """The units of a network as ``scale`` declarations, for :func:`ksbopt.noether_rmsprop`.
+
+    With normalisation: the scale groups themselves. Without: the incoming weights of every
+    hidden unit whose norm the next layer can absorb (the incoming side of each rescale
+    group, the left factor of each plain linear pair: the diagonal of GL(k)), per output unit
+    (axis -1). These are not symmetries of the loss on their own: an optimizer that holds
+    their norms fixed loses nothing, because the rescale symmetry moves the norm to the next
+    layer (THEORY.md section 1).
+    """
+    scale = [d for d in decls if d.kind == "scale"]
+    if scale:
+        return scale
+    out = []
+    for d in decls:
+        if d.kind == "rescale":
+            inc = d.kwargs["incoming"]
+        elif d.kind == "linear" and d.constructor is None:
+            inc = d.args[0]
+        else:
+            continue
+        out.append(SymDecl("scale", (inc,), {"axis": -1}, f"{d.label.split('>')[0]} units"))
+    return out
 
 
 # ---- builders ---------------------------------------------------------------------------------
@@ -228,7 +321,7 @@ def _rescale_chain(names: Sequence[str], *, bias: bool = True) -> list[SymDecl]:
 _MNIST1D_SCALES = {
     # num_samples, val_size, channels/hidden multiplier, batch, steps, eval_every
     "tiny": dict(num_samples=1000, val_size=100, width=0.32, batch=32, steps=30, eval_every=10),
-    "small": dict(num_samples=5000, val_size=500, width=1, batch=100, steps=1000, eval_every=100),
+    "small": dict(num_samples=5000, val_size=500, width=1, batch=100, steps=800, eval_every=100),
     "base": dict(num_samples=5000, val_size=500, width=1, batch=100, steps=4000, eval_every=200),
     "large": dict(num_samples=5000, val_size=500, width=4, batch=256, steps=3000, eval_every=200),
 }
@@ -296,6 +389,7 @@ def _mnist1d(model: str, norm: bool, large: bool, published: bool = False):
             decls=decls,
             config={**cfg, "scale": scale, **s},
             data_info=split.info,
+            path_input_shape=None if norm else (1, 40),
         )
 
     return build
@@ -313,7 +407,7 @@ def _mnist1d_name(model, norm, large):
 
 _DIGITS_SCALES = {
     "tiny": dict(c1=4, c2=8, batch=32, steps=30, eval_every=10),
-    "small": dict(c1=16, c2=32, batch=64, steps=800, eval_every=100),
+    "small": dict(c1=16, c2=32, batch=64, steps=300, eval_every=50),
     "base": dict(c1=16, c2=32, batch=64, steps=2000, eval_every=100),
     "large": dict(c1=64, c2=128, batch=256, steps=2000, eval_every=200),
 }
@@ -352,6 +446,7 @@ def _digits(norm: bool):
             decls=[*decls, _head_translation()],
             config={"scale": scale, **s},
             data_info=split.info,
+            path_input_shape=None if norm else (1, 8, 8, 1),
         )
 
     return build
@@ -370,18 +465,18 @@ _LM_SCALES = {
         max_train_bytes=200_000,
         target=6.0,
     ),
-    # CPU sizes are small on purpose: a d=64, T=64, batch-32 step costs ~0.1-0.2 s on 2 cores.
+    # CPU sizes are small on purpose: a step costs about 23 us per token on 2 cores (d=32).
     "small": dict(
         d=32,
         layers=2,
         heads=4,
-        seq_len=64,
-        batch=16,
-        steps=500,
-        eval_every=100,
-        eval_windows=128,
+        seq_len=32,
+        batch=8,
+        steps=200,
+        eval_every=50,
+        eval_windows=64,
         max_train_bytes=None,
-        target=3.5,
+        target=4.0,
     ),
     "base": dict(
         d=32,
@@ -491,7 +586,7 @@ def _lm(qk_norm: bool):
 
 _TEACHER_SCALES = {
     "tiny": dict(width=16, depth=3, n_train=256, batch=32, steps=30, eval_every=10),
-    "small": dict(width=64, depth=4, n_train=4096, batch=128, steps=1000, eval_every=100),
+    "small": dict(width=64, depth=4, n_train=4096, batch=128, steps=800, eval_every=100),
     "base": dict(width=64, depth=4, n_train=4096, batch=128, steps=3000, eval_every=200),
     "large": dict(width=512, depth=6, n_train=65536, batch=1024, steps=3000, eval_every=200),
 }
@@ -540,6 +635,7 @@ def _teacher(relu: bool):
             decls=decls,
             config={"scale": scale, "target_var": target_var, **s},
             data_info=split.info,
+            path_input_shape=(1, 32),
         )
 
     return build
@@ -552,18 +648,20 @@ _N, _R, _T, _L = "scale", "rescale", "translation", "linear"
 TASKS: dict[str, TaskSpec] = {}
 
 
-def _add(name, description, requires, build, kinds):
-    TASKS[name] = TaskSpec(name, description, requires, build, kinds)
+def _add(name, description, requires, build, kinds, features=()):
+    TASKS[name] = TaskSpec(name, description, requires, build, kinds, features)
 
 
 _STD = "MNIST-1D, standard 4000/1000 split"
 _BIG = "larger generated MNIST-1D set"
+_U, _P = ("units",), ("units", "path_norm")  # features with / without normalisation
 _add(
     "mnist1d_cnn_bn",
     f"1-D CNN with BatchNorm; {_STD}",
     _MNIST,
     _mnist1d("cnn", True, False),
     (_N, _T),
+    _U,
 )
 _add(
     "mnist1d_cnn",
@@ -571,12 +669,23 @@ _add(
     _MNIST,
     _mnist1d("cnn", False, False),
     (_R, _T),
+    _P,
 )
 _add(
-    "mnist1d_mlp_ln", f"MLP with LayerNorm; {_STD}", _MNIST, _mnist1d("mlp", True, False), (_N, _T)
+    "mnist1d_mlp_ln",
+    f"MLP with LayerNorm; {_STD}",
+    _MNIST,
+    _mnist1d("mlp", True, False),
+    (_N, _T),
+    _U,
 )
 _add(
-    "mnist1d_mlp", f"MLP, no normalisation; {_STD}", _MNIST, _mnist1d("mlp", False, False), (_R, _T)
+    "mnist1d_mlp",
+    f"MLP, no normalisation; {_STD}",
+    _MNIST,
+    _mnist1d("mlp", False, False),
+    (_R, _T),
+    _P,
 )
 _add(
     "mnist1d_large_cnn_bn",
@@ -584,6 +693,7 @@ _add(
     _MNIST,
     _mnist1d("cnn", True, True),
     (_N, _T),
+    _U,
 )
 _add(
     "mnist1d_large_cnn",
@@ -591,6 +701,7 @@ _add(
     _MNIST,
     _mnist1d("cnn", False, True),
     (_R, _T),
+    _P,
 )
 for _model in ("mlp", "cnn"):
     _add(
@@ -600,9 +711,24 @@ for _model in ("mlp", "cnn"):
         _MNIST,
         _mnist1d(_model, False, False, published=True),
         (_R, _T),
+        _P,
     )
-_add("digits_cnn_bn", "small 2-D CNN with BatchNorm; sklearn digits", _SK, _digits(True), (_N, _T))
-_add("digits_cnn", "small 2-D CNN, no normalisation; sklearn digits", _SK, _digits(False), (_R, _T))
+_add(
+    "digits_cnn_bn",
+    "small 2-D CNN with BatchNorm; sklearn digits",
+    _SK,
+    _digits(True),
+    (_N, _T),
+    _U,
+)
+_add(
+    "digits_cnn",
+    "small 2-D CNN, no normalisation; sklearn digits",
+    _SK,
+    _digits(False),
+    (_R, _T),
+    _P,
+)
 _add("lm_stdlib", "pre-LN byte Transformer; stdlib source; bits/byte", _BASE, _lm(False), (_L, _T))
 _add(
     "lm_stdlib_qknorm",
@@ -610,6 +736,7 @@ _add(
     _BASE,
     _lm(True),
     (_N, _L, _T),
+    _U,
 )
 _add(
     "teacher_relu",
@@ -617,6 +744,7 @@ _add(
     _BASE,
     _teacher(True),
     (_R,),
+    _P,
 )
 _add(
     "teacher_linear",
@@ -624,6 +752,7 @@ _add(
     _BASE,
     _teacher(False),
     (_L,),
+    _P,
 )
 
 

@@ -85,6 +85,9 @@ def param_paths(tree: Any) -> list[str]:
       >>> model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
       >>> ksbopt.flax.param_paths(nnx.state(model, nnx.Param))
       ['bias', 'kernel']
+
+    References:
+      None: it lists the path strings that selectors match; no paper is involved.
     """
     return groups_lib.leaf_paths(tree)
 
@@ -124,6 +127,11 @@ def nnx_loss(
       >>> syms, report = ksbopt.detect(loss_fn, params, jnp.linspace(-1, 1, 24).reshape(8, 3))
       >>> [type(s).__name__ for s in syms]
       ['Rescale']
+
+    References:
+      Kunin et al., "Neural Mechanics: Symmetry and Broken Conservation Laws in Deep
+      Learning Dynamics", ICLR 2021, https://arxiv.org/abs/2012.04728 (the symmetries that
+      :func:`ksbopt.detect` looks for in the loss built here)
     """
     _require_flax("nnx_loss")
     if not isinstance(model, nnx.Module):
@@ -184,6 +192,11 @@ def linen_loss(
       >>> syms, report = ksbopt.detect(loss_fn, params, x)
       >>> syms[0].incoming, syms[0].outgoing
       (('layers_0/bias', 'layers_0/kernel'), ('layers_2/kernel',))
+
+    References:
+      Kunin et al., "Neural Mechanics: Symmetry and Broken Conservation Laws in Deep
+      Learning Dynamics", ICLR 2021, https://arxiv.org/abs/2012.04728 (the symmetries that
+      :func:`ksbopt.detect` looks for in the loss built here)
     """
     _require_flax("linen_loss")
     if not callable(apply_fn):

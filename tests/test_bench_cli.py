@@ -116,6 +116,10 @@ def test_smoke_writes_json_report_and_plots_with_the_run_numbers(smoke):
         t = r["timing"]
         assert t["compile_s"] > 0 and t["step_ms_median"] > 0
         assert r["env"]["platform"] == jax.default_backend()
+    if RETRACT:  # the first of the report's four questions, with the recorded numbers
+        sgd = next(r for r in recs if r["config"]["optimizer"] == "sgd")["final"]["test_metric"]
+        assert "### 1. Does the implicit adaptivity of normalisation + SGD matter?" in report
+        assert f"| digits_cnn_bn | {fmt(sgd)} ± {fmt(0.0)} (lr 0.1) |" in report
     for name in ("digits_cnn_bn_curves.png", "digits_cnn_bn_lr.png"):
         data = (out / "plots" / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
@@ -218,6 +222,48 @@ def test_interrupted_benchmark_keeps_finished_runs(tmp_path, cache, monkeypatch)
     assert rc == 0, err
     assert len(calls) == 1 and calls[0].endswith("lr0.03__s0")
     assert len(_records(tmp_path)) == 2
+
+
+def test_a_failing_optimizer_is_reported_and_the_suite_goes_on(tmp_path, cache, monkeypatch):
+    real = runner.Runner._execute
+    calls = []
+
+    def broken_sgd(self, cfg, full, position):
+        calls.append(cfg.run_id)
+        if cfg.optimizer == "sgd":
+            raise ValueError("deliberately broken")
+        return real(self, cfg, full, position)
+
+    monkeypatch.setattr(runner.Runner, "_execute", broken_sgd)
+    args = [
+        "--scale",
+        "tiny",
+        "--tasks",
+        "teacher_relu",
+        "--optimizers",
+        "sgd,sgd+wd",
+        "--lrs",
+        "0.01,0.03",
+        "--seeds",
+        "1",
+        "--steps",
+        "10",
+        "--no-progress",
+        "--no-plots",
+        "--out",
+        tmp_path,
+        "--cache-dir",
+        cache,
+    ]
+    rc, stdout, err = _main(args)
+    assert rc == 1 and "FAILED, ValueError: deliberately broken" in err
+    # The second learning rate of the broken combination is skipped, not compiled again.
+    assert sum("__sgd__" in c for c in calls) == 1 and "skipped" in stdout
+    assert {r["config"]["optimizer"] for r in _records(tmp_path)} == {"sgd+wd"}
+    assert (
+        "FAILED (no record; a rerun retries): sgd on teacher_relu"
+        in (tmp_path / "report.md").read_text()
+    )
 
 
 def test_diverged_run_is_recorded_and_never_chosen(tmp_path, cache):
@@ -386,6 +432,7 @@ def test_missing_flax_is_reported_before_anything_imports_it(tmp_path):
 
 def test_registry_entries_share_the_tuning_budget_and_inject_the_lr():
     task = build_task("digits_cnn_bn", "tiny")
+    plain = build_task("digits_cnn", "tiny")  # no normalisation: rescale units, path norm
     params = _init(task)[1]
     grads = jax.tree.map(lambda p: jnp.full_like(p, 0.01), params)
     sizes = {len(s.lr_grid) for s in registry.REGISTRY.values()}
@@ -397,8 +444,9 @@ def test_registry_entries_share_the_tuning_budget_and_inject_the_lr():
         assert set(spec.quick_lrs) <= set(spec.lr_grid)
         if not spec.available:
             continue
-        tx = registry.make(name, 0.0123, task)
-        state = tx.init(params)
+        (t,) = [x for x in (task, plain) if spec.applies_to(x)][:1]  # each applies to one
+        tx = registry.make(name, 0.0123, t)
+        state = tx.init(params if t is task else _init(plain)[1])
         assert float(state.hyperparams["learning_rate"]) == pytest.approx(0.0123)
     if RETRACT:  # the entry that reads the task's symmetries: one step keeps filter norms
         tx = registry.make("sgd+retract", 0.1, task)
@@ -476,6 +524,7 @@ _SAME_AS_ANOTHER = {
 def test_task_symmetry_declarations_leave_the_loss_unchanged(name, cache):
     task = build_task(name, "tiny", cache)
     assert {d.kind for d in task.decls} == set(TASKS[name].kinds)
+    assert set(task.features) == set(TASKS[name].features)
     graph, params, rest = _init(task)
     arrays = {k: jnp.asarray(v) for k, v in task.arrays.items() if k.startswith("train_")}
     batch = task.batch(arrays, jnp.asarray(task.sampler(0).next(1)[0]))
@@ -501,3 +550,136 @@ def test_task_symmetry_declarations_leave_the_loss_unchanged(name, cache):
         assert loss(moved) == pytest.approx(base, rel=1e-3, abs=1e-4), (name, d.label)
         checked += 1
     assert checked >= 1
+
+
+# ---- entries that need more than gradients, and the full suite's plan -------------------------
+
+NEW_ENTRIES = [
+    "sgd",
+    "noether_rmsprop",
+    "sgd+teleport",
+    "path_sgd",
+    "sgd+steer_eq",
+    "adam+steer_nld",
+]
+
+
+@pytest.mark.skipif(
+    not all(registry.REGISTRY[o].available for o in NEW_ENTRIES), reason="ksbopt features missing"
+)
+def test_entries_get_extra_args_units_and_path_norm_and_report_not_applicable(tmp_path, cache):
+    rc, _, err = _main(
+        [
+            "--scale",
+            "tiny",
+            "--tasks",
+            "teacher_relu,mnist1d_mlp_ln",
+            "--optimizers",
+            ",".join(NEW_ENTRIES),
+            "--lrs",
+            "0.01",
+            "--seeds",
+            "1",
+            "--steps",
+            "10",
+            "--no-progress",
+            "--no-plots",
+            "--out",
+            tmp_path,
+            "--cache-dir",
+            cache,
+        ]
+    )
+    assert rc == 0, err
+    recs = {(r["config"]["task"], r["config"]["optimizer"]): r for r in _records(tmp_path)}
+    expected = {
+        (t, o)
+        for t in ("teacher_relu", "mnist1d_mlp_ln")
+        for o in NEW_ENTRIES
+        if registry.REGISTRY[o].applies_to(TASKS[t])
+    }
+    assert set(recs) == expected
+    assert ("teacher_relu", "sgd+teleport") in expected and ("teacher_relu", "path_sgd") in expected
+    assert ("mnist1d_mlp_ln", "adam+steer_nld") in expected  # needs the extra argument grad
+    for r in recs.values():
+        assert r["status"] == "ok" and math.isfinite(r["final"]["train_loss"]), r["id"]
+    # Teleport moved along the rescale orbits (the charge 1/2(|w_in|^2 - |w_out|^2) jumps at
+    # step 0), while plain SGD at lr 0.01 moves it only by O(lr^2 |g|^2) in 10 steps.
+    q = {
+        o: recs[("teacher_relu", o)]["diagnostics"]["curves"]["fc1>fc2"]["charge"]
+        for o in ("sgd", "sgd+teleport")
+    }
+    assert q["sgd"][0] == pytest.approx(q["sgd+teleport"][0], rel=1e-6)  # same initialisation
+    assert abs(q["sgd+teleport"][-1] - q["sgd+teleport"][0]) > 10 * abs(q["sgd"][-1] - q["sgd"][0])
+    # Angular updates of the units are recorded, with a summary, for every run.
+    for (task, _), r in recs.items():
+        units = ["fc1 units", "fc2 units"] if task == "teacher_relu" else ["fc1", "fc2"]
+        for u in units:
+            a = r["diagnostics"]["curves"][u]["angular_update"]
+            assert a[0] is None and len(a) == len(r["curves"]["step"]) and a[-1] > 0
+            assert r["diagnostics"]["summary"][u]["angular_update"]["last"] == a[-1]
+    report = (tmp_path / "report.md").read_text()
+    (row,) = [ln for ln in report.splitlines() if ln.startswith("| teacher_relu (nmse) |")]
+    header = next(ln for ln in report.splitlines() if ln.startswith("| task (metric) |"))
+    cells = dict(zip(header.split("|")[2:-1], row.split("|")[2:-1]))
+    assert cells[" sgd+steer_eq "].strip() == "n/a" and cells[" adam+steer_nld "].strip() == "n/a"
+    assert "`path_sgd`: needs a ReLU or linear network without normalisation" in report
+
+
+def test_full_suite_plans_every_applicable_pair_with_the_same_budget():
+    from benchmarks.suites import SUITES, plan
+
+    suite = SUITES["full"]
+    runs = plan(suite, tasks=suite.tasks, optimizers=suite.optimizers, seeds=suite.seeds)
+    grid = [r for r in runs if r.experiment == "grid"]
+    assert set(suite.optimizers) == set(registry.REGISTRY)
+    pairs: dict[tuple, list] = {}
+    for r in grid:
+        pairs.setdefault((r.task, r.optimizer), []).append(r)
+    for t in suite.tasks:
+        steps = set()
+        for o, spec in registry.REGISTRY.items():
+            rs = pairs.get((t, o), [])
+            assert bool(rs) == spec.applies_to(TASKS[t]), (t, o)
+            if rs:
+                assert len({r.learning_rate for r in rs}) >= 5 and len({r.seed for r in rs}) >= 3
+                steps |= {r.steps for r in rs}
+        assert len(steps) == 1, (t, steps)  # the same step budget for every optimizer
+    assert {r.experiment for r in runs} == {"grid", "nld", "baselines"}
+    # The reproductions run at the published sizes, the grids at the suite's scale.
+    assert {(r.experiment, r.scale) for r in runs} == {
+        ("grid", suite.scale),
+        ("nld", "base"),
+        ("baselines", "base"),
+    }
+    assert len(runs) == len({r.run_id for r in runs})
+
+
+def test_angular_update_from_charges_matches_the_direct_angle():
+    ks = pytest.importorskip("ksbopt")
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)}
+    updates = {"w": jnp.asarray(0.05 * rng.normal(size=(6, 4)), jnp.float32)}
+    new = optax.apply_updates(params, updates)
+    got = runner._angular_updates([ks.Scale("w", axis=-1)], params, updates, new)
+    w, v = np.asarray(params["w"], np.float64), np.asarray(new["w"], np.float64)
+    cos = np.sum(w * v, 0) / np.linalg.norm(w, axis=0) / np.linalg.norm(v, axis=0)
+    sin = np.sqrt(np.maximum(1 - cos**2, 0))
+    # float32 charges of ~1 against float64: angles of ~0.05 rad agree to ~1e-5 relative.
+    np.testing.assert_allclose(float(got[0]), np.mean(np.arctan2(sin, cos)), rtol=1e-4)
+
+
+def test_path_norm_of_a_linear_net_is_the_product_of_squared_kernels(cache):
+    task = build_task("teacher_linear", "tiny", cache)
+    params = _init(task)[1]
+    sq = jax.tree.map(jnp.square, params)
+    got = float(task.path_norm_fn()(sq))
+    depth = task.config["depth"]
+    prod = np.ones((1, 32))
+    for i in range(1, depth + 1):
+        prod = prod @ np.asarray(sq[f"fc{i}"]["kernel"], np.float64)
+    # A sum of ~16^3 positive float32 products: 1e-5 relative.
+    assert got == pytest.approx(float(prod.sum()), rel=1e-5)
+    assert task.path_norm_fn() is task.path_norm_fn()  # one object: one compilation
+    with pytest.raises(ValueError, match="Path-SGD applies to ReLU networks"):
+        build_task("digits_cnn_bn", "tiny").path_norm_fn()

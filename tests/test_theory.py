@@ -449,6 +449,45 @@ def test_p6_metric_charge(x64):
     assert float(np.max(np.abs(_translation(du)))) > 1e-3
 
 
+def test_p6_adam_metric_charge_matches_optax_adamw(x64):
+    """[derived] P6 with Adam's first moment, against ``optax.adamw`` itself (float64)."""
+    loss, w0 = _network()
+    eta, b1, b2, eps, eps_root, lam = 0.02, 0.9, 0.99, 1e-4, 1e-6, 0.01
+    tx = optax.adamw(eta, b1, b2, eps, eps_root, weight_decay=lam)
+    idx, labels = _batches(n=200)
+
+    @jax.jit
+    def run(w, idx, labels):
+        def body(carry, batch):
+            w, state = carry
+            g = jax.grad(loss)(w, batch)
+            u, new = tx.update(g, state, w)
+            adam_old, adam_new = state[0], new[0]
+            t = adam_new.count.astype(jnp.float64)
+            p = jnp.sqrt(adam_new.nu["scale"] / (1 - b2**t) + eps_root) + eps  # P of the step
+            x, s = w["scale"], optax.apply_updates(w, u)["scale"]
+            m_old, m_new = adam_old.mu["scale"], adam_new.mu["scale"]
+            charge, quad = jnp.sum(p * x * x, axis=0), jnp.sum(m_new * m_new / p, axis=0)
+            overlap = 2 * jnp.sum(x * m_old, axis=0)  # 2 <w_k, m_k>
+
+            def predict(overlap):
+                return th.adam_metric_charge_step(
+                    charge, overlap, quad, eta, b1, lam, adam_new.count
+                )
+
+            out = (predict(overlap), predict(0.0), jnp.sum(p * s * s, axis=0))
+            return (optax.apply_updates(w, u), new), out
+
+        return jax.lax.scan(body, (w, tx.init(w)), (idx, labels))[1]
+
+    pred, without_overlap, observed = map(np.asarray, run(w0, idx, labels))
+    assert _rel_err(pred, observed) < EXACT_RTOL
+    # Not vacuous: the charge moves, and the momentum (overlap) term matters far above the
+    # tolerance.
+    assert _moved(observed[-1], observed[0], np.abs(observed[0])) > 1e-3
+    assert _rel_err(without_overlap, observed) > 1e3 * EXACT_RTOL
+
+
 # ---------------------------------------------------------------------------------------------
 # P7: equilibrium
 # ---------------------------------------------------------------------------------------------
@@ -760,6 +799,7 @@ def test_nm_damped_translation_error_scales_with_eta(x64):
         (lambda: th.heavy_ball_decoupled_step(1.0, 0.0, 0.0, 1.0, 0.1, -0.5), "momentum=-0.5"),
         (lambda: th.scale_sgd_step(1.0, 1.0, 0.1, -1e-4), "weight_decay=-0.0001"),
         (lambda: th.scale_sgd_step(1.0, 1.0, -0.1), "learning_rate=-0.1"),
+        (lambda: th.adam_metric_charge_step(1.0, 0.0, 1.0, 0.1, 1.0, 0.0, 1), "momentum=1.0"),
         (lambda: th.nm_oscillator_kernels(1.0, 0.0, 0.9, 0.1), "learning_rate=0.0"),
         (lambda: th.nm_oscillator_kernels(1.0, 0.1, 0.9, -0.1), "stiffness=-0.1"),
         (lambda: th.winding_fixed_point(1.0, 10.0, 1.0, 0.0), "exceeds"),
@@ -819,6 +859,7 @@ def test_dtype_is_kept(dtype):
             jax.eval_shape(lambda a: th.translation_heavy_ball_step(a, a, *h), x),
             jax.eval_shape(lambda a: th.linear_sgd_step(a, a, a, 0.1, 0.01), m),
             jax.eval_shape(lambda a: th.metric_charge_step(a[0], a, a, 0.1), x),
+            jax.eval_shape(lambda a: th.adam_metric_charge_step(a, a, a, *h, 3), x),
             jax.eval_shape(lambda a: th.nld_exact_radius4_step(a, a, 0.1, 0.01), x),
             jax.eval_shape(lambda a: th.nld_radius4(a[0], a, *h, coefficient="noise"), x),
             jax.eval_shape(lambda a: th.rmsprop_sqrt_accumulator(a, 0.9), x),

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import math
 import re
 import warnings
@@ -50,20 +51,44 @@ _FACTORS = (0.5, 2.0)
 
 @dataclasses.dataclass(frozen=True)
 class SymmetryCheck:
-    """The verification of one declaration.
+    r"""The verification of one declaration.
+
+    The two numbers are the worst cases, over groups g, group elements a and batches, of
+
+    .. math::
+
+        \mathrm{lie} = \max \frac{|\langle \nabla L, \xi_g \rangle|}
+        {\lVert \nabla L|_g \rVert\, \lVert \xi_g \rVert}, \qquad
+        \mathrm{action} = \max \frac{|L(\psi(\theta, a)) - L(\theta)|}{|L(\theta)|},
+
+    both 0 for an exact symmetry (the gradient is orthogonal to every generator [paper: NM]).
 
     Attributes:
       symmetry: the declaration checked.
       paths: the leaves it acts on.
       n_groups: number of groups (heads for :class:`~ksbopt.Linear`).
-      lie: largest per-group |<grad L, xi>| / (|grad L| |xi|) over groups and batches.
-      action: largest |L(psi(theta, a)) - L(theta)| / |L(theta)| over the actions and batches.
+      lie: largest per-group ``|<grad L, xi>| / (|grad L| |xi|)`` over groups and batches.
+      action: largest ``|L(psi(theta, a)) - L(theta)| / |L(theta)|`` over the actions and
+        batches.
       status: ``"exact"``, ``"approximate"`` or ``"violated"`` (``"invalid"`` when the
         declaration does not fit the parameter tree).
       reason: why it holds (e.g. ``"BatchNorm epsilon=1e-05"``) or how it fails.
       source: ``"graph"`` (read off the jaxpr), ``"parameter tree"`` (enumerated) or
         ``"declared"`` (given to :func:`verify`).
       bad_groups: descriptions of the groups whose Lie derivative exceeds the tolerance.
+      layout: the leaves as the report's table shows them (e.g. ``"incoming -> outgoing"``).
+
+    Example:
+      >>> import jax.numpy as jnp, ksbopt
+      >>> loss_fn = lambda p, x: jnp.sum((x @ (p["w"] / jnp.linalg.norm(p["w"]))) ** 2)
+      >>> params, x = {"w": jnp.array([1.0, 2.0])}, jnp.array([[1.0, 0.0]])
+      >>> check = ksbopt.verify(ksbopt.Scale("w", axis=None), loss_fn, params, x).checks[0]
+      >>> check.status, check.source, check.paths, check.lie < 1e-5
+      ('exact', 'declared', ('w',), True)
+
+    References:
+      Kunin et al., "Neural Mechanics: Symmetry and Broken Conservation Laws in Deep
+      Learning Dynamics", ICLR 2021, https://arxiv.org/abs/2012.04728
     """
 
     symmetry: Symmetry | None
@@ -93,6 +118,18 @@ class SymmetryReport:
       notes: fallbacks and other remarks (an unreadable graph, a group not expressible).
       tol: the tolerance used.
       n_batches: number of batches every check ran on.
+
+    Example:
+      >>> import jax.numpy as jnp, ksbopt
+      >>> loss_fn = lambda p, x: jnp.sum((x @ (p["w"] / jnp.linalg.norm(p["w"]))) ** 2)
+      >>> params, x = {"w": jnp.array([1.0, 2.0])}, jnp.array([[1.0, 0.0]])
+      >>> report = ksbopt.verify(ksbopt.Scale("w", axis=None), loss_fn, params, x)
+      >>> report.ok, report.symmetries, report.n_batches
+      (True, [Scale(selection=('w',), axis=None, groups=None)], 1)
+
+    References:
+      None: a record of the checks; :class:`SymmetryCheck` and :func:`detect` cite the
+      paper behind them.
     """
 
     checks: tuple[SymmetryCheck, ...]
@@ -261,12 +298,32 @@ def _signature(flat: Sequence[Any]) -> tuple:
     return tuple((tuple(np.shape(x)), jnp.result_type(x)) for x in flat)
 
 
-# Verification evaluates each compiled function a handful of times. For small models compile
-# time dominates and XLA's backend optimisation is turned down (about half the compile time
-# on CPU); from LARGE parameters on, evaluation time dominates and the default is used, with
-# a separate forward-only function for the finite actions.
-_FAST = {"xla_backend_optimization_level": 0}
+# Verification evaluates each compiled function a handful of times, so compile time counts
+# as much as run time. On XLA:CPU, the MLIR fusion emitters and the full LLVM optimisation
+# cost most of the compile time of a network's gradient (about 5.7 s of CPU for the 10M
+# parameter CNN of benchmarks/bench_detect.py, against 2.8 s with the classic emitters at
+# -O1, which run as fast there). Small models (compile time is all that counts) use -O0;
+# from LARGE parameters on, -O1, with a separate forward-only function for the finite
+# actions. An option that this XLA does not know is dropped (see :func:`_options`).
+_FAST = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+_LARGE_CPU = {"xla_backend_optimization_level": 1, "xla_cpu_use_fusion_emitters": False}
 LARGE = 1 << 20
+
+
+@functools.cache
+def _options(large: bool) -> dict | None:
+    """The compiler options for a small or LARGE model, as far as this XLA accepts them."""
+    if large and jax.default_backend() != "cpu":
+        return None  # accelerators: XLA's defaults
+    wanted = _LARGE_CPU if large else _FAST
+    level = {"xla_backend_optimization_level": wanted["xla_backend_optimization_level"]}
+    for options in (wanted, level):
+        try:
+            jax.jit(lambda x: x + 1).lower(1.0).compile(options)
+        except Exception:  # an option unknown to this XLA version or backend
+            continue
+        return options
+    return None
 
 
 def _vg(float_leaves, array_leaves, batch, spec: _Spec):
@@ -277,24 +334,33 @@ def _value(float_leaves, array_leaves, batch, spec: _Spec):
     return spec.call_traced(float_leaves, array_leaves, batch)
 
 
-_vg_small = jax.jit(_vg, static_argnames=("spec",), compiler_options=_FAST)
-_vg_large = jax.jit(_vg, static_argnames=("spec",))
-_value_large = jax.jit(_value, static_argnames=("spec",))
+@functools.cache
+def _jitted(fn: Callable, large: bool) -> Callable:
+    return jax.jit(fn, static_argnames=("spec",), compiler_options=_options(large))
+
+
+def _is_large(float_leaves) -> bool:
+    return sum(int(np.size(x)) for x in float_leaves) >= LARGE
 
 
 def _value_and_grad(float_leaves, array_leaves, batch, spec: _Spec):
     """The loss and its gradient (the one model evaluation per batch that the Lie check needs)."""
-    large = sum(int(np.size(x)) for x in float_leaves) >= LARGE
-    fn = _vg_large if large else _vg_small
+    fn = _jitted(_vg, _is_large(float_leaves))
     return fn(float_leaves, array_leaves, batch, spec=spec)
 
 
 def _loss_value(float_leaves, array_leaves, batch, spec: _Spec):
     """The loss alone: a forward pass for large models, the gradient's function for small ones
     (one compile instead of two)."""
-    if sum(int(np.size(x)) for x in float_leaves) >= LARGE:
-        return _value_large(float_leaves, array_leaves, batch, spec=spec)
+    if _is_large(float_leaves):
+        return _jitted(_value, True)(float_leaves, array_leaves, batch, spec=spec)
     return _value_and_grad(float_leaves, array_leaves, batch, spec)[0]
+
+
+def _compile_loss_value(float_leaves, array_leaves, batch, spec: _Spec) -> None:
+    """Compile what :func:`_loss_value` will run, without running it."""
+    if _is_large(float_leaves):
+        _jitted(_value, True).lower(float_leaves, array_leaves, batch, spec=spec).compile()
 
 
 @dataclasses.dataclass
@@ -468,7 +534,8 @@ class _Checker:
 
         self.idents = [_identity(b) for b in self.bounds]
         self.coefs = [[_coefs(b, p) for b in self.bounds] for p in _PATTERNS]
-        self._aux = jax.jit(aux, compiler_options=_FAST)
+        self._aux = jax.jit(aux, compiler_options=_options(False))
+        self._aux_compiled = None  # set by warm_gradient: the same program, compiled ahead
 
     def gradient(self, batch) -> tuple[float, list]:
         """The loss and its gradient on one batch (the one gradient evaluation per batch)."""
@@ -481,16 +548,35 @@ class _Checker:
     ):
         """Per-group Lie violations, and (with ``action``) the largest relative loss change
         under the actions of the ``active`` candidates (all when None)."""
+        lie, moved = self.lie_and_moved(grads, active)
+        return lie, self.actions(batch, loss0, moved) if action else 0.0
+
+    def lie_and_moved(self, grads, active: Sequence[bool] | None = None):
+        """Per-group Lie violations of every candidate, and the parameters moved by the
+        actions of the ``active`` ones (one set per finite-action pattern)."""
         p = self.prob
         active = [True] * len(self.bounds) if active is None else list(active)
-        lie, moved = self._aux(p.float_leaves, grads, [jnp.asarray(a) for a in active])
+        args = (p.float_leaves, grads, [jnp.asarray(a) for a in active])
+        try:
+            lie, moved = (self._aux_compiled or self._aux)(*args)
+        except TypeError:  # avals other than the ones compiled for (e.g. weak types)
+            lie, moved = self._aux(*args)
+        return [np.asarray(v) for v in lie], moved
+
+    def actions(self, batch, loss0: float, moved) -> float:
+        """The largest relative change of the loss over the moved parameter sets."""
+        p = self.prob
         worst = 0.0
         tiny = float(np.finfo(np.float32).tiny) ** 0.5
-        for leaves in moved if action else ():
+        for leaves in moved:
             value = float(_loss_value(leaves, p.array_leaves, batch, p.spec))
             rel = abs(value - loss0) / max(abs(loss0), tiny)
             worst = max(worst, rel if np.isfinite(rel) else np.inf)
-        return [np.asarray(v) for v in lie], worst
+        return worst
+
+    def _compile_aux(self, float_leaves, active) -> None:
+        # The gradient has the avals of the parameters: compile for those, without running.
+        self._aux_compiled = self._aux.lower(float_leaves, float_leaves, active).compile()
 
     def warm_gradient(self, batch) -> tuple[float, list]:
         """``gradient(batch)``, compiling the other functions meanwhile on other threads (XLA
@@ -504,10 +590,12 @@ class _Checker:
 
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             active = [jnp.asarray(True)] * len(self.bounds)
-            jobs = [pool.submit(run, self._aux, p.float_leaves, p.float_leaves, active)]
-            if sum(int(np.size(x)) for x in p.float_leaves) >= LARGE:
+            jobs = [pool.submit(run, self._compile_aux, p.float_leaves, active)]
+            if _is_large(p.float_leaves):  # compiled only: the actions run it later
                 jobs.append(
-                    pool.submit(run, _loss_value, p.float_leaves, p.array_leaves, batch, p.spec)
+                    pool.submit(
+                        run, _compile_loss_value, p.float_leaves, p.array_leaves, batch, p.spec
+                    )
                 )
             result = self.gradient(batch)
             for job in jobs:
@@ -566,7 +654,7 @@ def _run_checks(
     checker = _Checker(prob, [c.bound for c in live])
     for n, batch in enumerate(batches):
         loss0, grads = checker.warm_gradient(batch) if n == 0 else checker.gradient(batch)
-        lie, _ = checker.check(batch, loss0, grads, action=False)
+        lie, moved = checker.lie_and_moved(grads)  # every candidate moved
         for c, v in zip(live, lie, strict=True):
             v = np.where(np.isfinite(v), v, np.inf)
             c.lie = max(c.lie, float(np.max(v)) if v.size else 0.0)
@@ -574,7 +662,12 @@ def _run_checks(
             if np.any(bad):
                 c.bad = tuple(dict.fromkeys(c.bad + _group_names(c.bound, bad)))
         passing = [c.lie <= tol for c in live]
-        together = checker.check(batch, loss0, grads, passing)[1] if any(passing) else 0.0
+        if all(passing):
+            together = checker.actions(batch, loss0, moved)
+        elif any(passing):
+            together = checker.check(batch, loss0, grads, passing)[1]
+        else:
+            together = 0.0
         if together <= tol:
             for c, on in zip(live, passing, strict=True):
                 if on:
@@ -855,9 +948,14 @@ def detect(
     nothing nonlinear lies between them; logits feeding softmax / log-softmax / logsumexp and
     linear maps followed by mean-centring give :class:`~ksbopt.Translation`. Where the graph
     cannot be read (an unknown primitive, a loop), candidates are enumerated from the
-    parameter tree, and the report says so. Every candidate is then verified (module
-    docstring): the Lie derivative <grad L, xi_g> = 0 per group [paper: NM] and the finite
-    action L(psi(theta, a)) = L(theta).
+    parameter tree, and the report says so. Every candidate is then verified on every batch
+    (see :class:`SymmetryCheck` for the two numbers): the Lie derivative per group
+    [paper: NM] and the finite action,
+
+    .. math::
+
+        \langle \nabla L(\theta), \xi_g(\theta) \rangle = 0, \qquad
+        L(\psi(\theta, a)) = L(\theta).
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> scalar`` (with ``has_aux=True``:
@@ -1033,10 +1131,17 @@ def verify(
 ) -> SymmetryReport:
     r"""Check that declared symmetries hold for a loss, group by group, on every batch.
 
-    The same two checks as :func:`detect` (module docstring): the per-group Lie derivative
-    |<grad L, xi_g>| / (|grad L| |xi_g|) [paper: NM] and the finite action
-    L(psi(theta, a)) = L(theta) for a in {0.5, 2}. A declaration that does not bind to
-    ``params`` (no leaf matched, a wrong axis) is reported with status ``"invalid"``.
+    The same two checks as :func:`detect`: the per-group Lie derivative [paper: NM] and the
+    finite action, for a in {0.5, 2},
+
+    .. math::
+
+        \frac{|\langle \nabla L, \xi_g \rangle|}{\lVert \nabla L|_g \rVert\,
+        \lVert \xi_g \rVert} \le \mathrm{tol}, \qquad
+        \frac{|L(\psi(\theta, a)) - L(\theta)|}{|L(\theta)|} \le \mathrm{tol}.
+
+    A declaration that does not bind to ``params`` (no leaf matched, a wrong axis) is
+    reported with status ``"invalid"``.
 
     Args:
       symmetries: a declaration or a list of them.

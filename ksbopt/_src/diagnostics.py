@@ -17,15 +17,20 @@ with ``optax.tree.get(state, name)``):
   prediction; the equilibrium angular update of P7a.
 
 Cost model: the charges, decomposition, violation, angles and metric identities are the
-*expensive* part (several reductions over the symmetric leaves); with ``every=N`` they are
-computed every N steps under ``lax.cond`` (one compiled program). The exact recursions
-need a few measured norms at *every* step (``|g|^2`` per group for P1/P10, ``|v|^2`` of the
-momentum buffer for P3): that *cheap* part always runs, so the predictions stay exact.
+*expensive* part (per-group sums of ``w w``, ``w u``, ``u u``, ``w g``, ``g g`` over the
+symmetric leaves); with ``every=N`` they are computed every N steps under ``lax.cond`` (one
+compiled program). The exact recursions need a few measured norms at *every* step (``|g|^2``
+per group for P1/P10, ``|v|^2`` of the momentum buffer for P3): that *cheap* part always
+runs, so the predictions stay exact. Each per-group product is reduced once per step, shared
+by every quantity that uses it; on a large leaf all of them are reduced in one pass over
+memory (one variadic reduction, see :class:`_Sums`), since an optimizer step is bound by
+memory traffic, not arithmetic.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -79,13 +84,29 @@ class NoetherDiagnostics(NamedTuple):
         charge's natural size (``1/2 |w|^2`` for scale and rescale groups,
         ``sqrt(n) |w|`` for translation, ``|A|^2 + |B|^2`` per head for linear, where the
         error is the largest entry of the k x k difference).
-      metric_charges_before, metric_charges: RMSProp/Adam: ``1/2 w^T P w`` (scale, rescale)
-        or ``<P 1, w>`` (translation) with the metric P of this step, before and after it.
+      metric_charges_before: RMSProp/Adam: ``1/2 w^T P w`` (scale, rescale) or ``<P 1, w>``
+        (translation) with the metric P of this step, before the step.
+      metric_charges: the same after the step.
       predicted_metric_charges: the metric charge after the step by [derived] P6 (Adam: with
         its momentum term).
       metric_prediction_error: normalised residual of the metric charges.
       equilibrium_angular_update: [derived] P7a ``sqrt(2 eta lam / (1 + beta))`` for scale
         groups under SGD with coupled weight decay (a scalar per symmetry).
+
+    Example:
+      >>> import jax.numpy as jnp, optax, ksbopt
+      >>> params = {"w": jnp.array([3.0, 4.0])}
+      >>> tx = ksbopt.monitor(optax.sgd(0.1), ksbopt.Scale("w", axis=None))
+      >>> u, state = tx.update({"w": jnp.array([4.0, -3.0])}, tx.init(params), params)
+      >>> d = state.diagnostics  # Q(w + u) = Q(w) + <w, u> + |u|^2 / 2
+      >>> [float(a[0][0]) for a in (d.charges_before, d.first_order, d.second_order, d.charges)]
+      [12.5, 0.0, 0.125, 12.625]
+
+    References:
+      Tanaka, Kunin, "Noether's Learning Dynamics: Role of Symmetry Breaking in Neural
+      Networks", NeurIPS 2021, https://arxiv.org/abs/2105.02716; Kunin et al., "Neural
+      Mechanics: Symmetry and Broken Conservation Laws in Deep Learning Dynamics", ICLR
+      2021, https://arxiv.org/abs/2012.04728
     """
 
     step: jax.Array
@@ -128,11 +149,29 @@ class RecursionState(NamedTuple):
 class MonitorState(NamedTuple):
     """State of :func:`monitor`.
 
+    The predictions are open-loop runs of the exact recursions of the charges, e.g. for SGD
+    with weight decay on a scale group ``x_{k+1} = (1 - eta lam)^2 x_k + eta^2 |g_k|^2``
+    ([derived] THEORY.md P1), fed with the measured norms of every step.
+
     Attributes:
       inner: the wrapped optimizer's state.
       monitor_count: steps seen (a step whose gradient is not finite is not counted).
       diagnostics: :class:`NoetherDiagnostics` of the last recorded step.
-      recursion: :class:`RecursionState`.
+      recursion: what the exact recursions carry from step to step, one entry per symmetry
+        (the predicted charge, the heavy-ball overlap ``<xi(w_k), v_{k+1}>`` of P3, the
+        charge of the momentum buffer, the previous prediction and learning rate).
+
+    Example:
+      >>> import jax.numpy as jnp, optax, ksbopt
+      >>> params = {"w": jnp.array([3.0, 4.0])}
+      >>> tx = ksbopt.monitor(optax.sgd(0.1), ksbopt.Scale("w", axis=None))
+      >>> state = tx.init(params)
+      >>> int(state.monitor_count), int(state.diagnostics.step)
+      (0, -1)
+
+    References:
+      Tanaka, Kunin, "Noether's Learning Dynamics: Role of Symmetry Breaking in Neural
+      Networks", NeurIPS 2021, https://arxiv.org/abs/2105.02716
     """
 
     inner: Any
@@ -187,27 +226,156 @@ def _group_inner(b: BoundSymmetry, x: Flat, y: Flat) -> jax.Array:
     )
 
 
-def _sq_norm(b: BoundSymmetry, x: Flat) -> jax.Array:
-    """|x restricted to each group|^2 (unsigned)."""
-    if b.symmetry.kind == "translation":
-        return _group_inner(b, x, x)
-    return b.norms(x)  # sum of squares of the generator's values, i.e. of x itself
+# Leaves with at least this many entries have all their per-group products reduced in one
+# pass over memory; smaller ones use one reduction per product (the core's own, bit for bit).
+_FUSED_MIN_SIZE = 1 << 16
+
+#: Per-group products the expensive diagnostics read, per symmetry kind ("1": the entries
+#: themselves, e.g. "w1" = sum of w). Linear symmetries use their own matrix reductions.
+_DIAGNOSE_PRODUCTS = {
+    "scale": ("ww", "wu", "uu", "wg", "gg"),
+    "rescale": ("ww", "wu", "uu", "wg", "gg"),
+    "translation": ("w1", "u1", "g1", "ww", "uu", "wu", "gg"),
+    "linear": (),
+}
 
 
-def _first_order(b: BoundSymmetry, w: Flat, u: Flat) -> jax.Array:
-    r = b.reduce(w, u)
-    return r + jnp.swapaxes(r, -1, -2) if b.symmetry.kind == "linear" else r
+def _split(rows: int) -> int:
+    """How many row blocks the fused reduction sums at once: a divisor of ``rows`` in
+    [6, 12] if there is one, else 8 (the last ``rows % 8`` rows are then summed apart).
+
+    XLA:CPU unrolls a reduction over so few elements into straight-line code; from about 15
+    on it emits a loop per output element, several times slower.
+    """
+    divisors = [d for d in range(6, 13) if rows % d == 0]
+    return max(divisors) if divisors else 8
 
 
-def _charge_scale(b: BoundSymmetry, w: Flat, q: jax.Array) -> jax.Array:
-    kind = b.symmetry.kind
-    if kind == "scale":
-        return q
-    if kind == "rescale":
-        return 0.5 * b.norms(w)
-    if kind == "translation":
-        return jnp.sqrt(b.norms(w) * _group_inner(b, w, w))
-    return b.norms(w)
+def _part_sums(part: groups_lib.AxisPart, products: Sequence[jax.Array]) -> list[jax.Array]:
+    """``part.reduce(x)`` for every x in ``products``, in one pass over memory where it pays.
+
+    XLA:CPU emits one loop per reduction, each reading its operands from memory; the
+    products of one leaf (w w, w u, u u, w g, g g, ...) would cost one pass each. Here a
+    large leaf whose groups are its trailing axes (Flax's output unit; a whole leaf) is
+    viewed as ``(s, rows / s, units)`` and all products are summed over the first axis by
+    ONE variadic reduction (one pass, the products computed on the fly), then over the
+    remaining ``rows / s`` rows by small ordinary reductions. Same sums, another summation
+    order (within rounding of the direct sums).
+    """
+    ndim = len(part.shape)
+    k = ndim - len(part.group_axes)
+    rows = math.prod(part.shape[:k])
+    trailing = part.group_axes == tuple(range(k, ndim))
+    split = _split(rows)
+    small = math.prod(part.shape) < _FUSED_MIN_SIZE or rows < split
+    if len(products) < 2 or small or not trailing:
+        return [part.reduce(x) for x in products]
+    units = math.prod(part.shape[k:])
+    block = rows // split
+    mats = [jnp.reshape(x, (rows, units)) for x in products]
+    xs = tuple(m[: split * block].reshape(split, block, units) for m in mats)
+    zeros = tuple(jnp.zeros((), x.dtype) for x in xs)
+    partial = jax.lax.reduce(
+        xs, zeros, lambda a, b: tuple(x + y for x, y in zip(a, b, strict=True)), (0,)
+    )
+    sums = []
+    for m, x in zip(mats, partial, strict=True):
+        total = jnp.sum(x, axis=0)
+        if rows > split * block:  # the rows left over by the split
+            total = total + jnp.sum(m[split * block :], axis=0)
+        sums.append(jnp.sum(total.reshape(part.size, part.block), axis=1))
+    return sums
+
+
+class _Sums:
+    """Per-group sums of products of the monitored vectors, each reduced once per step.
+
+    ``vectors`` maps a name to a flat list of leaves: ``w`` (params), ``u`` (final update),
+    ``g`` (incoming gradient), ``v`` (momentum buffer). ``requests`` maps a symmetry index to
+    the product names it will read ("wu" = sum of w * u per group, "w1" = sum of w); all of
+    one leaf are reduced together (:func:`_part_sums`), a product asked later is reduced on
+    its own. The accessors follow the core's definitions (:class:`BoundSymmetry`) for scale,
+    rescale and translation; Linear symmetries go through the core directly.
+    """
+
+    def __init__(self, binding: orbit.Binding, vectors: dict, requests: dict):
+        self.bound = binding.bound
+        self.vectors = vectors
+        self.table: dict = {}
+        wanted: dict = {}
+        for i, names in requests.items():
+            if not names:
+                continue
+            for p in self.bound[i].parts:
+                entry = wanted.setdefault(self._key(p), (p, {}))
+                entry[1].update(dict.fromkeys(names))
+        for key, (part, names) in wanted.items():
+            names = list(names)
+            sums = _part_sums(part, [self._product(part.leaf, n) for n in names])
+            self.table.update({(key, n): v for n, v in zip(names, sums, strict=True)})
+
+    @staticmethod
+    def _key(part: groups_lib.AxisPart):
+        return part.leaf, part.shape, part.group_axes, part.block
+
+    def _product(self, leaf: int, name: str) -> jax.Array:
+        a, b = name
+        x = self.vectors[a][leaf]
+        if b == "1":
+            return x
+        return jnp.square(x) if a == b else x * self.vectors[b][leaf]
+
+    def _sum(self, i: int, name: str, signed: bool) -> jax.Array:
+        b = self.bound[i]
+        vals = []
+        for p, sign in zip(b.parts, b.signs, strict=True):
+            key = (self._key(p), name)
+            if key not in self.table:
+                self.table[key] = p.reduce(self._product(p.leaf, name))
+            vals.append(sign * self.table[key] if signed else self.table[key])
+        return groups_lib.scatter_groups(b.parts, vals, b.n_groups)
+
+    def _flat(self, name: str) -> Flat:
+        return self.vectors[name]
+
+    def charge(self, i: int, x: str) -> jax.Array:
+        """Q(x) per group (:meth:`BoundSymmetry.charge`)."""
+        b = self.bound[i]
+        if b.symmetry.kind == "linear":
+            return b.charge(self._flat(x))
+        if b.symmetry.kind == "translation":
+            return self._sum(i, x + "1", False)
+        return 0.5 * self._sum(i, x + x, True)
+
+    def quadratic(self, i: int, x: str) -> jax.Array:
+        """The second-order part Q(x) of the decomposition (0 for translation)."""
+        b = self.bound[i]
+        if b.symmetry.kind == "translation":
+            return b.quadratic(self._flat(x))
+        return self.charge(i, x)
+
+    def reduce(self, i: int, x: str, y: str) -> jax.Array:
+        """<xi(x), y> per group (:meth:`BoundSymmetry.reduce`)."""
+        b = self.bound[i]
+        if b.symmetry.kind == "linear":
+            return b.reduce(self._flat(x), self._flat(y))
+        if b.symmetry.kind == "translation":
+            return self._sum(i, y + "1", False)
+        return self._sum(i, x + y, True)
+
+    def norms(self, i: int, x: str) -> jax.Array:
+        """|xi(x)|^2 per group (:meth:`BoundSymmetry.norms`)."""
+        b = self.bound[i]
+        if b.symmetry.kind in ("linear", "translation"):
+            return b.norms(self._flat(x))
+        return self._sum(i, x + x, False)
+
+    def inner(self, i: int, x: str, y: str) -> jax.Array:
+        """Unsigned per-group sum of x * y (Linear: over each head's entries)."""
+        b = self.bound[i]
+        if b.symmetry.kind == "linear":
+            return _group_inner(b, self._flat(x), self._flat(y))
+        return self._sum(i, x + y, False)
 
 
 def _residual(b: BoundSymmetry, observed, predicted, scale) -> jax.Array:
@@ -222,25 +390,6 @@ def _linear_grads(b: BoundSymmetry, g: Flat) -> tuple[jax.Array, jax.Array]:
     left = [p.to_matrix(g[p.leaf]) for p in b.parts if p.left]
     right = [p.to_matrix(g[p.leaf]) for p in b.parts if not p.left]
     return jnp.concatenate(left, axis=1), jnp.concatenate(right, axis=2)
-
-
-def _adam_metric_step(charge, overlap, quad, learning_rate, b1, weight_decay, count):
-    """[derived] P6 with Adam's momentum: the metric charge after one Adam(W) step.
-
-    With the metric P of the step, ``c = eta / (1 - b1^t)``, ``a = eta lam`` (decoupled) and
-    ``w' = (1 - a) w - c P^-1 m_{k+1}``::
-
-        1/2 w'^T P w' = (1 - a)^2 1/2 w^T P w - (1 - a) c <xi(w), m_{k+1}> + c^2 Q(P^-1/2 m)
-
-    and ``<xi(w_k), m_{k+1}> = b1 <xi(w_k), m_k>`` because ``m_{k+1} = b1 m_k + (1 - b1) g_k``
-    and ``<xi, g> = 0`` for a symmetry. ``overlap`` is ``<xi(w_k), m_k>`` and ``quad`` is
-    ``Q(P^-1/2 m_{k+1})`` (both in charge units). With ``b1 = 0`` it is RMSProp's P6.
-    """
-    dtype = jnp.result_type(charge)
-    t = jnp.asarray(count, dtype)
-    c = _safe_div(jnp.asarray(learning_rate, dtype), 1 - jnp.asarray(b1, dtype) ** t)
-    keep = 1 - learning_rate * weight_decay
-    return keep**2 * charge - keep * c * b1 * overlap + c**2 * quad
 
 
 # --------------------------------------------------------------------------- the plan
@@ -331,8 +480,9 @@ def monitor(
     with ``optax.tree.get(state, "charges")``, ``optax.tree.get(state, "prediction_error")``,
     ... (each a tuple with one array per symmetry), or with :class:`ksbopt.Recorder`.
 
-    Place the monitor OUTSIDE ``optax.apply_if_finite`` / ``optax.MultiSteps`` so that it
-    sees the steps actually applied (``optax.MultiSteps(ksbopt.monitor(tx, sym), k)``). The
+    Let ``optax.MultiSteps`` / ``optax.apply_if_finite`` wrap the monitor, not the other way
+    round, so that it sees only the steps actually applied and the mean gradient
+    (``optax.MultiSteps(ksbopt.monitor(tx, sym), k)``; docs/howto/wrappers.md). The
     incoming updates must be the loss gradient: weight decay belongs inside ``tx``
     (``optax.add_decayed_weights``, ``optax.adamw``); an L2 term inside the loss shows up as
     a symmetry violation. A step whose gradient is not finite leaves the diagnostics and the
@@ -383,11 +533,7 @@ def monitor(
             f"learning_rate={learning_rate!r} is given twice (also dynamics.learning_rate="
             f"{dyn.learning_rate!r}); give it once, in the dynamics."
         )
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise ValueError(
-            f"{every=} must be a positive int: compute the diagnostics every "
-            "`every` steps (1: every step)."
-        )
+    every = _check_every(every)
     inner = optax.with_extra_args_support(tx)
     explicit_lr = learning_rate if dyn is None or dyn.learning_rate is None else dyn.learning_rate
 
@@ -430,19 +576,19 @@ def monitor(
         zeros = [jnp.zeros_like(x) for x in w]
         q0 = [b.charge(w) for b in binding.bound]
         hb = ("hb", "hbd")
+        # Zeros computed from q (not jnp.zeros_like) so that under jit they inherit the
+        # charges' sharding instead of coming out replicated (tests/test_sharding.py).
+        zero = lambda q, p: jnp.where(jnp.isfinite(q), 0 * q, 0) if p.recursion in hb else None
         recursion = RecursionState(
             predicted_carry=_some(q0, plans, lambda q, p: q),
-            overlap_carry=_some(
-                q0, plans, lambda q, p: jnp.zeros_like(q) if p.recursion in hb else None
-            ),
-            velocity_carry=_some(
-                q0, plans, lambda q, p: jnp.zeros_like(q) if p.recursion in hb else None
-            ),
+            overlap_carry=_some(q0, plans, zero),
+            velocity_carry=_some(q0, plans, zero),
             previous_carry=_some(q0, plans, lambda q, p: q if p.recursion == "shift_hb" else None),
             learning_rate_carry=_some(q0, plans, lambda q, p: jnp.zeros((), q.dtype)),
         )
         ctx = _Context(binding, plans, dyn, w, zeros, zeros, inner_state, inner_state, lr)
-        diagnostics = _diagnose(ctx, recursion, jnp.full((), -1, jnp.int32))
+        sums = ctx.sums(_diagnose_requests(ctx))
+        diagnostics = _no_step(_diagnose(ctx, recursion, jnp.full((), -1, jnp.int32), sums))
         return _strong((diagnostics, recursion))
 
     # One compilation for init instead of hundreds of eager operations, shared by monitors
@@ -475,11 +621,21 @@ def monitor(
             inner_state,
             lr,
         )
-        recursion, ok = _advance(ctx, state.recursion)
+        static_every = isinstance(every, int)
+        if static_every and every == 1:
+            # One pass over each leaf serves the recursions and the diagnostics.
+            both = _diagnose_requests(ctx)
+            for i, names in _advance_requests(ctx).items():
+                both[i] = both[i] + names
+            sums = ctx.sums(both)
+        else:
+            sums = ctx.sums(_advance_requests(ctx))
+        recursion, ok = _advance(ctx, state.recursion, sums)
         recursion = _strong(recursion)
 
-        def compute():
-            return _strong(_diagnose(ctx, recursion, step))
+        def compute(sums=None):
+            sums = ctx.sums(_diagnose_requests(ctx)) if sums is None else sums
+            return _strong(_diagnose(ctx, recursion, step, sums))
 
         # A step whose gradient (or diagnostics) is not finite keeps the old state.
         def keep(ok, new, old):
@@ -489,8 +645,8 @@ def monitor(
             new = compute()
             return keep(ok & _all_finite(new), new, state.diagnostics)
 
-        if every == 1:
-            diagnostics = compute()
+        if static_every and every == 1:
+            diagnostics = compute(sums)
             ok = ok & _all_finite(diagnostics)
             diagnostics = keep(ok, diagnostics, state.diagnostics)
         else:
@@ -501,9 +657,80 @@ def monitor(
         recursion = keep(ok, recursion, state.recursion)
         count = jnp.where(ok, optax.safe_increment(step), step)
         new_state = MonitorState(inner_state, count, diagnostics, recursion)
-        return new_updates, new_state
+        return _ordered_after(new_updates, ok), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _ordered_after(updates, flag: jax.Array):
+    """``updates``, bit for bit, made to depend on ``flag`` (computed from the diagnostics).
+
+    With donated buffers, ``optax.apply_updates(params, updates)`` writes the new parameters
+    over the old ones. Every reduction of the monitor reads the old parameters; when XLA
+    cannot see from the data flow that they all run before that write, it copies the
+    parameters first (a full extra pass over memory). Subtracting an exact zero derived from
+    ``flag`` orders the write after the diagnostics at no cost (the subtraction fuses into
+    the parameter update): ``x - (+0.0)`` is ``x`` for every float, signed zeros, infinities
+    and NaN included.
+    """
+    zero = jnp.asarray(flag).astype(jnp.float32) * 0.0  # +0.0 whatever the flag
+
+    def after(u):
+        if u is None or not jnp.issubdtype(jnp.result_type(u), jnp.inexact):
+            return u
+        return u - zero.astype(jnp.result_type(u))
+
+    return jax.tree.map(after, updates)
+
+
+def _check_every(every):
+    """``every`` as a Python int, or as a traced integer scalar.
+
+    ``optax.inject_hyperparams(ksbopt.monitor)`` injects every int argument, ``every``
+    included even when left at its default, as an array that is traced inside ``update``: a
+    traced value takes the ``lax.cond`` path (the same diagnostics as the int).
+    """
+    if (
+        isinstance(every, jax.Array)
+        and jnp.ndim(every) == 0
+        and jnp.issubdtype(every.dtype, jnp.integer)
+    ):
+        if isinstance(every, jax.core.Tracer):
+            return every  # validated when inject_hyperparams' init built it concretely
+        every = int(every)
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(
+            f"{every=} must be a positive int: compute the diagnostics every "
+            "`every` steps (1: every step)."
+        )
+    return every
+
+
+#: Fields of :class:`NoetherDiagnostics` that describe a step (0 when no step was taken).
+_STEP_FIELDS = (
+    "first_order",
+    "second_order",
+    "weight_decay_term",
+    "violation",
+    "angular_update",
+    "relative_update",
+    "prediction_error",
+    "metric_prediction_error",
+)
+
+
+def _no_step(d: NoetherDiagnostics) -> NoetherDiagnostics:
+    """The record at ``init``: no step was taken (g = u = 0), so the step fields are 0.
+
+    They are computed as for any step, which gives 0 except where a charge overflowed the
+    compute dtype (|w| > 1.8e19 in float32): there 0 * inf is NaN, and the definition (0)
+    is written instead, so that no NaN enters the state (docs/edge_cases.md).
+    """
+
+    def zero_nan(x):
+        return None if x is None else jnp.where(jnp.isnan(x), jnp.zeros_like(x), x)
+
+    return d._replace(**{f: tuple(map(zero_nan, getattr(d, f))) for f in _STEP_FIELDS})
 
 
 _JIT_CACHE: dict = {}
@@ -563,13 +790,36 @@ class _Context:
         state = self.inner_old if old else self.inner_new
         return orbit.promote(jax.tree.leaves(optax.tree.get(state, key)))
 
+    def sums(self, requests: dict) -> _Sums:
+        """Per-group sums of the products in ``requests`` (symmetry index -> names)."""
+        vectors = {"w": self.w, "u": self.u, "g": self.g}
+        if any("v" in name for names in requests.values() for name in names):
+            vectors["v"] = self.buffer("trace")
+        return _Sums(self.binding, vectors, requests)
 
-def _advance(ctx: _Context, rec: RecursionState) -> tuple[RecursionState, jax.Array]:
+
+def _advance_requests(ctx: _Context) -> dict:
+    """Products the exact recursions read at every step (scale and rescale groups)."""
+    out = {}
+    for i, plan in enumerate(ctx.plans):
+        if plan.kind in ("scale", "rescale"):
+            if plan.recursion == "sgd":
+                out[i] = ("gg",)
+            elif plan.recursion in ("hb", "hbd"):
+                out[i] = ("vv",)
+    return out
+
+
+def _diagnose_requests(ctx: _Context) -> dict:
+    """Products the expensive diagnostics read."""
+    return {i: _DIAGNOSE_PRODUCTS[b.symmetry.kind] for i, b in enumerate(ctx.binding.bound)}
+
+
+def _advance(ctx: _Context, rec: RecursionState, sums: _Sums) -> tuple[RecursionState, jax.Array]:
     """One step of every exact recursion (the cheap part: runs at every step)."""
     dyn = ctx.dyn
     out = {name: list(getattr(rec, name)) for name in RecursionState._fields}
     checks = []
-    trace = None
     for i, (b, plan) in enumerate(zip(ctx.binding.bound, ctx.plans, strict=True)):
         if plan.recursion is None:
             continue
@@ -583,12 +833,10 @@ def _advance(ctx: _Context, rec: RecursionState) -> tuple[RecursionState, jax.Ar
                 ga, gb = _linear_grads(b, ctx.g)
                 new = theory.linear_sgd_step(q, ga, gb, lr, wd)  # [derived] P10
             else:
-                new = theory.scale_sgd_step(q, b.quadratic(ctx.g), lr, wd)  # P1
+                new = theory.scale_sgd_step(q, sums.quadratic(i, "g"), lr, wd)  # P1
             checks.append(jnp.sum(new))  # a non-finite gradient skips the step
         elif plan.recursion in ("hb", "hbd"):
-            if trace is None:
-                trace = ctx.buffer("trace")
-            qv = b.quadratic(trace)
+            qv = sums.quadratic(i, "v")
             checks.append(jnp.sum(qv))
             ratio = _safe_div(lr_prev, lr)  # carried norms refer to last step's eta
             if plan.recursion == "hb":  # [derived] P3, coupled weight decay
@@ -614,17 +862,20 @@ def _advance(ctx: _Context, rec: RecursionState) -> tuple[RecursionState, jax.Ar
     return RecursionState(**{k: tuple(v) for k, v in out.items()}), ok
 
 
-def _diagnose(ctx: _Context, rec: RecursionState, step: jax.Array) -> NoetherDiagnostics:
+def _diagnose(
+    ctx: _Context, rec: RecursionState, step: jax.Array, sums: _Sums
+) -> NoetherDiagnostics:
     """The expensive part: charges, decomposition, violation, angles, metric identities."""
     fields = {name: [] for name in NoetherDiagnostics._fields if name != "step"}
-    w, u, g = ctx.w, ctx.u, ctx.g
     metric = _Metric(ctx) if any(p.metric for p in ctx.plans) else None
     for i, (b, plan) in enumerate(zip(ctx.binding.bound, ctx.plans, strict=True)):
-        dtype = _dtype(b, w)
+        dtype = _dtype(b, ctx.w)
         kind = plan.kind
-        q0 = b.charge(w)
-        first = _first_order(b, w, u)
-        second = b.quadratic(u)
+        q0 = sums.charge(i, "w")
+        first = sums.reduce(i, "w", "u")
+        if kind == "linear":
+            first = first + jnp.swapaxes(first, -1, -2)
+        second = sums.quadratic(i, "u")
         q1 = q0 + first + second
         fields["charges_before"].append(q0)
         fields["charges"].append(q1)
@@ -632,20 +883,22 @@ def _diagnose(ctx: _Context, rec: RecursionState, step: jax.Array) -> NoetherDia
         fields["second_order"].append(second)
 
         # Symmetry violation of the gradient.
-        r = b.reduce(w, g)
-        gg = _sq_norm(b, g)
+        r = sums.reduce(i, "w", "g")
+        gg = sums.inner(i, "g", "g") if kind == "translation" else sums.norms(i, "g")
         if kind == "linear":
-            proj = jnp.sum(b.solve_gram(w, r) * r, axis=(-2, -1))
+            proj = jnp.sum(b.solve_gram(ctx.w, r) * r, axis=(-2, -1))
             violation = jnp.sqrt(_safe_div(jnp.maximum(proj, 0), gg))
         else:
-            violation = _safe_div(r, jnp.sqrt(b.norms(w) * gg))
+            violation = _safe_div(r, jnp.sqrt(sums.norms(i, "w") * gg))
         fields["violation"].append(violation)
 
         # Angles and sizes of the step, per group (unsigned inner products).
         if kind == "scale":
             ww, uu, wu = 2 * q0, 2 * second, first
+        elif kind == "translation":
+            ww, uu, wu = sums.inner(i, "w", "w"), sums.inner(i, "u", "u"), sums.inner(i, "w", "u")
         else:
-            ww, uu, wu = _sq_norm(b, w), _sq_norm(b, u), _group_inner(b, w, u)
+            ww, uu, wu = sums.norms(i, "w"), sums.norms(i, "u"), sums.inner(i, "w", "u")
         cross = jnp.sqrt(jnp.maximum(ww * uu - wu * wu, 0))
         fields["angular_update"].append(jnp.arctan2(cross, ww + wu))
         fields["relative_update"].append(jnp.sqrt(_safe_div(uu, ww)))
@@ -665,7 +918,13 @@ def _diagnose(ctx: _Context, rec: RecursionState, step: jax.Array) -> NoetherDia
         if plan.recursion is not None:
             pred = rec.predicted_carry[i]
             fields["predicted_charges"].append(pred)
-            fields["prediction_error"].append(_residual(b, q1, pred, _charge_scale(b, w, q0)))
+            scale = {
+                "scale": q0,
+                "rescale": 0.5 * ww,
+                "translation": jnp.sqrt(sums.norms(i, "w") * ww),
+                "linear": ww,
+            }[kind]
+            fields["prediction_error"].append(_residual(b, q1, pred, scale))
         else:
             fields["predicted_charges"].append(None)
             fields["prediction_error"].append(None)
@@ -733,7 +992,7 @@ class _Metric:
             # [derived] P6 = P1 in the coordinates P^(1/2) w: SGD with gradient P^(-1/2) g.
             pred = theory.scale_sgd_step(m0, b.quadratic(whiten(g)), lr, wd)
         else:
-            pred = _adam_metric_step(
+            pred = theory.adam_metric_charge_step(
                 m0,
                 b.reduce(w, self.mu_old),
                 b.quadratic(whiten(self.mu_new)),

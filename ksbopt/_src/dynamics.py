@@ -66,7 +66,9 @@ def check_learning_rate(
             "optax.inject_hyperparams state."
         )
     if isinstance(learning_rate, numbers.Real) and learning_rate < 0:
-        raise ValueError(f"{name}={learning_rate} must be >= 0 (the step size eta).")
+        raise ValueError(
+            f"{name}={learning_rate} must be >= 0 (the step size eta), e.g. {name}=0.1."
+        )
 
 
 def _check_unit(value: Any, name: str, *, upper_open: bool = True) -> None:
@@ -81,15 +83,17 @@ def _check_unit(value: Any, name: str, *, upper_open: bool = True) -> None:
 
 def _check_nonneg(value: Any, name: str) -> None:
     if not _is_number(value):
-        raise TypeError(f"{name}={value!r} must be a non-negative number.")
+        raise TypeError(f"{name}={value!r} must be a non-negative number, e.g. {name}=0.0.")
     if not isinstance(value, jax.core.Tracer) and float(value) < 0:
-        raise ValueError(f"{name}={value} must be >= 0.")
+        raise ValueError(f"{name}={value} must be >= 0, e.g. {name}=0.0 (none).")
 
 
 @dataclasses.dataclass(frozen=True)
 class Dynamics:
-    """The learning rule a monitored optimizer follows (see :func:`sgd`, :func:`rmsprop`,
-    :func:`adam`, which build it).
+    """The learning rule a monitored optimizer follows, as :func:`ksbopt.monitor` reads it.
+
+    Build it with :func:`sgd`, :func:`rmsprop` or :func:`adam`, which validate the numbers;
+    the monitor reads it to choose the exact recursion of each charge.
 
     Attributes:
       kind: ``"sgd"``, ``"rmsprop"`` or ``"adam"``.
@@ -101,9 +105,20 @@ class Dynamics:
         (``u = ... - eta lam w``), False if it is added to the gradient.
       nesterov: Nesterov momentum (sgd).
       decay: the second-moment decay (rmsprop ``decay``, adam ``b2``).
-      eps: epsilon of the metric; eps_root: adam's epsilon inside the square root.
+      eps: epsilon of the metric.
+      eps_root: adam's epsilon inside the square root.
       eps_in_sqrt: rmsprop's placement of eps (optax's default True).
       bias_correction: whether the second moment is bias-corrected (always for adam).
+
+    Example:
+      >>> import ksbopt
+      >>> d = ksbopt.dynamics.sgd(0.1, momentum=0.9, weight_decay=5e-4)
+      >>> isinstance(d, ksbopt.dynamics.Dynamics), d.momentum, d.decoupled
+      (True, 0.9, False)
+
+    References:
+      Tanaka, Kunin, "Noether's Learning Dynamics: Role of Symmetry Breaking in Neural
+      Networks", NeurIPS 2021, https://arxiv.org/abs/2105.02716
     """
 
     kind: str
@@ -134,7 +149,11 @@ class Dynamics:
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}={getattr(self, name)!r} must be True or False.")
         if self.nesterov and self.kind != "sgd":
-            raise ValueError(f"nesterov=True is only described for sgd, not {self.kind}.")
+            raise ValueError(
+                f"nesterov=True is only described for sgd, not {self.kind}; write "
+                "ksbopt.dynamics.sgd(learning_rate, momentum, nesterov=True) for optax.sgd with "
+                f"nesterov=True, or leave nesterov=False for {self.kind}."
+            )
 
     # ------------------------------------------------------------------ properties
 

@@ -110,6 +110,11 @@ def normalize_axis(axis: int, ndim: int, *, what: str, path: str, shape: tuple[i
     """A non-negative axis, or a ``ValueError`` naming the leaf, its shape and the axis."""
     if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
         raise TypeError(f"{what}={axis!r} must be an int (negative counts from the end) or None.")
+    if ndim == 0:
+        raise ValueError(
+            f"{what}={axis} cannot apply to leaf {path!r} with shape {shape}: a scalar has no "
+            "unit axis; write axis=None (the scalar is one group) or leave it out of the selection."
+        )
     if not -ndim <= axis < ndim:
         raise ValueError(
             f"{what}={axis} is out of range for leaf {path!r} with shape {shape} (ndim={ndim}); "

@@ -26,13 +26,27 @@ MODES = ("exact", "nld")
 class NoetherRmspropState(NamedTuple):
     """State of :func:`noether_rmsprop`.
 
+    In exact mode the accumulator follows the squared norm of the virtual normalised layer,
+    ``x_{k+1} = (1 - eta lambda)^2 x_k + eta^2 |g_hat_k|^2 / x_k`` without momentum
+    ([derived] THEORY.md P1, P2).
+
     Attributes:
       accumulator: one array per declared symmetry, one scalar per group: the virtual
-        squared norm x = |w|^2 of the normalised layer (``mode="exact"``) or RMSProp's
+        squared norm ``x = |w|^2`` of the normalised layer (``mode="exact"``) or RMSProp's
         accumulator G (``mode="nld"``).
       momentum: heavy-ball buffer shaped like the parameters (on grouped leaves in exact
         mode it is the buffer of the virtual normalised layer; unused on them in nld mode).
-      initial: the charges 1/2 |w|^2 at ``init``; the weights' norms are held there.
+      initial: the charges ``1/2 |w|^2`` at ``init``; the weights' norms are held there.
+
+    Example:
+      >>> import jax.numpy as jnp, ksbopt
+      >>> tx = ksbopt.noether_rmsprop(0.1, symmetries=ksbopt.Scale("w", axis=-1))
+      >>> tx.init({"w": jnp.array([[3.0], [4.0]])}).accumulator
+      (Array([25.], dtype=float32),)
+
+    References:
+      Tanaka, Kunin, "Noether's Learning Dynamics: Role of Symmetry Breaking in Neural
+      Networks", NeurIPS 2021, https://arxiv.org/abs/2105.02716 (Eq. 15-18)
     """
 
     accumulator: tuple
@@ -98,7 +112,7 @@ def noether_rmsprop(
 
     ``mode="exact"`` [derived] THEORY.md P1, P2, P3: the accumulator is the squared norm x
     that the group WOULD have if it were a normalised layer trained by that SGD. It starts at
-    x_0 = |w_0|^2 and, with v the heavy-ball buffer of the virtual layer
+    :math:`x_0 = \lVert w_0 \rVert^2` and, with v the heavy-ball buffer of the virtual layer
     :math:`\tilde w = \sqrt{x}\, u`,
 
     .. math::
@@ -125,9 +139,9 @@ def noether_rmsprop(
         G \leftarrow \rho G + (1 - \rho) \lVert\hat g\rVert^2, \quad
         u \leftarrow \mathrm{normalize}(u - \eta_{RMS}\, \hat g / \sqrt{G}),
 
-    with G_0 = 2 lambda (1 - beta) |w_0|^4 / eta (NLD's r^4(0) as the epsilon, with the
-    noise-dominated coefficient c_beta = 2 eta / (1 - beta)^2, see
-    :func:`ksbopt._src.theory.nld_coefficient`). No momentum buffer on the groups. It is an
+    with :math:`G_0 = 2 \lambda (1 - \beta) \lVert w_0 \rVert^4 / \eta` (NLD's r^4(0) as the
+    epsilon, with the noise-dominated coefficient c_beta = 2 eta / (1 - beta)^2, see
+    :func:`ksbopt.theory.nld_coefficient`). No momentum buffer on the groups. It is an
     APPROXIMATION of heavy ball on a normalised layer, matched to the stationary angular
     update sqrt(2 eta lambda / (1 + beta)) (P7a). Measured against SGD + momentum + weight
     decay on a normalised layer under minibatch noise, per unit and 100-step window of the
@@ -148,7 +162,10 @@ def noether_rmsprop(
     re-parametrisation. Use ``mode="exact"`` to reproduce heavy ball exactly.
 
     Zero-norm groups stay at zero (no NaN). The update of a group is computed as a
-    retraction onto its initial norm, so the norms do not drift over steps.
+    retraction onto its initial norm, so the norms do not drift over steps. A step whose
+    gradient, group norms or accumulators are not finite (a NaN / inf gradient; ``|w|^2`` or
+    the accumulator overflowing the compute dtype, e.g. ``|w| > 1.8e19`` in float32) is
+    skipped: zero updates on every leaf, state unchanged (docs/edge_cases.md).
 
     Args:
       learning_rate: eta (> 0).
@@ -219,7 +236,7 @@ def noether_rmsprop(
             if i not in grouped:
                 new_v[i] = beta * v[i] + g[i] + lam * w[i]
                 new_w[i] = w[i] - eta * new_v[i]
-        accs = []
+        accs, group_scalars = [], []
         for b, acc, q0 in zip(binding.bound, state.accumulator, state.initial):
             r2 = 2 * b.charge(w)
             r = jnp.sqrt(r2)
@@ -247,8 +264,12 @@ def noether_rmsprop(
             norm = jnp.sqrt(2 * b.charge(cand))
             new_w = orbit._apply(new_w, b.act(cand, _safe_div(jnp.sqrt(2 * q0), norm)), add=False)
             accs.append(acc)
-        # A non-finite gradient skips the step: zero updates, state unchanged.
-        ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in g]))
+            group_scalars += [r2, acc, norm]
+        # A non-finite gradient skips the step: zero updates, state unchanged. So does a group
+        # whose squared norm or accumulator is not finite (|w|^2 beyond the compute dtype's
+        # range, e.g. |w| > 1.8e19 in float32): its ratios would be inf / inf = NaN. Both
+        # checks are reductions already at hand (per group scalars, the gradient).
+        ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in g + group_scalars]))
         new = [jnp.where(ok, n - x, 0).astype(u.dtype) for n, x, u in zip(new_w, w, flat_u)]
         out = jax.tree.unflatten(jax.tree.structure(updates), new)
         buf = jax.tree.unflatten(

@@ -1318,6 +1318,8 @@ class Analyzer:
         self.constval: dict[int, float] = {}
         self.pview: dict[int, tuple[int, Labels]] = {}
         self.reach_index: dict[int, list] = {}
+        self._starts: dict[int, tuple[str, Any]] = {}  # leaf -> its first multiplicative use
+        self._added: set[int] = set()  # leaves added to something (biases)
         # Values computed from parameters and constants only (no data): weight norms.
         self.param_only: set[int] = {id(v) for v in graph.leaf_vars}
         for i, v in enumerate(graph.leaf_vars):
@@ -1344,6 +1346,7 @@ class Analyzer:
                 new = relabel(node, lab)
                 if new is not None:
                     self.pview[id(node.outs[0])] = (leaf, new)
+            self._note_uses(node)
 
     def _const_step(self, node: Node) -> None:
         ins = [self.constval.get(id(x)) for x in node.ins]
@@ -1381,40 +1384,46 @@ class Analyzer:
 
     # ------------------------------------------------------------------ starts
 
+    def _note_uses(self, node: Node) -> None:
+        """Record how leaves enter ``node`` (part of the one pass of ``__init__``): the first
+        use of a leaf that is neither a layout change nor an addition decides :meth:`start`."""
+        if node.prim in LAYOUT and node.outs and id(node.outs[0]) in self.pview:
+            return  # a view of the leaf, followed further on
+        for pos, x in enumerate(node.ins):
+            pv = self.pview.get(id(x))
+            if pv is None or pv[0] in self._starts:
+                continue
+            leaf, lab = pv
+
+            def axes_of(ks, lab=lab):
+                return frozenset(a[0] for k in ks for a in lab[k] if a[0] is not None)
+
+            name = node.prim
+            if name == "dot_general":
+                (lc, rc), _ = node.params["dimension_numbers"]
+                c = lc if pos == 0 else rc
+                use = "dot", axes_of([k for k in range(len(x.shape)) if k not in c])
+            elif name == "conv_general_dilated" and pos == 1:
+                use = "conv", axes_of([node.params["dimension_numbers"][1][0]])
+            elif name in ("mul", "div"):
+                use = "mul", axes_of(range(len(x.shape)))
+            elif name == "gather" and pos == 0:
+                dn = node.params["dimension_numbers"]
+                skip = set(dn.collapsed_slice_dims) | set(dn.start_index_map)
+                use = "gather", axes_of([k for k in range(len(x.shape)) if k not in skip])
+            elif name in ("add", "sub", "add_any"):
+                self._added.add(leaf)
+                continue
+            else:
+                use = "ambiguous", name
+            self._starts[leaf] = use
+
     def start(self, leaf: int) -> tuple[str, Any]:
         """How a leaf enters the loss: ("dot"|"conv"|"mul"|"gather", unit axes), ("bias",
         None), ("unused", None) or ("ambiguous", primitive)."""
-        saw_add = False
-        for node in self.graph.nodes:
-            for pos, x in enumerate(node.ins):
-                pv = self.pview.get(id(x))
-                if pv is None or pv[0] != leaf:
-                    continue
-                if node.prim in LAYOUT and id(node.outs[0]) in self.pview:
-                    continue
-                lab = pv[1]
-
-                def axes_of(ks, lab=lab):
-                    return frozenset(a[0] for k in ks for a in lab[k] if a[0] is not None)
-
-                name = node.prim
-                if name == "dot_general":
-                    (lc, rc), _ = node.params["dimension_numbers"]
-                    c = lc if pos == 0 else rc
-                    return "dot", axes_of([k for k in range(len(x.shape)) if k not in c])
-                if name == "conv_general_dilated" and pos == 1:
-                    return "conv", axes_of([node.params["dimension_numbers"][1][0]])
-                if name in ("mul", "div"):
-                    return "mul", axes_of(range(len(x.shape)))
-                if name == "gather" and pos == 0:
-                    dn = node.params["dimension_numbers"]
-                    skip = set(dn.collapsed_slice_dims) | set(dn.start_index_map)
-                    return "gather", axes_of([k for k in range(len(x.shape)) if k not in skip])
-                if name in ("add", "sub", "add_any"):
-                    saw_add = True
-                    continue
-                return "ambiguous", name
-        return ("bias", None) if saw_add else ("unused", None)
+        if leaf in self._starts:
+            return self._starts[leaf]
+        return ("bias", None) if leaf in self._added else ("unused", None)
 
     # ------------------------------------------------------------------ runs
 

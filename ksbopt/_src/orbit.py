@@ -158,7 +158,9 @@ def tangent_coefficients(binding: Binding, flat: Flat, u: Flat) -> list[jax.Arra
     for comp in binding.components:
         syms = [binding.bound[i] for i in comp]
         if len(syms) == 1:
-            coefs[comp[0]] = syms[0].solve_gram(flat, syms[0].reduce(flat, u))
+            # The fast path: no Gram matrix, a closed form per group (one reduction per leaf
+            # for Scale / Rescale / Translation, besides the norms).
+            coefs[comp[0]] = syms[0].coefficients(flat, u)
             continue
         r = jnp.concatenate([s.reduce(flat, u).reshape(-1) for s in syms])
         gram = jnp.block(
@@ -185,10 +187,18 @@ def project(binding: Binding, flat: Flat, u: Flat) -> tuple[Flat, list[jax.Array
 
 
 def move(
-    binding: Binding, w: Flat, u: Flat, targets: Sequence[jax.Array], max_sweeps: int = 256
+    binding: Binding,
+    w: Flat,
+    u: Flat,
+    targets: Sequence[jax.Array],
+    max_sweeps: int = 256,
+    charges: Sequence[jax.Array] | None = None,
 ) -> tuple[Flat, jax.Array]:
     """Replace the step ``u`` by u' so that w + u' is on the orbit of w + u with the target
     charges.
+
+    ``charges``, if given, are the charges Q(w + u) per symmetry that the caller computed
+    already; closed-form moves use them instead of measuring them again.
 
     Returns the new update leaves and the largest relative residual |Q - target| / scale over
     the iterative solves (Linear, overlapping symmetries); closed-form moves are exact up to
@@ -200,7 +210,8 @@ def move(
         syms = [binding.bound[i] for i in comp]
         tgts = [targets[i] for i in comp]
         if len(syms) == 1:
-            out = _apply(out, syms[0].step_to(w, u, tgts[0]), add=False)
+            q = None if charges is None else charges[comp[0]]
+            out = _apply(out, syms[0].step_to(w, u, tgts[0], charge=q), add=False)
             if not syms[0].closed_form_move:
                 measured.append(comp[0])
             continue

@@ -5,10 +5,10 @@ Every function takes a :class:`~ksbopt._src.recorder.History` (``recorder.histor
 pyplot, so no display is needed) and, given ``path``, saves it as a PNG.
 
 - :func:`plot_charges`: charges observed vs predicted per symmetry (layer);
-- :func:`plot_effective_learning_rate`: eta / |w|^2 of scale groups over time;
+- :func:`plot_effective_learning_rate`: ``eta / |w|^2`` of scale groups over time;
 - :func:`plot_angular_update`: the angular update per step against its P7a equilibrium;
 - :func:`plot_decomposition`: the per-step change of a charge, stacked by source;
-- :func:`plot_prediction_error`: |observed - predicted| / scale over time.
+- :func:`plot_prediction_error`: ``|observed - predicted| / scale`` over time.
 """
 
 from __future__ import annotations
@@ -61,7 +61,10 @@ def _selected(h: History, symmetries, need: str | None = None) -> list[int]:
                 raise ValueError(f"symmetry={s!r} is not one of the labels {h.labels}.")
             s = h.labels.index(s)
         if not 0 <= s < len(h.labels):
-            raise ValueError(f"symmetry={s} is out of range for {len(h.labels)} symmetries.")
+            raise ValueError(
+                f"symmetry={s} is out of range for {len(h.labels)} symmetries; give an index "
+                f"in [0, {len(h.labels)}) or one of the labels {h.labels}."
+            )
         if need is None or h[need][s] is not None:
             out.append(s)
     return out
@@ -106,18 +109,41 @@ def plot_charges(
     metric: bool | None = None,
     path: str | None = None,
 ):
-    """Charges observed (solid) vs predicted (dashed), one panel per symmetry.
+    r"""Charges observed (solid) vs predicted (dashed), one panel per symmetry.
+
+    The observed curve is :math:`\sum_g Q_g` (or the mean over groups) after every recorded
+    step; the predicted one is the open-loop exact recursion of the monitor's dynamics, e.g.
+    :math:`x_{k+1} = (1 - \eta\lambda)^2 x_k + \eta^2 \lVert g_k \rVert^2` for SGD on a
+    scale group ([derived] THEORY.md P1). The two coincide for a true symmetry.
 
     Args:
-      history: a History or Recorder.
-      symmetries: indices or labels to show (default: all).
+      history: a :class:`~ksbopt.History` (``recorder.history()``) or a
+        :class:`~ksbopt.Recorder`.
+      symmetries: indices or labels of the symmetries to show (default: all).
       reduce: ``"sum"`` (the layer's total charge) or ``"mean"`` over groups.
       metric: plot the metric-weighted charges (RMSProp/Adam, P6) instead of the Euclidean
         ones; default: where the Euclidean charge has no prediction and the metric one has.
-      path: save the figure as a PNG there.
+      path: save the figure as a PNG there (default: do not save).
 
     Returns:
-      A ``matplotlib.figure.Figure``.
+      A ``matplotlib.figure.Figure`` (built without pyplot: no display needed).
+
+    Example:
+      >>> import jax.numpy as jnp, optax, ksbopt, ksbopt.plotting
+      >>> params, sym = {"w": jnp.array([3.0, 4.0])}, ksbopt.Scale("w", axis=None)
+      >>> tx = ksbopt.monitor(optax.sgd(0.1), sym, dynamics=ksbopt.dynamics.sgd(0.1))
+      >>> state, rec = tx.init(params), ksbopt.Recorder(sym)
+      >>> for step in range(3):
+      ...     u, state = tx.update({"w": jnp.array([4.0, -3.0])}, state, params)
+      ...     params = optax.apply_updates(params, u)
+      ...     _ = rec.record(step, state)
+      >>> fig = ksbopt.plotting.plot_charges(rec)
+      >>> [ax.get_title() for ax in fig.axes]
+      ['scale:w']
+
+    References:
+      Tanaka, Kunin, "Noether's Learning Dynamics: Role of Symmetry Breaking in Neural
+      Networks", NeurIPS 2021, https://arxiv.org/abs/2105.02716
     """
     h = _history(history)
     sel = _selected(h, symmetries)
@@ -152,10 +178,42 @@ def plot_charges(
 def plot_effective_learning_rate(
     history: History | Recorder, symmetries=None, *, path: str | None = None
 ):
-    """eta / ((1 - eta lam) |w|^2) of scale groups (THEORY.md P2): median and range.
+    r"""The effective learning rate of scale groups over time: median and range over groups.
+
+    SGD with weight decay on a scale group turns its direction with the step size
+    ([derived] THEORY.md P2)
+
+    .. math::
+
+        \eta_{\mathrm{eff}} = \frac{\eta}{(1 - \eta\lambda) \lVert w \rVert^2},
+
+    so a growing norm is a decaying learning rate (the implicit RMSProp of normalisation).
+
+    Args:
+      history: a :class:`~ksbopt.History` (``recorder.history()``) or a
+        :class:`~ksbopt.Recorder`.
+      symmetries: indices or labels of the symmetries to show (default: all).
+      path: save the figure as a PNG there (default: do not save).
 
     Returns:
       A ``matplotlib.figure.Figure`` (a note if no scale group has a known learning rate).
+
+    Example:
+      >>> import jax.numpy as jnp, optax, ksbopt, ksbopt.plotting
+      >>> params, sym = {"w": jnp.array([3.0, 4.0])}, ksbopt.Scale("w", axis=None)
+      >>> tx = ksbopt.monitor(optax.sgd(0.1), sym, dynamics=ksbopt.dynamics.sgd(0.1))
+      >>> state, rec = tx.init(params), ksbopt.Recorder(sym)
+      >>> for step in range(3):
+      ...     u, state = tx.update({"w": jnp.array([4.0, -3.0])}, state, params)
+      ...     params = optax.apply_updates(params, u)
+      ...     _ = rec.record(step, state)
+      >>> fig = ksbopt.plotting.plot_effective_learning_rate(rec)
+      >>> fig.axes[0].get_yscale()
+      'log'
+
+    References:
+      Tanaka, Kunin, "Noether's Learning Dynamics: Role of Symmetry Breaking in Neural
+      Networks", NeurIPS 2021, https://arxiv.org/abs/2105.02716
     """
     h = _history(history)
     sel = _selected(h, symmetries, need="effective_learning_rate")
@@ -175,10 +233,42 @@ def plot_effective_learning_rate(
 
 
 def plot_angular_update(history: History | Recorder, symmetries=None, *, path: str | None = None):
-    """Angular update per step (median and range over groups) and its P7a equilibrium.
+    r"""Angular update per step (median and range over groups) and its P7a equilibrium.
+
+    The angle between a group's vector before and after the step, and, for SGD with coupled
+    weight decay, the equilibrium it approaches ([derived] THEORY.md P7a):
+
+    .. math::
+
+        \angle(w, w + u) = \arccos \frac{\langle w, w + u \rangle}
+        {\lVert w \rVert \lVert w + u \rVert}, \qquad
+        A^* = \sqrt{2 \eta \lambda / (1 + \beta)} .
+
+    Args:
+      history: a :class:`~ksbopt.History` (``recorder.history()``) or a
+        :class:`~ksbopt.Recorder`.
+      symmetries: indices or labels of the symmetries to show (default: all).
+      path: save the figure as a PNG there (default: do not save).
 
     Returns:
       A ``matplotlib.figure.Figure``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, ksbopt, ksbopt.plotting
+      >>> params, sym = {"w": jnp.array([3.0, 4.0])}, ksbopt.Scale("w", axis=None)
+      >>> tx = ksbopt.monitor(optax.sgd(0.1), sym, dynamics=ksbopt.dynamics.sgd(0.1))
+      >>> state, rec = tx.init(params), ksbopt.Recorder(sym)
+      >>> for step in range(3):
+      ...     u, state = tx.update({"w": jnp.array([4.0, -3.0])}, state, params)
+      ...     params = optax.apply_updates(params, u)
+      ...     _ = rec.record(step, state)
+      >>> fig = ksbopt.plotting.plot_angular_update(rec)
+      >>> fig.axes[0].get_ylabel()
+      'angle per step (rad)'
+
+    References:
+      Kosson, Messmer, Jaggi, "Rotational Equilibrium: How Weight Decay Balances Learning
+      Across Neural Networks", ICML 2024, https://arxiv.org/abs/2305.17212
     """
     h = _history(history)
     sel = _selected(h, symmetries)
@@ -199,14 +289,43 @@ def plot_angular_update(history: History | Recorder, symmetries=None, *, path: s
 
 
 def plot_decomposition(history: History | Recorder, symmetry=0, *, path: str | None = None):
-    """The change of one symmetry's total charge per recorded step, stacked by source.
+    r"""The change of one symmetry's total charge per recorded step, stacked by source.
 
-    Bars: the first-order term ``<xi(w), u>`` and the second-order term ``Q(u)`` (THEORY.md
-    section 3), summed over groups; their sum is the observed change (line). The weight
-    decay's own share, when the dynamics are known, is drawn as a dotted line.
+    Bars: the two terms of the exact decomposition ([derived] THEORY.md section 3)
+
+    .. math::
+
+        Q(w + u) - Q(w) = \langle \xi(w), u \rangle + Q(u),
+
+    the first-order (metric, momentum, weight decay) and the second-order (finite-step)
+    kinetic symmetry breaking, summed over groups; their sum is the observed change (line).
+    The weight decay's own share, when the dynamics are known, is drawn as a dotted line.
+
+    Args:
+      history: a :class:`~ksbopt.History` (``recorder.history()``) or a
+        :class:`~ksbopt.Recorder`.
+      symmetry: the index or label of the one symmetry to show (default: the first).
+      path: save the figure as a PNG there (default: do not save).
 
     Returns:
       A ``matplotlib.figure.Figure``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, ksbopt, ksbopt.plotting
+      >>> params, sym = {"w": jnp.array([3.0, 4.0])}, ksbopt.Scale("w", axis=None)
+      >>> tx = ksbopt.monitor(optax.sgd(0.1), sym, dynamics=ksbopt.dynamics.sgd(0.1))
+      >>> state, rec = tx.init(params), ksbopt.Recorder(sym)
+      >>> for step in range(3):
+      ...     u, state = tx.update({"w": jnp.array([4.0, -3.0])}, state, params)
+      ...     params = optax.apply_updates(params, u)
+      ...     _ = rec.record(step, state)
+      >>> fig = ksbopt.plotting.plot_decomposition(rec, 0)
+      >>> fig.axes[0].get_ylabel()
+      'change of total charge'
+
+    References:
+      Tanaka, Kunin, "Noether's Learning Dynamics: Role of Symmetry Breaking in Neural
+      Networks", NeurIPS 2021, https://arxiv.org/abs/2105.02716
     """
     h = _history(history)
     (i,) = _selected(h, symmetry)
@@ -242,10 +361,38 @@ def plot_decomposition(history: History | Recorder, symmetry=0, *, path: str | N
 
 
 def plot_prediction_error(history: History | Recorder, symmetries=None, *, path: str | None = None):
-    """Largest |normalised residual| over groups, per record, for each predicted charge.
+    r"""Largest normalised residual over groups, per record, for each predicted charge.
+
+    The residual of group g is :math:`(Q_g - \hat Q_g) / s_g` with :math:`\hat Q_g` the
+    prediction of the exact recursion and :math:`s_g` the charge's natural size (see
+    :class:`~ksbopt.NoetherDiagnostics`); for a true symmetry it stays at rounding level
+    (about 1e-7 in float32, 1e-15 in float64).
+
+    Args:
+      history: a :class:`~ksbopt.History` (``recorder.history()``) or a
+        :class:`~ksbopt.Recorder`.
+      symmetries: indices or labels of the symmetries to show (default: all).
+      path: save the figure as a PNG there (default: do not save).
 
     Returns:
       A ``matplotlib.figure.Figure`` (a note if nothing was predicted).
+
+    Example:
+      >>> import jax.numpy as jnp, optax, ksbopt, ksbopt.plotting
+      >>> params, sym = {"w": jnp.array([3.0, 4.0])}, ksbopt.Scale("w", axis=None)
+      >>> tx = ksbopt.monitor(optax.sgd(0.1), sym, dynamics=ksbopt.dynamics.sgd(0.1))
+      >>> state, rec = tx.init(params), ksbopt.Recorder(sym)
+      >>> for step in range(3):
+      ...     u, state = tx.update({"w": jnp.array([4.0, -3.0])}, state, params)
+      ...     params = optax.apply_updates(params, u)
+      ...     _ = rec.record(step, state)
+      >>> fig = ksbopt.plotting.plot_prediction_error(rec)
+      >>> fig.axes[0].get_yscale()
+      'log'
+
+    References:
+      Tanaka, Kunin, "Noether's Learning Dynamics: Role of Symmetry Breaking in Neural
+      Networks", NeurIPS 2021, https://arxiv.org/abs/2105.02716
     """
     h = _history(history)
     series: list[tuple[str, Any]] = []

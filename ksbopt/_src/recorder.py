@@ -99,6 +99,10 @@ def summarize(
       >>> s = ksbopt.summarize(tx.init(params), ["w"])
       >>> s["noether/w/charges/mean"]
       12.5
+
+    References:
+      None: it flattens recorded numbers for a logger; :class:`NoetherDiagnostics` defines
+      them and cites the papers.
     """
     diag = _to_host(find_diagnostics(state))
     labels = _labels(symmetries, len(diag.charges))
@@ -129,6 +133,22 @@ class History:
       steps: the step index of each record.
       labels: one name per symmetry.
       fields: diagnostic name -> list (one entry per symmetry) of arrays or None.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, ksbopt
+      >>> params, sym = {"w": jnp.array([3.0, 4.0])}, ksbopt.Scale("w", axis=None)
+      >>> tx, rec = ksbopt.monitor(optax.sgd(0.1), sym), ksbopt.Recorder(sym)
+      >>> state = tx.init(params)
+      >>> for step in range(2):
+      ...     u, state = tx.update({"w": jnp.array([4.0, -3.0])}, state, params)
+      ...     _ = rec.record(step, state)
+      >>> h = rec.history()
+      >>> h.steps.tolist(), h["charges"][0].shape
+      ([0, 1], (2, 1))
+
+    References:
+      None: a table of recorded numbers; :class:`NoetherDiagnostics` defines them and cites
+      the papers.
     """
 
     steps: np.ndarray
@@ -166,11 +186,18 @@ class Recorder:
       ...     _ = rec.record(step, state)
       >>> rec.history()["charges"][0].shape
       (3, 1)
+
+    References:
+      None: host-side bookkeeping; :func:`monitor` computes the diagnostics and cites the
+      papers.
     """
 
     def __init__(self, symmetries: Any = None, *, every: int = 1):
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"{every=} must be a positive int.")
+            raise ValueError(
+                f"{every=} must be a positive int (keep one record every `every` calls of "
+                "record), e.g. every=10."
+            )
         self.symmetries = symmetries
         self.every = every
         self._records: list[NoetherDiagnostics] = []
@@ -192,6 +219,7 @@ class Recorder:
 
     @property
     def labels(self) -> list[str]:
+        """One label per symmetry (e.g. ``"scale:conv1/kernel"``), as summaries and plots show."""
         n = len(self._records[0].charges) if self._records else 0
         return _labels(self.symmetries, n)
 
@@ -215,10 +243,13 @@ class Recorder:
     def summary(self, index: int = -1, **kwargs) -> dict[str, float]:
         """:func:`summarize` of one record (default: the latest)."""
         if not self._records:
-            raise ValueError("nothing recorded yet.")
+            raise ValueError(
+                "nothing recorded yet: call recorder.record(step, state) in the training loop "
+                "before asking for a summary."
+            )
         return summarize(self._records[index], self.labels, **kwargs)
 
     def max_abs(self, name: str) -> float:
-        """The largest |value| of one diagnostic over all records, groups and symmetries."""
+        """The largest ``|value|`` of one diagnostic over all records, groups and symmetries."""
         vals: Sequence = [v for v in self.history()[name] if v is not None]
         return max((float(np.max(np.abs(v))) for v in vals), default=0.0)

@@ -27,8 +27,20 @@ class SymmetrizeState(NamedTuple):
 
     Attributes:
       initial: the charges at ``init``, one array per symmetry (the level set kept).
-      residual: largest relative charge error after the last step (float32, ~eps).
+      residual: largest relative charge error after the last step (float32, ~eps),
+        ``residual = max_g |Q_g - Q_g(w_0)| / scale_g``.
       inner_state: the base optimizer's state, in orbit-invariant coordinates.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, ksbopt
+      >>> tx = ksbopt.symmetrize(optax.adam(0.1), ksbopt.Scale("w", axis=None))
+      >>> state = tx.init({"w": jnp.array([3.0, 4.0])})
+      >>> state.initial, type(state.inner_state[0]).__name__
+      ((Array([12.5], dtype=float32),), 'ScaleByAdamState')
+
+    References:
+      Tanaka, Kunin, "Noether's Learning Dynamics: Role of Symmetry Breaking in Neural
+      Networks", NeurIPS 2021, https://arxiv.org/abs/2105.02716
     """
 
     initial: tuple

@@ -10,11 +10,19 @@ section 1 for every group at once:
   parameter space (``expand`` is J c, ``reduce`` is J^T v, i.e. <xi_g, v> per group);
 - ``gram``: the Gram operator J^T J of the symmetry's own groups (dense, for joint solves)
   and ``solve_gram``, its (pseudo-)inverse applied to a vector;
+- ``coefficients``: the projection coefficients (J^T J)^+ J^T v in one step (for Scale,
+  Rescale and Translation a closed form per group, no Gram matrix);
 - ``act``: the finite group action psi(theta, a);
-- ``move_to``: the group element whose action takes the charge to a target, and its result.
+- ``move_to``: the group element whose action takes the charge to a target, and its result;
+  ``step_to`` the same expressed as a replacement of the step u (one fused pass).
 
 All arithmetic happens in the dtype of the leaves passed in; callers pass leaves already
 promoted to at least float32 (see :func:`ksbopt._src.groups.compute_dtype`).
+
+Cost (every per-group reduction is a pass over the leaf): the leaf-sized arrays only ever
+appear inside elementwise expressions that XLA fuses into the reductions and into the final
+update; the generator's sign (Rescale's outgoing weights) and the per-group factors are
+applied to the small per-group vectors, never to a leaf.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -45,8 +54,49 @@ def _finfo_tol(x: jax.Array) -> float:
     return float(64 * jnp.finfo(x.dtype).eps)
 
 
+def _without_overflow(charge: Callable[[Flat], jax.Array], flat: Flat, leaves) -> jax.Array:
+    """``charge(flat)`` of a mixed-sign charge, with overflowing squared norms resolved.
+
+    A Rescale or Linear charge is a difference of squared norms; in float32 entries of size
+    ~1e20 overflow both to inf and their difference to NaN. The charge is homogeneous of
+    degree 2, Q(w) = m^2 Q(w / m), so where it came out NaN it is computed again from the
+    leaves divided by a power of two m (an exact division), giving a finite value or +-inf.
+    The rescaled branch only runs (``lax.cond``) when a NaN appeared.
+    """
+    q = charge(flat)
+
+    def rescaled(_):
+        top = jnp.max(jnp.stack([jnp.max(jnp.abs(flat[i]), initial=0) for i in leaves]))
+        ok = jnp.isfinite(top) & (top > 0)
+        m = jnp.where(ok, jnp.exp2(jnp.floor(jnp.log2(jnp.where(ok, top, 1)))), 1).astype(q.dtype)
+        scaled = list(flat)
+        for i in leaves:
+            scaled[i] = flat[i] / m
+        return (charge(scaled) * m) * m
+
+    return jax.lax.cond(jnp.any(jnp.isnan(q)), rescaled, lambda _: q, None)
+
+
 class Symmetry(abc.ABC):
-    """Base class of the symmetry declarations."""
+    r"""Base class of the symmetry declarations.
+
+    A declaration names a group action :math:`\psi(\theta, a)` on some leaves with
+    :math:`L(\psi(\theta, a)) = L(\theta)`; its generator is
+    :math:`\xi = \partial_a \psi |_{a = e}` and its Noether charge is the quantity a
+    learning rule's kinetic energy conserves or breaks (THEORY.md section 1). The concrete
+    declarations are :class:`Scale`, :class:`Rescale`, :class:`Translation` and
+    :class:`Linear`; every ksbopt function that takes ``symmetries`` accepts any of them or
+    a list.
+
+    Example:
+      >>> import ksbopt
+      >>> isinstance(ksbopt.Scale("conv/kernel"), ksbopt.Symmetry)
+      True
+
+    References:
+      Kunin et al., "Neural Mechanics: Symmetry and Broken Conservation Laws in Deep
+      Learning Dynamics", ICLR 2021, https://arxiv.org/abs/2012.04728
+    """
 
     kind: str = ""
 
@@ -105,6 +155,13 @@ class BoundSymmetry(abc.ABC):
     def solve_gram(self, flat: Flat, r: jax.Array) -> jax.Array:
         """(J^T J)^+ r for this symmetry's own groups (block diagonal, cheap)."""
 
+    def coefficients(self, flat: Flat, v: Flat) -> jax.Array:
+        """(J^T J)^+ J^T v: the coefficients of the projection of ``v`` on the generators.
+
+        Equal to ``solve_gram(flat, reduce(flat, v))``; subclasses may fuse the two.
+        """
+        return self.solve_gram(flat, self.reduce(flat, v))
+
     @abc.abstractmethod
     def act(self, flat: Flat, a: jax.Array) -> Moved:
         """The group action psi(theta, a), one group element per group."""
@@ -113,8 +170,14 @@ class BoundSymmetry(abc.ABC):
     def move_to(self, flat: Flat, target: jax.Array) -> Moved:
         """Move along the orbit so that the charge equals ``target`` (where reachable)."""
 
-    def step_to(self, w: Flat, u: Flat, target: jax.Array) -> Moved:
-        """The update u' with Q(w + u') = target and w + u' on the orbit of w + u."""
+    def step_to(
+        self, w: Flat, u: Flat, target: jax.Array, charge: jax.Array | None = None
+    ) -> Moved:
+        """The update u' with Q(w + u') = target and w + u' on the orbit of w + u.
+
+        ``charge``, if given, is Q(w + u) already computed by the caller (not recomputed).
+        """
+        del charge  # the generic move measures what it needs itself
         cand = [w[i] + u[i] if i in self.leaves else w[i] for i in range(len(w))]
         return {i: v - w[i] for i, v in self.move_to(cand, target).items()}
 
@@ -156,9 +219,13 @@ class _BoundAxis(BoundSymmetry):
     def _sum(self, per_part) -> jax.Array:
         return groups_lib.scatter_groups(self.parts, per_part, self._n)
 
-    def _base(self, flat: Flat, part: AxisPart, sign: int) -> jax.Array:
-        """The generator's values on the part's leaf (before the per-group coefficient)."""
-        return sign * flat[part.leaf]
+    def _base(self, flat: Flat, part: AxisPart) -> jax.Array:
+        """The generator's values on the part's leaf, up to the part's sign (xi = sign * base).
+
+        The sign is applied to the small per-group vectors, never to the leaf, so that no
+        extra leaf-sized array (such as -w) is formed.
+        """
+        return flat[part.leaf]
 
     def charge(self, flat: Flat) -> jax.Array:
         return 0.5 * self._sum(
@@ -170,20 +237,18 @@ class _BoundAxis(BoundSymmetry):
 
     def reduce(self, flat: Flat, v: Flat) -> jax.Array:
         return self._sum(
-            [p.reduce(self._base(flat, p, s) * v[p.leaf]) for p, s in zip(self.parts, self.signs)]
+            [s * p.reduce(self._base(flat, p) * v[p.leaf]) for p, s in zip(self.parts, self.signs)]
         )
 
     def expand(self, flat: Flat, c: jax.Array) -> Moved:
         out: Moved = {}
         for p, s in zip(self.parts, self.signs):
-            term = self._base(flat, p, s) * p.broadcast(c[p.offset : p.offset + p.size])
+            term = self._base(flat, p) * p.broadcast(s * self._slice(c, p))
             out[p.leaf] = out[p.leaf] + term if p.leaf in out else term
         return out
 
     def norms(self, flat: Flat) -> jax.Array:
-        return self._sum(
-            [p.reduce(jnp.square(self._base(flat, p, s))) for p, s in zip(self.parts, self.signs)]
-        )
+        return self._sum([p.reduce(jnp.square(self._base(flat, p))) for p in self.parts])
 
     def gram(self, flat: Flat) -> jax.Array:
         return jnp.diag(self.norms(flat))
@@ -193,6 +258,26 @@ class _BoundAxis(BoundSymmetry):
         # but keeps a NaN / inf of r visible to the non-finite checks of the transforms.
         n = self.norms(flat)
         return jnp.where(n != 0, r / jnp.where(n != 0, n, 1), 0 * r)
+
+    def coefficients(self, flat: Flat, v: Flat) -> jax.Array:
+        # [derived] The groups of one symmetry are disjoint, so J^T J is diagonal and
+        # c_g = <xi_g, v> / |xi_g|^2. It is computed as <xi_g, v / |xi_g|^2>, the per-group
+        # factor applied inside the reduction: the same rounding, and XLA:CPU then fuses the
+        # producer of ``v`` (e.g. -lr * momentum) into the reduction instead of storing v.
+        # A zero-norm group gets factor 0: c = 0 for finite v, NaN (visible) otherwise.
+        n = self.norms(flat)
+        inv = jnp.where(n != 0, 1 / jnp.where(n != 0, n, 1), 0)
+        return self._sum(
+            [
+                p.reduce(self._base(flat, p) * (v[p.leaf] * p.broadcast(s * self._slice(inv, p))))
+                for p, s in zip(self.parts, self.signs)
+            ]
+        )
+
+    @staticmethod
+    def _slice(c: jax.Array, p: AxisPart) -> jax.Array:
+        """The part's share of a per-group vector."""
+        return c[p.offset : p.offset + p.size]
 
     def _map(self, flat: Flat, fn) -> Moved:
         out: Moved = {}
@@ -204,8 +289,11 @@ class _BoundAxis(BoundSymmetry):
 class _BoundMultiplicative(_BoundAxis):
     """Scale and Rescale: the action multiplies each part by a per-group factor a^sign."""
 
-    def _factors(self, flat: Flat, target: jax.Array) -> jax.Array:
-        """The group element a (one per group) that takes the charge to ``target``."""
+    def _factors(self, flat: Flat, target: jax.Array, charge: jax.Array | None = None) -> jax.Array:
+        """The group element a (one per group) that takes the charge to ``target``.
+
+        ``charge`` is Q(flat) when the caller has it already (it is then not recomputed).
+        """
         raise NotImplementedError
 
     def _part_factor(self, p: AxisPart, s: int, a: jax.Array) -> jax.Array:
@@ -217,11 +305,13 @@ class _BoundMultiplicative(_BoundAxis):
     def move_to(self, flat: Flat, target: jax.Array) -> Moved:
         return self.act(flat, self._factors(flat, target))
 
-    def step_to(self, w: Flat, u: Flat, target: jax.Array) -> Moved:
+    def step_to(
+        self, w: Flat, u: Flat, target: jax.Array, charge: jax.Array | None = None
+    ) -> Moved:
         # psi(w + u, a) - w = (f - 1) w + f u with f = a^sign: written so that w + u is never
         # stored (one fused pass), and exact where f = 1.
         cand = [w[i] + u[i] if i in self.leaves else None for i in range(len(w))]
-        a = self._factors(cand, target)
+        a = self._factors(cand, target, charge)
         out: Moved = {}
         for p, s in zip(self.parts, self.signs):
             f = self._part_factor(p, s, a)
@@ -230,24 +320,32 @@ class _BoundMultiplicative(_BoundAxis):
 
 
 class _BoundScale(_BoundMultiplicative):
-    def _factors(self, flat: Flat, target: jax.Array) -> jax.Array:
+    def _factors(self, flat: Flat, target: jax.Array, charge: jax.Array | None = None) -> jax.Array:
         # [derived] psi(w, a) = a w multiplies the charge by a^2; a zero group has no orbit to
         # move along and stays where it is, as does a group asked for a non-positive charge.
-        q = self.charge(flat)
+        q = self.charge(flat) if charge is None else charge
         ok = (q > 0) & (target > 0)
         return jnp.where(ok, jnp.sqrt(jnp.where(ok, target, 1) / jnp.where(ok, q, 1)), 1)
 
 
 class _BoundRescale(_BoundMultiplicative):
-    def _factors(self, flat: Flat, target: jax.Array) -> jax.Array:
+    def charge(self, flat: Flat) -> jax.Array:
+        return _without_overflow(super().charge, flat, self.leaves)
+
+    def _squared_norms(self, flat: Flat, sign: int) -> jax.Array:
+        """Per-group squared norm of the incoming (sign 1) or outgoing (sign -1) parts."""
+        parts = [p for p, s in zip(self.parts, self.signs) if s == sign]
+        return groups_lib.scatter_groups(
+            parts, [p.reduce(jnp.square(flat[p.leaf])) for p in parts], self._n
+        )
+
+    def _factors(self, flat: Flat, target: jax.Array, charge: jax.Array | None = None) -> jax.Array:
         # [derived] with t = a^2: t^2 x_in - 2 q t - x_out = 0 (x = squared norms); take the
-        # positive root in the form that avoids cancellation for either sign of q.
-        x_in = self._sum(
-            [p.reduce(jnp.square(flat[p.leaf])) * (s > 0) for p, s in zip(self.parts, self.signs)]
-        )
-        x_out = self._sum(
-            [p.reduce(jnp.square(flat[p.leaf])) * (s < 0) for p, s in zip(self.parts, self.signs)]
-        )
+        # positive root in the form that avoids cancellation for either sign of q. (The
+        # charge itself is not needed: x_in and x_out are, one reduction each per leaf.)
+        del charge
+        x_in = self._squared_norms(flat, 1)
+        x_out = self._squared_norms(flat, -1)
         q = target
         disc = jnp.sqrt(q * q + x_in * x_out)
         t = jnp.where(q >= 0, _safe_div(q + disc, x_in), _safe_div(x_out, disc - q))
@@ -255,7 +353,7 @@ class _BoundRescale(_BoundMultiplicative):
 
 
 class _BoundTranslation(_BoundAxis):
-    def _base(self, flat: Flat, part: AxisPart, sign: int) -> jax.Array:
+    def _base(self, flat: Flat, part: AxisPart) -> jax.Array:
         return jnp.ones_like(flat[part.leaf])
 
     def charge(self, flat: Flat) -> jax.Array:
@@ -279,16 +377,23 @@ class _BoundTranslation(_BoundAxis):
     def act(self, flat: Flat, a: jax.Array) -> Moved:
         return self._map(flat, lambda w, p, s: w + p.broadcast(a[p.offset : p.offset + p.size]))
 
-    def _shift(self, flat: Flat, target: jax.Array) -> jax.Array:
+    def coefficients(self, flat: Flat, v: Flat) -> jax.Array:
+        # |xi_g|^2 is the (static) number of entries of the group: the sum divided by it.
+        return self.solve_gram(flat, self.reduce(flat, v))
+
+    def _shift(self, flat: Flat, target: jax.Array, charge: jax.Array | None = None) -> jax.Array:
         # Shifting a group by a changes <1, w> by a * (number of entries): solve for a.
-        return (target - self.charge(flat)) / self.norms(flat)
+        q = self.charge(flat) if charge is None else charge
+        return (target - q) / self.norms(flat)
 
     def move_to(self, flat: Flat, target: jax.Array) -> Moved:
         return self.act(flat, self._shift(flat, target))
 
-    def step_to(self, w: Flat, u: Flat, target: jax.Array) -> Moved:
+    def step_to(
+        self, w: Flat, u: Flat, target: jax.Array, charge: jax.Array | None = None
+    ) -> Moved:
         cand = [w[i] + u[i] if i in self.leaves else None for i in range(len(w))]
-        return self.act(u, self._shift(cand, target))
+        return self.act(u, self._shift(cand, target, charge))
 
 
 # --------------------------------------------------------------------------- linear symmetry
@@ -368,8 +473,11 @@ class _BoundLinear(BoundSymmetry):
         return p, r
 
     def charge(self, flat: Flat) -> jax.Array:
-        p, r = self._pr(flat)
-        return p - r
+        def difference(f: Flat) -> jax.Array:
+            p, r = self._pr(f)
+            return p - r
+
+        return _without_overflow(difference, flat, self.leaves)
 
     def quadratic(self, flat: Flat) -> jax.Array:
         return self.charge(flat)
@@ -544,7 +652,7 @@ def _unit_parts(
         block = 1
         if groups is not None:
             n = shape[axes[0]]
-            if n % groups:
+            if n % groups or n < groups:
                 raise ValueError(
                     f"{groups=} does not divide the {n} units of {paths[i]!r} (shape {shape}) "
                     "into equal contiguous groups; give the normalisation's number of groups "
@@ -588,7 +696,8 @@ class Scale(Symmetry):
         \psi(w, a) = a w, \qquad \xi(w) = w, \qquad Q(w) = \tfrac12 \lVert w \rVert^2 .
 
     Every minibatch gradient is orthogonal to the generator, <g, w> = 0 [paper: NM]; with
-    plain SGD the charge only grows, x_{k+1} = x_k + eta^2 |g_k|^2 (THEORY.md P1).
+    plain SGD the squared norm only grows,
+    :math:`x_{k+1} = x_k + \eta^2 \lVert g_k \rVert^2` ([derived] THEORY.md P1).
 
     Args:
       selection: which leaves form the groups: a glob over the "/"-joined key path (also
@@ -790,7 +899,8 @@ class Linear(Symmetry):
       right: leaves of B, e.g. ``"Dense_1/kernel"``.
       left_axis: the shared k axis in the left leaves (default -1, a Flax output unit).
       right_axis: the shared k axis in the right leaves (default -2, a Flax input axis).
-      left_head_axis, right_head_axis: head axes (default None: one group).
+      left_head_axis: the head axis of the left leaves (default None: one group).
+      right_head_axis: the head axis of the right leaves (default None: one group).
       max_iter: Newton steps allowed when moving to a target charge.
 
     Use :meth:`query_key` and :meth:`value_output` for Flax ``MultiHeadAttention`` kernels.

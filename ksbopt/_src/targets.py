@@ -20,7 +20,29 @@ from ksbopt._src.symmetry import BoundSymmetry
 
 
 class Target(abc.ABC):
-    """Base class: ``charge_for`` gives the target charge of one symmetry at one step."""
+    r"""Base class of charge targets: ``charge_for`` gives the target of one symmetry.
+
+    :func:`ksbopt.steer` asks the target for the charge :math:`T_g` each group g should have
+    after this step and moves the parameters along the orbit so that
+    :math:`Q_g \leftarrow Q_g + \mathrm{rate}\,(T_g - Q_g)`. A custom target overrides
+    :meth:`charge_for` (and, if it keeps state, :meth:`init_state` and :meth:`step`);
+    :meth:`check` may reject a symmetry it cannot serve at ``init``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, ksbopt
+      >>> class Doubled(ksbopt.targets.Target):
+      ...     def charge_for(self, bound, charge, initial, count):
+      ...         return 2 * initial
+      >>> params, sym = {"w": jnp.array([3.0, 4.0])}, ksbopt.Scale("w", axis=None)
+      >>> tx = ksbopt.steer(sym, Doubled())
+      >>> u, _ = tx.update({"w": jnp.zeros(2)}, tx.init(params), params)
+      >>> round(float(ksbopt.charges(optax.apply_updates(params, u), sym)[0][0]), 4)
+      25.0
+
+    References:
+      Tanaka, Kunin, "Noether's Learning Dynamics: Role of Symmetry Breaking in Neural
+      Networks", NeurIPS 2021, https://arxiv.org/abs/2105.02716
+    """
 
     def check(self, bound: BoundSymmetry) -> None:  # noqa: B027  (optional hook)
         """Raise ``ValueError`` at ``init`` if the target cannot apply to ``bound``."""
@@ -91,7 +113,11 @@ def _check_scale_value(bound: BoundSymmetry, value: Any, name: str) -> None:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class constant(Target):
-    """Hold each charge at a constant.
+    r"""Hold each charge at a constant.
+
+    The target is :math:`T_g = v` for every step (:math:`T = v I` for a ``Linear``
+    symmetry given a number), or :math:`T_g = Q_g(w_0)` for ``"initial"``, which with
+    ``rate=1`` is what :func:`ksbopt.retract` does.
 
     Args:
       value: a number (the same charge for every group; for ``Linear`` a number v means
@@ -101,6 +127,10 @@ class constant(Target):
       >>> import ksbopt
       >>> ksbopt.targets.constant("initial")
       constant(value='initial')
+
+    References:
+      Tanaka, Kunin, "Noether's Learning Dynamics: Role of Symmetry Breaking in Neural
+      Networks", NeurIPS 2021, https://arxiv.org/abs/2105.02716
     """
 
     value: Any = "initial"
@@ -125,9 +155,23 @@ class constant(Target):
 class schedule(Target):
     """A charge that follows ``fn(step)`` (an optax schedule or any jit-able function).
 
+    Args:
+      fn: ``step -> charge``; the step counts from 0. The value broadcasts like a
+        :class:`constant` value (a number for every group, or an array shaped like the
+        charge).
+
     Example:
-      >>> import optax, ksbopt
-      >>> t = ksbopt.targets.schedule(optax.linear_schedule(2.0, 1.0, 100))
+      >>> import jax.numpy as jnp, optax, ksbopt
+      >>> sym = ksbopt.Scale("w", axis=None)
+      >>> tx = ksbopt.steer(sym, ksbopt.targets.schedule(optax.linear_schedule(8.0, 2.0, 10)))
+      >>> params = {"w": jnp.array([3.0, 4.0])}
+      >>> u, _ = tx.update({"w": jnp.zeros(2)}, tx.init(params), params)
+      >>> round(float(ksbopt.charges(optax.apply_updates(params, u), sym)[0][0]), 4)
+      8.0
+
+    References:
+      Tanaka, Kunin, "Noether's Learning Dynamics: Role of Symmetry Breaking in Neural
+      Networks", NeurIPS 2021, https://arxiv.org/abs/2105.02716
     """
 
     fn: Callable[[jax.Array], Any]
@@ -142,17 +186,32 @@ class schedule(Target):
 
 @dataclasses.dataclass(frozen=True)
 class balanced(Target):
-    """Balance rescale and linear symmetries: every charge goes to 0.
+    r"""Balance rescale and linear symmetries: every charge goes to 0.
 
-    For ``Rescale`` each unit gets |w_in| = |w_out|; for ``Linear`` A^T A = B B^T (the
-    closed form of THEORY.md: G G^T = P^-1/2 (P^1/2 R P^1/2)^1/2 P^-1/2, P = A^T A,
-    R = B B^T). This is the balancing of ENorm (Stock et al., "Equi-normalization of
-    Neural Networks", ICLR 2019, https://arxiv.org/abs/1902.10416).
+    For ``Rescale`` each unit gets ``|w_in| = |w_out|``; for ``Linear``
+    :math:`A^\top A = B B^\top`, reached in closed form (THEORY.md section 6) by
+
+    .. math::
+
+        G G^\top = P^{-1/2} (P^{1/2} R P^{1/2})^{1/2} P^{-1/2}, \qquad
+        P = A^\top A, \quad R = B B^\top .
+
+    This is the balancing of ENorm.
 
     Example:
-      >>> import ksbopt
-      >>> ksbopt.targets.balanced()
-      balanced()
+      >>> import jax.numpy as jnp, optax, ksbopt
+      >>> sym = ksbopt.Rescale(incoming="a", outgoing="b")
+      >>> params = {"a": jnp.array([[4.0]]), "b": jnp.array([[1.0]])}
+      >>> tx = ksbopt.steer(sym, ksbopt.targets.balanced())
+      >>> zero = {"a": jnp.zeros((1, 1)), "b": jnp.zeros((1, 1))}
+      >>> u, _ = tx.update(zero, tx.init(params), params)
+      >>> new = optax.apply_updates(params, u)
+      >>> round(float(new["a"][0, 0]), 4), round(float(new["b"][0, 0]), 4)
+      (2.0, 2.0)
+
+    References:
+      Stock, Graham, Gribonval, Jegou, "Equi-normalization of Neural Networks", ICLR 2019,
+      https://arxiv.org/abs/1902.10416
     """
 
     def check(self, bound: BoundSymmetry) -> None:

@@ -62,7 +62,7 @@ class equilibrium(Target):
 
         A^* = \sqrt{2 \eta \lambda / (1 + \beta)}
 
-    radians per step (:func:`ksbopt._src.theory.equilibrium_angular_update`). This target
+    radians per step (:func:`ksbopt.theory.equilibrium_angular_update`). This target
     puts every group there from the first step on. It measures the tangent part u_perp of
     the base optimizer's step and keeps an EMA (bias-corrected) of
     :math:`m = \lVert w \rVert^2 \lVert u_\perp \rVert^2`, then sets
@@ -71,14 +71,18 @@ class equilibrium(Target):
 
         \lVert w \rVert^2 = x^* = \sqrt{\hat m} / A^*, \qquad Q^* = x^* / 2 .
 
-    For a base whose step scales like the gradient (SGD, heavy ball: u_perp ~ 1/|w| on a
-    scale-invariant loss) m does not depend on the norm, so the angular update
-    |u_perp| / |w| = sqrt(m) / x* equals A* right after the jump, and the charge is the
-    equilibrium of NLD Eq. 16: with u_perp = eta v_perp, x*^2 = eta |v_hat|^2 (1 + beta) /
-    (2 lambda). For uncorrelated minibatch gradients (|v_hat|^2 = |g_hat|^2 / (1 - beta^2))
+    For a base whose step scales like the gradient (SGD, heavy ball:
+    :math:`u_\perp \sim 1 / \lVert w \rVert` on a scale-invariant loss) m does not depend on
+    the norm, so the angular update
+    :math:`\lVert u_\perp \rVert / \lVert w \rVert = \sqrt{m} / x^*` equals A* right after
+    the jump, and the charge is the equilibrium of NLD Eq. 16: with
+    :math:`u_\perp = \eta v_\perp`,
+    :math:`x^{*2} = \eta \lVert \hat v \rVert^2 (1 + \beta) / (2 \lambda)`. For uncorrelated
+    minibatch gradients (:math:`\lVert \hat v \rVert^2 = \lVert \hat g \rVert^2 / (1 - \beta^2)`)
     that is the steady state r^4 with the "noise" coefficient, for coherent ones
-    (|v_hat|^2 = |g_hat|^2 / (1 - beta)^2) the one with the "printed" coefficient
-    (:func:`ksbopt._src.theory.nld_steady_state_radius4`): the measured step picks the right
+    (:math:`\lVert \hat v \rVert^2 = \lVert \hat g \rVert^2 / (1 - \beta)^2`) the one with the
+    "printed" coefficient (:func:`ksbopt.theory.nld_steady_state_radius4`): the measured step
+    picks the right
     one. Measured on a noisy scale-invariant loss with heavy ball (beta = 0.9, norms 1000x
     apart at init): RMS angular update within 4 % of A* for every unit from step 20 on.
 
@@ -130,7 +134,10 @@ class equilibrium(Target):
         )
 
     def charge_for(self, bound, charge, initial, count):
-        raise TypeError("targets.equilibrium is stateful: steer calls its step method.")
+        raise TypeError(
+            "targets.equilibrium is stateful: steer calls its step method, not charge_for; "
+            "use it as ksbopt.steer(symmetries, ksbopt.targets.equilibrium(...))."
+        )
 
     def init_state(self, bound, flat):
         return jnp.zeros(bound.charge_shape, flat[bound.leaves[0]].dtype)
@@ -159,18 +166,19 @@ class nld(Target):
 
     .. math::
 
-        P_k = \beta (P_{k-1} - \eta |v_k|^2) + \lambda x_k, \qquad
-        |v_{k+1}|^2 = \beta^2 |v_k|^2 + 2\beta (c_k + \lambda (P_{k-1} - \eta |v_k|^2))
-        + |\tilde g_k|^2 + \lambda^2 x_k,
+        P_k = \beta (P_{k-1} - \eta \lVert v_k \rVert^2) + \lambda x_k, \qquad
+        \lVert v_{k+1} \rVert^2 = \beta^2 \lVert v_k \rVert^2
+        + 2\beta (c_k + \lambda (P_{k-1} - \eta \lVert v_k \rVert^2))
+        + \lVert \tilde g_k \rVert^2 + \lambda^2 x_k,
 
     .. math::
 
-        x_{k+1} = x_k - 2 \eta P_k + \eta^2 |v_{k+1}|^2, \qquad Q^* = x_{k+1} / 2,
+        x_{k+1} = x_k - 2 \eta P_k + \eta^2 \lVert v_{k+1} \rVert^2, \qquad Q^* = x_{k+1} / 2,
 
     where c_k = <v_k, g~_k> is read from a buffer of the virtual tangent gradients kept in the
     group's own tangent space (transported by projection). At beta = 0 this is exactly P1,
-    x_{k+1} = (1 - eta lambda)^2 x_k + eta^2 |g_hat_k|^2 / x_k
-    (:func:`ksbopt._src.theory.scale_sgd_step`), whatever the base optimizer. With momentum
+    :math:`x_{k+1} = (1 - \eta \lambda)^2 x_k + \eta^2 \lVert \hat g_k \rVert^2 / x_k`
+    (:func:`ksbopt.theory.scale_sgd_step`), whatever the base optimizer. With momentum
     the radial dynamics are P3's exactly and only c_k is approximate; measured on a noisy
     scale-invariant loss (``tests/test_targets_dynamic.py``, beta = 0.9, 600 steps, norms
     1000x apart at init), the steered norms of Adam, SGD or heavy ball follow those of
@@ -179,7 +187,7 @@ class nld(Target):
     Steering any base optimizer to this target gives it the normalisation-style decay of its
     effective learning rate: the norm grows with the accumulated squared gradients and weight
     decay discounts them (the implicit RMSProp of THEORY.md section 5). The simulation starts
-    from x_0 = |w_0|^2 at rest.
+    from :math:`x_0 = \lVert w_0 \rVert^2` at rest.
 
     It needs the raw loss gradient: pass it as the extra argument ``grad`` (the name optax's
     line searches use), ``tx.update(grads, state, params, grad=grads)``.
@@ -223,7 +231,10 @@ class nld(Target):
         _check_scale("targets.nld", bound)
 
     def charge_for(self, bound, charge, initial, count):
-        raise TypeError("targets.nld is stateful: steer calls its step method.")
+        raise TypeError(
+            "targets.nld is stateful: steer calls its step method, not charge_for; use it "
+            "as ksbopt.steer(symmetries, ksbopt.targets.nld(...))."
+        )
 
     def init_state(self, bound, flat):
         x = 2 * bound.charge(flat)

@@ -35,8 +35,21 @@ class TeleportState(NamedTuple):
       element: log coordinates of the group element of the last teleport, one array per
         symmetry (scale / rescale: log a per group; translation: the shift; linear: X with
         G = expm(X) per head). Zeros before the first teleport.
-      objective_gain: objective after minus before the last teleport (>= 0; float32).
+      objective_gain: objective after minus before the last teleport (>= 0; float32),
+        ``gain = J(psi(theta, a*)) - J(theta)``; 0 when J is not finite at theta (no move).
       inner_state: the wrapped optimizer's state (transported at every teleport).
+
+    Example:
+      >>> import jax.numpy as jnp, optax, ksbopt
+      >>> sym = ksbopt.Rescale(incoming="a", outgoing="b")
+      >>> tx = ksbopt.teleport(sym, optax.sgd(1e-3), every=10)
+      >>> state = tx.init({"a": jnp.ones((1, 2)), "b": jnp.ones((2, 1))})
+      >>> int(state.count), state.element
+      (0, (Array([0., 0.], dtype=float32),))
+
+    References:
+      Zhao, Dehmamy, Walters, Yu, "Symmetry Teleportation for Accelerated Optimization",
+      NeurIPS 2022, https://arxiv.org/abs/2205.10637
     """
 
     count: jax.Array
@@ -206,7 +219,11 @@ def _search_impl(config, do, w, element, gain, step_size, rho, steps, dynamic):
 
         init = (zero, inf, zero, radius, zero, inf)
         s, j, _, _, _, j0 = jax.lax.fori_loop(0, steps + 1, body, init)
-        return s, (j - j0).astype(jnp.float32)
+        # An objective that is not finite at the current point (a loss that is NaN or inf
+        # there) accepts no trial step: s stays at the identity and the gain is 0, not NaN.
+        ok = jnp.isfinite(j0)
+        s = tuple(jnp.where(ok, x, jnp.zeros_like(x)) for x in s)
+        return s, jnp.where(ok, j - j0, 0).astype(jnp.float32)
 
     def skip(_):
         return element, gain
@@ -256,8 +273,8 @@ def teleport(
     is the gradient at the new point exactly, so training continues as the base optimizer
     would run from the new coordinates with the transported state (tested in float64).
 
-    Note that for a scale symmetry |grad L|^2 is proportional to 1 / a^2: ``"grad_norm"``
-    shrinks such groups (raising their effective learning rate, THEORY.md P2) by the
+    Note that for a scale symmetry :math:`\lVert\nabla L\rVert^2` is proportional to 1 / a^2:
+    ``"grad_norm"`` shrinks such groups (raising their effective learning rate, THEORY.md P2) by the
     trust-region length every time; its optimum is interior for rescale and linear
     symmetries.
 

@@ -42,6 +42,7 @@ from jax.typing import ArrayLike
 
 __all__ = [
     "NLD_COEFFICIENTS",
+    "adam_metric_charge_step",
     "direction_step",
     "effective_learning_rate",
     "equilibrium_angular_update",
@@ -643,6 +644,64 @@ def metric_charge_step(
     return jnp.asarray(charge) + learning_rate**2 * quad
 
 
+def adam_metric_charge_step(
+    charge: ArrayLike,
+    overlap: ArrayLike,
+    quadratic: ArrayLike,
+    learning_rate: ArrayLike,
+    momentum: ArrayLike,
+    weight_decay: ArrayLike,
+    count: ArrayLike,
+) -> jax.Array:
+    """One exact step of the metric-weighted scale charge under Adam(W) (P6 with momentum).
+
+    [derived] THEORY.md P6 extended to Adam's first moment. One AdamW step on a scale group,
+    with ``P`` the diagonal metric of the step (``sqrt(nu_hat + eps_root) + eps``), bias
+    correction ``c = eta / (1 - beta1^t)``, ``a = eta lambda`` (decoupled weight decay) and
+    ``w' = (1 - a) w - c P^-1 m_{k+1}``, expands exactly to::
+
+        w'^T P w' = (1 - a)^2 w^T P w - 2 (1 - a) c <w_k, m_{k+1}> + c^2 m_{k+1}^T P^-1 m_{k+1}
+
+    and ``<w_k, m_{k+1}> = beta1 <w_k, m_k>`` because ``m_{k+1} = beta1 m_k + (1 - beta1) g_k``
+    and ``<w, g> = 0`` on a scale group. With ``beta1 = 0`` it is RMSProp's
+    :func:`metric_charge_step` (plus decoupled weight decay). For a rescale group the same
+    holds with in-minus-out differences. The formula is homogeneous: with the
+    ``1/2 w^T P w`` convention of :func:`ksbopt.charges` pass ``<w_k, m_k>`` and
+    ``1/2 m^T P^-1 m`` instead.
+
+    Args:
+        charge: ``w_k^T P w_k`` per group (``P`` the metric of this step).
+        overlap: ``2 <w_k, m_k>`` per group, with the first moment BEFORE this step's update.
+        quadratic: ``m_{k+1}^T P^-1 m_{k+1}`` per group, with the first moment AFTER it.
+        learning_rate: ``eta``.
+        momentum: Adam's ``beta1``.
+        weight_decay: ``lambda`` of decoupled weight decay (0 for plain Adam).
+        count: ``t``, the step count after the update (1 at the first step), for the bias
+            correction ``1 - beta1^t``.
+
+    Returns:
+        ``w_{k+1}^T P w_{k+1}`` per group.
+
+    Example:
+        >>> c = adam_metric_charge_step(5.0, 1.0, 2.0, 0.1, 0.9, 0.0, 1)  # c = 0.1 / 0.1 = 1
+        >>> round(float(c), 4)  # 5 - 0.9 * 1 + 1 * 2 (float32)
+        6.1
+
+    References:
+        Tanaka & Kunin, "Noether's Learning Dynamics: Role of Symmetry Breaking in Neural
+        Networks", https://arxiv.org/abs/2105.02716; Kingma & Ba, "Adam: A Method for
+        Stochastic Optimization", https://arxiv.org/abs/1412.6980
+    """
+    _check_hyper(learning_rate, momentum, weight_decay)
+    charge = jnp.asarray(charge)
+    dtype = jnp.result_type(charge, float)
+    t = jnp.asarray(count, dtype)
+    b1 = jnp.asarray(momentum, dtype)
+    c = _safe_div(jnp.asarray(learning_rate, dtype), 1 - b1**t)
+    keep = 1 - learning_rate * weight_decay
+    return keep**2 * charge - keep * c * b1 * jnp.asarray(overlap) + c**2 * jnp.asarray(quadratic)
+
+
 # --------------------------------------------------------------------------------------------
 # P7: equilibrium
 # --------------------------------------------------------------------------------------------
@@ -688,7 +747,7 @@ def equilibrium_angular_update(
 ) -> jax.Array:
     """Equilibrium angular update per step of a scale group (heavy ball + coupled wd).
 
-    [derived] THEORY.md P7a: ``sqrt(2 eta lambda / (1 + beta))`` radians per step, the square
+    [derived] THEORY.md P7a: ``A* = sqrt(2 eta lambda / (1 + beta))`` radians per step, the square
     root of :func:`equilibrium_update_ratio` (small-angle approximation of the rotation). It
     matches the spherical-motion (Wan et al.) and rotational-equilibrium (Kosson et al.) results.
 

@@ -33,9 +33,10 @@ def _all_finite(values) -> jax.Array:
 
     A NaN or infinity anywhere in a group's numbers makes its reductions (charges, inner
     products with generators) non-finite, so this detects non-finite updates on every leaf a
-    symmetry touches without another pass over the parameters.
+    symmetry touches without another pass over the parameters. The small per-group arrays are
+    checked in one fused reduction.
     """
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in values]))
+    return jnp.all(jnp.isfinite(jnp.concatenate([jnp.ravel(v) for v in values])))
 
 
 def _unflatten_like(updates: Any, flat: list) -> Any:
@@ -53,7 +54,16 @@ def _new_updates(ok: jax.Array, binding: orbit.Binding, flat_u: list, new: list)
 
 
 class ProjectState(NamedTuple):
-    """:func:`project` keeps no state."""
+    """The (empty) state of :func:`project`: the projection needs only ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, ksbopt
+      >>> ksbopt.project(ksbopt.Scale("w", axis=None)).init({"w": jnp.ones(2)})
+      ProjectState()
+
+    References:
+      None: an empty container; :func:`project` cites the papers of the projection.
+    """
 
 
 def project(symmetries) -> optax.GradientTransformationExtraArgs:
@@ -115,13 +125,24 @@ def project(symmetries) -> optax.GradientTransformationExtraArgs:
 
 
 class RetractState(NamedTuple):
-    """State of :func:`retract`.
+    r"""State of :func:`retract`.
 
     Attributes:
       initial: the charges at ``init``, one array per symmetry: the level set kept.
-      residual: the largest relative charge error |Q - Q_init| / scale after the last step,
-        over all groups (float32). It is ~eps for converged moves; a value far above that
-        reports a Linear retraction whose Newton solve did not converge.
+      residual: the largest relative charge error after the last step, over all groups
+        (float32), :math:`\max_g |Q_g - Q_g(w_0)| / \mathrm{scale}_g`. It is ~eps for
+        converged moves; a value far above that reports a Linear retraction whose Newton
+        solve did not converge.
+
+    Example:
+      >>> import jax.numpy as jnp, ksbopt
+      >>> tx = ksbopt.retract(ksbopt.Scale("w", axis=None))
+      >>> tx.init({"w": jnp.array([3.0, 4.0])}).initial
+      (Array([12.5], dtype=float32),)
+
+    References:
+      Tanaka, Kunin, "Noether's Learning Dynamics: Role of Symmetry Breaking in Neural
+      Networks", NeurIPS 2021, https://arxiv.org/abs/2105.02716
     """
 
     initial: tuple
@@ -132,12 +153,16 @@ def retract(symmetries) -> optax.GradientTransformationExtraArgs:
     r"""Keep every Noether charge exactly where it was: a retraction onto the charge level set.
 
     Placed LAST in a chain, it replaces the step u by psi(w + u, a) - w where the group
-    element a (one per group) is chosen so that Q(psi(w + u, a)) = Q(w_0), the charge at
-    ``init`` (holding the initial charge rather than the previous one means rounding errors
-    never accumulate over steps):
+    element a (one per group) is chosen so that the charge returns to its value at ``init``
+    (holding the initial charge rather than the previous one means rounding errors never
+    accumulate over steps):
 
-    - scale: a = |w_0| / |w + u| (restore the norm; the constrained-filter-norm control
-      experiment of Tanaka & Kunin, THEORY.md section 5);
+    .. math::
+
+        u \mapsto \psi(w + u, a) - w, \qquad Q(\psi(w + u, a)) = Q(w_0);
+
+    - scale: :math:`a = \lVert w_0 \rVert / \lVert w + u \rVert` (restore the norm; the
+      constrained-filter-norm control experiment of Tanaka & Kunin, THEORY.md section 5);
     - rescale: a^2 solves a^4 x_in - 2 Q a^2 - x_out = 0;
     - translation: shift by (Q(w_0) - Q(w + u)) / n;
     - linear: G from Newton's method on symmetric G = exp(X) (see :class:`~ksbopt.Linear`).
@@ -169,14 +194,26 @@ def retract(symmetries) -> optax.GradientTransformationExtraArgs:
 
 
 class SteerState(NamedTuple):
-    """State of :func:`steer`.
+    r"""State of :func:`steer`.
 
     Attributes:
       count: steps taken (drives ``targets.schedule``).
       initial: the charges at ``init``, one array per symmetry.
-      residual: largest relative distance of the charges from this step's targets (float32).
+      residual: largest relative distance of the charges from this step's targets T
+        (float32), :math:`\max_g |Q_g - T_g| / \mathrm{scale}_g`.
       target_state: the target's own state, one entry per symmetry (``()`` for stateless
         targets such as ``constant``; e.g. an EMA for ``targets.equilibrium``).
+
+    Example:
+      >>> import jax.numpy as jnp, ksbopt
+      >>> tx = ksbopt.steer(ksbopt.Scale("w", axis=None), 2.0)
+      >>> state = tx.init({"w": jnp.array([3.0, 4.0])})
+      >>> int(state.count), state.initial
+      (0, (Array([12.5], dtype=float32),))
+
+    References:
+      Tanaka, Kunin, "Noether's Learning Dynamics: Role of Symmetry Breaking in Neural
+      Networks", NeurIPS 2021, https://arxiv.org/abs/2105.02716
     """
 
     count: jax.Array
@@ -196,7 +233,8 @@ def steer(symmetries, target, rate: float = 1.0) -> optax.GradientTransformation
         Q(\psi(w + u, a)) = Q + \text{rate}\,(T - Q).
 
     Orbit moves never change the loss; they change the kinetic state the next steps see
-    (e.g. the effective learning rate eta / |w|^2 of a scale group, THEORY.md P2).
+    (e.g. the effective learning rate :math:`\eta / \lVert w \rVert^2` of a scale group,
+    [derived] THEORY.md P2).
 
     Args:
       symmetries: a declaration or a list of them.
@@ -265,7 +303,7 @@ def _orbit_move(syms, target: targets_lib.Target, *, rate, name: str):
             )
             new_t_states.append(ts)
             goals.append(q + rate * (t - q))
-        stepped, residual = orbit.move(binding, w, u, goals)
+        stepped, residual = orbit.move(binding, w, u, goals, charges=charges)
         ok = _all_finite(charges)
         new = _new_updates(ok, binding, flat_u, stepped)
         residual = jnp.where(ok, residual, state.residual)

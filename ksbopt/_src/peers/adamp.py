@@ -73,7 +73,7 @@ def radial_projection(
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from ksbopt._src.peers.adamp import radial_projection
+      >>> from ksbopt import radial_projection
       >>> w = jnp.array([[3.0, 0.0], [4.0, 0.0]])   # unit 0 = (3, 4), unit 1 = 0
       >>> g = jnp.array([[4.0, 1.0], [-3.0, 1.0]])  # orthogonal to unit 0
       >>> q, projected = radial_projection(w, g, w, 0.1, 1e-8)
@@ -142,7 +142,17 @@ class ScaleBySgdpState(NamedTuple):
     """State of :func:`scale_by_sgdp`.
 
     Attributes:
-      momentum: the heavy-ball buffer ``b_t`` of every leaf (shape and dtype of the leaf).
+      momentum: the heavy-ball buffer ``b_t = momentum b_{t-1} + (1 - dampening) g_t`` of
+        every leaf (shape and dtype of the leaf).
+
+    Example:
+      >>> import jax.numpy as jnp, ksbopt
+      >>> ksbopt.scale_by_sgdp().init({"kernel": jnp.ones((2, 2))}).momentum["kernel"].shape
+      (2, 2)
+
+    References:
+      Heo et al., "AdamP: Slowing Down the Slowdown for Momentum Optimizers on
+      Scale-invariant Weights", ICLR 2021, https://arxiv.org/abs/2006.08217
     """
 
     momentum: optax.Updates
@@ -191,7 +201,7 @@ def scale_by_sgdp(
 
     Example:
       >>> import jax.numpy as jnp, optax
-      >>> from ksbopt._src.peers.adamp import scale_by_sgdp
+      >>> from ksbopt import scale_by_sgdp
       >>> params = {"kernel": jnp.ones((2, 3))}
       >>> tx = scale_by_sgdp(momentum=0.9)
       >>> state = tx.init(params)
@@ -290,7 +300,7 @@ def sgdp(
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
-      >>> from ksbopt._src.peers.adamp import sgdp
+      >>> from ksbopt import sgdp
       >>> params = {"kernel": jnp.array([[1.0, 2.0], [2.0, -1.0]]), "bias": jnp.zeros(2)}
       >>> unit = lambda k: k / jnp.linalg.norm(k, axis=0)  # scale-invariant per column
       >>> loss = lambda p: jnp.sum(jnp.tanh(unit(p["kernel"]) + p["bias"]))
@@ -327,8 +337,18 @@ class ScaleByAdampState(NamedTuple):
 
     Attributes:
       count: number of updates done so far (int32 scalar).
-      mu: first moment ``m_t`` per leaf.
-      nu: second moment ``v_t`` per leaf.
+      mu: first moment ``m_t = b1 m_{t-1} + (1 - b1) g_t`` per leaf.
+      nu: second moment ``v_t = b2 v_{t-1} + (1 - b2) g_t^2`` per leaf.
+
+    Example:
+      >>> import jax.numpy as jnp, ksbopt
+      >>> state = ksbopt.scale_by_adamp().init({"kernel": jnp.ones((2, 2))})
+      >>> int(state.count), state.nu["kernel"].shape
+      (0, (2, 2))
+
+    References:
+      Heo et al., "AdamP: Slowing Down the Slowdown for Momentum Optimizers on
+      Scale-invariant Weights", ICLR 2021, https://arxiv.org/abs/2006.08217
     """
 
     count: jax.Array
@@ -377,7 +397,7 @@ def scale_by_adamp(
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from ksbopt._src.peers.adamp import scale_by_adamp
+      >>> from ksbopt import scale_by_adamp
       >>> params = {"kernel": jnp.ones((2, 3))}
       >>> tx = scale_by_adamp()
       >>> state = tx.init(params)
@@ -468,7 +488,7 @@ def adamp(
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
-      >>> from ksbopt._src.peers.adamp import adamp
+      >>> from ksbopt import adamp
       >>> params = {"kernel": jnp.array([[1.0, 2.0], [2.0, -1.0]]), "bias": jnp.zeros(2)}
       >>> tx = adamp(1e-2, weight_decay=1e-2)
       >>> state = tx.init(params)

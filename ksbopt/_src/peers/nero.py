@@ -79,6 +79,18 @@ class ScaleByNeroState(NamedTuple):
         number per unit), the leaf's own shape for a 1-D leaf (one per entry).
       bias_scale: per-leaf scalar ``sigma_b`` that sets the step of 1-D leaves (1 for
         kernels, where it is not used).
+
+    The running average is ``nu_t = beta nu_{t-1} + (1 - beta) |g_j|^2`` per unit j.
+
+    Example:
+      >>> import jax.numpy as jnp, ksbopt
+      >>> state = ksbopt.scale_by_nero().init({"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)})
+      >>> state.nu["kernel"].shape, state.nu["bias"].shape
+      ((2,), (2,))
+
+    References:
+      Liu, Bernstein, Meister, Yue, "Learning by Turning: Neural Architecture Aware
+      Optimisation", ICML 2021, https://arxiv.org/abs/2102.07227
     """
 
     count: jax.Array
@@ -125,7 +137,7 @@ def scale_by_nero(
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from ksbopt._src.peers.nero import scale_by_nero
+      >>> from ksbopt import scale_by_nero
       >>> params = {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}
       >>> tx = scale_by_nero(0.999)
       >>> state = tx.init(params)
@@ -188,15 +200,26 @@ def scale_by_nero(
 
 
 class NeroRetractionState(NamedTuple):
-    """State of :func:`nero_retraction` (it has none)."""
+    """The (empty) state of :func:`nero_retraction`: the retraction needs only ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, ksbopt
+      >>> ksbopt.nero_retraction().init({"kernel": jnp.ones((3, 2))})
+      NeroRetractionState()
+
+    References:
+      Liu, Bernstein, Meister, Yue, "Learning by Turning: Neural Architecture Aware
+      Optimisation", ICML 2021, https://arxiv.org/abs/2102.07227
+    """
 
 
 def nero_retraction() -> optax.GradientTransformationExtraArgs:
     """Turns a step into one that lands on the balanced set (zero mean, unit norm per unit).
 
     Math [paper: Liu et al. 2021, Alg. 1]: for a kernel ``w`` and an incoming update
-    ``u``, the outgoing update is ``C(C(w) + u) - w`` with ``C`` = :func:`balance_units`,
-    so ``w + update`` is balanced. Balancing ``w`` first (``C`` is idempotent) puts
+    ``u``, the outgoing update is ``C(C(w) + u) - w`` with the per-unit balancing
+    ``C(w)_j = (w_j - mean(w_j)) / |w_j - mean(w_j)|`` (unit j is ``w[..., j]``), so
+    ``w + update`` is balanced. Balancing ``w`` first (``C`` is idempotent) puts
     parameters that were not initialised on the constraint set there on the first step,
     as Nero's reference implementation does when the optimizer is created. 1-D leaves pass
     through unchanged (Nero does not constrain biases).
@@ -207,7 +230,7 @@ def nero_retraction() -> optax.GradientTransformationExtraArgs:
 
     Example:
       >>> import jax.numpy as jnp, optax
-      >>> from ksbopt._src.peers.nero import nero_retraction
+      >>> from ksbopt import nero_retraction
       >>> params = {"kernel": jnp.array([[1.0, 0.0], [0.0, 3.0], [2.0, 1.0]])}
       >>> tx = nero_retraction()
       >>> u, _ = tx.update({"kernel": jnp.zeros((3, 2))}, tx.init(params), params)
@@ -278,7 +301,7 @@ def nero(
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
-      >>> from ksbopt._src.peers.nero import nero
+      >>> from ksbopt import nero
       >>> params = {"kernel": jax.random.normal(jax.random.key(0), (4, 3)), "bias": jnp.zeros(3)}
       >>> tx = nero(0.01)
       >>> state = tx.init(params)

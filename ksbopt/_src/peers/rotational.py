@@ -144,12 +144,36 @@ class RotationalState(NamedTuple):
         ``(units,)`` for kernels (a zero scalar placeholder for other leaves).
       target_norm: per-unit norm frozen at ``init``, shape ``(units,)`` for kernels (a zero
         scalar placeholder for other leaves).
+
+    The rotation per step is set to the equilibrium angular update, for ``kind="sgdm"``
+    ``A* = sqrt(2 eta lambda / (1 + beta))`` ([derived] THEORY.md P7a).
+
+    Example:
+      >>> import jax.numpy as jnp, optax, ksbopt
+      >>> tx = ksbopt.rotational(optax.trace(0.9), learning_rate=0.1, weight_decay=5e-4)
+      >>> state = tx.init({"kernel": jnp.array([[3.0, 0.0], [4.0, 2.0]])})
+      >>> state.target_norm["kernel"]
+      Array([5., 2.], dtype=float32)
+
+    References:
+      Kosson, Messmer, Jaggi, "Rotational Equilibrium: How Weight Decay Balances Learning
+      Across Neural Networks", ICML 2024, https://arxiv.org/abs/2305.17212
     """
 
     count: jax.Array
     base_state: optax.OptState
     rms: optax.Updates
     target_norm: optax.Updates
+
+
+def _unit_norm(x: jax.Array) -> jax.Array:
+    """The norm of each unit ``x[..., j]``, computed as ``m |x / m|`` with ``m = max |x|``.
+
+    Finite for every finite ``x``: a plain sum of squares overflows float32 once a unit's
+    norm exceeds about 1.8e19, and the frozen norm would then be inf (docs/edge_cases.md).
+    """
+    m = jnp.max(jnp.abs(x), axis=tuple(range(x.ndim - 1)))
+    return m * unit_norm(safe_div(x, m))
 
 
 def rotational(
@@ -205,7 +229,7 @@ def rotational(
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
-      >>> from ksbopt._src.peers.rotational import rotational
+      >>> from ksbopt import rotational
       >>> params = {"kernel": jax.random.normal(jax.random.key(0), (8, 4)), "bias": jnp.zeros(4)}
       >>> tx = rotational(optax.scale_by_adam(b1=0.9), 1e-3, 0.1, momentum=0.9, kind="adamw")
       >>> state = tx.init(params)
@@ -236,7 +260,7 @@ def rotational(
             return jnp.zeros(w.shape[-1:], cd) if is_kernel(w) else jnp.zeros([], cd)
 
         def norm0(w):
-            return unit_norm(w.astype(compute_dtype(w))) if is_kernel(w) else zeros(w)
+            return _unit_norm(w.astype(compute_dtype(w))) if is_kernel(w) else zeros(w)
 
         return RotationalState(
             count=jnp.zeros([], jnp.int32),
@@ -266,12 +290,12 @@ def rotational(
             if not is_kernel(w):
                 step = uc if kind == "sgdm" else uc + weight_decay * wc
                 return (-lr * step).astype(u.dtype), nu
-            w_hat = safe_div(wc, unit_norm(wc))
+            w_hat = safe_div(wc, _unit_norm(wc))
             tangent = uc - unit_sum(uc * w_hat) * w_hat
             nu_new = rms_decay * nu + (1 - rms_decay) * unit_sum(tangent * tangent)
             rms = jnp.sqrt(nu_new / one_minus_power(rms_decay, count, cd))
             moved = wc - (eta_r * n) * safe_div(tangent, rms)
-            new = n * safe_div(moved, unit_norm(moved))
+            new = n * safe_div(moved, _unit_norm(moved))
             return (new - wc).astype(u.dtype), nu_new.astype(nu.dtype)
 
         out, rms = map_leaves(leaf, directions, state.rms, state.target_norm, params, n_out=2)
