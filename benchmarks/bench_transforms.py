@@ -104,6 +104,9 @@ def variants(symmetries) -> dict[str, optax.GradientTransformation]:
     }
 
 
+GROUPS = ("sgd", "adam", "rmsprop", "sgd+wd")  # the names of the groups below, in order
+
+
 def groups(symmetries) -> dict[str, dict[str, optax.GradientTransformation]]:
     """Each group: the optax optimizer first (the baseline of the ratios), then its variants.
 
@@ -115,19 +118,19 @@ def groups(symmetries) -> dict[str, dict[str, optax.GradientTransformation]]:
         optax.sgd(LR, momentum=MOMENTUM), symmetries, learning_rate=LR
     )
     sgd["ksbopt.sgdp"] = ksbopt.sgdp(LR, MOMENTUM)
-    return {
-        "sgd": sgd,
-        "adam": {
+    built = (
+        sgd,
+        {
             "optax.adam": optax.adam(ADAM_LR),
             "ksbopt.symmetrize(adam)": ksbopt.symmetrize(optax.adam(ADAM_LR), symmetries),
             "ksbopt.adamp": ksbopt.adamp(ADAM_LR),
             "ksbopt.nero": ksbopt.nero(ADAM_LR),
         },
-        "rmsprop": {
+        {
             "optax.rmsprop": optax.rmsprop(ADAM_LR),
             "ksbopt.noether_rmsprop": ksbopt.noether_rmsprop(ADAM_LR, symmetries=symmetries),
         },
-        "sgd+wd": {
+        {
             "optax.sgd(momentum) + wd": optax.chain(
                 optax.add_decayed_weights(WEIGHT_DECAY), optax.sgd(LR, momentum=MOMENTUM)
             ),
@@ -135,7 +138,8 @@ def groups(symmetries) -> dict[str, dict[str, optax.GradientTransformation]]:
                 optax.trace(MOMENTUM), LR, WEIGHT_DECAY, MOMENTUM
             ),
         },
-    }
+    )
+    return dict(zip(GROUPS, built, strict=True))
 
 
 COPY = "copy of the parameters (floor)"
@@ -238,6 +242,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", default=None, help="write the results to this file")
     args = parser.parse_args(argv)
     only = tuple(args.groups.split(",")) if args.groups else None
+    if only and set(only) - set(GROUPS):
+        parser.error(f"--groups={args.groups!r} names unknown groups; choose from {GROUPS}.")
     out = {
         "command": "python -m benchmarks.bench_transforms " + " ".join(argv or sys.argv[1:]),
         "devices": [str(d) for d in jax.devices()],
@@ -254,7 +260,7 @@ def main(argv=None) -> dict:
         out["results"].append(res)
         loads = ", ".join(f"{x:.1f}" for x in res["load_average"])
         print(
-            f"\n{res['params'] / 1e6:.1f}M parameters, {res['bytes'] / 1e6:.0f} MB (median of "
+            f"\n{res['params'] / 1e6:.1f}M parameters, {res['bytes'] / 1e6:.1f} MB (median of "
             f"{args.repeats} interleaved repeats of {args.inner} steps; load average {loads})"
         )
         print(f"{'variant':<32} {'ms/step':>9} {'ratio':>6} {'copies':>7} {'compile s':>10}")

@@ -338,8 +338,12 @@ def test_one_pass_reduction_matches_direct_sums(x64, monkeypatch):
         assert utils.rel_err(after[i][-1], before[i][0]) > 1e-3  # the charges did move
 
 
-def test_updates_are_passed_through_bit_for_bit():
-    """The monitor returns the wrapped optimizer's updates exactly (signed zeros too)."""
+def test_updates_are_passed_through_bit_for_bit(monkeypatch):
+    """The monitor returns the wrapped optimizer's updates exactly (signed zeros too), also
+    where it orders the parameter update after its reductions (large leaves, forced here)."""
+    from ksbopt._src import diagnostics
+
+    monkeypatch.setattr(diagnostics, "_FUSED_MIN_SIZE", 0)
     params = {"w": jnp.array([[1.0, -2.0], [0.5, 3.0]]), "b": jnp.array([0.0, 1.0])}
     grads = {"w": jnp.array([[-0.0, 1e-30], [jnp.inf, -4.0]]), "b": jnp.array([-0.0, 0.0])}
     opt = optax.sgd(1.0)

@@ -671,12 +671,15 @@ def _ordered_after(updates, flag: jax.Array):
     parameters first (a full extra pass over memory). Subtracting an exact zero derived from
     ``flag`` orders the write after the diagnostics at no cost (the subtraction fuses into
     the parameter update): ``x - (+0.0)`` is ``x`` for every float, signed zeros, infinities
-    and NaN included.
+    and NaN included. Only large leaves are ordered: copying a small one costs less than
+    making its update wait for every diagnostic.
     """
     zero = jnp.asarray(flag).astype(jnp.float32) * 0.0  # +0.0 whatever the flag
 
     def after(u):
         if u is None or not jnp.issubdtype(jnp.result_type(u), jnp.inexact):
+            return u
+        if math.prod(jnp.shape(u)) < _FUSED_MIN_SIZE:
             return u
         return u - zero.astype(jnp.result_type(u))
 
