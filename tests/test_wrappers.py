@@ -264,17 +264,24 @@ def test_masked_out_selection_raises_at_init():
         tx.init(CASE.params())
 
 
-def test_masked_glob_silently_narrows_a_group():
-    """A glob resolves against the leaves it can see: with 'dense/bias' masked out,
-    Scale('dense/*') groups the kernel columns alone (documented pitfall: declare the group's
-    leaves by explicit path when masking, see the test above)."""
+def test_masked_glob_that_would_narrow_a_group_raises_at_init():
+    """A glob that matches leaves the mask hides beside visible ones would silently make
+    smaller groups (Scale('dense/*') without 'dense/bias' groups the kernel columns alone):
+    a ValueError at init names the hidden leaf; with optax.transforms.partition too. The
+    explicit path of the visible leaf is the documented way to mean the smaller group."""
     sym = list(CASE.symmetries)
     partial = {"dense": {"kernel": True, "bias": False}, "out": {"kernel": True, "bias": True}}
     params = CASE.params()
-    state = optax.masked(ksbopt.retract(sym), partial).init(params)
-    kernel_only = ksbopt.charges(params, ksbopt.Scale("dense/kernel", axis=-1))
-    utils.assert_equal(state.inner_state.initial, kernel_only)
-    assert not np.allclose(kernel_only[0], CASE.charges(params)[0])
+    match = r"selection='dense/\*' matches 'dense/bias', which an optax.masked"
+    with pytest.raises(ValueError, match=match):
+        optax.masked(ksbopt.retract(sym), partial).init(params)
+    labels = jax.tree.map(lambda m: "sym" if m else "rest", partial)
+    tx = optax.transforms.partition({"sym": ksbopt.retract(sym), "rest": optax.sgd(0.1)}, labels)
+    with pytest.raises(ValueError, match=match):
+        tx.init(params)
+    narrowed = [ksbopt.Scale("dense/kernel", axis=-1)]
+    state = optax.masked(ksbopt.retract(narrowed), partial).init(params)
+    utils.assert_equal(state.inner_state.initial, ksbopt.charges(params, narrowed))
 
 
 def test_partition_matches_the_plain_chain_on_its_leaves():

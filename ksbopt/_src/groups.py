@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 Selector = str | re.Pattern | Callable[[str, Any], bool] | Sequence[Any]
 
@@ -81,28 +82,61 @@ def normalize_selector(selector: Selector) -> tuple[Any, ...]:
     return items
 
 
+def _is_hidden(x: Any) -> bool:
+    """A leaf an ``optax.masked`` / ``optax.transforms.partition`` wrapper hides."""
+    return isinstance(x, optax.MaskedNode)
+
+
+def _show(paths: Sequence[str]) -> str:
+    return ", ".join(repr(p) for p in paths[:8]) + (", ..." if len(paths) > 8 else "")
+
+
 def select(tree: Any, selector: tuple[Any, ...], *, what: str) -> list[int]:
     """Indices (in ``jax.tree.leaves`` order) of the leaves matched by ``selector``.
 
     Every elementary selector must match at least one leaf; otherwise a ``ValueError`` names
-    it, lists a few available paths and says what to write instead.
+    it, lists a few available paths and says what to write instead. Inside ``optax.masked``
+    or ``optax.transforms.partition`` the leaves the wrapper hides (``optax.MaskedNode``) are
+    matched too: a selector that matches hidden leaves beside visible ones would silently
+    make smaller groups than the declaration says, so it is a ``ValueError`` as well.
     """
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_hidden)[0]
+    hidden = [_is_hidden(leaf) for _, leaf in flat]
     paths = [path_str(p) for p, _ in flat]
+    index = np.cumsum([not h for h in hidden]) - 1  # position among the visible leaves
     chosen: list[int] = []
     for item in selector:
         hits = [
-            i for i, (p, (_, leaf)) in enumerate(zip(paths, flat)) if _matches_one(item, p, leaf)
+            i
+            for i, (p, (_, leaf)) in enumerate(zip(paths, flat))
+            # a callable cannot look at a hidden leaf: it is matched on visible leaves only
+            if not (hidden[i] and callable(item)) and _matches_one(item, p, leaf)
         ]
-        if not hits:
-            shown = ", ".join(repr(p) for p in paths[:8]) + (", ..." if len(paths) > 8 else "")
+        seen = [i for i in hits if not hidden[i]]
+        unseen = [paths[i] for i in hits if hidden[i]]
+        if seen and unseen:
             raise ValueError(
-                f"{what}={item!r} matches no leaf of the parameter tree. Available paths: {shown}. "
-                "Write a glob over these '/'-joined paths (a pattern also matches any path "
-                "suffix at a '/' boundary, e.g. 'Dense_0/kernel'), a compiled regex, or a "
-                "callable."
+                f"{what}={item!r} matches {_show(unseen)}, which an optax.masked or "
+                "optax.transforms.partition wrapper hides from this transform, beside "
+                f"{_show([paths[i] for i in seen])}: its groups would silently lose those "
+                "numbers. Give the whole group to the transform (mask it in or label it alike), "
+                "or declare the visible leaves by explicit path."
             )
-        chosen.extend(h for h in hits if h not in chosen)
+        if not seen:
+            visible = [p for p, h in zip(paths, hidden) if not h]
+            note = (
+                f" (it matches {_show(unseen)}, which an optax.masked or "
+                "optax.transforms.partition wrapper hides from this transform)"
+                if unseen
+                else ""
+            )
+            raise ValueError(
+                f"{what}={item!r} matches no leaf of the parameter tree{note}. Available paths: "
+                f"{_show(visible)}. Write a glob over these '/'-joined paths (a pattern also "
+                "matches any path suffix at a '/' boundary, e.g. 'Dense_0/kernel'), a compiled "
+                "regex, or a callable."
+            )
+        chosen.extend(int(index[i]) for i in seen if int(index[i]) not in chosen)
     return sorted(chosen)
 
 
@@ -126,6 +160,36 @@ def normalize_axis(axis: int, ndim: int, *, what: str, path: str, shape: tuple[i
 def compute_dtype(dtype: Any) -> Any:
     """The dtype charges and retractions are computed in: at least float32."""
     return jnp.promote_types(dtype, jnp.float32)
+
+
+def explicit_sharding(x: Any, *, own: bool = False) -> jax.sharding.NamedSharding | None:
+    """The sharding to give a result computed from ``x``, or ``None`` (no pin needed).
+
+    ``None`` (the layout is left to XLA, as everywhere else) unless ``x`` is typed with a
+    sharding over a mesh with Explicit axes (sharding in types, the default of
+    ``jax.make_mesh``). Then jax types every result's sharding from its operands and refuses
+    what it cannot type: a per-group vector summed out of a leaf sharded along its unit axis
+    comes out sharded like that axis and cannot be broadcast onto leaves laid out otherwise
+    (a Rescale coefficient from fc1's columns onto fc2's rows) or padded next to another
+    leaf's groups (a Translation kernel's rows and its bias), and a contraction over a sharded
+    axis (Linear's A^T A) has no sharding of its own. Per-group results are small, so they
+    are pinned replicated on ``x``'s mesh (one all-reduce or all-gather of the small result);
+    with ``own=True`` the result of a leaf-shaped product (Linear's A G) is pinned to ``x``'s
+    own sharding, so that the leaf keeps its layout. The mesh is read from ``x``'s type, not
+    from the context mesh: ``jit`` of Explicit-sharded arrays sets no context mesh.
+    """
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types:
+        return None
+    return sharding if own else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def replicated(x: jax.Array) -> jax.Array:
+    """``x`` resharded to replicated under Explicit mesh axes, else ``x`` itself (see
+    :func:`explicit_sharding`)."""
+    sharding = explicit_sharding(x)
+    return x if sharding is None else jax.sharding.reshard(x, sharding)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,9 +230,10 @@ class AxisPart:
         return math.prod(self.shape[a] for a in self.reduce_axes) * self.block
 
     def reduce(self, x: jax.Array) -> jax.Array:
-        """Sum ``x`` (leaf-shaped) over each group: a vector of length :attr:`size`."""
-        return jnp.sum(
-            jnp.reshape(jnp.sum(x, axis=self.reduce_axes), (self.size, self.block)), axis=1
+        """Sum ``x`` (leaf-shaped) over each group: a vector of length :attr:`size`
+        (replicated under Explicit mesh axes, see :func:`replicated`)."""
+        return replicated(
+            jnp.sum(jnp.reshape(jnp.sum(x, axis=self.reduce_axes), (self.size, self.block)), axis=1)
         )
 
     def broadcast(self, c: jax.Array) -> jax.Array:
