@@ -607,3 +607,79 @@ def test_selectors_are_exact_for_nested_names():
     (sym,) = syms
     assert isinstance(sym.incoming[0], re.Pattern)
     assert_same_groups(syms, [R(re.compile("^Dense_0/kernel$"), "block/Dense_0/kernel")], params)
+
+
+def _hand_ln_case(norm):
+    """Dense l1 -> a hand-written normalisation ``norm(h, x)`` -> Dense l2, squared error."""
+    rng = np.random.default_rng(3)
+    params = {
+        "l1": {
+            "kernel": rng.standard_normal((5, 8)).astype(np.float32),
+            "bias": rng.standard_normal(8).astype(np.float32),
+        },
+        "l2": {"kernel": rng.standard_normal((8, 3)).astype(np.float32)},
+    }
+    batch = (
+        rng.standard_normal((16, 5)).astype(np.float32),
+        rng.standard_normal((16, 3)).astype(np.float32),
+    )
+
+    def loss_fn(p, b):
+        h = norm(b[0] @ p["l1"]["kernel"] + p["l1"]["bias"], b[0])
+        return jnp.mean((h @ p["l2"]["kernel"] - b[1]) ** 2)
+
+    return loss_fn, params, batch
+
+
+def _graph_of(loss_fn, params, batch):
+    """The analysed graph, traced as detect traces it (parameter leaves first, then data)."""
+    leaves, treedef = jax.tree.flatten(params)
+    closed = jax.make_jaxpr(lambda ls, b: loss_fn(jax.tree.unflatten(treedef, ls), b))(
+        leaves, batch
+    )
+    return ja.analyse(ja.build_graph(closed, len(leaves)))
+
+
+def _centre(h):
+    return h - h.mean(-1, keepdims=True)
+
+
+@pytest.mark.parametrize(
+    "norm",
+    [
+        pytest.param(lambda h, x: _centre(h) / jnp.sqrt(jnp.var(h, -1, keepdims=True)), id="var"),
+        pytest.param(lambda h, x: _centre(h) / jnp.std(h, -1, keepdims=True), id="std"),
+    ],
+)
+def test_layernorm_via_jnp_var_and_std_is_scale_invariant(norm):
+    # jnp.var / jnp.std run an inner jit that takes ddof as a traced argument (a literal 0 at
+    # the call site) and guard the result with select_n(N - ddof > 0, nan, var): a predicate
+    # computed from literals only, which the analysis folds to the case it picks.
+    loss_fn, params, batch = _hand_ln_case(norm)
+    syms, report = detect(loss_fn, params, batch)
+    layer = ["l1/kernel", "l1/bias"]
+    assert_same_groups(syms, [S(layer, axis=None), T(layer)], params)
+    scale = next(c for c in report.checks if c.symmetry.kind == "scale")
+    assert scale.status == "exact" and scale.source == "graph", str(report)
+    assert scale.reason == "LayerNorm"
+
+
+@pytest.mark.parametrize(
+    "gate",
+    [
+        # The predicate depends on the input: some rows skip the normalisation.
+        pytest.param(lambda v, x: jnp.where(x[:, :1] > 0, v, 1.0), id="input-predicate"),
+        # A constant predicate that picks the constant case: folding must pick that one.
+        pytest.param(lambda v, x: jnp.where(np.float32(8) - 8 > 0, v, 1.0), id="const-false"),
+    ],
+)
+def test_select_n_not_folded_into_a_symmetry_it_breaks(gate):
+    loss_fn, params, batch = _hand_ln_case(
+        lambda h, x: _centre(h) / jnp.sqrt(gate(jnp.var(h, -1, keepdims=True), x))
+    )
+    analysis = _graph_of(loss_fn, params, batch)
+    kernel = 1  # leaves: l1/bias, l1/kernel, l2/kernel
+    assert not any(f.kind == "scale" and f.leaf == kernel for f in analysis.findings)
+    assert (kernel, "mult") in analysis.broken, analysis.broken
+    syms, _ = detect(loss_fn, params, batch)
+    assert_same_groups(syms, [T(["l1/kernel", "l1/bias"])], params)

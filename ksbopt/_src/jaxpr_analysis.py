@@ -12,6 +12,9 @@ interpretation of the group action:
   ``select_n``), a later linear map whose contraction meets the labelled axes *absorbs* it (the
   rescale / GL(k) partner), and a reduction over labelled axes forces the factor to be uniform
   over them (LayerNorm: one factor for the whole layer; GroupNorm: one per channel group).
+- A ``select_n`` whose predicate is a constant (computed from literals only, e.g. the
+  ``N - ddof > 0`` guard of ``jnp.var`` / ``jnp.std``) is read as the case it picks, in both
+  modes; a predicate that depends on the inputs is never folded.
 - **additive** (translation): a kernel's rows are shifted along the unit axis; the value is
   tracked as ``x + c delta`` with ``delta`` constant along the unit axis. Softmax, log-softmax,
   logsumexp and mean-centring cancel it.
@@ -483,6 +486,14 @@ _BINARY_CONST = {
     "max": np.maximum,
     "min": np.minimum,
 }
+_COMPARE_CONST = {
+    "gt": np.greater,
+    "ge": np.greater_equal,
+    "lt": np.less,
+    "le": np.less_equal,
+    "eq": np.equal,
+    "ne": np.not_equal,
+}
 _SKIP_CONST = LAYOUT | {"broadcast_in_dim"}
 _LINEARISH = {
     "add",
@@ -600,6 +611,9 @@ class _Run:
         return self.env.get(id(graph.out))
 
     def rule(self, node: Node, vals) -> list:
+        case = self.an.selected_case(node)
+        if case is not None:
+            return [vals[1 + case]]  # an input-independent predicate: the case it picks
         if self.mode == "mult":
             return [self._mult(node, vals)]
         if any(v is U for v in vals):
@@ -1349,14 +1363,31 @@ class Analyzer:
             self._note_uses(node)
 
     def _const_step(self, node: Node) -> None:
+        """Fold a node whose inputs are all known uniform constants (literals, closed-over
+        constants and values computed from them only, also across inlined ``jit`` calls,
+        e.g. ``jnp.var``'s ``N - ddof > 0``): arithmetic, comparisons, integer and boolean
+        casts and ``select_n``."""
         ins = [self.constval.get(id(x)) for x in node.ins]
         if not node.outs or any(c is None for c in ins) or not ins:
             return
         out = node.outs[0]
         try:
             with np.errstate(all="ignore"):
-                if node.prim in _SKIP_CONST:
+                if node.prim == "convert_element_type" and np.dtype(out.dtype).kind in "biu":
+                    val = float(np.asarray(ins[0]).astype(out.dtype))
+                elif node.prim in _SKIP_CONST:
                     val = ins[0]
+                elif node.prim in _COMPARE_CONST and len(ins) == 2:
+                    val = float(_COMPARE_CONST[node.prim](ins[0], ins[1]))
+                elif node.prim in ("and", "or", "not") and np.dtype(out.dtype).kind == "b":
+                    bits = [bool(c) for c in ins]
+                    logic = {"not": lambda b: not b[0], "and": all, "or": any}[node.prim]
+                    val = float(logic(bits))
+                elif node.prim == "select_n":
+                    case = self.selected_case(node)
+                    if case is None:
+                        return
+                    val = ins[1 + case]
                 elif node.prim in _UNARY_CONST:
                     val = float(_UNARY_CONST[node.prim](ins[0]))
                 elif node.prim == "integer_pow":
@@ -1368,6 +1399,17 @@ class Analyzer:
         except (TypeError, ValueError, ZeroDivisionError, OverflowError):
             return
         self.constval[id(out)] = val
+
+    def selected_case(self, node: Node) -> int | None:
+        """For ``select_n`` with a constant predicate (one computed from literals only), the
+        index of the case it always picks; else None (a predicate that depends on the inputs
+        is never folded)."""
+        if node.prim != "select_n":
+            return None
+        c = self.constval.get(id(node.ins[0]))
+        if c is None or not float(c).is_integer() or not 0 <= c < len(node.ins) - 1:
+            return None
+        return int(c)
 
     def varies(self, x: V, k: int, out_shape) -> bool:
         """Whether operand ``x`` of an elementwise op varies along output axis ``k``."""
