@@ -472,7 +472,8 @@ def explicit(syms_name: str, case: str) -> dict:
 
     ``jax.make_mesh`` gives Explicit axes by default, and then every operation must say how
     its result is sharded when its operands disagree. Compares ``params + updates`` with the
-    single-device update and the updates' shardings with the gradients'.
+    single-device update and the updates' shardings with the gradients', and lists the
+    collectives of the compiled update (as :func:`hlo` does).
     """
     syms = {"scale": [SCALE], "rescale": [RESCALE], "translation": [TRANSLATION]}.get(
         syms_name, [LINEAR]
@@ -486,12 +487,20 @@ def explicit(syms_name: str, case: str) -> dict:
         shardings = param_shardings(mesh, params0, case)
         params = jax.device_put(params0, shardings)
         grads = jax.device_put(grads0, shardings)
-        u, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+        args = (grads, tx.init(params), params)
+        compiled = jax.jit(tx.update).lower(*args).compile()
+        u, _ = compiled(*args)
     return {
         "param_errs": _leaf_errs(
             optax.apply_updates(params0, jax.device_get(u)), optax.apply_updates(params0, u_ref)
         ),
         "mismatches": _mismatches(grads, u, "updates", 0),
+        "collectives": collectives(compiled.as_text()),
+        "kernel_sizes": {
+            k: int(np.prod(x.shape))
+            for k, x in zip(paths(params0), jax.tree.leaves(params0))
+            if "kernel" in k
+        },
     }
 
 

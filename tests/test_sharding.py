@@ -14,8 +14,7 @@ model parallel with kernels sharded along the input axis (biases replicated). Th
 run (``-m "not slow"``) covers ``retract`` in all three cases, ``monitor`` in the unit case
 and the main HLO checks (about 60 s of CPU on 2 cores); every other transform and case, the
 Explicit-axes checks and a two-process ``jax.distributed`` run are marked slow (about 5 min
-of CPU). One finding is marked ``xfail(strict=True)`` with the fix it needs in ksbopt
-(EXPLICIT_BROKEN): remove the marker once its fix lands.
+of CPU).
 """
 
 from __future__ import annotations
@@ -189,19 +188,7 @@ def test_sharded_run_matches_single_device(key):
     assert not bad, f"{key}: sharded run differs from the single-device run: {bad}"
 
 
-@pytest.mark.parametrize(
-    "key",
-    [
-        pytest.param(
-            k,
-            id=k.replace(":", "-"),
-            marks=[
-                *([pytest.mark.slow] if k in SLOW_RUNS else []),
-            ],
-        )
-        for k in DEFAULT_RUNS + SLOW_RUNS
-    ],
-)
+@pytest.mark.parametrize("key", ALL_RUNS)
 def test_sharded_run_keeps_shardings(key):
     """Each step returns every parameter and optimizer-state leaf with the sharding it came
     in with (``is_equivalent_to``), so the training loop keeps one layout and one compiled
@@ -324,52 +311,29 @@ def test_linear_with_k_sharded_on_the_right_factor_gathers_it():
 # --------------------------------------------------------------------------- Explicit axes
 
 # ``jax.make_mesh`` makes Explicit axes by default in jax 0.10 (sharding in types): every
-# operation must then be able to type its result's sharding. ksbopt's per-group vectors come
-# out of a reduction sharded like the unit axis they index, and are broadcast against leaves
+# operation must then be able to type its result's sharding. ksbopt's per-group vectors are
+# summed out of leaves sharded along the units they index and then broadcast onto leaves
 # laid out otherwise (a Rescale coefficient from fc1's columns onto fc2's rows), padded into
-# one vector (Translation: rows of a kernel plus its bias), or contracted over a sharded axis
-# (Linear: A^T A): jax refuses each of these. FIX for Scale / Rescale / Translation (verified
-# by patching): reshard every per-group reduction to replicated when the context mesh has
-# Explicit axes, in ksbopt/_src/groups.py ``AxisPart.reduce``:
-#     mesh = jax.sharding.get_abstract_mesh()
-#     if not mesh.empty and jax.sharding.AxisType.Explicit in mesh.axis_types:
-#         out = jax.sharding.reshard(out, jax.sharding.PartitionSpec())
-# Linear additionally needs ``out_sharding=`` on the einsums of _BoundLinear in
-# ksbopt/_src/symmetry.py (``P()`` for the k x k products, the leaf's own sharding,
-# ``jax.typeof(leaf).sharding``, for A G and G^-1 B). Remove the markers once fixed.
-EXPLICIT_BROKEN = {
-    "rescale:unit",
-    "rescale:input",
-    "translation:input",
-    "linear:unit",
-    "linear:input",
-}
+# one vector (Translation: rows of a kernel and its bias) or contracted over a sharded axis
+# (Linear: A^T A); ksbopt pins them replicated under Explicit axes
+# (``groups.explicit_sharding``), and Linear's A G and G^-1 B to the leaf's own sharding.
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "key",
-    [
-        pytest.param(
-            k,
-            id=k.replace(":", "-"),
-            marks=pytest.mark.xfail(
-                strict=True, reason="ksbopt under Explicit mesh axes: see EXPLICIT_BROKEN"
-            )
-            if k in EXPLICIT_BROKEN
-            else (),
-        )
-        for k in EXPLICIT
-    ],
-)
+@pytest.mark.parametrize("key", _params(EXPLICIT))
 def test_retract_under_explicit_axes(key):
     """``retract`` traces, matches the single-device update and keeps the gradients'
-    shardings on a mesh with Explicit axes."""
+    shardings on a mesh with Explicit axes; pinning the per-group results replicated gathers
+    no kernel (a Linear factor whose k axis is sharded only, as with Auto axes)."""
     res = _entry("explicit", key, "slow")
     assert res["mismatches"] == []
     errs = res["param_errs"]
     tol = RTOL_NEWTON if key.startswith("linear") else RTOL
     assert max(errs.values()) <= tol, errs
+    sizes = res["kernel_sizes"]
+    linear = {sizes[k] for k in check.LINEAR_LEAVES} if key.startswith("linear") else set()
+    gathered = {max(c["sizes"]) for c in _kernel_sized(res)}
+    assert gathered <= linear, (gathered, sizes)
 
 
 # --------------------------------------------------------------------------- several processes

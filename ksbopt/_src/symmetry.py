@@ -466,10 +466,11 @@ class _BoundLinear(BoundSymmetry):
         r = jnp.zeros(self.charge_shape, dtype)
         for part in self.parts:
             m = part.to_matrix(flat[part.leaf])
+            pin = groups_lib.explicit_sharding(m)  # k x k: replicated under Explicit axes
             if part.left:
-                p = p + jnp.einsum("hri,hrj->hij", m, m)
+                p = p + jnp.einsum("hri,hrj->hij", m, m, out_sharding=pin)
             else:
-                r = r + jnp.einsum("hir,hjr->hij", m, m)
+                r = r + jnp.einsum("hir,hjr->hij", m, m, out_sharding=pin)
         return p, r
 
     def charge(self, flat: Flat) -> jax.Array:
@@ -494,10 +495,11 @@ class _BoundLinear(BoundSymmetry):
         out = jnp.zeros(self.charge_shape, flat[self.parts[0].leaf].dtype)
         for part in self.parts:
             m, dv = part.to_matrix(flat[part.leaf]), part.to_matrix(v[part.leaf])
+            pin = groups_lib.explicit_sharding(m)  # k x k: replicated under Explicit axes
             if part.left:
-                out = out + jnp.einsum("hri,hrj->hij", m, dv)
+                out = out + jnp.einsum("hri,hrj->hij", m, dv, out_sharding=pin)
             else:
-                out = out - jnp.einsum("hir,hjr->hij", dv, m)
+                out = out - jnp.einsum("hir,hjr->hij", dv, m, out_sharding=pin)
         return out
 
     def expand(self, flat: Flat, c: jax.Array) -> Moved:
@@ -505,10 +507,11 @@ class _BoundLinear(BoundSymmetry):
         out: Moved = {}
         for part in self.parts:
             m = part.to_matrix(flat[part.leaf])
+            pin = groups_lib.explicit_sharding(m, own=True)  # laid out like the leaf
             if part.left:
-                term = part.from_matrix(jnp.einsum("hri,hij->hrj", m, c))
+                term = part.from_matrix(jnp.einsum("hri,hij->hrj", m, c, out_sharding=pin))
             else:
-                term = part.from_matrix(-jnp.einsum("hij,hjr->hir", c, m))
+                term = part.from_matrix(-jnp.einsum("hij,hjr->hir", c, m, out_sharding=pin))
             out[part.leaf] = out[part.leaf] + term if part.leaf in out else term
         return out
 
@@ -540,10 +543,15 @@ class _BoundLinear(BoundSymmetry):
         out: Moved = {}
         for part in self.parts:
             m = part.to_matrix(flat[part.leaf])
+            pin = groups_lib.explicit_sharding(m, own=True)  # laid out like the leaf
             if part.left:
-                out[part.leaf] = part.from_matrix(jnp.einsum("hri,hij->hrj", m, g))
+                out[part.leaf] = part.from_matrix(
+                    jnp.einsum("hri,hij->hrj", m, g, out_sharding=pin)
+                )
             else:
-                out[part.leaf] = part.from_matrix(jnp.einsum("hij,hjr->hir", g_inv, m))
+                out[part.leaf] = part.from_matrix(
+                    jnp.einsum("hij,hjr->hir", g_inv, m, out_sharding=pin)
+                )
         return out
 
     def move_to(self, flat: Flat, target: jax.Array) -> Moved:
