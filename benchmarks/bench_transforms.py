@@ -6,7 +6,14 @@ Each variant is one jitted step, ``updates = tx.update(grads, state, params)`` f
 Variants come in groups, each timed against the optax optimizer it modifies or replaces:
 
 - ``optax.sgd(0.1, momentum=0.9)``: ``project``, ``retract``, ``steer`` chained after it
-  (issue 2: each <= 1.3x on CPU is the target), ``monitor`` wrapped around it, ``sgdp``;
+  (issue 2: each <= 1.3x on CPU is the target), ``monitor`` wrapped around it, ``sgdp``, and
+  a reference without ksbopt code, ``jnp sgd + one per-unit reduction``: the same step
+  followed by the cheapest hand-written exact scale retraction (one sum of ``(w + u)**2``
+  per output unit, then ``w + u`` rescaled to its norm at ``init``). An exact retraction
+  or projection must measure the new step, and XLA:CPU fuses a reduction neither with the
+  elementwise pass that makes the step nor with the one that applies it: one more read of
+  ``w`` and the step, whatever the code. This row is that floor for ``retract``, ``steer``
+  and ``project`` on the machine at hand (``monitor`` reads the gradient too);
 - ``optax.adam``: ``symmetrize(adam)``, ``adamp``, ``nero``;
 - ``optax.rmsprop``: ``noether_rmsprop``;
 - ``optax.sgd`` with weight decay: ``rotational`` (REQ).
@@ -104,6 +111,42 @@ def variants(symmetries) -> dict[str, optax.GradientTransformation]:
     }
 
 
+FLOOR = "jnp sgd + one per-unit reduction"
+
+
+def floor_retraction(symmetries) -> optax.GradientTransformation:
+    """Plain jnp, no ksbopt code: ``u -> a (w + u) - w``, ``a = |w_0| / |w + u|`` per unit.
+
+    One sum of ``(w + u)**2`` over each output unit (the last axis) of the kernel and bias
+    of each layer the ``Scale`` declarations of :func:`cnn_tree` name: the cheapest exact
+    retraction, the reference the ksbopt rows are read against.
+    """
+    layers = [s.selection[0].split("/")[0] for s in symmetries]
+
+    def unit_sum(w, u):
+        return jnp.sum(jnp.square(w + u), axis=tuple(range(w.ndim - 1)))
+
+    def sq_norms(params, updates):
+        return {
+            k: sum(jax.tree.leaves(jax.tree.map(unit_sum, params[k], updates[k]))) for k in layers
+        }
+
+    def init_fn(params):
+        return sq_norms(params, jax.tree.map(jnp.zeros_like, params))
+
+    def update_fn(updates, state, params):
+        scale = jax.tree.map(lambda q0, q: jnp.sqrt(q0 / q), state, sq_norms(params, updates))
+        out = dict(updates)
+        for k in layers:
+            # a (w + u) - w, written so that XLA does not store w + u (one pass fewer).
+            out[k] = jax.tree.map(
+                lambda w, u, a=scale[k]: (a - 1) * w + a * u, params[k], updates[k]
+            )
+        return out, state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
 GROUPS = ("sgd", "adam", "rmsprop", "sgd+wd")  # the names of the groups below, in order
 
 
@@ -118,6 +161,7 @@ def groups(symmetries) -> dict[str, dict[str, optax.GradientTransformation]]:
         optax.sgd(LR, momentum=MOMENTUM), symmetries, learning_rate=LR
     )
     sgd["ksbopt.sgdp"] = ksbopt.sgdp(LR, MOMENTUM)
+    sgd[FLOOR] = optax.chain(optax.sgd(LR, momentum=MOMENTUM), floor_retraction(symmetries))
     built = (
         sgd,
         {

@@ -40,7 +40,7 @@ import optax
 
 from ksbopt._src import dynamics as dynamics_lib
 from ksbopt._src import groups as groups_lib
-from ksbopt._src import orbit, theory
+from ksbopt._src import orbit, reductions, theory
 from ksbopt._src.symmetry import BoundSymmetry
 
 __all__ = ["MonitorState", "NoetherDiagnostics", "RecursionState", "monitor", "symmetry_labels"]
@@ -228,7 +228,7 @@ def _group_inner(b: BoundSymmetry, x: Flat, y: Flat) -> jax.Array:
 
 # Leaves with at least this many entries have all their per-group products reduced in one
 # pass over memory; smaller ones use one reduction per product (the core's own, bit for bit).
-_FUSED_MIN_SIZE = 1 << 16
+_FUSED_MIN_SIZE = reductions.FUSED_MIN_SIZE
 
 #: Per-group products the expensive diagnostics read, per symmetry kind ("1": the entries
 #: themselves, e.g. "w1" = sum of w). Linear symmetries use their own matrix reductions.
@@ -240,51 +240,11 @@ _DIAGNOSE_PRODUCTS = {
 }
 
 
-def _split(rows: int) -> int:
-    """How many row blocks the fused reduction sums at once: a divisor of ``rows`` in
-    [6, 12] if there is one, else 8 (the last ``rows % 8`` rows are then summed apart).
-
-    XLA:CPU unrolls a reduction over so few elements into straight-line code; from about 15
-    on it emits a loop per output element, several times slower.
-    """
-    divisors = [d for d in range(6, 13) if rows % d == 0]
-    return max(divisors) if divisors else 8
-
-
 def _part_sums(part: groups_lib.AxisPart, products: Sequence[jax.Array]) -> list[jax.Array]:
-    """``part.reduce(x)`` for every x in ``products``, in one pass over memory where it pays.
-
-    XLA:CPU emits one loop per reduction, each reading its operands from memory; the
-    products of one leaf (w w, w u, u u, w g, g g, ...) would cost one pass each. Here a
-    large leaf whose groups are its trailing axes (Flax's output unit; a whole leaf) is
-    viewed as ``(s, rows / s, units)`` and all products are summed over the first axis by
-    ONE variadic reduction (one pass, the products computed on the fly), then over the
-    remaining ``rows / s`` rows by small ordinary reductions. Same sums, another summation
-    order (within rounding of the direct sums).
-    """
-    ndim = len(part.shape)
-    k = ndim - len(part.group_axes)
-    rows = math.prod(part.shape[:k])
-    trailing = part.group_axes == tuple(range(k, ndim))
-    split = _split(rows)
-    small = math.prod(part.shape) < _FUSED_MIN_SIZE or rows < split
-    if len(products) < 2 or small or not trailing:
-        return [part.reduce(x) for x in products]
-    units = math.prod(part.shape[k:])
-    block = rows // split
-    mats = [jnp.reshape(x, (rows, units)) for x in products]
-    xs = tuple(m[: split * block].reshape(split, block, units) for m in mats)
-    zeros = tuple(jnp.zeros((), x.dtype) for x in xs)
-    partial = jax.lax.reduce(
-        xs, zeros, lambda a, b: tuple(x + y for x, y in zip(a, b, strict=True)), (0,)
-    )
-    sums = []
-    for m, x in zip(mats, partial, strict=True):
-        total = jnp.sum(x, axis=0)
-        if rows > split * block:  # the rows left over by the split
-            total = total + jnp.sum(m[split * block :], axis=0)
-        sums.append(jnp.sum(total.reshape(part.size, part.block), axis=1))
-    return sums
+    """``part.reduce(x)`` for every x in ``products``, on a large leaf in one pass over
+    memory (:func:`ksbopt._src.reductions.part_sums`): the products of one leaf (w w, w u,
+    u u, w g, g g, ...) would otherwise cost one pass each."""
+    return reductions.part_sums(part, products, min_size=_FUSED_MIN_SIZE)
 
 
 class _Sums:

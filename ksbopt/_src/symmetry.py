@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ksbopt._src import groups as groups_lib
+from ksbopt._src import reductions
 from ksbopt._src.groups import AxisPart
 
 Flat = list  # the leaves of a parameter tree, in jax.tree.leaves order
@@ -254,25 +255,26 @@ class _BoundAxis(BoundSymmetry):
         return jnp.diag(self.norms(flat))
 
     def solve_gram(self, flat: Flat, r: jax.Array) -> jax.Array:
+        return self._solve(self.norms(flat), r)
+
+    @staticmethod
+    def _solve(n: jax.Array, r: jax.Array) -> jax.Array:
         # A zero-norm group has no generator: coefficient 0 * r, which is 0 for a finite r
         # but keeps a NaN / inf of r visible to the non-finite checks of the transforms.
-        n = self.norms(flat)
         return jnp.where(n != 0, r / jnp.where(n != 0, n, 1), 0 * r)
 
     def coefficients(self, flat: Flat, v: Flat) -> jax.Array:
         # [derived] The groups of one symmetry are disjoint, so J^T J is diagonal and
-        # c_g = <xi_g, v> / |xi_g|^2. It is computed as <xi_g, v / |xi_g|^2>, the per-group
-        # factor applied inside the reduction: the same rounding, and XLA:CPU then fuses the
-        # producer of ``v`` (e.g. -lr * momentum) into the reduction instead of storing v.
-        # A zero-norm group gets factor 0: c = 0 for finite v, NaN (visible) otherwise.
-        n = self.norms(flat)
-        inv = jnp.where(n != 0, 1 / jnp.where(n != 0, n, 1), 0)
-        return self._sum(
-            [
-                p.reduce(self._base(flat, p) * (v[p.leaf] * p.broadcast(s * self._slice(inv, p))))
-                for p, s in zip(self.parts, self.signs)
-            ]
-        )
+        # c_g = <xi_g, v> / |xi_g|^2. Both sums of a large leaf come out of ONE pass over it
+        # (reductions.part_sums: XLA:CPU reads a leaf once per reduction otherwise), with the
+        # producer of ``v`` (e.g. -lr * momentum) fused into that pass instead of storing v.
+        norms, inner = [], []
+        for p, s in zip(self.parts, self.signs):
+            base = self._base(flat, p)
+            n, r = reductions.part_sums(p, [jnp.square(base), base * v[p.leaf]])
+            norms.append(n)
+            inner.append(s * r)
+        return self._solve(self._sum(norms), self._sum(inner))
 
     @staticmethod
     def _slice(c: jax.Array, p: AxisPart) -> jax.Array:
