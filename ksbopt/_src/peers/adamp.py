@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ksbopt._src import groups as groups_lib
+from ksbopt._src import reductions
 from ksbopt._src.peers._common import (
     check_range,
     compute_dtype,
@@ -27,8 +29,6 @@ from ksbopt._src.peers._common import (
     one_minus_power,
     require_params,
     safe_div,
-    unit_norm,
-    unit_sum,
 )
 
 __all__ = [
@@ -87,23 +87,46 @@ def radial_projection(
     """
     cd = compute_dtype(p)
     p, g, w = p.astype(cd), g.astype(cd), w.astype(cd)
+    c, projected = _radial_coefficients(p, g, w, delta, eps)
+    return p - c * w, projected
+
+
+def _radial_coefficients(
+    p: jax.Array, g: jax.Array, w: jax.Array, delta: Any, eps: Any
+) -> tuple[jax.Array, jax.Array]:
+    """The per-unit factor ``c`` (shape ``(units,)``) with ``radial_projection``'s step
+    ``q = p - c * w``, and the ``projected`` flag; ``p``, ``g``, ``w`` in the compute dtype.
+
+    ``<w_hat, p> w_hat = (<w, p> / |w|^2) w`` (0 for a zero-norm unit), so the channel view
+    needs ``|w_j|^2``, ``|g_j|^2``, ``<g_j, w_j>``, ``<w_j, p_j>`` per unit and the layer view
+    the same four sums over the whole leaf, which are the sums of the per-unit ones. All four
+    come out of ONE pass over the leaf (``reductions.part_sums``), and ``q = p - c w`` is
+    formed inside the caller's elementwise pass that writes its output: no leaf-sized
+    ``w_hat`` or ``q`` is stored and no norm is computed twice. Same numbers as the formulas
+    of :func:`radial_projection` up to rounding (order of summation, ``<w, p> / |w|^2``
+    in place of ``<w_hat, p>`` times ``w_hat``).
+    """
     if w.size == 0:
-        return p, jnp.asarray(False)
+        return jnp.zeros(w.shape[-1:], w.dtype), jnp.asarray(False)
     d_unit = math.prod(w.shape[:-1])
+    part = groups_lib.AxisPart(leaf=0, path="", shape=w.shape, group_axes=(w.ndim - 1,))
+    sums = reductions.part_sums(part, [w * w, g * g, g * w, w * p])
+    # The barrier keeps XLA from folding the layer sums below (sums of these per-unit sums)
+    # into fresh reductions of the leaf-sized partial sums of part_sums: one read fewer.
+    ww, gg, gw, wp = jax.lax.optimization_barrier(sums)
     # Channel view: one unit per entry of the last axis.
-    wn, gn = unit_norm(w), unit_norm(g)
-    cos_unit = safe_div(jnp.abs(unit_sum(g * w)), gn * wn + eps)
+    cos_unit = safe_div(jnp.abs(gw), jnp.sqrt(gg) * jnp.sqrt(ww) + eps)
     by_unit = jnp.max(cos_unit) < delta / math.sqrt(d_unit)
-    w_hat = safe_div(w, wn)
-    q_unit = p - unit_sum(w_hat * p) * w_hat
+    c_unit = safe_div(wp, ww)
     # Layer view: the whole leaf is one vector.
-    wl, gl = jnp.sqrt(jnp.sum(w * w)), jnp.sqrt(jnp.sum(g * g))
-    cos_layer = safe_div(jnp.abs(jnp.sum(g * w)), gl * wl + eps)
+    ww_l, gg_l, gw_l, wp_l = jnp.sum(ww), jnp.sum(gg), jnp.sum(gw), jnp.sum(wp)
+    cos_layer = safe_div(jnp.abs(gw_l), jnp.sqrt(gg_l) * jnp.sqrt(ww_l) + eps)
     by_layer = cos_layer < delta / math.sqrt(w.size)
-    wl_hat = safe_div(w, wl)
-    q_layer = p - jnp.sum(wl_hat * p) * wl_hat
-    q = jnp.where(by_unit, q_unit, jnp.where(by_layer, q_layer, p))
-    return q, by_unit | by_layer
+    c_layer = safe_div(wp_l, ww_l)
+    c = jnp.where(by_unit, c_unit, jnp.where(by_layer, c_layer, jnp.zeros_like(c_unit)))
+    # Hand the leaf-sized pass that applies ``c`` a finished vector, not the selects above
+    # to redo per entry.
+    return jax.lax.optimization_barrier((c, by_unit | by_layer))
 
 
 def _check_common(owner: str, eps: Any, weight_decay: Any, delta: Any, wd_ratio: Any) -> None:
