@@ -75,6 +75,30 @@ def _smoke_args(out, cache, seeds="1"):
     ]
 
 
+def _tiny_args(out, cache, *, tasks: str, optimizers: str, lrs: str, steps: int) -> list:
+    """A one-seed grid run at the tiny scale, without progress bars or plots."""
+    return [
+        "--scale",
+        "tiny",
+        "--tasks",
+        tasks,
+        "--optimizers",
+        optimizers,
+        "--lrs",
+        lrs,
+        "--seeds",
+        "1",
+        "--steps",
+        str(steps),
+        "--no-progress",
+        "--no-plots",
+        "--out",
+        out,
+        "--cache-dir",
+        cache,
+    ]
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory, cache):
     out = tmp_path_factory.mktemp("smoke")
@@ -182,26 +206,9 @@ def test_rerun_skips_finished_runs_and_extends_seeds(smoke, cache, tmp_path, mon
 
 
 def test_interrupted_benchmark_keeps_finished_runs(tmp_path, cache, monkeypatch):
-    args = [
-        "--scale",
-        "tiny",
-        "--tasks",
-        "teacher_relu",
-        "--optimizers",
-        "sgd",
-        "--lrs",
-        "0.01,0.03",
-        "--seeds",
-        "1",
-        "--steps",
-        "10",
-        "--no-progress",
-        "--no-plots",
-        "--out",
-        tmp_path,
-        "--cache-dir",
-        cache,
-    ]
+    args = _tiny_args(
+        tmp_path, cache, tasks="teacher_relu", optimizers="sgd", lrs="0.01,0.03", steps=10
+    )
     real = runner.Runner._execute
     calls = []
 
@@ -235,26 +242,9 @@ def test_a_failing_optimizer_is_reported_and_the_suite_goes_on(tmp_path, cache, 
         return real(self, cfg, full, position)
 
     monkeypatch.setattr(runner.Runner, "_execute", broken_sgd)
-    args = [
-        "--scale",
-        "tiny",
-        "--tasks",
-        "teacher_relu",
-        "--optimizers",
-        "sgd,sgd+wd",
-        "--lrs",
-        "0.01,0.03",
-        "--seeds",
-        "1",
-        "--steps",
-        "10",
-        "--no-progress",
-        "--no-plots",
-        "--out",
-        tmp_path,
-        "--cache-dir",
-        cache,
-    ]
+    args = _tiny_args(
+        tmp_path, cache, tasks="teacher_relu", optimizers="sgd,sgd+wd", lrs="0.01,0.03", steps=10
+    )
     rc, stdout, err = _main(args)
     assert rc == 1 and "FAILED, ValueError: deliberately broken" in err
     # The second learning rate of the broken combination is skipped, not compiled again.
@@ -268,26 +258,9 @@ def test_a_failing_optimizer_is_reported_and_the_suite_goes_on(tmp_path, cache, 
 
 def test_diverged_run_is_recorded_and_never_chosen(tmp_path, cache):
     rc, stdout, err = _main(
-        [
-            "--scale",
-            "tiny",
-            "--tasks",
-            "teacher_relu",
-            "--optimizers",
-            "sgd",
-            "--lrs",
-            "0.01,1e4",
-            "--seeds",
-            "1",
-            "--steps",
-            "20",
-            "--no-progress",
-            "--no-plots",
-            "--out",
-            tmp_path,
-            "--cache-dir",
-            cache,
-        ]
+        _tiny_args(
+            tmp_path, cache, tasks="teacher_relu", optimizers="sgd", lrs="0.01,1e4", steps=20
+        )
     )
     assert rc == 0, err
     recs = {r["config"]["learning_rate"]: r for r in _records(tmp_path)}
@@ -569,26 +542,14 @@ NEW_ENTRIES = [
 )
 def test_entries_get_extra_args_units_and_path_norm_and_report_not_applicable(tmp_path, cache):
     rc, _, err = _main(
-        [
-            "--scale",
-            "tiny",
-            "--tasks",
-            "teacher_relu,mnist1d_mlp_ln",
-            "--optimizers",
-            ",".join(NEW_ENTRIES),
-            "--lrs",
-            "0.01",
-            "--seeds",
-            "1",
-            "--steps",
-            "10",
-            "--no-progress",
-            "--no-plots",
-            "--out",
+        _tiny_args(
             tmp_path,
-            "--cache-dir",
             cache,
-        ]
+            tasks="teacher_relu,mnist1d_mlp_ln",
+            optimizers=",".join(NEW_ENTRIES),
+            lrs="0.01",
+            steps=10,
+        )
     )
     assert rc == 0, err
     recs = {(r["config"]["task"], r["config"]["optimizer"]): r for r in _records(tmp_path)}
