@@ -10,7 +10,7 @@ also counts the time other jobs hold the cores):
    ``bench_transforms.py`` (~10M float32 parameters; conv and dense kernels, one Scale group
    per output unit);
 2. a full train step (forward, backward, update) of the MNIST-1D CNN of
-   ``benchmarks/models.py`` with BatchNorm (three Scale symmetries + the head's Translation),
+   ``ksbopt/bench/models.py`` with BatchNorm (three Scale symmetries + the head's Translation),
    batch 100, synthetic inputs of MNIST-1D's shape.
 
 The baseline is ``optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(lr, momentum=0.9))``;
@@ -127,7 +127,7 @@ def train_workload(repeats: int, inner: int, batch: int = 100, steps_per_call: i
     per jitted call (a lax.scan, as a real training loop does), timed per step."""
     from flax import nnx
 
-    from benchmarks.models import CNN1D
+    from ksbopt.bench.models import CNN1D
 
     symmetries = [ksbopt.Scale(f"conv{i}/kernel", axis=-1) for i in (1, 2, 3)] + [
         ksbopt.Translation(["head/kernel", "head/bias"])

@@ -1,7 +1,7 @@
 """Per-step cost of ksbopt transforms on the benchmarks' Transformer LM, sharded on a mesh.
 
 The model is the byte-level pre-LayerNorm Transformer of the ``lm_stdlib_qknorm`` task
-(:mod:`benchmarks.tasks`, QK-normalisation: one Scale group per head of the query and key
+(:mod:`ksbopt.bench.tasks`, QK-normalisation: one Scale group per head of the query and key
 kernels, a Linear (GL(head_dim)) symmetry per head between value and output kernels, a
 Translation symmetry of the softmax head). Its parameters are laid out on a (data, model)
 mesh Megatron-style (:func:`lm_spec`): attention heads, the first MLP kernel's units and the
@@ -78,7 +78,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import ksbopt  # noqa: E402
-from benchmarks.tasks import Task, build_task  # noqa: E402
+from ksbopt.bench.tasks import Task, build_task  # noqa: E402
 
 __all__ = [
     "LM_RULES",
@@ -111,7 +111,7 @@ def make_mesh(data: int, model: int) -> Mesh:
     return jax.make_mesh((data, model), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
 
 
-# Megatron-style rules for benchmarks.models.TransformerLM ("/"-joined parameter paths;
+# Megatron-style rules for ksbopt.bench.models.TransformerLM ("/"-joined parameter paths;
 # Flax layout: query/key/value kernels (embed, heads, head_dim), out kernel (heads,
 # head_dim, embed), Dense kernels (in, out)). First match wins; everything else (embeddings,
 # LayerNorms, biases of the row-parallel layers) is replicated.

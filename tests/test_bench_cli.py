@@ -29,9 +29,9 @@ pytest.importorskip("tqdm")
 
 from flax import nnx
 
-from benchmarks import cli, registry, runner
-from benchmarks.report import fmt
-from benchmarks.tasks import TASKS, build_task
+from ksbopt.bench import cli, registry, runner
+from ksbopt.bench.report import fmt
+from ksbopt.bench.tasks import TASKS, build_task
 
 RETRACT = registry.REGISTRY["sgd+retract"].available
 SMOKE_OPTS = ["sgd", "sgd+retract"] if RETRACT else ["sgd"]
@@ -389,7 +389,7 @@ def test_unwritable_out_missing_package_and_missing_feature(tmp_path, monkeypatc
 def test_missing_flax_is_reported_before_anything_imports_it(tmp_path):
     code = (
         "import sys; sys.modules['flax'] = None\n"
-        "from benchmarks import cli\n"
+        "from ksbopt.bench import cli\n"
         f"sys.exit(cli.main(['--out', {str(tmp_path)!r}]))\n"
     )
     proc = subprocess.run(
@@ -588,7 +588,7 @@ def test_entries_get_extra_args_units_and_path_norm_and_report_not_applicable(tm
 
 
 def test_full_suite_plans_every_applicable_pair_with_the_same_budget():
-    from benchmarks.suites import SUITES, plan
+    from ksbopt.bench.suites import SUITES, plan
 
     suite = SUITES["full"]
     runs = plan(suite, tasks=suite.tasks, optimizers=suite.optimizers, seeds=suite.seeds)

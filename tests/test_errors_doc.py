@@ -1,12 +1,13 @@
 """docs/errors.md documents every error ksbopt raises, with its message.
 
-A *raise site* is ``raise SomeError(message)`` in ``ksbopt/`` or ``benchmarks/``, or a
-``parser.error(message)`` call of the benchmark CLI. Its *template* is the message with every
-value the code formats into it written as a placeholder ``{...}`` (f-string fields, string
-concatenation of variables, ``str.format``). The page must quote every template in a
-```` ```text ```` block: the fixed text verbatim (whitespace may differ), any placeholder
-text inside braces where the code formats a value. And every ```` ```text ```` block of
-the page must still be the template of some raise site (no stale messages).
+A *raise site* is ``raise SomeError(message)`` in ``ksbopt/`` (the harness ``ksbopt/bench/``
+included) or ``benchmarks/``, or a ``parser.error(message)`` call of the benchmark CLI. Its
+*template* is the message with every value the code formats into it written as a placeholder
+``{...}`` (f-string fields, string concatenation of variables, ``str.format``). The page must
+quote every template in a ```` ```text ```` block: the fixed text verbatim (whitespace may
+differ), any placeholder text inside braces where the code formats a value. And every ````
+```text ```` block of the page must still be the template of some raise site (no stale
+messages).
 
 So a new ``raise`` or a reworded message fails here until the page says what it means and
 how to fix it; a message that is only placeholders (``raise ValueError(msg)``) fails too:
@@ -163,7 +164,7 @@ def _site(node, rel, name, internal, problems, top) -> Site | None:
             return None
         msg = args[0]
     elif (
-        top == "benchmarks"
+        (top == "benchmarks" or rel.startswith("ksbopt/bench/"))
         and isinstance(node, ast.Call)
         and isinstance(node.func, ast.Attribute)
         and node.func.attr == "error"
@@ -194,7 +195,7 @@ def test_sites_are_found():
     where = {(s.path, s.error) for s in SITES}
     assert ("ksbopt/_src/groups.py", "ValueError") in where
     assert ("ksbopt/_src/symmetry.py", "TypeError") in where
-    assert ("benchmarks/cli.py", "parser.error") in where
+    assert ("ksbopt/bench/cli.py", "parser.error") in where
     assert len(SITES) > 100, len(SITES)
 
 

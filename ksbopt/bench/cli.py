@@ -3,7 +3,7 @@
 Examples::
 
     ksbopt-bench --suite quick --out bench_results/quick
-    python -m benchmarks.cli --suite full --tasks mnist1d_cnn_bn,digits_cnn_bn --seeds 3
+    python -m ksbopt.bench.cli --suite full --tasks mnist1d_cnn_bn,digits_cnn_bn --seeds 3
     ksbopt-bench --suite gpu --scale tiny --out /tmp/gpu_tiny   # the gpu suite, tiny, on CPU
     ksbopt-bench --list
 
@@ -49,7 +49,7 @@ def _csv(s: str) -> list[str]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from benchmarks.tasks import SCALES
+    from ksbopt.bench.tasks import SCALES
 
     p = argparse.ArgumentParser(
         prog="ksbopt-bench",
@@ -98,9 +98,9 @@ def _seeds(p, s: str | None, default) -> tuple[int, ...]:
 
 
 def _list(out=sys.stdout) -> None:
-    from benchmarks import registry
-    from benchmarks.suites import SUITES
-    from benchmarks.tasks import TASKS
+    from ksbopt.bench import registry
+    from ksbopt.bench.suites import SUITES
+    from ksbopt.bench.tasks import TASKS
 
     print("tasks:", file=out)
     for t in TASKS.values():
@@ -132,9 +132,9 @@ def _check_out(p, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``ksbopt-bench``; returns the exit status."""
-    from benchmarks import registry
-    from benchmarks.suites import EXPERIMENTS, SUITES, plan
-    from benchmarks.tasks import SCALES, TASKS
+    from ksbopt.bench import registry
+    from ksbopt.bench.suites import EXPERIMENTS, SUITES, plan
+    from ksbopt.bench.tasks import SCALES, TASKS
 
     argv = list(sys.argv[1:] if argv is None else argv)
     p = _parser()
@@ -231,9 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     # ---- run ----
     import jax
 
-    from benchmarks.report import write_report
-    from benchmarks.runner import Runner
-    from benchmarks.suites import PUBLISHED
+    from ksbopt.bench.report import write_report
+    from ksbopt.bench.runner import Runner
+    from ksbopt.bench.suites import PUBLISHED
 
     t0 = time.perf_counter()
     scale = ", ".join(f"{e}={s}" for e, s in dict.fromkeys((r.experiment, r.scale) for r in runs))
@@ -305,9 +305,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _report_only(p, a, argv) -> int:
-    from benchmarks.records import load_record
-    from benchmarks.report import write_report
-    from benchmarks.suites import PUBLISHED
+    from ksbopt.bench.records import load_record
+    from ksbopt.bench.report import write_report
+    from ksbopt.bench.suites import PUBLISHED
 
     out = Path(a.out or f"bench_results/{a.suite}")
     paths = sorted((out / "runs").glob("*.json"))

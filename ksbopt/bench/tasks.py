@@ -47,7 +47,7 @@ class SymDecl:
 
     def build(self):
         """The ``ksbopt`` object, e.g. ``ksbopt.Scale(*args, **kwargs)``."""
-        from benchmarks.registry import ksbopt_feature
+        from ksbopt.bench.registry import ksbopt_feature
 
         name = (
             self.constructor
@@ -331,7 +331,7 @@ _MNIST1D_TARGETS = {"cnn": 0.9, "mlp": 0.6}
 
 def _mnist1d(model: str, norm: bool, large: bool, published: bool = False):
     def build(scale: str, cache_dir) -> Task:
-        from benchmarks import data
+        from ksbopt.bench import data
 
         s = dict(_MNIST1D_SCALES[scale])
         if published:  # the MNIST-1D paper's setting: all 4000 training examples, 6000 steps
@@ -348,7 +348,7 @@ def _mnist1d(model: str, norm: bool, large: bool, published: bool = False):
             def make(seed):
                 from flax import nnx
 
-                from benchmarks.models import CNN1D
+                from ksbopt.bench.models import CNN1D
 
                 return CNN1D(channels, batchnorm=norm, rngs=nnx.Rngs(seed))
 
@@ -360,7 +360,7 @@ def _mnist1d(model: str, norm: bool, large: bool, published: bool = False):
             def make(seed):
                 from flax import nnx
 
-                from benchmarks.models import MLP
+                from ksbopt.bench.models import MLP
 
                 return MLP(40, hidden, 2, layernorm=norm, rngs=nnx.Rngs(seed))
 
@@ -415,7 +415,7 @@ _DIGITS_SCALES = {
 
 def _digits(norm: bool):
     def build(scale: str, cache_dir) -> Task:
-        from benchmarks import data
+        from ksbopt.bench import data
 
         s = _DIGITS_SCALES[scale]
         split = data.digits()
@@ -423,7 +423,7 @@ def _digits(norm: bool):
         def make(seed):
             from flax import nnx
 
-            from benchmarks.models import DigitsCNN
+            from ksbopt.bench.models import DigitsCNN
 
             return DigitsCNN(s["c1"], s["c2"], batchnorm=norm, rngs=nnx.Rngs(seed))
 
@@ -516,7 +516,7 @@ def _eval_windows(b: np.ndarray, seq_len: int, count: int) -> np.ndarray:
 
 def _lm(qk_norm: bool):
     def build(scale: str, cache_dir) -> Task:
-        from benchmarks import data
+        from ksbopt.bench import data
 
         s = _LM_SCALES[scale]
         split = data.stdlib_bytes(max_train_bytes=s["max_train_bytes"])
@@ -529,7 +529,7 @@ def _lm(qk_norm: bool):
         def make(seed):
             from flax import nnx
 
-            from benchmarks.models import TransformerLM
+            from ksbopt.bench.models import TransformerLM
 
             return TransformerLM(
                 d=s["d"],
@@ -594,7 +594,7 @@ _TEACHER_SCALES = {
 
 def _teacher(relu: bool):
     def build(scale: str, cache_dir) -> Task:
-        from benchmarks import data
+        from ksbopt.bench import data
 
         s = _TEACHER_SCALES[scale]
         kind = "relu" if relu else "linear"
@@ -607,7 +607,7 @@ def _teacher(relu: bool):
         def make(seed):
             from flax import nnx
 
-            from benchmarks.models import DeepMLP
+            from ksbopt.bench.models import DeepMLP
 
             return DeepMLP(32, 8, s["width"], s["depth"], relu=relu, rngs=nnx.Rngs(seed))
 

@@ -1,6 +1,6 @@
 """Flax NNX models of the benchmark tasks (Flax layout: the output unit is the last axis).
 
-Names of submodules are part of the contract with :mod:`benchmarks.tasks`, whose symmetry
+Names of submodules are part of the contract with :mod:`ksbopt.bench.tasks`, whose symmetry
 declarations select parameters by these paths (``conv1/kernel``, ``head/bias``, ...).
 """
 

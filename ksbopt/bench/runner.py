@@ -33,8 +33,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from benchmarks import registry
-from benchmarks.records import (
+from ksbopt.bench import registry
+from ksbopt.bench.records import (
     SCHEMA,
     RunConfig,
     jsonable,
@@ -42,7 +42,7 @@ from benchmarks.records import (
     record_path,
     write_atomic,
 )
-from benchmarks.tasks import Task
+from ksbopt.bench.tasks import Task
 
 __all__ = ["RunConfig", "Runner", "clear_caches", "load_record", "record_path"]
 
@@ -182,7 +182,7 @@ class Runner:
 
     # ---- building blocks --------------------------------------------------------------------
     def task(self, name: str, scale: str) -> Task:
-        from benchmarks.tasks import build_task
+        from ksbopt.bench.tasks import build_task
 
         key = (name, scale)
         if key not in self._tasks:

@@ -21,9 +21,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
-from benchmarks import registry
-from benchmarks.records import RunConfig
-from benchmarks.tasks import TASKS
+from ksbopt.bench import registry
+from ksbopt.bench.records import RunConfig
+from ksbopt.bench.tasks import TASKS
 
 __all__ = ["EXPERIMENTS", "SUITES", "Suite", "plan"]
 

@@ -416,7 +416,7 @@ def _overview(grid: Mapping) -> list[str]:
     """Cross-task tables: test metric per optimizer, free vs constrained norm, norm vs none."""
     if not grid:
         return []
-    from benchmarks.registry import REGISTRY
+    from ksbopt.bench.registry import REGISTRY
 
     order = {name: i for i, name in enumerate(REGISTRY)}
     opts = sorted(
@@ -493,8 +493,8 @@ def _overview(grid: Mapping) -> list[str]:
 
 def _not_applicable(optimizer: str, task: str) -> str | None:
     """Why a registry entry does not apply to a task (from metadata), or None."""
-    from benchmarks.registry import REGISTRY
-    from benchmarks.tasks import TASKS
+    from ksbopt.bench.registry import REGISTRY
+    from ksbopt.bench.tasks import TASKS
 
     if optimizer not in REGISTRY or task not in TASKS:
         return None
@@ -568,7 +568,7 @@ def _versus_table(grid, tasks, name, others) -> list[str]:
 
 def _questions(summary: Mapping) -> list[str]:
     """The report's answers to the four questions of the benchmark, with this run's numbers."""
-    from benchmarks.tasks import TASKS
+    from ksbopt.bench.tasks import TASKS
 
     grid, nld = summary["grid"], summary["nld"]
     if not grid and not nld:
