@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 #: The columns of :func:`step_ratios`, in order.
-RATIOS = ("first_order", "second_order", "change", "gradient")
+RATIOS = ("first_order", "second_order", "change", "gradient", "resolution")
 #: The classes of :func:`classify`.
 CLASSES = ("exact", "second order", "first order")
 
@@ -42,6 +42,10 @@ CLASSES = ("exact", "second order", "first order")
 # symmetry) reaches the step through any rule; a step is not called first-order breaking
 # unless its component exceeds GRADIENT_FLOOR times the gradient's (SGD's ratio is exactly 1).
 GRADIENT_FLOOR = 10.0
+# A step applied to w in precision eps (w + u rounded, or u = w_new - w as retractions form
+# it) is rounded by at most eps/2 |w_i| per entry, which moves the charge by at most
+# eps/2 |xi| |w|: relative to |xi| |u| at most eps |w| / |u| (eps times the "resolution"
+# ratio), the floor of steps much smaller than the weights.
 
 
 def tolerance(dtype) -> float:
@@ -56,14 +60,17 @@ def tolerance(dtype) -> float:
     return float(np.sqrt(np.finfo(np.dtype(dtype)).eps))
 
 
-def classify(first_order: float, change: float, gradient: float, tol: float) -> str:
+def classify(
+    first_order: float, change: float, gradient: float, resolution: float, tol: float
+) -> str:
     """``"exact"``, ``"second order"`` or ``"first order"`` from the ratios of one symmetry.
 
-    The floor is ``max(tol, GRADIENT_FLOOR * gradient)``. Exact: the charge change is below
-    it. Second order: the change is not, but its first-order part is (the change is the
-    finite step's ``Q(u)``). First order: the first-order part ``<xi, u>`` is above it.
+    The floor is ``max(tol, 10 gradient, tol**2 resolution)`` (``tol**2`` is eps). Exact:
+    the charge change is below it. Second order: the change is not, but its first-order
+    part is (the change is the finite step's ``Q(u)``). First order: the first-order part
+    ``<xi, u>`` is above it.
     """
-    floor = max(tol, GRADIENT_FLOOR * gradient)
+    floor = max(tol, GRADIENT_FLOOR * gradient, tol**2 * resolution)
     if not (change > floor):  # NaN ratios (no step) count as no change
         return "exact"
     return "second order" if first_order <= floor else "first order"
@@ -77,7 +84,8 @@ def _sqnorm(b: BoundSymmetry, flat: Flat) -> jax.Array:
 
 
 def _ratios_one(b: BoundSymmetry, w: Flat, g: Flat, u: Flat) -> jax.Array:
-    """Largest over the groups of |<xi, u>|, |Q(u)|, |dQ| over |xi| |u|, and |<xi, g>| / |xi||g|."""
+    """Largest over the groups of |<xi, u>|, |Q(u)|, |dQ| over |xi| |u|, |<xi, g>| / |xi||g|
+    and |w| / |u|."""
     first = b.reduce(w, u)
     linear = first.ndim == 3
     if linear:  # the charge A^T A - B B^T moves by R + R^T at first order
@@ -85,7 +93,7 @@ def _ratios_one(b: BoundSymmetry, w: Flat, g: Flat, u: Flat) -> jax.Array:
     second = b.quadratic(u)
     grad = b.reduce(w, g)
     xi = jnp.sqrt(b.norms(w))
-    size_u, size_g = jnp.sqrt(_sqnorm(b, u)), jnp.sqrt(_sqnorm(b, g))
+    size_w, size_u, size_g = (jnp.sqrt(_sqnorm(b, x)) for x in (w, u, g))
     if linear:  # |R + R^T| <= 2 |xi| |u| with |xi|^2 = |A|^2 + |B|^2 per head
         absval = lambda m: jnp.sqrt(jnp.sum(jnp.square(m), axis=(-2, -1)))
         first, second, change, grad = (
@@ -101,16 +109,24 @@ def _ratios_one(b: BoundSymmetry, w: Flat, g: Flat, u: Flat) -> jax.Array:
 
     s = xi * size_u
     return jnp.stack(
-        [ratio(first, s), ratio(second, s), ratio(change, s), ratio(grad, xi * size_g)]
+        [
+            ratio(first, s),
+            ratio(second, s),
+            ratio(change, s),
+            ratio(grad, xi * size_g),
+            ratio(size_w, size_u),
+        ]
     )
 
 
 def step_ratios(symmetries, params, grads, updates) -> jax.Array:
-    """The :data:`RATIOS` of one step, shape ``(len(symmetries), 4)`` (jit-able).
+    """The :data:`RATIOS` of one step, shape ``(len(symmetries), 5)`` (jit-able).
 
     Per symmetry, the largest over its groups of ``|<xi, u>| / (|xi| |u|)``,
-    ``|Q(u)| / (|xi| |u|)``, ``|Q(w + u) - Q(w)| / (|xi| |u|)`` and
-    ``|<xi, g>| / (|xi| |g|)``, with ``|u|``, ``|g|`` the norms restricted to the group; in
+    ``|Q(u)| / (|xi| |u|)``, ``|Q(w + u) - Q(w)| / (|xi| |u|)``,
+    ``|<xi, g>| / (|xi| |g|)`` and ``|w| / |u|`` (the resolution: a step far smaller than
+    the weights is rounded when applied), with ``|w|``, ``|u|``, ``|g|`` the norms restricted
+    to the group; in
     the compute dtype of the parameters (at least float32). A group without a step gives 0.
     """
     syms = orbit.as_symmetries(symmetries)
@@ -124,7 +140,7 @@ class SymmetryProfile(NamedTuple):
 
     Attributes:
       labels: one name per symmetry (:func:`ksbopt._src.diagnostics.symmetry_labels`).
-      ratios: array ``(steps, n_symmetries, 4)`` of :data:`RATIOS` per step.
+      ratios: array ``(steps, n_symmetries, 5)`` of :data:`RATIOS` per step.
       classes: per symmetry, ``"exact"``, ``"second order"`` or ``"first order"``, from the
         median over the steps of each ratio.
       tol: the rounding floor :func:`tolerance` of the compute dtype.
@@ -137,7 +153,7 @@ class SymmetryProfile(NamedTuple):
 
     def __str__(self) -> str:
         med = np.median(self.ratios, axis=0)
-        rows = [f"{'symmetry':28s} {'class':13s} <xi,u>  Q(u)    dQ      <xi,g>  (/|xi||u|)"]
+        rows = [f"{'symmetry':28s} {'class':13s} <xi,u>  Q(u)    dQ      <xi,g>  |w|/|u|"]
         for label, c, r in zip(self.labels, self.classes, med):
             rows.append(f"{label:28s} {c:13s} " + " ".join(f"{x:7.1e}" for x in r))
         return "\n".join(rows)
@@ -167,9 +183,10 @@ def profile(
     second order* when only :math:`Q(u)` (the finite step: SGD on a scale group, [paper: NLD])
     is above it; *breaks it at first order* when :math:`\langle\xi, u\rangle` is (a
     non-Euclidean metric such as Adam's, momentum, weight decay, [paper: NM]). The floor is
-    ``max(sqrt(eps), 10 |<xi, g>| / (|xi| |g|))``: the rounding floor :func:`tolerance` of
-    the compute dtype, or ten times the gradient's own violation of the symmetry (a loss that
-    is only approximately symmetric passes its violation to every rule).
+    ``max(sqrt(eps), 10 |<xi, g>| / (|xi| |g|), eps |w| / |u|)``: the rounding floor
+    :func:`tolerance` of the compute dtype, ten times the gradient's own violation of the
+    symmetry (a loss that is only approximately symmetric passes its violation to every
+    rule), and the rounding of applying a step much smaller than the weights.
 
     Args:
       tx: the learning rule (any optax transformation; ``update`` gets ``params``).
@@ -236,5 +253,5 @@ def profile(
     dtype = orbit.promote(jax.tree.leaves(params)[:1])[0].dtype
     tol = tolerance(dtype)
     med = np.median(ratios, axis=0)
-    classes = tuple(classify(r[0], r[2], r[3], tol) for r in med)
+    classes = tuple(classify(r[0], r[2], r[3], r[4], tol) for r in med)
     return SymmetryProfile(tuple(symmetry_labels(syms)), ratios, classes, tol)

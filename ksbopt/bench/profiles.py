@@ -15,17 +15,17 @@ import numpy as np
 
 from ksbopt._src.symmetry_profile import classify
 
-__all__ = ["report_lines", "step_ratios", "summary"]
+__all__ = ["of_runs", "report_lines", "step_ratios", "summary"]
 
 
 def step_ratios(symmetries, params, grads, updates):
-    """``(len(symmetries), 4)`` ratios of one step (an empty array when none is declared)."""
+    """``(len(symmetries), 5)`` ratios of one step (an empty array when none is declared)."""
     import jax.numpy as jnp
 
     from ksbopt._src.symmetry_profile import step_ratios as ratios
 
     if not symmetries:
-        return jnp.zeros((0, 4), jnp.float32)
+        return jnp.zeros((0, 5), jnp.float32)
     return ratios(symmetries, params, grads, updates).astype(jnp.float32)
 
 
@@ -54,22 +54,31 @@ def summary(labels: Sequence[str], chunks: Sequence[np.ndarray], params) -> dict
     }
 
 
-def _cell(rows: Sequence[Mapping], label: str) -> str:
-    """Class and median ratios of one symmetry over the seeds of the chosen learning rate."""
-    got = [r for r in rows if r and label in r["labels"]]
+def of_runs(profiles: Sequence[Mapping | None], label: str) -> tuple[str, np.ndarray] | None:
+    """(class, median ratios over the runs) of one symmetry; None if no run recorded it.
+
+    The class is ``"diverged"`` when the runs recorded no finite ratio."""
+    got = [r for r in profiles if r and label in r["labels"]]
     if not got:
-        return "-"
+        return None
     vals = np.array(
         [[np.nan if x is None else x for x in r["median"][r["labels"].index(label)]] for r in got]
     )
     with np.errstate(all="ignore"):
-        r1, r2, rd, rg = np.nanmedian(vals, axis=0) if np.isfinite(vals).any() else [np.nan] * 4
-    if not np.isfinite([r1, rd, rg]).all():
-        return "diverged"
+        med = np.nanmedian(vals, axis=0) if np.isfinite(vals).any() else np.full(5, np.nan)
+    if not np.isfinite(med).all():
+        return "diverged", med
+    r1, _, rd, rg, res = med
+    return classify(r1, rd, rg, res, got[0]["tol"]), med
 
-    c = classify(r1, rd, rg, got[0]["tol"])
-    short = {"exact": "exact", "second order": "2nd", "first order": "1st"}[c]
-    return f"{short} ({r1:.0e}, {r2:.0e})"
+
+def _cell(profiles: Sequence[Mapping | None], label: str) -> str:
+    got = of_runs(profiles, label)
+    if got is None:
+        return "-"
+    c, med = got
+    short = {"exact": "exact", "second order": "2nd", "first order": "1st"}.get(c, c)
+    return short if c == "diverged" else f"{short} ({med[0]:.0e}, {med[1]:.0e})"
 
 
 def report_lines(task: str, rows: Mapping[str, Sequence[Mapping]]) -> list[str]:
@@ -85,7 +94,8 @@ def report_lines(task: str, rows: Mapping[str, Sequence[Mapping]]) -> list[str]:
         "at second order (Q(u), the finite step) or at first order (<xi, u>: a metric, "
         "momentum, weight decay); in brackets the medians over steps and seeds of "
         "|<xi, u>| / (|xi| |u|) and |Q(u)| / (|xi| |u|), largest over the groups. Floor: "
-        f"max({tol:.1e} = sqrt(eps) of the compute dtype, 10 |<xi, g>| / (|xi| |g|)).",
+        f"max({tol:.1e} = sqrt(eps) of the compute dtype, 10 |<xi, g>| / (|xi| |g|), "
+        "eps |w| / |u|); see ksbopt.profile.",
         "",
         "| optimizer | " + " | ".join(labels) + " |",
         "|---|" + "---|" * len(labels),

@@ -300,7 +300,7 @@ def _model_factory(model) -> Callable:
 def _decls(symmetries) -> list[SymDecl]:
     from ksbopt._src.diagnostics import symmetry_labels
 
-    labels = [lab.split(":", 1)[1] for lab in symmetry_labels(symmetries)]
+    labels = symmetry_labels(symmetries)
     return [
         SymDecl(
             s.kind,
