@@ -144,6 +144,23 @@ class SymmetryProfile(NamedTuple):
       classes: per symmetry, ``"exact"``, ``"second order"`` or ``"first order"``, from the
         median over the steps of each ratio.
       tol: the rounding floor :func:`tolerance` of the compute dtype.
+
+    With the exact split ``Q(w + u) - Q(w) = <xi, u> + Q(u)`` of a step's charge change, the
+    ratios of the step, per symmetry (largest over its groups), are
+    ``|<xi, u>| / (|xi| |u|)``, ``|Q(u)| / (|xi| |u|)``, ``|Q(w + u) - Q(w)| / (|xi| |u|)``,
+    ``|<xi, g>| / (|xi| |g|)`` and ``|w| / |u|``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, ksbopt
+      >>> params = {"w": jnp.array([[3.0, 1.0], [4.0, -2.0]])}
+      >>> grads = {"w": jnp.array([[0.8, 0.2], [-0.6, 0.1]])}  # orthogonal to each column
+      >>> prof = ksbopt.profile(optax.sgd(0.5), ksbopt.Scale("w", axis=-1), params, grads)
+      >>> prof.labels, prof.classes, prof.ratios.shape
+      (('scale:w',), ('second order',), (1, 1, 5))
+
+    References:
+      Tanaka, Kunin, "Noether's Learning Dynamics: Role of Symmetry Breaking in Neural
+      Networks", NeurIPS 2021, https://arxiv.org/abs/2105.02716
     """
 
     labels: tuple[str, ...]

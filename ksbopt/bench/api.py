@@ -7,6 +7,8 @@ returns a :class:`Results` view of what it wrote.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -16,15 +18,33 @@ __all__ = ["Results", "compare"]
 
 
 class Results:
-    """What :func:`compare` (or ``ksbopt-bench``) wrote under ``out``.
+    """What :func:`compare` (or ``ksbopt-bench``) wrote under ``out``, read back.
 
-    Attributes:
+    Args:
       out: the output folder (``report.md``, ``summary.json``, ``plots/``, ``runs/``).
       status: the exit status of the run (0: every entry ran; 1: some failed, see
         :attr:`failures`).
+
+    Attributes:
       summary: ``summary.json`` as a dict (per task and optimizer: best learning rate, test
         and validation metric mean and std over seeds, steps to target, timings).
       records: every run record under ``out/runs``.
+
+    Example:
+      >>> import os, tempfile, numpy as np, ksbopt.bench
+      >>> from flax import nnx
+      >>> x, y = np.ones((8, 4), "f4"), np.arange(8) % 2
+      >>> task = ksbopt.bench.make_task("doc_results", lambda rngs: nnx.Linear(4, 2, rngs=rngs),
+      ...                               (x, y), (x, y), steps=2, symmetries=[])
+      >>> out = os.path.join(tempfile.mkdtemp(), "bench")
+      >>> _ = ksbopt.bench.compare({"sgd": "sgd"}, [task], seeds=1, out=out, plots=False,
+      ...                          verbose=False)
+      >>> res = ksbopt.bench.Results(out)
+      >>> res.report.name, list(res.best("doc_results")), len(res.records)
+      ('report.md', ['sgd'], 3)
+
+    References:
+      None: a view of files the harness wrote; the protocol is :func:`compare`'s.
     """
 
     def __init__(self, out: str | Path, status: int = 0):
@@ -110,8 +130,15 @@ def compare(
     steps: int | None = None,
     progress: bool = False,
     plots: bool = True,
+    verbose: bool = True,
 ) -> Results:
     """Benchmark your optimizers beside the registry's with the harness's protocol.
+
+    Every entry is trained on every task for each learning rate of its grid and each seed;
+    the learning rate is chosen on the validation split and the test metric reported there,
+    ``lr* = argmax_lr mean_seeds val(lr)`` (argmin for a lower-is-better metric), as
+    ``mean ± std`` over the seeds, beside the symmetry profile of every entry
+    (:func:`ksbopt.profile`'s classes measured at every training step).
 
     Args:
       optimizers: name -> a registry name (``"adamw"``), a factory ``lr -> optax
@@ -126,19 +153,31 @@ def compare(
       steps: training steps per run (default the task's).
       progress: show a progress bar per run.
       plots: write the PNG plots.
+      verbose: print a line per run (as ``ksbopt-bench`` does).
 
     Returns:
       :class:`Results`; ``report.md``, ``summary.json``, ``plots/`` and ``runs/`` are under
       ``out``. Entries that failed are listed in ``Results.failures`` and the report.
 
-    Example::
+    Example:
+      >>> import os, tempfile, numpy as np, optax, ksbopt.bench
+      >>> from flax import nnx
+      >>> x = np.random.default_rng(0).normal(size=(64, 4)).astype("f4")
+      >>> task = ksbopt.bench.make_task(
+      ...     "doc_toy", lambda rngs: nnx.Sequential(nnx.Linear(4, 8, rngs=rngs), nnx.relu,
+      ...     nnx.Linear(8, 2, rngs=rngs)), (x[:48], (x[:48, 0] > 0).astype("i4")),
+      ...     (x[48:], (x[48:, 0] > 0).astype("i4")), steps=4, batch_size=16)
+      >>> res = ksbopt.bench.compare(
+      ...     {"mine": lambda lr: optax.lion(lr), "sgd": "sgd"}, [task], seeds=1,
+      ...     out=os.path.join(tempfile.mkdtemp(), "bench"), plots=False, verbose=False)
+      >>> sorted(res.best("doc_toy")), res.status, res.failures
+      (['mine', 'sgd'], 0, [])
+      >>> sorted(set(res.profile("doc_toy", "sgd").values()))  # rescale, translation
+      ['exact', 'first order']
 
-        import optax, ksbopt.bench
-        res = ksbopt.bench.compare(
-            {"mine": lambda lr: optax.lion(lr), "adamw": "adamw"},
-            tasks=["mnist1d_cnn_bn"], seeds=2, out="bench_results/mine",
-        )
-        print(res.report.read_text())
+    References:
+      None: a benchmark protocol of this package; the symmetry classes follow
+      :func:`ksbopt.profile`, which cites the papers.
     """
     from ksbopt.bench import cli, user
 
@@ -156,8 +195,10 @@ def compare(
     argv += ["--steps", str(steps)] if steps else []
     argv += [] if progress else ["--no-progress"]
     argv += [] if plots else ["--no-plots"]
+    quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
     try:
-        status = cli.main(argv)
+        with quiet:
+            status = cli.main(argv)
     except SystemExit as e:  # argparse's usage error, already printed
         raise ValueError(
             f"ksbopt.bench.compare: invalid arguments ({e}); see the message above."

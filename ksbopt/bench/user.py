@@ -333,15 +333,55 @@ def make_task(
     train_batches: int | None = None,
     description: str = "",
 ) -> Task:
-    """A benchmark task from user parts; see docs/howto/compare.md.
+    """A benchmark task from your data, Flax NNX model, loss, metric and symmetries.
 
-    ``model``: an ``nnx.Module`` class or function ``rngs -> module`` (re-initialised per
-    seed), or a module instance (the same initial weights for every seed). ``train``, ``val``,
-    ``test``: ``(x, y)`` arrays or iterables of ``(x, y)`` batches (``train``: the first
-    ``train_batches`` batches, default ``steps``, are kept and resampled in epochs; ``test``
-    defaults to ``val``). ``loss``, ``metric``: ``"cross_entropy"``, ``"mse"`` /
-    ``"accuracy"``, ``"mse"`` or ``fn(outputs, y) -> per-example values``. ``symmetries``:
-    ksbopt declarations; None runs :func:`ksbopt.detect` on the model and two training batches.
+    The harness trains ``model`` on minibatches of ``train`` (epochs of permutations), reads
+    the loss and metric on ``val`` and ``test``, and takes the symmetry declarations as the
+    tasks of the registry do; an undeclared task has its symmetries found by
+    :func:`ksbopt.detect` on two training batches. Pass the result to
+    :func:`ksbopt.bench.compare` or name a function returning it with ``--task module:attr``.
+
+    Args:
+      name: the task's name in the report (not a built-in task's).
+      model: an ``nnx.Module`` class or function ``rngs -> module`` (re-initialised per
+        seed), or a module instance (the same initial weights for every seed).
+      train: ``(x, y)`` arrays, or an iterable of ``(x, y)`` batches (the first
+        ``train_batches`` are kept, then resampled in epochs).
+      val: ``(x, y)`` arrays or a finite iterable of batches: chooses the learning rate.
+      test: the same, for the reported metric (default ``val``).
+      loss: ``"cross_entropy"`` (integer labels), ``"mse"`` or ``fn(outputs, y) ->
+        per-example loss``.
+      metric: ``"accuracy"``, ``"mse"`` or ``fn(outputs, y) -> per-example values`` (mean
+        over the split).
+      higher_is_better: whether a larger metric is better (default: True for accuracy,
+        False for mse; required for a callable).
+      target: validation metric that counts as reached (steps to target); None: none.
+      symmetries: ksbopt declarations (``[]``: none); None detects them.
+      steps: training steps per run.
+      batch_size: minibatch size (default: the iterator's, or 64).
+      eval_every: steps between evaluations (default ``steps // 10``).
+      train_batches: how many batches to draw from a ``train`` iterator (default ``steps``).
+      description: one line for the report.
+
+    Returns:
+      A task (a :class:`ksbopt.bench.tasks.Task`) whose record identity includes the source
+      hashes of ``model``, ``loss`` and ``metric`` and the SHA-256 of the data.
+
+    Example:
+      >>> import numpy as np, ksbopt.bench
+      >>> from flax import nnx
+      >>> x = np.random.default_rng(0).normal(size=(64, 4)).astype("f4")
+      >>> y = (x[:, 0] > 0).astype("i4")
+      >>> def mlp(rngs):
+      ...     return nnx.Sequential(nnx.Linear(4, 8, rngs=rngs), nnx.relu,
+      ...                           nnx.Linear(8, 2, rngs=rngs))
+      >>> task = ksbopt.bench.make_task("doc_task", mlp, (x[:48], y[:48]), (x[48:], y[48:]),
+      ...                               steps=20, batch_size=16)
+      >>> task.kinds, task.batch_size, task.eval_every
+      (('rescale', 'translation'), 16, 2)
+
+    References:
+      None: a container of user parts; :func:`ksbopt.detect` cites the papers it follows.
     """
     import jax
     from flax import nnx
