@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         user_opts, user_tasks = user.parse_cli(a.optimizer, a.grid, a.task)
     except (ValueError, TypeError) as e:
-        p.error(str(e))
+        p.error(f"--optimizer, --grid or --task: {e}")
     tasks = (*(_csv(a.tasks) if a.tasks else suite.tasks), *user_tasks)
     bad = [t for t in tasks if t not in TASKS]
     if bad or not tasks:
