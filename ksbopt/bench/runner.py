@@ -595,7 +595,9 @@ class Runner:
                 "total_s": time.perf_counter() - t_start,
             },
             "profile": profiles.summary(
-                [d.label for d, _ in self._diag.get(_tkey(task), ([], ""))[0]], step_ratios, params
+                [f"{d.kind}:{d.label}" for d, _ in self._diag.get(_tkey(task), ([], ""))[0]],
+                step_ratios,
+                params,
             ),
             "memory": memory,
             "compiler_options": _compiler_options(task),

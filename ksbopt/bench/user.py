@@ -302,7 +302,7 @@ def _decls(symmetries) -> list[SymDecl]:
 
     if not symmetries:  # a task may declare none (the profile table then leaves it out)
         return []
-    labels = symmetry_labels(symmetries)
+    labels = [lab.split(":", 1)[1] for lab in symmetry_labels(symmetries)]  # kind: separate
     return [
         SymDecl(
             s.kind,
