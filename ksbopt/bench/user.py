@@ -134,8 +134,11 @@ def _build(name: str, factory: Callable, path: str, lr, task, hparams: Mapping):
     import optax
 
     kwargs = dict(hparams)
-    params = inspect.signature(factory).parameters
-    if "task" in params:
+    try:
+        takes_task = "task" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a builtin or extension callable: lr only
+        takes_task = False
+    if takes_task:
         kwargs["task"] = task
     tx = factory(lr, **kwargs)
     if not isinstance(tx, optax.GradientTransformation):
@@ -198,7 +201,10 @@ def register_optimizer(
     names = []
     for combo in itertools.product(*grid.values()) if grid else [()]:
         hp = dict(zip(grid, combo))
-        entry = name + ("[" + ",".join(f"{k}={v:g}" for k, v in hp.items()) + "]" if hp else "")
+        point = ",".join(
+            f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in hp.items()
+        )
+        entry = f"{name}[{point}]" if hp else name
         if entry in registry.REGISTRY and not registry.REGISTRY[entry].origin:
             raise ValueError(f"optimizer name {entry!r} is a built-in entry; choose another name.")
         registry.register(
