@@ -214,3 +214,23 @@ def test_example_runs_at_the_tiny_size(tmp_path):
     rows = summary["grid"]["mnist1d_cnn_bn"]["optimizers"]
     assert set(rows) == {"sign_momentum", "sgd+wd", "adamw", "sgd+retract"}
     assert "Symmetry profile on `mnist1d_cnn_bn`" in (tmp_path / "report.md").read_text()
+
+
+def test_make_task_takes_a_module_instance_and_a_batch_iterator():
+    x, y = _data()
+
+    def batches():
+        for i in range(0, 100, 20):  # exactly train_batches batches
+            yield x[i : i + 20], y[i : i + 20]
+
+    model = Net(nnx.Rngs(3))
+    task = ksbopt.bench.make_task(
+        "toy_iter", model, batches(), (x[300:], y[300:]), steps=10, train_batches=5
+    )
+    assert task.batch_size == 20 and task.arrays["train_x"].shape == (100, 8)
+    assert task.kinds == ("rescale", "translation")  # detected
+    a, b = (nnx.state(task.make_model(k), nnx.Param) for k in (None, None))
+    np.testing.assert_array_equal(a["fc1"]["kernel"][...], model.fc1.kernel[...])
+    np.testing.assert_array_equal(b["fc1"]["kernel"][...], model.fc1.kernel[...])
+    with pytest.raises(ValueError, match="gave no batches"):
+        ksbopt.bench.make_task("empty", model, iter([]), (x, y))

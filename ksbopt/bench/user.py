@@ -280,16 +280,18 @@ class UserTask(Task):
         return self.loss_fn(out, y), self.metric_fn(out, y)
 
 
-def _arrays(data, what: str, batches: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(x, y) arrays from a pair of arrays or an iterable of (x, y) batches."""
+def _arrays(data, what: str, batches: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """(x, y, batch size) from a pair of arrays (batch size 64 or all) or an iterable of
+    (x, y) batches (the first batch's size)."""
     if isinstance(data, tuple) and len(data) == 2 and hasattr(data[0], "shape"):
-        return np.asarray(data[0]), np.asarray(data[1])
+        return np.asarray(data[0]), np.asarray(data[1]), min(64, len(data[0]))
     if not isinstance(data, Iterable):
         raise TypeError(f"{what}={data!r}: give (x, y) arrays or an iterable of (x, y) batches.")
     got = list(itertools.islice(iter(data), batches))
     if not got:
         raise ValueError(f"{what}: the batch iterator gave no batches.")
-    return tuple(np.concatenate([np.asarray(b[i]) for b in got]) for i in (0, 1))
+    x, y = (np.concatenate([np.asarray(b[i]) for b in got]) for i in (0, 1))
+    return x, y, len(got[0][0])
 
 
 def _model_factory(model) -> Callable:
@@ -403,12 +405,10 @@ def make_task(
                 "higher_is_better=True or False."
             )
         higher_is_better = metric == "accuracy"
-    tx_, ty_ = _arrays(train, f"task {name!r} train", train_batches or steps)
-    vx, vy = _arrays(val, f"task {name!r} val")
-    sx, sy = _arrays(test, f"task {name!r} test") if test is not None else (vx, vy)
-    batch_size = batch_size or (
-        len(next(iter(train))[0]) if not isinstance(train, tuple) else min(64, len(tx_))
-    )
+    tx_, ty_, first = _arrays(train, f"task {name!r} train", train_batches or steps)
+    vx, vy, _ = _arrays(val, f"task {name!r} val")
+    sx, sy, _ = _arrays(test, f"task {name!r} test") if test is not None else (vx, vy, 0)
+    batch_size = batch_size or first
     make = _model_factory(model)
     if symmetries is None:
         m = make(jax.random.key(0))
