@@ -84,7 +84,7 @@ def test_known_rules_are_classified_as_the_theory_says(x64, name, make, steps, e
     params, loss, syms = _net()
     prof = ksbopt.profile(make(), syms, params, loss, steps=steps)
     assert prof.classes == expected, f"{name}:\n{prof}"
-    assert prof.ratios.shape == (steps, 3, 5)
+    assert prof.ratios.shape == (steps, 3, 7)
     assert prof.tol == tolerance(np.float64)
 
 
@@ -105,7 +105,7 @@ def test_a_gradient_tree_measures_one_step_from_the_given_state(x64):
     g = jax.grad(loss)(params)
     tx = optax.sgd(0.3, momentum=0.9)
     fresh = ksbopt.profile(tx, syms, params, g)
-    assert fresh.ratios.shape == (1, 3, 5) and fresh.classes[0] == "second order"
+    assert fresh.ratios.shape == (1, 3, 7) and fresh.classes[0] == "second order"
     # A momentum buffer from elsewhere makes the same gradient step first-order breaking.
     state = tx.update(g, tx.init(params))[1]
     moved = optax.apply_updates(params, jax.tree.map(lambda x: 0.3 * x, g))
@@ -113,17 +113,25 @@ def test_a_gradient_tree_measures_one_step_from_the_given_state(x64):
     assert ksbopt.profile(tx, syms, moved, g2, state=state).classes[0] == "first order"
 
 
-def test_classification_floors():
-    tol = tolerance(np.float32)
-    assert tol == pytest.approx(np.sqrt(np.finfo(np.float32).eps))
-    assert classify(1e-7, 1e-7, 1e-7, 10.0, tol) == "exact"
-    assert classify(1e-7, 1e-2, 1e-7, 10.0, tol) == "second order"
-    assert classify(1e-2, 1e-2, 1e-7, 10.0, tol) == "first order"
-    # An approximate symmetry: the gradient's own violation (1e-3) lifts the floor to 1e-2.
-    assert classify(5e-3, 5e-3, 1e-3, 10.0, tol) == "exact"
-    # A step 1e5 times smaller than the weights cannot be resolved below eps |w| / |u|.
-    assert classify(5e-3, 5e-3, 1e-7, 1e5, tol) == "exact"
-    assert classify(float("nan"), float("nan"), 0.0, 1.0, tol) == "exact"
+def test_classification_floors(x64):
+    tol32 = tolerance(np.float32)
+    assert tol32 == pytest.approx(np.sqrt(np.finfo(np.float32).eps))
+    assert classify(0.5, 0.9) == "exact"
+    assert classify(0.5, 3.0) == "second order"
+    assert classify(2.0, 3.0) == "first order"
+    assert classify(float("nan"), float("nan")) == "exact"
+    # The floor is per group: group 0 has a healthy gradient and a first-order step, group 1
+    # a gradient that is mostly rounding (its violation lifts only its own floor).
+    params = {"w": jnp.array([[3.0, 1.0], [4.0, 1e-3]])}
+    grads = {"w": jnp.array([[0.8, 0.3], [-0.6, 0.3]])}  # column 1: <w, g> / |w||g| ~ 0.7
+    updates = {"w": jnp.array([[0.1, 0.0], [0.1, 0.1]])}  # column 0: <w, u> != 0
+    r = np.asarray(step_ratios(ksbopt.Scale("w", axis=-1), params, grads, updates))[0]
+    assert r[3] > 0.5  # the largest gradient violation, column 1's
+    assert r[5] > 1 and classify(r[5], r[6]) == "first order"  # column 0 decides
+    # A step much smaller than the weights: its rounding (eps |w| / |u|) lifts the floor.
+    tiny = {"w": jnp.array([[0.0, 0.0], [0.0, 1e-12]])}
+    r = np.asarray(step_ratios(ksbopt.Scale("w", axis=-1), params, grads, tiny))[0]
+    assert r[4] > 1e9 and classify(r[5], r[6]) == "exact"
 
 
 def test_bad_input():

@@ -34,7 +34,15 @@ __all__ = [
 ]
 
 #: The columns of :func:`step_ratios`, in order.
-RATIOS = ("first_order", "second_order", "change", "gradient", "resolution")
+RATIOS = (
+    "first_order",
+    "second_order",
+    "change",
+    "gradient",
+    "resolution",
+    "first_excess",
+    "change_excess",
+)
 #: The classes of :func:`classify`.
 CLASSES = ("exact", "second order", "first order")
 
@@ -60,20 +68,18 @@ def tolerance(dtype) -> float:
     return float(np.sqrt(np.finfo(np.dtype(dtype)).eps))
 
 
-def classify(
-    first_order: float, change: float, gradient: float, resolution: float, tol: float
-) -> str:
-    """``"exact"``, ``"second order"`` or ``"first order"`` from the ratios of one symmetry.
+def classify(first_excess: float, change_excess: float) -> str:
+    """``"exact"``, ``"second order"`` or ``"first order"`` from the excesses of one symmetry.
 
-    The floor is ``max(tol, 10 gradient, tol**2 resolution)`` (``tol**2`` is eps). Exact:
-    the charge change is below it. Second order: the change is not, but its first-order
-    part is (the change is the finite step's ``Q(u)``). First order: the first-order part
-    ``<xi, u>`` is above it.
+    An excess is a ratio over its group's floor ``max(sqrt(eps), 10 |<xi, g>| / (|xi| |g|),
+    eps |w| / |u|)``, largest over the groups (:func:`step_ratios`). Exact: no group's charge
+    change exceeds its floor. Second order: some change does, but no first-order part
+    ``<xi, u>`` does (the change is the finite step's ``Q(u)``). First order: some group's
+    ``<xi, u>`` exceeds its floor.
     """
-    floor = max(tol, GRADIENT_FLOOR * gradient, tol**2 * resolution)
-    if not (change > floor):  # NaN ratios (no step) count as no change
+    if not (change_excess > 1):  # NaN (no step) counts as no change
         return "exact"
-    return "second order" if first_order <= floor else "first order"
+    return "second order" if first_excess <= 1 else "first order"
 
 
 def _sqnorm(b: BoundSymmetry, flat: Flat) -> jax.Array:
@@ -103,30 +109,28 @@ def _ratios_one(b: BoundSymmetry, w: Flat, g: Flat, u: Flat) -> jax.Array:
     else:
         first, second, change, grad = (jnp.abs(x) for x in (first, second, first + second, grad))
 
-    def ratio(num, den):
+    def ratio(num, den):  # per group; 0 where the group has no step (or no gradient)
         ok = den > 0
-        return jnp.max(jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0))
+        return jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)
 
     s = xi * size_u
-    return jnp.stack(
-        [
-            ratio(first, s),
-            ratio(second, s),
-            ratio(change, s),
-            ratio(grad, xi * size_g),
-            ratio(size_w, size_u),
-        ]
-    )
+    r1, r2, rc = ratio(first, s), ratio(second, s), ratio(change, s)
+    rg, res = ratio(grad, xi * size_g), ratio(size_w, size_u)
+    tol = tolerance(first.dtype)
+    floor = jnp.maximum(jnp.maximum(tol, GRADIENT_FLOOR * rg), tol**2 * res)
+    return jnp.stack([jnp.max(x) for x in (r1, r2, rc, rg, res, r1 / floor, rc / floor)])
 
 
 def step_ratios(symmetries, params, grads, updates) -> jax.Array:
-    """The :data:`RATIOS` of one step, shape ``(len(symmetries), 5)`` (jit-able).
+    """The :data:`RATIOS` of one step, shape ``(len(symmetries), 7)`` (jit-able).
 
     Per symmetry, the largest over its groups of ``|<xi, u>| / (|xi| |u|)``,
     ``|Q(u)| / (|xi| |u|)``, ``|Q(w + u) - Q(w)| / (|xi| |u|)``,
     ``|<xi, g>| / (|xi| |g|)`` and ``|w| / |u|`` (the resolution: a step far smaller than
     the weights is rounded when applied), with ``|w|``, ``|u|``, ``|g|`` the norms restricted
-    to the group; in
+    to the group; then the first-order and change excesses, the largest over the groups of
+    ``|<xi, u>| / (|xi| |u|)`` and ``|dQ| / (|xi| |u|)`` over the group's floor
+    ``max(sqrt(eps), 10 |<xi, g>| / (|xi| |g|), eps |w| / |u|)`` (see :func:`classify`); in
     the compute dtype of the parameters (at least float32). A group without a step gives 0.
     """
     syms = orbit.as_symmetries(symmetries)
@@ -140,15 +144,15 @@ class SymmetryProfile(NamedTuple):
 
     Attributes:
       labels: one name per symmetry (:func:`ksbopt._src.diagnostics.symmetry_labels`).
-      ratios: array ``(steps, n_symmetries, 5)`` of :data:`RATIOS` per step.
+      ratios: array ``(steps, n_symmetries, 7)`` of :data:`RATIOS` per step.
       classes: per symmetry, ``"exact"``, ``"second order"`` or ``"first order"``, from the
-        median over the steps of each ratio.
+        median over the steps of the two excesses (:func:`classify`).
       tol: the rounding floor :func:`tolerance` of the compute dtype.
 
     With the exact split ``Q(w + u) - Q(w) = <xi, u> + Q(u)`` of a step's charge change, the
     ratios of the step, per symmetry (largest over its groups), are
     ``|<xi, u>| / (|xi| |u|)``, ``|Q(u)| / (|xi| |u|)``, ``|Q(w + u) - Q(w)| / (|xi| |u|)``,
-    ``|<xi, g>| / (|xi| |g|)`` and ``|w| / |u|``.
+    ``|<xi, g>| / (|xi| |g|)`` and ``|w| / |u|``, then the two excesses of :func:`classify`.
 
     Example:
       >>> import jax.numpy as jnp, optax, ksbopt
@@ -156,7 +160,7 @@ class SymmetryProfile(NamedTuple):
       >>> grads = {"w": jnp.array([[0.8, 0.2], [-0.6, 0.1]])}  # orthogonal to each column
       >>> prof = ksbopt.profile(optax.sgd(0.5), ksbopt.Scale("w", axis=-1), params, grads)
       >>> prof.labels, prof.classes, prof.ratios.shape
-      (('scale:w',), ('second order',), (1, 1, 5))
+      (('scale:w',), ('second order',), (1, 1, 7))
 
     References:
       Tanaka, Kunin, "Noether's Learning Dynamics: Role of Symmetry Breaking in Neural
@@ -170,7 +174,8 @@ class SymmetryProfile(NamedTuple):
 
     def __str__(self) -> str:
         med = np.median(self.ratios, axis=0)
-        rows = [f"{'symmetry':28s} {'class':13s} <xi,u>  Q(u)    dQ      <xi,g>  |w|/|u|"]
+        head = "<xi,u>  Q(u)    dQ      <xi,g>  |w|/|u| 1st/fl  dQ/fl"
+        rows = [f"{'symmetry':28s} {'class':13s} {head}"]
         for label, c, r in zip(self.labels, self.classes, med):
             rows.append(f"{label:28s} {c:13s} " + " ".join(f"{x:7.1e}" for x in r))
         return "\n".join(rows)
@@ -200,10 +205,12 @@ def profile(
     second order* when only :math:`Q(u)` (the finite step: SGD on a scale group, [paper: NLD])
     is above it; *breaks it at first order* when :math:`\langle\xi, u\rangle` is (a
     non-Euclidean metric such as Adam's, momentum, weight decay, [paper: NM]). The floor is
-    ``max(sqrt(eps), 10 |<xi, g>| / (|xi| |g|), eps |w| / |u|)``: the rounding floor
-    :func:`tolerance` of the compute dtype, ten times the gradient's own violation of the
-    symmetry (a loss that is only approximately symmetric passes its violation to every
-    rule), and the rounding of applying a step much smaller than the weights.
+    ``max(sqrt(eps), 10 |<xi, g>| / (|xi| |g|), eps |w| / |u|)`` per group: the rounding
+    floor :func:`tolerance` of the compute dtype, ten times the gradient's own violation of
+    the symmetry (a loss that is only approximately symmetric, or a group whose gradient is
+    mostly rounding, passes its violation to every rule), and the rounding of applying a step
+    much smaller than the weights. A symmetry is exact when no group's change exceeds its
+    floor and first-order broken when some group's ``<xi, u>`` does.
 
     Args:
       tx: the learning rule (any optax transformation; ``update`` gets ``params``).
@@ -270,5 +277,5 @@ def profile(
     dtype = orbit.promote(jax.tree.leaves(params)[:1])[0].dtype
     tol = tolerance(dtype)
     med = np.median(ratios, axis=0)
-    classes = tuple(classify(r[0], r[2], r[3], r[4], tol) for r in med)
+    classes = tuple(classify(r[5], r[6]) for r in med)
     return SymmetryProfile(tuple(symmetry_labels(syms)), ratios, classes, tol)
