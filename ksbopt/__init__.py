@@ -35,6 +35,7 @@ from ksbopt._src.peers import (
 from ksbopt._src.recorder import History, Recorder, summarize
 from ksbopt._src.symmetrize import SymmetrizeState, symmetrize
 from ksbopt._src.symmetry import Linear, Rescale, Scale, Symmetry, Translation
+from ksbopt._src.symmetry_profile import SymmetryProfile, profile
 from ksbopt._src.teleport import TeleportState, teleport
 from ksbopt._src.transforms import (
     ProjectState,
@@ -68,6 +69,7 @@ __all__ = [
     "SymmetrizeState",
     "Symmetry",
     "SymmetryCheck",
+    "SymmetryProfile",
     "SymmetryReport",
     "TeleportState",
     "Translation",
@@ -81,6 +83,7 @@ __all__ = [
     "noether_rmsprop",
     "path_preconditioner",
     "path_sgd",
+    "profile",
     "project",
     "radial_projection",
     "retract",

@@ -63,6 +63,8 @@ NO_MATH = {
     "ksbopt.flax.param_paths": "lists path strings; no formula",
     "ksbopt.flax.nnx_loss": "builds a loss function from a model; no formula",
     "ksbopt.flax.linen_loss": "builds a loss function from a model; no formula",
+    "ksbopt.bench.make_task": "a container of user parts; the harness's protocol is compare's",
+    "ksbopt.bench.Results": "reads the files a benchmark wrote; no formula of its own",
 }
 
 # Plain data (not classes or functions) need only a summary: they are documented in the

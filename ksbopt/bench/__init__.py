@@ -2,5 +2,23 @@
 
 Tasks (Flax NNX models on locally generated or shipped data), the optimizer registry, the
 tuning protocol, the runner, and the report. The command line is ``ksbopt-bench`` (or
-``python -m ksbopt.bench``); see ``docs/howto/benchmarks.md``.
+``python -m ksbopt.bench``); see ``docs/howto/benchmarks.md``. The library: :func:`compare`
+your optimizers (factories ``lr -> optax transformation``) with the registry's on built-in
+tasks or your own (:func:`make_task`), and read the :class:`Results`; see
+``docs/howto/compare.md``.
 """
+
+__all__ = ["Results", "compare", "make_task"]
+
+
+def __getattr__(name: str):
+    # Lazy: ``python -m ksbopt.bench`` checks the extra's packages before anything imports them.
+    if name in ("Results", "compare"):
+        from ksbopt.bench import api
+
+        return getattr(api, name)
+    if name == "make_task":
+        from ksbopt.bench.user import make_task
+
+        return make_task
+    raise AttributeError(f"module 'ksbopt.bench' has no attribute {name!r}")

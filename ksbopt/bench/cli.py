@@ -68,6 +68,28 @@ def _parser() -> argparse.ArgumentParser:
         help="model/data size; default: the suite's (env KSBOPT_BENCH_SCALE too)",
     )
     p.add_argument("--experiments", help="comma list of grid,nld,baselines (default: the suite's)")
+    p.add_argument(
+        "--optimizer",
+        action="append",
+        default=[],
+        metavar="NAME=MODULE:FACTORY",
+        help="your optimizer: factory(lr) -> optax transformation (repeatable; beside "
+        "--optimizers or the suite's)",
+    )
+    p.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=V1,V2",
+        help="a hyperparameter grid of a --optimizer (repeatable); KEY lr: its learning rates",
+    )
+    p.add_argument(
+        "--task",
+        action="append",
+        default=[],
+        metavar="MODULE:ATTR",
+        help="your task (ksbopt.bench.make_task(...) or a function returning one; repeatable)",
+    )
     p.add_argument("--out", help="output folder (default bench_results/<suite>)")
     p.add_argument("--cache-dir", help="cache of generated data (default OUT/cache)")
     p.add_argument("--no-progress", action="store_true", help="no per-run progress bar")
@@ -152,7 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     scale = a.scale or os.environ.get("KSBOPT_BENCH_SCALE") or None  # None: the suite's
     if scale is not None and scale not in SCALES:
         p.error(f"scale {scale!r} (from KSBOPT_BENCH_SCALE) is not one of {', '.join(SCALES)}")
-    tasks = tuple(_csv(a.tasks)) if a.tasks else suite.tasks
+    from ksbopt.bench import user
+
+    try:
+        user_opts, user_tasks = user.parse_cli(a.optimizer, a.grid, a.task)
+    except (ValueError, TypeError) as e:
+        p.error(f"--optimizer, --grid or --task: {e}")
+    tasks = (*(_csv(a.tasks) if a.tasks else suite.tasks), *user_tasks)
     bad = [t for t in tasks if t not in TASKS]
     if bad or not tasks:
         p.error(
@@ -181,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 opts.append(o)
         opts = tuple(opts)
+    opts = (*opts, *user_opts)
     seeds = _seeds(p, a.seeds, suite.seeds)
     lrs = None
     if a.lrs:
@@ -243,6 +272,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {n}", flush=True)
     cache = Path(a.cache_dir) if a.cache_dir else out / "cache"
     runner = Runner(out, cache_dir=cache, progress=not a.no_progress)
+    runs, user_failed = user.preflight(runs, runner)
+    notes += user_failed
+    for n in user_failed:
+        print(n, file=sys.stderr, flush=True)
     records, trained, failed = [], 0, {}
     try:
         for i, cfg in enumerate(runs, 1):
@@ -298,8 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     path = write_report(out, records, meta, published=PUBLISHED, plots=not a.no_plots)
     print(f"report: {path} ({time.perf_counter() - t0:.1f} s in all)", flush=True)
-    if failed:
-        print(f"{len(failed)} optimizer/task combinations failed; see the report", file=sys.stderr)
+    if failed or user_failed:
+        n = len(failed) + len(user_failed)
+        print(f"{n} optimizer/task combinations failed; see the report", file=sys.stderr)
         return 1
     return 0
 

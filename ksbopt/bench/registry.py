@@ -100,6 +100,9 @@ class OptimizerSpec:
     description: str = ""
     task_features: tuple[str, ...] = ()
     extra_args: tuple[str, ...] = ()
+    # user entries: {"factory": "module:qualname", "source_sha256": ...} (part of a run's
+    # identity, so that a changed factory is re-run; see ksbopt/bench/user.py)
+    origin: Mapping[str, Any] | None = None
 
     def missing(self) -> list[str]:
         """The ``ksbopt`` features this entry needs and that are not importable."""
@@ -152,6 +155,7 @@ def register(
     task_features: tuple[str, ...] = (),
     extra_args: tuple[str, ...] = (),
     description: str = "",
+    origin: Mapping[str, Any] | None = None,
 ) -> OptimizerSpec:
     """Adds (or replaces) a registry entry; ``quick`` defaults to grid points 2, 4 and 5."""
     if len(grid) < 5:
@@ -172,6 +176,7 @@ def register(
         description,
         tuple(task_features),
         tuple(extra_args),
+        dict(origin) if origin else None,
     )
     REGISTRY[name] = spec
     return spec

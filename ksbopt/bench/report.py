@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ksbopt.bench import profiles
+
 __all__ = ["fmt", "summarize", "write_report"]
 
 
@@ -795,6 +797,13 @@ def write_report(
                 + " |"
             )
         L.append("")
+        L += profiles.report_lines(
+            task,
+            {
+                o: [by_id[i].get("profile") for i in r["runs"] if i in by_id]
+                for o, r in t["optimizers"].items()
+            },
+        )
         for name in made.get(task, []):
             L += [f"![{name}](plots/{name})", ""]
     if summary["nld"]:

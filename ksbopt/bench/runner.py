@@ -33,7 +33,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ksbopt.bench import registry
+from ksbopt.bench import profiles, registry
 from ksbopt.bench.records import (
     SCHEMA,
     RunConfig,
@@ -204,6 +204,7 @@ class Runner:
                 "task_config": dict(task.config),
                 "metric": task.metric,
                 "target": task.target,
+                **({"origin": dict(spec.origin)} if spec.origin else {}),
             }
         )
 
@@ -373,6 +374,7 @@ class Runner:
         spec = registry.get(cfg.optimizer, check=False)
         unit_syms, _ = self._unit_syms(task, params)
         value_fn = self._value_fn(task, graph_train) if "value_fn" in spec.extra_args else None
+        profile_syms = [sym for _, sym in self._diagnostics(task, params)[0]]
 
         def step(params, rest, opt_state, arrays, idx):
             batch = task.batch(arrays, idx)
@@ -382,7 +384,8 @@ class Runner:
             updates, opt_state = tx.update(grads, opt_state, params, **extra)
             new_params = optax.apply_updates(params, updates)
             angles = _angular_updates(unit_syms, params, updates, new_params)
-            return new_params, new_rest, opt_state, loss, angles
+            ratios = profiles.step_ratios(profile_syms, params, grads, updates)
+            return new_params, new_rest, opt_state, loss, angles, ratios
 
         t0, c0 = time.perf_counter(), time.process_time()
         compiled = (
@@ -480,7 +483,7 @@ class Runner:
 
         log(0, float("nan"), first_eval)
         _, unit_labels = self._unit_syms(task, params)
-        step_times, eval_s, diverged = [], 0.0, False
+        step_times, eval_s, diverged, step_ratios = [], 0.0, False, []
         desc = f"{position}{cfg.task} {cfg.optimizer} lr={cfg.learning_rate:g} s{cfg.seed}"
         bar = tqdm(
             total=steps,
@@ -494,14 +497,18 @@ class Runner:
         step_cpu = []
         while step < steps:
             t0, c0 = time.perf_counter(), time.process_time()
-            losses, angles = [], []
+            losses, angles, ratios = [], [], []
             for i in range(chunk_steps):  # dispatched asynchronously; no host sync per step
-                params, rest, opt_state, loss, ang = train.fn(
+                params, rest, opt_state, loss, ang, rat = train.fn(
                     params, rest, opt_state, arrays, idx[i]
                 )
                 losses.append(loss)
                 angles.append(ang)
-            losses, angles = (np.asarray(x) for x in jax.device_get((losses, angles)))
+                ratios.append(rat)
+            losses, angles, ratios = (
+                np.asarray(x) for x in jax.device_get((losses, angles, ratios))
+            )
+            step_ratios.append(ratios)
             step_times.append((time.perf_counter() - t0) / chunk_steps)
             step_cpu.append((time.process_time() - c0) / chunk_steps)
             step += chunk_steps
@@ -587,6 +594,11 @@ class Runner:
                 "eval_s": eval_s,
                 "total_s": time.perf_counter() - t_start,
             },
+            "profile": profiles.summary(
+                [f"{d.kind}:{d.label}" for d, _ in self._diag.get(_tkey(task), ([], ""))[0]],
+                step_ratios,
+                params,
+            ),
             "memory": memory,
             "compiler_options": _compiler_options(task),
             "env": self.env,
