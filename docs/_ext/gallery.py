@@ -19,6 +19,7 @@ script); ``prepare`` empties the cache when the size changes between builds.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -144,15 +145,17 @@ def sphinx_gallery_conf() -> dict:
 
 def _title(app, docname, source) -> None:
     # The examples' docstrings are plain text that starts with a sentence, not a reST title:
-    # the script's name is the page title, and the docstring's ``|`` (norms) are literal.
+    # the sentence up to its first colon or comma is the page title, and ``|`` (norms) are
+    # literal.
     if docname.startswith("gallery/") and docname != "gallery/index":
         name = docname.removeprefix("gallery/") + ".py"
         label = f".. _sphx_glr_gallery_{name}:\n\n"
         head, found, rest = source[0].partition(label)
         if found:
             doc, sep, code = rest.partition(".. GENERATED FROM PYTHON SOURCE LINES")
-            title = f"``examples/{name}``"
             doc = doc.replace("|", "\\|")
+            # "Quick start: a BatchNorm MLP ..." -> "Quick start"
+            title = re.split(r"[:,]", doc.strip().partition("\n")[0])[0].strip() or name
             source[0] = f"{head}{label}{title}\n{'=' * len(title)}\n\n{doc}{sep}{code}"
 
 
