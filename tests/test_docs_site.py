@@ -158,6 +158,10 @@ def test_bench_tables_name_an_unknown_file_and_a_missing_folder(tmp_path, monkey
     assert "`new/bench.json`" in text
     with pytest.raises(ExtensionError, match="no folder benchmarks/results/nope"):
         benchtables.render("nope")
+    with pytest.raises(ExtensionError, match=r"new has no summary\.json"):
+        benchtables.render("new", "nld")
+    with pytest.raises(ExtensionError, match="a part is one of"):
+        benchtables.render("new", "table")
 
 
 def test_bench_tables_of_the_committed_suite_state_its_run():

@@ -6,7 +6,8 @@ A page asks for them with a fenced block, replaced by Markdown before MyST parse
     ```
 
 The argument is a folder of ``benchmarks/results/`` (or ``all``: every folder, in name order,
-so a folder committed later appears without editing the docs). What a folder holds decides
+so a folder committed later appears without editing the docs); a second one picks one table of
+a suite with the facts of its run (``{bench-tables} full-cpu nld``). What a folder holds decides
 what is rendered:
 
 - ``summary.json`` (a suite written by the benchmark harness): the date, command and devices
@@ -30,7 +31,7 @@ from pathlib import Path
 from sphinx.errors import ExtensionError
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
-_BLOCK = re.compile(r"^```\{bench-tables\}[ \t]*(\S*)[ \t]*\n```[ \t]*$", re.MULTILINE)
+_BLOCK = re.compile(r"^```\{bench-tables\}[ \t]*(\S*)[ \t]*(\S*)[ \t]*\n```[ \t]*$", re.MULTILINE)
 
 
 class _Json:
@@ -112,12 +113,8 @@ def _mean_std(entry: _Json) -> str:
     return f"{entry.number('test_mean'):.4f} ± {entry.number('test_std'):.4f}"
 
 
-def _suite(folder: Path) -> str:
-    summary = _Json(folder / "summary.json")
-    meta = summary["meta"]
-    out = [
-        f"## Suite `{meta['suite']}` (`{folder.name}/`)",
-        "",
+def _facts(folder: Path, meta: _Json) -> list[str]:
+    return [
         f"- date: {meta['date']}",
         f"- command: `{meta['command']}`",
         f"- machine: {_machine(folder)}; devices `{meta['devices']}`",
@@ -126,11 +123,10 @@ def _suite(folder: Path) -> str:
         f"- generated from `benchmarks/results/{folder.name}/summary.json` by this build; "
         f"the per-task tables and plots are in `benchmarks/results/{folder.name}/report.md`",
         "",
-        "Test metric at the learning rate chosen on validation, mean over seeds; **bold**: best "
-        "of the row; `n/a`: the task lacks the symmetry the optimizer needs (not run); "
-        "`diverged`: every learning rate diverged.",
-        "",
     ]
+
+
+def _overview(summary: _Json) -> list[str]:
     grid = summary["grid"]
     names = sorted({name for _, task in grid.items() for name, _ in task["optimizers"].items()})
     rows = []
@@ -151,48 +147,70 @@ def _suite(folder: Path) -> str:
                 text = f"{finite[name]:.4f}"
                 cells.append(f"**{text}**" if finite[name] == best else text)
         rows.append([f"{task_name} ({task['metric']})", *cells])
-    out += ["### Overview", "", _table(["task (metric)", *names], rows), ""]
-    nld = list(summary.get("nld", []) or [])
-    if nld:
-        out += [
-            "### NLD control: free vs constrained filter norm",
-            "",
-            _table(
-                ["lr", "momentum", "weight decay", "free", "constrained", "free - constrained"],
-                [
-                    [
-                        f"{r.number('learning_rate'):g}",
-                        f"{r.number('momentum'):g}",
-                        f"{r.number('weight_decay'):g}",
-                        _mean_std(r["free"]),
-                        _mean_std(r["constrained"]),
-                        f"{r.number('free_minus_constrained'):+.4f}",
-                    ]
-                    for r in nld
-                ],
-            ),
-            "",
+    return [
+        "Test metric at the learning rate chosen on validation, mean over seeds; **bold**: best "
+        "of the row; `n/a`: the task lacks the symmetry the optimizer needs (not run); "
+        "`diverged`: every learning rate diverged.",
+        "",
+        _table(["task (metric)", *names], rows),
+        "",
+    ]
+
+
+def _nld(summary: _Json) -> list[str]:
+    rows = [
+        [
+            f"{r.number('learning_rate'):g}",
+            f"{r.number('momentum'):g}",
+            f"{r.number('weight_decay'):g}",
+            _mean_std(r["free"]),
+            _mean_std(r["constrained"]),
+            f"{r.number('free_minus_constrained'):+.4f}",
         ]
-    baselines = list(summary.get("baselines", []) or [])
-    if baselines:
-        out += [
-            "### Published baselines",
-            "",
-            _table(
-                ["task", "steps", "lr", "ours (test)", "published"],
-                [
-                    [
-                        f"{r['task']}",
-                        f"{r['steps']}",
-                        f"{r.number('learning_rate'):g}",
-                        _mean_std(r),
-                        f"{r.number('published'):g}",
-                    ]
-                    for r in baselines
-                ],
-            ),
-            "",
+        for r in summary.get("nld", [])
+    ]
+    header = ["lr", "momentum", "weight decay", "free", "constrained", "free - constrained"]
+    return [
+        "Test accuracy, mean ± std over seeds; `free`: SGD with momentum, `constrained`: the "
+        "same followed by `ksbopt.retract` on every filter.",
+        "",
+        _table(header, rows),
+        "",
+    ]
+
+
+def _baselines(summary: _Json) -> list[str]:
+    rows = [
+        [
+            f"{r['task']}",
+            f"{r['steps']}",
+            f"{r.number('learning_rate'):g}",
+            _mean_std(r),
+            f"{r.number('published'):g}",
         ]
+        for r in summary.get("baselines", [])
+    ]
+    return [_table(["task", "steps", "lr", "ours (test)", "published"], rows), ""]
+
+
+# The parts of a suite a page may ask for: ``{bench-tables} full-cpu nld``.
+_PARTS = {"overview": _overview, "nld": _nld, "baselines": _baselines}
+_TITLES = {
+    "overview": "Overview",
+    "nld": "NLD control: free vs constrained filter norm",
+    "baselines": "Published baselines",
+}
+
+
+def _suite(folder: Path, part: str | None = None) -> str:
+    summary = _Json(folder / "summary.json")
+    meta = summary["meta"]
+    if part is not None:
+        return "\n".join([*_facts(folder, meta), *_PARTS[part](summary)])
+    out = [f"## Suite `{meta['suite']}` (`{folder.name}/`)", "", *_facts(folder, meta)]
+    for key, make in _PARTS.items():
+        if key == "overview" or summary.get(key):
+            out += [f"### {_TITLES[key]}", "", *make(summary)]
     return "\n".join(out)
 
 
@@ -233,14 +251,26 @@ def _micro(path: Path, doc: _Json) -> str:
     return "\n".join(out)
 
 
-def render(name: str) -> str:
-    """The Markdown of ``{bench-tables} name``: one folder of benchmarks/results/, or ``all``."""
+def render(name: str, part: str | None = None) -> str:
+    """The Markdown of ``{bench-tables} name [part]``.
+
+    ``name``: a folder of benchmarks/results/, or ``all``; ``part``: one table of a suite
+    (``overview``, ``nld``, ``baselines``) with the facts of its run, instead of everything.
+    """
     if name == "all":
         folders = sorted(p for p in RESULTS.iterdir() if p.is_dir())
     else:
         folders = [RESULTS / name]
         if not folders[0].is_dir():
             raise ExtensionError(f"bench-tables {name!r}: no folder benchmarks/results/{name}")
+    if part is not None:
+        if part not in _PARTS or name == "all":
+            raise ExtensionError(
+                f"bench-tables {name} {part}: a part is one of {sorted(_PARTS)} of one suite"
+            )
+        if not (folders[0] / "summary.json").exists():
+            raise ExtensionError(f"bench-tables {name} {part}: {name} has no summary.json")
+        return _suite(folders[0], part)
     parts = []
     for folder in folders:
         if (folder / "summary.json").exists():
@@ -274,7 +304,7 @@ def _source_read(app, docname, source) -> None:
     def replace(match):
         for path in sources(match[1] or "all"):
             app.env.note_dependency(str(path))
-        return render(match[1] or "all")
+        return render(match[1] or "all", match[2] or None)
 
     source[0] = _BLOCK.sub(replace, source[0])
 

@@ -110,11 +110,12 @@ class FigureFiles:
         now = self._stamps()
         written = [p for p, t in now.items() if self.seen.get(p) != t]
         self.seen = now
-        names = []
+        out = []
         for path, target in zip(written, block_vars["image_path_iterator"], strict=False):
             shutil.copyfile(path, target)
-            names.append(target)
-        return figure_rst(names, gallery_conf["src_dir"])
+            # One figure at a time: the page's full width, not a grid of thumbnails.
+            out.append(figure_rst([target], gallery_conf["src_dir"]))
+        return "".join(out)
 
 
 scrape_figures = FigureFiles(EXAMPLES / "figures", TINY_FIGURES)
