@@ -173,6 +173,9 @@ def test_bench_tables_of_the_committed_suite_state_its_run():
     results = summary["grid"]["mnist1d_cnn_bn"]["optimizers"]
     best = max(r["test_mean"] for r in results.values())
     assert f"**{best:.4f}**" in row
+    # A suite without NLD runs (the quick one) gets no empty NLD section.
+    quick = json.loads((benchtables.RESULTS / "quick-cpu" / "summary.json").read_text())
+    assert ("### NLD control" in benchtables.render("quick-cpu")) == bool(quick.get("nld"))
 
 
 # ------------------------------------------------------------------ the built site (slow)

@@ -63,6 +63,9 @@ class _Json:
             ) from None
         return _Json(self.path, value, where) if isinstance(value, dict | list) else value
 
+    def __len__(self) -> int:  # an empty list or object is false
+        return len(self.data)
+
     def get(self, key, default=None):
         return self[key] if isinstance(self.data, dict) and key in self.data else default
 
