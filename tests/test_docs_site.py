@@ -344,6 +344,8 @@ def test_concepts_math_is_typeset_offline(site, browser, page):
     source = (DOCS / "concepts" / f"{page}.md").read_text()
     if "$" in source:
         assert typeset > 0, f"concepts/{page}: no formula typeset"
+    edit = browser.evaluate("document.querySelector('a[href*=\"/edit/\"]').href")
+    assert edit.endswith(f"/edit/main/docs/concepts/{page}.md"), edit
     raw = [tex for tex in ("\\[", "\\(", "$$") if tex in text]
     assert raw == [], f"concepts/{page}: raw TeX {raw} left in the rendered text"
 
@@ -368,6 +370,8 @@ def test_gallery_page_shows_its_code_output_and_images(site, browser, page):
         ".map(e => e.innerText).join('')"
     )
     assert output.strip(), f"gallery/{page}: no printed output shown"
+    edit = browser.evaluate("document.querySelector('a[href*=\"/edit/\"]').href")
+    assert edit.endswith(f"/edit/main/examples/{page}.py"), edit  # the script, not the page
     script = (ROOT / "examples" / f"{page}.py").read_text()
     if "savefig" in script or "plotting." in script:
         assert images, f"gallery/{page}: the script writes figures, the page shows none"

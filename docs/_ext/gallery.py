@@ -160,6 +160,25 @@ def _title(app, docname, source) -> None:
             source[0] = f"{head}{label}{title}\n{'=' * len(title)}\n\n{doc}{sep}{code}"
 
 
+def _source_links(app, pagename, templatename, context, doctree) -> None:
+    # The repository buttons of a gallery page (source, "edit this page") point at the script
+    # in examples/, not at the page sphinx-gallery generated from it (not in the repository).
+    if not pagename.startswith("gallery/") or pagename == "gallery/index":
+        return
+    generated = f"docs/{pagename}.rst"
+    script = f"examples/{pagename.removeprefix('gallery/')}.py"
+
+    def fix(buttons):
+        for button in buttons:
+            if isinstance(button.get("url"), str):
+                button["url"] = button["url"].replace(generated, script)
+            fix(button.get("buttons", []))
+
+    fix(context.get("header_buttons", []))
+
+
 def setup(app):
     app.connect("source-read", _title)
+    # After sphinx-book-theme makes its header buttons (priority 501).
+    app.connect("html-page-context", _source_links, priority=900)
     return {"version": "1.0", "parallel_read_safe": True, "parallel_write_safe": True}
