@@ -15,11 +15,12 @@ trained with SGD + momentum, once plain and once followed by ``ksbopt.retract`` 
 the detected declarations: the Noether charges then stay where they started (THEORY.md P3:
 without it, momentum and finite steps move them).
 
-Run:  python examples/detect_and_train.py          (about a minute on 2 CPU cores)
+Run:  python examples/detect_and_train.py [--steps 400]     (about a minute on 2 CPU cores)
 """
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import jax.numpy as jnp
@@ -96,7 +97,10 @@ def train(model, tx, data, symmetries, steps: int = 400, batch: int = 64, seed: 
     )
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0])
+    parser.add_argument("--steps", type=int, default=400, help="training steps of each run")
+    args = parser.parse_args(argv)
     data = load_data()
     (x_tr, y_tr), _ = data
     model = CNN(nnx.Rngs(0))
@@ -118,9 +122,15 @@ def main() -> None:
     # 3. Train with and without a ksbopt transform built from the detected declarations.
     sgd = optax.sgd(0.05, momentum=0.9)
     print("SGD + momentum 0.9")
-    train(CNN(nnx.Rngs(0)), sgd, data, symmetries)
+    train(CNN(nnx.Rngs(0)), sgd, data, symmetries, steps=args.steps)
     print("SGD + momentum 0.9 + ksbopt.retract(detected symmetries)")
-    train(CNN(nnx.Rngs(0)), optax.chain(sgd, ksbopt.retract(symmetries)), data, symmetries)
+    train(
+        CNN(nnx.Rngs(0)),
+        optax.chain(sgd, ksbopt.retract(symmetries)),
+        data,
+        symmetries,
+        steps=args.steps,
+    )
 
 
 if __name__ == "__main__":

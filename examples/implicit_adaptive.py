@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import sys
 import time
 import warnings
 
@@ -238,10 +239,11 @@ def part2(data, steps: int, every: int = 100):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0])
     parser.add_argument("--steps", type=int, default=1500, help="training steps of part 2")
     parser.add_argument("--steps1", type=int, default=300, help="training steps of part 1")
-    parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "figures"))
+    here = pathlib.Path(sys.argv[0]).resolve().parent  # the folder of this script
+    parser.add_argument("--out", default=str(here / "figures"))
     args = parser.parse_args()
     t0 = time.perf_counter()
     data = load_mnist1d()

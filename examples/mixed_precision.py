@@ -173,7 +173,7 @@ def run(mode: str, steps: int, lr: float, seed: int = 0, excess_precision: bool 
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0])
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--lr", type=float, default=0.05)
     args = parser.parse_args(argv)

@@ -25,6 +25,7 @@ Run:  python examples/noether_diagnostics.py [--steps 2000] [--out examples/figu
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -142,11 +143,11 @@ def report(name, recorder):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0])
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--every", type=int, default=10, help="diagnostics every N steps")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "figures"))
+    parser.add_argument("--out", default=str(Path(sys.argv[0]).resolve().parent / "figures"))
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -5,11 +5,12 @@ incoming weights (a Scale symmetry, one group per unit). Plain SGD + momentum le
 Noether charge Q = |w|^2 / 2 of every unit drift (kinetic symmetry breaking: THEORY.md P3);
 ``ksbopt.retract`` keeps it exactly where it started (the NLD constrained-norm control).
 
-Run:  python examples/quickstart.py          (about half a minute on 2 CPU cores)
+Run:  python examples/quickstart.py [--steps 1200]     (about half a minute on 2 CPU cores)
 """
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import jax.numpy as jnp
@@ -102,12 +103,15 @@ def train(
     print(f"  ({time.perf_counter() - t0:.1f} s)")
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0])
+    parser.add_argument("--steps", type=int, default=1200, help="training steps of each run")
+    args = parser.parse_args(argv)
     sgd = optax.sgd(0.1, momentum=0.9)
     print("SGD + momentum 0.9 (the charges drift: kinetic symmetry breaking)")
-    train(sgd)
+    train(sgd, steps=args.steps)
     print("SGD + momentum 0.9 + ksbopt.retract (the charges stay at their initial values)")
-    train(optax.chain(sgd, ksbopt.retract(SYMMETRIES)))
+    train(optax.chain(sgd, ksbopt.retract(SYMMETRIES)), steps=args.steps)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_n}"
     ).strip()
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(sys.argv[0]))))
 
 import argparse
 import time
@@ -64,7 +64,7 @@ def _spec(x) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0])
     parser.add_argument("--mesh", default="2x4", help="DATAxMODEL device counts, e.g. 2x4")
     parser.add_argument("--scale", default="small", help="LM size: tiny, small, base, large")
     parser.add_argument("--steps", type=int, default=100)
