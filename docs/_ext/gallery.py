@@ -36,6 +36,7 @@ TINY_ENV = "KSBOPT_DOCS_TINY"
 # each figure, a few seconds of training per script on 2 CPU cores. ``{out}`` is replaced by
 # the script's own figure folder under TINY_FIGURES.
 TINY_ARGS = {
+    "compare_my_optimizer.py": ["--tiny", "--out", "{out}/compare_my_optimizer"],
     "quickstart.py": ["--steps", "100"],
     "detect_and_train.py": ["--steps", "50"],
     "noether_diagnostics.py": ["--steps", "100", "--out", "{out}"],
