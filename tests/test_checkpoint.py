@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import utils
+import support
 
 import ksbopt
 
@@ -60,7 +60,7 @@ CONFIGS = {
 def _make_step(case, tx):
     """A freshly traced and compiled train step (one per call)."""
 
-    @utils.jit
+    @support.jit
     def step(params, state, k):
         g = jax.grad(case.loss)(params)
         # Deterministic per-step variation that keeps the symmetry (a scaled gradient).
@@ -92,7 +92,7 @@ def _abstract(tree):
 )
 def test_stop_and_resume_is_bit_identical(tmp_path, config, dtype):
     case_name, make_tx = CONFIGS[config]
-    case = utils.CASES_BY_NAME[case_name]
+    case = support.CASES_BY_NAME[case_name]
     n, k = 6, 3
 
     # The uninterrupted run.
@@ -118,16 +118,16 @@ def test_stop_and_resume_is_bit_identical(tmp_path, config, dtype):
     restored = checkpointer.restore(tmp_path / "ckpt", _abstract(target))
     checkpointer.close()
     assert jax.tree.structure(restored) == jax.tree.structure(saved)
-    utils.assert_dtypes(restored, saved)
-    utils.assert_equal(restored, saved)
+    support.assert_dtypes(restored, saved)
+    support.assert_equal(restored, saved)
     got_params, got_state = _train(
         _make_step(case, tx), restored["params"], restored["opt_state"], int(restored["step"]), n
     )
 
-    utils.assert_equal(got_params, want_params)
-    utils.assert_equal(got_state, want_state)
+    support.assert_equal(got_params, want_params)
+    support.assert_equal(got_state, want_state)
     # The run really moved, and the ksbopt parts of the state are in the checkpoint.
-    assert utils.rel_err(want_params, params0) > 1e-3
+    assert support.rel_err(want_params, params0) > 1e-3
     assert int(optax.tree.get(restored["opt_state"], "monitor_count")) > 0
     assert optax.tree.get(restored["opt_state"], "target_state") is not None
 
@@ -135,7 +135,7 @@ def test_stop_and_resume_is_bit_identical(tmp_path, config, dtype):
 def test_checkpoint_manager_roundtrip(tmp_path):
     """The same through ``ocp.CheckpointManager`` (step-numbered directories, keep the last
     two): the latest step restores the full state exactly."""
-    case = utils.CASES_BY_NAME["relu_softmax"]
+    case = support.CASES_BY_NAME["relu_softmax"]
     tx = _retract_scheduled_steer(case)
     step = _make_step(case, tx)
     params = case.params()
@@ -151,7 +151,7 @@ def test_checkpoint_manager_roundtrip(tmp_path):
         restored = manager.restore(
             manager.latest_step(), args=ocp.args.StandardRestore(_abstract(target))
         )
-    utils.assert_equal(restored, {"params": params, "opt_state": state})
+    support.assert_equal(restored, {"params": params, "opt_state": state})
 
 
 def test_nnx_optimizer_stop_and_resume_is_bit_identical(tmp_path):
@@ -207,21 +207,21 @@ def test_nnx_optimizer_stop_and_resume_is_bit_identical(tmp_path):
         optimizer, checkpointer.restore(tmp_path / "optimizer", _abstract(nnx.state(optimizer)))
     )
     checkpointer.close()
-    utils.assert_equal(nnx.state(optimizer), saved_optimizer)
+    support.assert_equal(nnx.state(optimizer), saved_optimizer)
     for _ in range(n - k):
         train_step(model, optimizer)
 
     got = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    utils.assert_equal(got, want)
-    assert utils.rel_err(want, start) > 1e-3
+    support.assert_equal(got, want)
+    assert support.rel_err(want, start) > 1e-3
     # The retraction held through the restart (float32: 64 eps retraction + rounding).
-    utils.assert_rel_close(ksbopt.charges(got, sym), ksbopt.charges(start, sym), 1e-5, "nnx")
+    support.assert_rel_close(ksbopt.charges(got, sym), ksbopt.charges(start, sym), 1e-5, "nnx")
 
 
 def test_restore_with_other_declarations_raises(tmp_path):
     """The declarations are code, not state: a transformation rebuilt with other groups has
     other state shapes (or structure), and orbax refuses to restore into it."""
-    case = utils.CASES_BY_NAME["scale_batchnorm"]
+    case = support.CASES_BY_NAME["scale_batchnorm"]
     params = case.params()
     per_unit = optax.chain(optax.sgd(LR), ksbopt.retract(ksbopt.Scale("dense/*", axis=-1)))
     checkpointer = ocp.StandardCheckpointer()

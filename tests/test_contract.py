@@ -1,4 +1,4 @@
-"""Every public transform passes the shared contract battery (tests/contract.py).
+"""Every public transform passes the shared contract battery (tests/support/contract.py).
 
 A new transform is one more ``contract.Spec`` in ``contract.TRANSFORMS`` (or a Spec and a
 ``contract.CHECKS`` parametrisation in its own test file). The peers' ports run the same
@@ -11,8 +11,8 @@ import ast
 import inspect
 import pathlib
 
-import contract
 import pytest
+from support import contract
 
 import ksbopt
 

@@ -1,6 +1,6 @@
 """Edge cases of every public transform: docs/edge_cases.md, checked case by case.
 
-The contract battery (tests/contract.py) already checks, per transform, a NaN / inf update
+The contract battery (tests/support/contract.py) already checks, per transform, a NaN / inf update
 on one entry (``check_nonfinite``) and a NaN gradient inside ``optax.apply_if_finite``
 (``check_apply_if_finite``); tests/test_transforms.py and the per-module files check
 zero-norm groups. This file adds what they leave out, for every transform at once:
@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import utils
+import support
 
 import ksbopt
 from ksbopt._src import orbit
@@ -238,7 +238,7 @@ def _run_all(name: str, shapes: dict, syms):
 
     # Two programs, the step called twice: the state of the first step is materialised
     # before the second (as in training), so "state kept" can be checked bit for bit.
-    init, step = utils.jit(jax.vmap(tx.init)), utils.jit(jax.vmap(step))
+    init, step = support.jit(jax.vmap(tx.init)), support.jit(jax.vmap(step))
     sc = scenarios(shapes, syms)
     params, g1, g2 = jax.tree.map(lambda *xs: jnp.stack(xs), *sc.values())
     s0 = init(params)
@@ -280,7 +280,7 @@ def _check(name: str, results: dict, skip: str, touched: list[int]) -> None:
         if key not in NONFINITE:
             continue
         # 3. the non-finite second step is skipped: state kept, guarded leaves unmoved.
-        utils.assert_equal(_inner(r["s2"], skip), _inner(r["s1"], skip))
+        support.assert_equal(_inner(r["s2"], skip), _inner(r["s1"], skip))
         p1, p2 = jax.tree.leaves(r["p1"]), jax.tree.leaves(r["p2"])
         guarded = touched if skip == "touched" else range(len(p1))
         for i in guarded:
@@ -330,7 +330,7 @@ def test_charges_at_the_float32_range_limits():
     """Charges underflow to 0 below |w| ~ 1e-19 and overflow to inf above ~1.8e19 in
     float32; exact and finite in float64."""
     sc = scenarios(SCALE_SHAPES, SCALE_SYMS)
-    charges = utils.jit(lambda p: ksbopt.charges(p, list(SCALE_SYMS)))
+    charges = support.jit(lambda p: ksbopt.charges(p, list(SCALE_SYMS)))
     for key in ("zero_params", "tiny_params"):
         for q in charges(sc[key][0]):
             np.testing.assert_array_equal(q, 0.0, err_msg=key)
@@ -344,7 +344,9 @@ def test_charges_at_the_float32_range_limits():
         for factor in (1e-30, 1e30):
             scaled = charges(jax.tree.map(lambda x, f=factor: x * f, p64))
             # Scaling by f multiplies each charge by f^2 exactly up to rounding: a few ulps.
-            utils.assert_close(scaled, jax.tree.map(lambda q, f=factor: q * f**2, q64), rtol=1e-14)
+            support.assert_close(
+                scaled, jax.tree.map(lambda q, f=factor: q * f**2, q64), rtol=1e-14
+            )
 
 
 def test_project_retract_steer_at_the_range_limits(core_results):
@@ -358,14 +360,14 @@ def test_project_retract_steer_at_the_range_limits(core_results):
         r = results["huge_params"]
         got, sent = _touched_leaves(r["u1"]), _touched_leaves(r["in"][1])
         want = sent if name == "project" else jax.tree.map(jnp.zeros_like, sent)
-        utils.assert_equal(got, jax.tree.map(np.asarray, want))
+        support.assert_equal(got, jax.tree.map(np.asarray, want))
         np.testing.assert_array_equal(r["u1"]["other"], r["in"][1]["other"])
         # |w| = 1e-30: the charges underflow to 0, so the groups count as zero-norm: project
         # and retract pass the update through as it came (steer moves towards its target).
         r = results["tiny_params"]
         if name in ("project", "retract"):
             got, sent = _touched_leaves(r["u1"]), _touched_leaves(r["in"][1])
-            utils.assert_equal(got, jax.tree.map(np.asarray, sent))
+            support.assert_equal(got, jax.tree.map(np.asarray, sent))
     # Zero gradients: project and retract return exact zeros (no drift from rounding).
     for name in ("project", "retract"):
         for leaf in jax.tree.leaves(core_results[name]["zero_grads"]["u1"]):
@@ -376,7 +378,7 @@ def test_project_retract_steer_at_the_range_limits(core_results):
     q0 = ksbopt.charges(r["in"][0], list(SCALE_SYMS))
     q1 = ksbopt.charges(jax.tree.map(jnp.asarray, r["p1"]), list(SCALE_SYMS))
     want = jax.tree.map(lambda q: q + 0.5 * (1.5 - q), q0)
-    utils.assert_rel_close(q1, want, 1e-5, "steer from a zero gradient")
+    support.assert_rel_close(q1, want, 1e-5, "steer from a zero gradient")
 
 
 def test_scalar_leaf_is_a_one_number_group(core_results):
@@ -443,12 +445,12 @@ def test_zero_size_leaves_give_empty_or_zero_groups():
         ksbopt.monitor(optax.sgd(0.1), syms),
     ]
 
-    @utils.jit
+    @support.jit
     def run(params, g):
         return [tx.update(g, tx.init(params), params) for tx in txs]
 
     for u, state in run(params, g):
-        utils.assert_finite((u, state))
+        support.assert_finite((u, state))
         assert u["e"].shape == (0, 4)
 
 
@@ -468,7 +470,7 @@ def test_float64_has_room_where_float32_overflows(x64):
     sc = scenarios(SCALE_SHAPES, SCALE_SYMS)
     tx = ksbopt.retract(list(SCALE_SYMS))
 
-    @utils.jit
+    @support.jit
     def run(params, g):
         u, _ = tx.update(g, tx.init(params), params)
         new = optax.apply_updates(params, u)
@@ -479,7 +481,7 @@ def test_float64_has_room_where_float32_overflows(x64):
         g = jax.tree.map(lambda x, f=factor: np.asarray(x, np.float64) * f, sc[key][1])
         q0, q1 = run(params, g)
         assert all(np.all(np.isfinite(q)) and np.all(q > 0) for q in q0), key
-        utils.assert_rel_close(q1, q0, 1e-12, key)
+        support.assert_rel_close(q1, q0, 1e-12, key)
 
 
 def test_overflowing_charges_are_inf_not_nan():
@@ -488,6 +490,6 @@ def test_overflowing_charges_are_inf_not_nan():
     leaves scaled by a power of two (symmetry._without_overflow): +-inf or finite, never NaN.
     """
     params = scenarios(MIXED_SHAPES, MIXED_SYMS)["huge_params"][0]
-    charges = utils.jit(lambda p: ksbopt.charges(p, list(MIXED_SYMS)))(params)
+    charges = support.jit(lambda p: ksbopt.charges(p, list(MIXED_SYMS)))(params)
     state = ksbopt.retract(list(MIXED_SYMS)).init(params)
     assert not _nonfinite_paths((charges, state), allow_inf=True), (charges, state)

@@ -20,7 +20,7 @@ The checks (DESIGN.md, "Tests"):
   matches the same steps on a plain parameter dict;
 - ``linen``: a ``flax.linen`` ``{'params': ...}`` variable dict matches the plain dict too.
 
-All checks run in float32 (the default dtype), on tiny problems from ``tests/utils.py``.
+All checks run in float32 (the default dtype), on tiny problems from ``tests/support.py``.
 """
 
 from __future__ import annotations
@@ -35,14 +35,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import utils
 
 import ksbopt
+import support
 
 # The battery's default problem: BatchNorm-like Scale groups (a kernel column with its bias
 # entry) next to a layer no symmetry touches, so "untouched leaves pass through" is checked
 # too. The overlap and Linear numerics are covered in test_transforms.py.
-CASE = utils.CASES_BY_NAME["scale_batchnorm"]
+CASE = support.CASES_BY_NAME["scale_batchnorm"]
 
 # float32 tolerances of the battery. Two runs of the same float32 computation through
 # different wrappers (jit vs eager, inject_hyperparams vs plain, nnx vs dict) differ only by
@@ -220,16 +220,16 @@ PEERS: tuple[Spec, ...] = (
 # --------------------------------------------------------------------------- helpers
 
 
-def _grads(case: utils.Case, params: Any, k: int = 0) -> Any:
+def _grads(case: support.Case, params: Any, k: int = 0) -> Any:
     """The loss gradient, plus a deterministic perturbation for step ``k`` > 0."""
     g = jax.grad(case.loss)(params)
     if k == 0:
         return g
-    noise = utils.random_like(params, seed=100 + k, scale=0.05)
+    noise = support.random_like(params, seed=100 + k, scale=0.05)
     return jax.tree.map(lambda a, b: (a + b).astype(a.dtype), g, noise)
 
 
-def _steps(tx, case: utils.Case, params: Any, n: int, update=None):
+def _steps(tx, case: support.Case, params: Any, n: int, update=None):
     """n steps of ``tx`` from ``params``; returns (params, state, list of updates)."""
     update = tx.update if update is None else update
     state = tx.init(params)
@@ -254,20 +254,20 @@ def _ksb_states(state: Any) -> list:
 # --------------------------------------------------------------------------- the checks
 
 
-def check_jit(spec: Spec, case: utils.Case = CASE) -> None:
+def check_jit(spec: Spec, case: support.Case = CASE) -> None:
     """Jitted updates: traced once, then reused (no recompilation on later steps)."""
     params = case.params()
     tx = spec.chain(case.symmetries)
-    counter = utils.TraceCounter(tx.update)
-    update = utils.jit_max_traces(counter, n=1)
+    counter = support.TraceCounter(tx.update)
+    update = support.jit_max_traces(counter, n=1)
     new, _, _ = _steps(tx, case, params, 3, update=update)
     assert counter.count == 1, f"{spec.name}: traced {counter.count} times in 3 jitted updates"
     # The jitted steps are the eager steps.
     eager, _, _ = _steps(tx, case, params, 3)
-    utils.assert_close(new, eager, rtol=RTOL_SAME, atol=1e-6)
+    support.assert_close(new, eager, rtol=RTOL_SAME, atol=1e-6)
 
 
-def check_extra_args(spec: Spec, case: utils.Case = CASE) -> None:
+def check_extra_args(spec: Spec, case: support.Case = CASE) -> None:
     """Unknown keyword arguments are accepted and ignored, alone and inside a chain."""
     params = case.params()
     g = _grads(case, params)
@@ -276,10 +276,10 @@ def check_extra_args(spec: Spec, case: utils.Case = CASE) -> None:
         state = tx.init(params)
         plain = tx.update(g, state, params)
         with_extra = tx.update(g, state, params, **extra)
-        utils.assert_close(with_extra, plain, rtol=0.0)
+        support.assert_close(with_extra, plain, rtol=0.0)
 
 
-def check_inject_hyperparams(spec: Spec, case: utils.Case = CASE) -> None:
+def check_inject_hyperparams(spec: Spec, case: support.Case = CASE) -> None:
     """``optax.inject_hyperparams`` accepts the numeric hyperparameters and schedules them."""
     params = case.params()
     sym = list(case.symmetries)
@@ -290,12 +290,12 @@ def check_inject_hyperparams(spec: Spec, case: utils.Case = CASE) -> None:
     assert set(spec.hyperparams) <= set(state.hyperparams), state.hyperparams
     got, _, _ = _steps(spec.chain(sym, tx=injected), case, params, 2, update=None)
     want, _, _ = _steps(spec.chain(sym), case, params, 2)
-    utils.assert_close(got, want, rtol=RTOL_SAME, atol=1e-6)
+    support.assert_close(got, want, rtol=RTOL_SAME, atol=1e-6)
     if not spec.schedules:
         return
     # 2. Scheduled: step k uses schedule(k), exactly as a transform built with those numbers.
     scheduled = optax.inject_hyperparams(spec.factory)(sym, **spec.schedules)
-    update = utils.jit(scheduled.update)
+    update = support.jit(scheduled.update)
     state = scheduled.init(params)
     for k in range(3):
         g = _grads(case, params, k)
@@ -303,28 +303,28 @@ def check_inject_hyperparams(spec: Spec, case: utils.Case = CASE) -> None:
         want_u, want_s = fixed.update(g, state.inner_state, params)
         u, state = update(g, state, params)
         for name, fn in spec.schedules.items():
-            utils.assert_close(state.hyperparams[name], jnp.float32(fn(k)), rtol=1e-7)
-        utils.assert_close((u, state.inner_state), (want_u, want_s), rtol=RTOL_SAME, atol=1e-6)
+            support.assert_close(state.hyperparams[name], jnp.float32(fn(k)), rtol=1e-7)
+        support.assert_close((u, state.inner_state), (want_u, want_s), rtol=RTOL_SAME, atol=1e-6)
         params = optax.apply_updates(params, u)
 
 
-def check_multi_steps(spec: Spec, case: utils.Case = CASE) -> None:
+def check_multi_steps(spec: Spec, case: support.Case = CASE) -> None:
     """Inside ``optax.MultiSteps(tx, 2)``: zero on the first micro-step, then one step of tx
     on the mean of the two gradients."""
     params = case.params()
     tx = spec.chain(case.symmetries)
     multi = optax.MultiSteps(tx, every_k_schedule=2)
-    update = utils.jit(multi.update)
+    update = support.jit(multi.update)
     g0, g1 = _grads(case, params, 0), _grads(case, params, 1)
     state = multi.init(params)
     u0, state = update(g0, state, params)
-    utils.assert_equal(u0, jax.tree.map(jnp.zeros_like, params))
+    support.assert_equal(u0, jax.tree.map(jnp.zeros_like, params))
     u1, state = update(g1, state, params)
     mean = jax.tree.map(lambda a, b: (a + b) / 2, g0, g1)
     want, _ = tx.update(mean, tx.init(params), params)
-    utils.assert_close(u1, want, rtol=RTOL_SAME, atol=1e-6)
+    support.assert_close(u1, want, rtol=RTOL_SAME, atol=1e-6)
     if spec.conserves:
-        utils.assert_rel_close(
+        support.assert_rel_close(
             case.charges(optax.apply_updates(params, u1)),
             case.charges(params),
             RTOL_CHARGE_F32,
@@ -332,27 +332,27 @@ def check_multi_steps(spec: Spec, case: utils.Case = CASE) -> None:
         )
 
 
-def check_apply_if_finite(spec: Spec, case: utils.Case = CASE) -> None:
+def check_apply_if_finite(spec: Spec, case: support.Case = CASE) -> None:
     """Inside ``optax.apply_if_finite``: a NaN gradient leaves params and state unchanged."""
     params = case.params()
     tx = optax.apply_if_finite(spec.chain(case.symmetries), max_consecutive_errors=3)
-    update = utils.jit(tx.update)
+    update = support.jit(tx.update)
     state = tx.init(params)
     u, state = update(_grads(case, params), state, params)  # one good step first
     params = optax.apply_updates(params, u)
     bad = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), _grads(case, params, 1))
     u_bad, state_bad = update(bad, state, params)
-    utils.assert_equal(optax.apply_updates(params, u_bad), params)
-    utils.assert_equal(state_bad.inner_state, state.inner_state)
+    support.assert_equal(optax.apply_updates(params, u_bad), params)
+    support.assert_equal(state_bad.inner_state, state.inner_state)
     assert int(state_bad.notfinite_count) == 1
     assert int(state_bad.total_notfinite) == 1
     # ... and training goes on from there.
     u, state = update(_grads(case, params, 2), state_bad, params)
-    utils.assert_finite((u, state))
+    support.assert_finite((u, state))
     assert max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(u)) > 0
 
 
-def check_nonfinite(spec: Spec, case: utils.Case = CASE) -> None:
+def check_nonfinite(spec: Spec, case: support.Case = CASE) -> None:
     """NaN or inf updates given to the transform itself: no NaN or inf reaches the leaves the
     symmetries act on or the state; those leaves get a zero update and the state is kept.
 
@@ -363,7 +363,7 @@ def check_nonfinite(spec: Spec, case: utils.Case = CASE) -> None:
         pytest.skip(f"{spec.name}: non-finite input is left to optax.apply_if_finite")
     params = case.params()
     tx = spec.transform(case.symmetries)
-    update = utils.jit(tx.update)
+    update = support.jit(tx.update)
     state = tx.init(params)
     u, state = update(_grads(case, params), state, params)
     params = optax.apply_updates(params, u)
@@ -374,16 +374,16 @@ def check_nonfinite(spec: Spec, case: utils.Case = CASE) -> None:
     for bad_value in (jnp.nan, jnp.inf, -jnp.inf):
         bad = jax.tree.map(lambda x, v=bad_value: x.at[(0,) * x.ndim].set(v), u)
         u_bad, state_bad = update(bad, state, params)
-        utils.assert_finite(state_bad)
-        utils.assert_equal(state_bad, state)
+        support.assert_finite(state_bad)
+        support.assert_equal(state_bad, state)
         for i, (got, sent) in enumerate(zip(jax.tree.leaves(u_bad), jax.tree.leaves(bad))):
             if i in touched:
-                utils.assert_equal(got, jnp.zeros_like(sent))
+                support.assert_equal(got, jnp.zeros_like(sent))
             else:
-                utils.assert_equal(got, sent)
+                support.assert_equal(got, sent)
 
 
-def check_params_none(spec: Spec, case: utils.Case = CASE) -> None:
+def check_params_none(spec: Spec, case: support.Case = CASE) -> None:
     """A transform that needs params says so when ``params`` is missing."""
     if not spec.needs_params:
         pytest.skip(f"{spec.name} does not need params")
@@ -397,21 +397,21 @@ def check_params_none(spec: Spec, case: utils.Case = CASE) -> None:
             call()
 
 
-def check_bfloat16(spec: Spec, case: utils.Case = CASE) -> None:
+def check_bfloat16(spec: Spec, case: support.Case = CASE) -> None:
     """bfloat16 params keep their dtype; charges and ksbopt state are float32."""
     params = case.params(jnp.bfloat16)
     tx = spec.chain(case.symmetries)
-    update = utils.jit(tx.update)
+    update = support.jit(tx.update)
     new, state, updates = _steps(tx, case, params, 2, update=update)
     for u in updates:
-        utils.assert_dtypes(u, params)
-    utils.assert_dtypes(new, params)
-    utils.assert_finite((new, state))
+        support.assert_dtypes(u, params)
+    support.assert_dtypes(new, params)
+    support.assert_finite((new, state))
     q = case.charges(new)
     assert all(x.dtype == jnp.float32 for x in q), [x.dtype for x in q]
     # Charges of bfloat16 params are exact: the promotion to float32 loses nothing.
     as_f32 = jax.tree.map(lambda x: x.astype(jnp.float32), new)
-    utils.assert_equal(q, case.charges(as_f32))
+    support.assert_equal(q, case.charges(as_f32))
     for s in _ksb_states(state):
         for leaf in jax.tree.leaves(s):
             if jnp.issubdtype(leaf.dtype, jnp.floating):
@@ -420,7 +420,7 @@ def check_bfloat16(spec: Spec, case: utils.Case = CASE) -> None:
         # The retraction is exact in float32; storing the result in bfloat16 (8 significant
         # bits) rounds each entry by <= 2^-9 relative, so a sum of squares moves by
         # <= 2 * 2^-9 ~ 4e-3 relative; 2^-6 leaves room for the two steps' rounding of w.
-        utils.assert_rel_close(q, case.charges(params), 2.0**-6, f"{spec.name} bfloat16")
+        support.assert_rel_close(q, case.charges(params), 2.0**-6, f"{spec.name} bfloat16")
 
 
 # ---- flax models: the same MLP as nnx, linen and a plain dict
@@ -434,7 +434,7 @@ def _mlp_loss(p: Mapping) -> jax.Array:
     return jnp.mean(jnp.square(h @ p["l2"]["kernel"] + p["l2"]["bias"] - _Y))
 
 
-_MLP_CASE = utils.Case(
+_MLP_CASE = support.Case(
     "mlp_dict",
     lambda: {},
     _mlp_loss,
@@ -456,7 +456,7 @@ def _reference_steps(spec: Spec, params: Mapping, n: int) -> Mapping:
     return params
 
 
-def check_nnx(spec: Spec, case: utils.Case = CASE) -> None:
+def check_nnx(spec: Spec, case: support.Case = CASE) -> None:
     """``nnx.Optimizer(model, tx, wrt=nnx.Param)`` trains like the plain dict does."""
     del case
     nnx = pytest.importorskip("flax.nnx")
@@ -481,10 +481,10 @@ def check_nnx(spec: Spec, case: utils.Case = CASE) -> None:
         optimizer.update(model, nnx.grad(loss)(model))
     got = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     want = _reference_steps(spec, start, 3)
-    utils.assert_close(got, want, rtol=RTOL_SAME, atol=1e-6)
-    assert utils.rel_err(got, start) > 1e-3, "the nnx model did not move"
+    support.assert_close(got, want, rtol=RTOL_SAME, atol=1e-6)
+    assert support.rel_err(got, start) > 1e-3, "the nnx model did not move"
     if spec.conserves:
-        utils.assert_rel_close(
+        support.assert_rel_close(
             ksbopt.charges(got, list(syms)),
             ksbopt.charges(start, list(syms)),
             RTOL_CHARGE_F32,
@@ -492,7 +492,7 @@ def check_nnx(spec: Spec, case: utils.Case = CASE) -> None:
         )
 
 
-def check_linen(spec: Spec, case: utils.Case = CASE) -> None:
+def check_linen(spec: Spec, case: support.Case = CASE) -> None:
     """A ``flax.linen`` ``{'params': {...}}`` dict: same steps as the plain dict."""
     del case
     nn = pytest.importorskip("flax.linen")
@@ -511,15 +511,15 @@ def check_linen(spec: Spec, case: utils.Case = CASE) -> None:
 
     syms = _flax_symmetries(spec)
     tx = spec.chain(syms)
-    update = utils.jit(tx.update)
+    update = support.jit(tx.update)
     v, state = variables, tx.init(variables)
     for _ in range(3):
         u, state = update(jax.grad(loss)(v), state, v)
         v = optax.apply_updates(v, u)
     want = _reference_steps(spec, variables["params"], 3)
-    utils.assert_close(v["params"], want, rtol=RTOL_SAME, atol=1e-6)
+    support.assert_close(v["params"], want, rtol=RTOL_SAME, atol=1e-6)
     if spec.conserves:
-        utils.assert_rel_close(
+        support.assert_rel_close(
             ksbopt.charges(v, list(syms)),
             ksbopt.charges(variables, list(syms)),
             RTOL_CHARGE_F32,
@@ -541,7 +541,7 @@ CHECKS: tuple[Callable[[Spec], None], ...] = (
 )
 
 
-def run_battery(spec: Spec, case: utils.Case = CASE) -> None:
+def run_battery(spec: Spec, case: support.Case = CASE) -> None:
     """Run every check on one transform (for use outside pytest parametrisation)."""
     for check in CHECKS:
         check(spec, case)

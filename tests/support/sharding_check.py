@@ -3,7 +3,7 @@
 ``tests/test_sharding.py`` runs this script with ``sys.executable`` and reads the JSON it
 prints as the last line of stdout; run it by hand to see the numbers::
 
-    python tests/sharding_check.py --runs retract:unit,monitor:unit --hlo retract:axis:unit
+    python tests/support/sharding_check.py --runs retract:unit,monitor:unit --hlo retract:axis:unit
 
 JAX fixes its device count when it starts, so ``--xla_force_host_platform_device_count=8``
 must be in ``XLA_FLAGS`` before ``import jax``: run as a script, this module adds it when it
@@ -68,10 +68,9 @@ import optax  # noqa: E402
 from jax.sharding import AxisType, Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import utils  # noqa: E402
-
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
 import ksbopt  # noqa: E402
+import support  # noqa: E402
 
 STEPS = 3
 BATCH = 16
@@ -272,7 +271,7 @@ _charges = jax.jit(lambda p: ksbopt.charges(p, SYMS))
 def _charge_scales(ref: dict) -> list[float | None]:
     """Per symmetry, the scale of its charge errors: max |Q| (None), except for the charges
     that are differences of two squared norms, whose rounding is eps times the norms however
-    small the difference (``utils.charge_errors``): Rescale, 1/2 (|w_in|^2 + |w_out|^2) of
+    small the difference (``support.charge_errors``): Rescale, 1/2 (|w_in|^2 + |w_out|^2) of
     the largest group; Linear, |A|^2 + |B|^2 (C = A^T A - B B^T).
     """
     sq = jax.tree.map(lambda x: np.square(np.asarray(x, np.float64)), ref)
@@ -337,7 +336,7 @@ def _step_fn(tx: optax.GradientTransformation, with_batch: bool, shardings: Any)
         updates, state = tx.update(grads, state, params, **extra)
         return optax.apply_updates(params, updates), state
 
-    return utils.jit(step)
+    return support.jit(step)
 
 
 def _train(tx, step, params, batches, *, check: bool) -> tuple[Any, Any, Any, list[dict]]:
