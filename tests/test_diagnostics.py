@@ -22,7 +22,6 @@ import numpy as np
 import optax
 import pytest
 import support
-from support import contract
 
 import ksbopt
 from ksbopt import MonitorState, NoetherDiagnostics, Recorder, monitor, summarize
@@ -547,54 +546,3 @@ def test_recorder_and_summary():
     assert every_step.summary() == summarize(state, sym)
     with pytest.raises(ValueError, match="3 labels for 2"):
         summarize(state, ["a", "b", "c"])
-
-
-# --------------------------------------------------------------------------- contract
-
-
-def _factory(make_tx):
-    def factory(symmetries, learning_rate=0.1):
-        return monitor(make_tx(symmetries), symmetries, learning_rate=learning_rate)
-
-    return factory
-
-
-MONITOR_SPECS = (
-    contract.Spec(
-        "monitor(sgd)",
-        _factory(lambda s: optax.sgd(0.1, momentum=0.9)),
-        hyperparams={"learning_rate": 0.1},
-        schedules={"learning_rate": optax.linear_schedule(0.1, 0.05, 3)},
-    ),
-    contract.Spec(
-        "monitor(adam)", _factory(lambda s: optax.adam(1e-2)), hyperparams={"learning_rate": 1e-2}
-    ),
-    contract.Spec(
-        "monitor(ksbopt chain)",
-        _factory(lambda s: optax.chain(optax.sgd(0.1, momentum=0.9), ksbopt.retract(s))),
-        hyperparams={"learning_rate": 0.1},
-    ),
-)
-# Not check_nonfinite: the monitor returns the wrapped optimizer's updates unchanged, NaN
-# included (apply_if_finite around it is the tool for that, and check_apply_if_finite runs).
-# check_nnx / check_linen train through flax wrappers eagerly (slow): they run with -m slow,
-# and test_flax_batchnorm_model_exact trains an nnx model through the monitor.
-MONITOR_CHECKS = tuple(
-    c if c not in (contract.check_nnx, contract.check_linen) else pytest.param(c, marks=SLOW)
-    for c in contract.CHECKS
-    if c is not contract.check_nonfinite
-)
-
-
-@pytest.mark.parametrize(
-    "check",
-    MONITOR_CHECKS,
-    ids=lambda c: c.__name__[len("check_") :],
-)
-@pytest.mark.parametrize(
-    "spec",
-    [s if s is MONITOR_SPECS[0] else pytest.param(s, marks=SLOW) for s in MONITOR_SPECS],
-    ids=repr,
-)
-def test_contract(spec, check):
-    check(spec)

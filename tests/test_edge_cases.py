@@ -28,14 +28,13 @@ are; the peers and the monitor (whose updates are the wrapped optimizer's) run i
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 import support
+from support import registry
 
 import ksbopt
 from ksbopt._src import orbit
@@ -155,68 +154,27 @@ def _loss_scale(p):
     return jnp.sum(jnp.sin(3 * k / jnp.linalg.norm(k, axis=0))) + jnp.sum(jnp.square(p["other"]))
 
 
-def _sum_of_squares(sq):
-    return sum(jnp.sum(x) for x in jax.tree.leaves(sq))
-
-
 # --------------------------------------------------------------------------- transforms
 
-T = ksbopt.targets
-D = ksbopt.dynamics
-
-# name -> (factory of the declarations, skip). skip says what a non-finite gradient does:
-# "touched": zero updates on the leaves a symmetry acts on, others pass through, state kept
-# (project / retract / steer); "all": zero updates everywhere, state kept; "wrapped": the
-# transform is run inside optax.apply_if_finite (the peers, which follow optax in letting a
-# NaN through, and the monitor, which returns the wrapped optimizer's updates unchanged).
-TRANSFORMS: dict[str, tuple[Callable, str]] = {
-    "project": (lambda s: ksbopt.project(s), "touched"),
-    "retract": (lambda s: ksbopt.retract(s), "touched"),
-    "steer": (lambda s: ksbopt.steer(s, 1.5, 0.5), "touched"),
-    "steer_equilibrium": (lambda s: ksbopt.steer(s, T.equilibrium(0.1, 5e-4, 0.9)), "touched"),
-    "steer_nld": (lambda s: ksbopt.steer(s, T.nld(0.1, 5e-4, 0.9)), "touched"),
-    "symmetrize": (lambda s: ksbopt.symmetrize(optax.adam(0.1), s), "all"),
-    "noether_rmsprop": (lambda s: ksbopt.noether_rmsprop(0.1, 1e-3, 0.9, symmetries=s), "all"),
-    "noether_rmsprop_nld": (
-        lambda s: ksbopt.noether_rmsprop(0.1, 1e-3, 0.9, symmetries=s, mode="nld"),
-        "all",
-    ),
-    "teleport": (
-        lambda s: ksbopt.teleport(
-            s, optax.sgd(0.1, momentum=0.9), every=1, steps=2, value_fn=_loss_scale
-        ),
-        "all",
-    ),
-    "monitor": (
-        lambda s: ksbopt.monitor(optax.sgd(0.1, momentum=0.9), s, dynamics=D.sgd(0.1, 0.9)),
-        "wrapped",
-    ),
-    "monitor_adam": (
-        lambda s: ksbopt.monitor(optax.adam(0.1), s, dynamics=D.adam(0.1)),
-        "wrapped",
-    ),
-    "sgdp": (lambda s: ksbopt.sgdp(0.1, weight_decay=1e-3), "wrapped"),
-    "adamp": (lambda s: ksbopt.adamp(0.1, weight_decay=1e-3), "wrapped"),
-    "nero": (lambda s: ksbopt.nero(0.1), "wrapped"),
-    "rotational": (lambda s: ksbopt.rotational(optax.trace(0.9), 0.1, 1e-3), "wrapped"),
-    "path_sgd": (lambda s: ksbopt.path_sgd(0.1, path_norm_fn=_sum_of_squares), "wrapped"),
-}
-# Extra arguments of update: targets.nld reads the raw gradient.
-EXTRA = {"steer_nld": lambda g: {"grad": g}}
+# Every optimizer of the registry (building blocks left out). A non-finite gradient skips
+# the step as its ``nonfinite`` says: "touched": zero updates on the leaves a symmetry acts
+# on, others pass through, state kept (project / retract / steer); "all": zero updates
+# everywhere, state kept; "wrapped": the transform runs inside optax.apply_if_finite (the
+# peers, which follow optax in letting a NaN through, and the monitor, which returns the
+# wrapped optimizer's updates unchanged).
+SPECS = {spec.name: spec for spec in registry.optimizers()}
 SLOW = pytest.mark.slow
 # The second declaration family runs where the transform accepts Rescale / Translation /
 # Linear; it adds the joint (overlapping) solves and the Newton retraction (slow to compile).
-MIXED = ("project", "retract", "steer", "teleport", "monitor")
+MIXED = tuple(n for n, s in SPECS.items() if s.declarations and s.accepts(MIXED_SYMS))
+CORE = ("project", "retract", "steer")
 
 
 def _build(name: str, syms):
-    factory, skip = TRANSFORMS[name]
-    tx = factory(list(syms))
-    if name == "teleport" and syms is MIXED_SYMS:
-        tx = ksbopt.teleport(
-            list(syms), optax.sgd(0.1, momentum=0.9), every=1, steps=2, value_fn=_loss_mixed
-        )
-    return (optax.apply_if_finite(tx, 10) if skip == "wrapped" else tx), skip
+    spec = SPECS[name]
+    loss = _loss_mixed if syms is MIXED_SYMS else _loss_scale
+    tx = spec.transform(syms, loss=loss)
+    return (optax.apply_if_finite(tx, 10) if spec.nonfinite == "wrapped" else tx), spec.nonfinite
 
 
 def _loss_mixed(p):
@@ -230,10 +188,9 @@ def _loss_mixed(p):
 def _run_all(name: str, shapes: dict, syms):
     """init + two updates of the transform on every scenario (vmapped)."""
     tx, skip = _build(name, syms)
-    extra = EXTRA.get(name, lambda g: {})
 
     def step(g, state, params):
-        u, state = tx.update(g, state, params, **extra(g))
+        u, state = tx.update(g, state, params)
         return u, state, optax.apply_updates(params, u)
 
     # Two programs, the step called twice: the state of the first step is materialised
@@ -290,8 +247,7 @@ def _check(name: str, results: dict, skip: str, touched: list[int]) -> None:
 
 
 def _scale_case_ids():
-    slow = ("noether_rmsprop_nld", "monitor_adam", "steer_nld")
-    return [pytest.param(n, marks=SLOW) if n in slow else n for n in TRANSFORMS]
+    return [pytest.param(n, marks=SLOW) if s.is_slow("edge") else n for n, s in SPECS.items()]
 
 
 @pytest.mark.parametrize("name", _scale_case_ids())
@@ -318,7 +274,7 @@ def test_rescale_translation_linear_no_nan_and_skipped_steps(name):
 @pytest.fixture(scope="module")
 def core_results():
     """project, retract and steer alone on the Scale scenarios (one compile each)."""
-    return {name: _run_all(name, SCALE_SHAPES, SCALE_SYMS)[0] for name in MIXED[:3]}
+    return {name: _run_all(name, SCALE_SHAPES, SCALE_SYMS)[0] for name in CORE}
 
 
 def _touched_leaves(tree):
@@ -412,14 +368,9 @@ def test_empty_selections_and_declarations_fail_early():
     ):
         with pytest.raises(ValueError, match=r"selector=\[\] selects nothing"):
             make()
+    takes_declarations = [s for s in registry.TRANSFORMS if s.declarations]
     for make in (
-        ksbopt.project,
-        ksbopt.retract,
-        lambda s: ksbopt.steer(s, 1.0),
-        lambda s: ksbopt.symmetrize(optax.adam(0.1), s),
-        lambda s: ksbopt.noether_rmsprop(0.1, symmetries=s),
-        lambda s: ksbopt.teleport(s, optax.sgd(0.1)),
-        lambda s: ksbopt.monitor(optax.sgd(0.1), s),
+        *(lambda syms, s=s: s.transform(syms, loss=_loss_scale) for s in takes_declarations),
         lambda s: ksbopt.charges({"w": jnp.ones(2)}, s),
     ):
         with pytest.raises(ValueError, match=r"symmetries=\[\] declares nothing"):

@@ -8,7 +8,6 @@ import numpy as np
 import optax
 import pytest
 import support
-from support import contract
 
 import ksbopt
 from ksbopt._src import theory
@@ -221,26 +220,3 @@ def test_bad_input(kwargs, error, match):
     } | kwargs
     with pytest.raises(error, match=match):
         noether_rmsprop(**args)
-
-
-# --------------------------------------------------------------------------- contract
-
-SPEC = contract.Spec(
-    "noether_rmsprop",
-    lambda sym, learning_rate=0.1, weight_decay=1e-2, momentum=0.9: noether_rmsprop(
-        learning_rate, weight_decay, momentum, symmetries=sym
-    ),
-    hyperparams={"learning_rate": 0.1, "weight_decay": 1e-2, "momentum": 0.9},
-    schedules={"learning_rate": optax.linear_schedule(0.1, 0.05, 3)},
-    first=True,
-)
-# nnx / linen: the battery's models declare a Rescale (this optimizer takes Scale groups);
-# check_nonfinite is for pass-through transforms (see test_nonfinite_gradient_skips_the_step).
-CHECKS = [
-    c for c in contract.CHECKS if c.__name__ not in ("check_nnx", "check_linen", "check_nonfinite")
-]
-
-
-@pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
-def test_contract(check):
-    check(SPEC)

@@ -32,6 +32,7 @@ import numpy as np
 import optax
 import pytest
 import support
+from support import registry
 
 import ksbopt
 
@@ -183,21 +184,23 @@ def _assert_one_rounding(out16, out32, params, what):
         assert np.all(err <= 0), f"{what}: worst excess over one rounding {np.max(err):.3e}"
 
 
-TRANSFORMS = {
-    "project": lambda sym: ksbopt.project(sym),
-    "retract": lambda sym: ksbopt.retract(sym),
-    "steer": lambda sym: ksbopt.steer(sym, 1.5, 0.5),
-}
+# The pass-through transforms of the registry, on every case whose declarations they take.
+TRANSFORM_CASES = [
+    pytest.param(spec, case, id=f"{case.name}-{spec.name}")
+    for spec in registry.of_role("transform")
+    for case in CASES
+    if spec.accepts(case.symmetries)
+]
 
 
-@pytest.mark.parametrize("name", TRANSFORMS)
-@pytest.mark.parametrize("case", CASES, ids=repr)
-def test_transform_is_float32_then_one_rounding(case, name):
-    """project / retract / steer on bfloat16 values: the output keeps the updates' dtype,
-    the state is float32, and the output is the float32 computation on the same values,
-    rounded once."""
+@pytest.mark.parametrize(("spec", "case"), TRANSFORM_CASES)
+def test_transform_is_float32_then_one_rounding(spec, case):
+    """The pass-through transforms (project / retract / steer) on bfloat16 values: the
+    output keeps the updates' dtype, the state is float32, and the output is the float32
+    computation on the same values, rounded once."""
+    name = spec.name
     sym = list(case.symmetries)
-    tx = TRANSFORMS[name](sym)
+    tx = spec.transform(sym)
     params = case.params(jnp.bfloat16)
     updates = support.random_like(params, seed=3, scale=0.05)
     out16, state16, out32, state32 = _bf16_and_f32_paths(tx, params, updates)
@@ -209,7 +212,7 @@ def test_transform_is_float32_then_one_rounding(case, name):
     # ... and that float32 computation is the exact one (float32 level): retract lands on the
     # initial charges, project is orthogonal to the generators (contract tolerances).
     p32 = _f32(params)
-    if name == "retract":
+    if spec.conserves:
         support.assert_rel_close(
             ksbopt.charges(optax.apply_updates(p32, out32), sym),
             ksbopt.charges(p32, sym),

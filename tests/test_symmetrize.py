@@ -219,26 +219,7 @@ def test_bad_arguments():
         symmetrize(optax.adam(1e-3), ksbopt.Scale("nope")).init({"w": jnp.ones((2, 2))})
 
 
-# --------------------------------------------------------------------------- contract
-
-SPEC = contract.Spec(
-    "symmetrize",
-    lambda sym, learning_rate: symmetrize(optax.sgd(learning_rate, momentum=0.9), sym),
-    hyperparams={"learning_rate": 0.05},
-    first=True,
-    conserves=False,  # followed by SGD in the battery's chain, which breaks the charges
-)
-# The battery's nnx / linen models declare a Rescale (not supported here: see
-# test_nnx_model_matches_plain_dict); its check_nonfinite is for pass-through transforms (a
-# full optimizer zeroes every leaf instead: test_nonfinite_gradient_skips_the_step).
-SCALE_CHECKS = [
-    c for c in contract.CHECKS if c.__name__ not in ("check_nnx", "check_linen", "check_nonfinite")
-]
-
-
-@pytest.mark.parametrize("check", SCALE_CHECKS, ids=lambda c: c.__name__)
-def test_contract(check):
-    check(SPEC)
+# --------------------------------------------------------------------------- flax
 
 
 def test_nnx_model_matches_plain_dict():

@@ -8,7 +8,6 @@ import numpy as np
 import optax
 import pytest
 import support
-from support import contract
 
 import ksbopt
 from ksbopt._src import theory
@@ -242,57 +241,3 @@ def test_zero_norm_unit_stays_zero_without_nan(target):
         params = optax.apply_updates(params, u)
     support.assert_finite((params, state))
     assert float(jnp.max(jnp.abs(params["w"][:, 1]))) == 0.0
-
-
-# --------------------------------------------------------------------------- contract
-
-
-def _passing_grad(tx):
-    """The battery calls update without ``grad``; give targets.nld the incoming updates.
-
-    (A harness for the battery's mechanics only: jit, dtypes, wrappers. The tests above feed
-    the real gradient.)
-    """
-
-    def update(updates, state, params=None, **extra):
-        extra.setdefault("grad", updates)
-        return tx.update(updates, state, params, **extra)
-
-    return optax.GradientTransformationExtraArgs(tx.init, update)
-
-
-SPECS = [
-    contract.Spec(
-        "steer_equilibrium",
-        lambda sym, rate=1.0: ksbopt.steer(sym, equilibrium(0.1, 5e-4, 0.9), rate),
-        hyperparams={"rate": 0.5},
-    ),
-    contract.Spec(
-        "steer_nld",
-        lambda sym, rate=1.0: _passing_grad(ksbopt.steer(sym, nld(0.1, 5e-4, 0.9), rate)),
-        hyperparams={"rate": 0.5},
-    ),
-]
-# nnx / linen: the battery's models declare a Rescale, and these targets are for Scale.
-# steer_nld runs the checks that exercise the target's own state (jit, wrappers, dtypes,
-# non-finite input); the others test steer itself, through steer_equilibrium. Its
-# check_extra_args: "grad" is the argument it consumes (test_nld_ignores_other_extra_args).
-_NLD_CHECKS = (
-    "check_jit",
-    "check_multi_steps",
-    "check_apply_if_finite",
-    "check_nonfinite",
-    "check_bfloat16",
-)
-CASES = [
-    (spec, check)
-    for spec in SPECS
-    for check in contract.CHECKS
-    if check.__name__ not in ("check_nnx", "check_linen")
-    and (spec.name != "steer_nld" or check.__name__ in _NLD_CHECKS)
-]
-
-
-@pytest.mark.parametrize(("spec", "check"), CASES, ids=[f"{s.name}-{c.__name__}" for s, c in CASES])
-def test_contract(spec, check):
-    check(spec)

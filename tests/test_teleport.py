@@ -10,7 +10,6 @@ import numpy as np
 import optax
 import pytest
 import support
-from support import contract
 
 import ksbopt
 from ksbopt._src.teleport import TeleportState, teleport
@@ -297,32 +296,3 @@ def test_nonfinite_gradient_skips_the_step():
     u_bad, state_bad = step(bad, state, params)
     support.assert_equal(u_bad, jax.tree.map(jnp.zeros_like, u))
     support.assert_equal(state_bad, state)
-
-
-# --------------------------------------------------------------------------- contract
-
-
-def _loss_for(symmetries):
-    """The battery's BatchNorm case, or its flax MLP (as a plain, linen or nnx tree)."""
-    if list(symmetries) == list(contract._MLP_CASE.symmetries):
-        return lambda p: contract._mlp_loss(p["params"] if "params" in p else p)
-    return contract.CASE.loss
-
-
-SPEC = contract.Spec(
-    "teleport",
-    lambda sym, every=2, step_size=0.1: teleport(
-        sym, None, every, 3, step_size, value_fn=_loss_for(sym), objective=_balance
-    ),
-    hyperparams={"every": 2, "step_size": 0.1},
-    schedules={"step_size": optax.linear_schedule(0.1, 0.3, 3)},
-)
-# The battery checks the mechanics (jit, wrappers, dtypes, flax trees) with a cheap
-# objective; the second-order searches are tested above. check_nonfinite is for
-# pass-through transforms (see test_nonfinite_gradient_skips_the_step).
-CHECKS = [c for c in contract.CHECKS if c.__name__ != "check_nonfinite"]
-
-
-@pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
-def test_contract(check):
-    check(SPEC)
