@@ -1,12 +1,13 @@
 """Descriptions of the learning rule a monitored optimizer follows: sgd, rmsprop, adam.
 
 :func:`ksbopt.monitor` measures Noether charges whatever the optimizer; given a
-:class:`Dynamics` it also predicts them from the exact recursions of THEORY.md (P1, P3, P4,
-P6, P10) and compares. A description is a frozen, hashable record of the optimizer's
-hyperparameters, checked when it is made (unknown kind, a learning rate that is neither a
-number nor a schedule, a momentum outside [0, 1), ...) and checked against the wrapped
-optimizer's state at ``init`` (:meth:`Dynamics.check_state`: e.g. ``adam`` needs the
-moments ``mu`` and ``nu`` that ``optax.adam`` keeps).
+:class:`Dynamics` it also predicts them from the exact recursions (:ref:`P1 <p1>`,
+:ref:`P3 <p3>`, :ref:`P4 <p4>`, :ref:`P6 <p6>`, :ref:`P10 <p10>`) and compares. A description
+is a frozen, hashable record of the optimizer's hyperparameters, checked when it is made
+(unknown kind, a learning rate that is neither a number nor a schedule, a momentum outside
+[0, 1), ...) and checked against the wrapped optimizer's state at ``init``
+(:meth:`Dynamics.check_state`: e.g. ``adam`` needs the moments ``mu`` and ``nu`` that
+``optax.adam`` keeps).
 
 Conventions (the ones of :mod:`ksbopt._src.theory`): ``g`` is the loss gradient that enters
 the wrapped optimizer, without weight decay; the step is ``u``, the new parameters ``w + u``.
@@ -295,7 +296,7 @@ def sgd(
     """Describe (heavy-ball / Nesterov) SGD with weight decay for :func:`ksbopt.monitor`.
 
     With this description the monitor predicts, per group, the charge after every step from
-    the exact recursions of THEORY.md, fed with measured gradient or momentum norms:
+    the exact recursions of :ref:`exact-identities`, fed with measured gradient or momentum norms:
 
     - momentum 0: [derived from NM] P1 (scale, rescale)
       ``x_{k+1} = (1 - eta lam)^2 x_k + eta^2 |g_k|^2``, [derived] P10 (linear), [derived

@@ -3,7 +3,7 @@
 Both are deliberate kinetic symmetry breaking for any base optimizer: placed in
 :func:`ksbopt.steer` after it, they move each scale group along its orbit (never changing the
 loss) so that its norm, and with it the effective learning rate of its direction
-(THEORY.md P2), is the one that SGD + weight decay on a normalised layer would give.
+(:ref:`P2 <p2>`), is the one that SGD + weight decay on a normalised layer would give.
 
 They keep per-group state (an EMA, a simulated trajectory) in ``SteerState.target_state``.
 """
@@ -55,7 +55,7 @@ def _tangent(b: BoundSymmetry, w: list, v: list) -> list:
 class equilibrium(Target):
     r"""Jump to, and hold, the rotational equilibrium of heavy ball + weight decay.
 
-    [derived] THEORY.md P7a / NLD Eq. 16: in the stationary regime of heavy ball with
+    [derived] :ref:`P7a <p7a>` / NLD Eq. 16: in the stationary regime of heavy ball with
     learning rate eta, momentum beta and coupled weight decay lambda, a scale group turns by
 
     .. math::
@@ -158,9 +158,9 @@ class equilibrium(Target):
 class nld(Target):
     r"""The charge that SGD + weight decay on a normalised layer would have, step by step.
 
-    [derived] THEORY.md P1 / P3: this target simulates, per scale group, the squared norm x
-    of a virtual normalised layer trained by heavy ball with coupled weight decay and fed the
-    measured gradient. Its gradient is :math:`\tilde g = \hat g / \sqrt{x}` with
+    [derived] :ref:`P1 <p1>` / :ref:`P3 <p3>`: this target simulates, per scale group, the
+    squared norm x of a virtual normalised layer trained by heavy ball with coupled weight
+    decay and fed the measured gradient. Its gradient is :math:`\tilde g = \hat g / \sqrt{x}` with
     :math:`\hat g = \lVert w\rVert (g - \langle g, u\rangle u)` the gradient at the unit
     direction u; with P the overlap <w, v> and v the heavy-ball buffer (P3),
 
@@ -180,13 +180,12 @@ class nld(Target):
     :math:`x_{k+1} = (1 - \eta \lambda)^2 x_k + \eta^2 \lVert \hat g_k \rVert^2 / x_k`
     (:func:`ksbopt.theory.scale_sgd_step`), whatever the base optimizer. With momentum
     the radial dynamics are P3's exactly and only c_k is approximate; measured on a noisy
-    scale-invariant loss (``tests/test_targets_dynamic.py``, beta = 0.9, 600 steps, norms
-    1000x apart at init), the steered norms of Adam, SGD or heavy ball follow those of
-    heavy ball + weight decay to within 6 %.
+    scale-invariant loss (beta = 0.9, 600 steps, norms 1000x apart at init), the steered
+    norms of Adam, SGD or heavy ball follow those of heavy ball + weight decay to within 6 %.
 
     Steering any base optimizer to this target gives it the normalisation-style decay of its
     effective learning rate: the norm grows with the accumulated squared gradients and weight
-    decay discounts them (the implicit RMSProp of THEORY.md section 5). The simulation starts
+    decay discounts them (the implicit RMSProp of :ref:`implicit-rmsprop`). The simulation starts
     from :math:`x_0 = \lVert w_0 \rVert^2` at rest.
 
     It needs the raw loss gradient: pass it as the extra argument ``grad`` (the name optax's

@@ -4,7 +4,7 @@ Every ``every`` steps the parameters jump along the declared orbits (which never
 loss) to a point chosen by an objective: the largest squared gradient norm (Zhao et al.
 2022: faster descent from there) or the smallest sharpness proxy. The group elements are
 optimised in log coordinates by a few jitted, monotone (trust-region) ascent steps, and the
-state of the wrapped optimizer is carried along with the parameters (THEORY.md section 6),
+state of the wrapped optimizer is carried along with the parameters (:ref:`state-transport`),
 so that training continues as if the coordinates had always been the new ones.
 """
 
@@ -265,7 +265,7 @@ def teleport(
     the length is halved; after a success it doubles again up to ``step_size``. So J never
     decreases and one teleport moves s by at most ``steps * step_size``.
 
-    Transport (THEORY.md section 6 [derived]): the incoming gradient and the wrapped
+    Transport (:ref:`state-transport`, [derived]): the incoming gradient and the wrapped
     optimizer's first moments (state fields ``mu``, ``trace``, ...) become M^-T g (scale:
     g / a; rescale: (g_in / a, g_out a); linear: G_A G^-T, G^T G_B; translation: unchanged),
     its second moments (``nu``, ...) nu / a^2 (rescale: nu_in / a^2, nu_out a^2). Then
@@ -274,8 +274,8 @@ def teleport(
     would run from the new coordinates with the transported state (tested in float64).
 
     Note that for a scale symmetry :math:`\lVert\nabla L\rVert^2` is proportional to 1 / a^2:
-    ``"grad_norm"`` shrinks such groups (raising their effective learning rate, THEORY.md P2) by the
-    trust-region length every time; its optimum is interior for rescale and linear
+    ``"grad_norm"`` shrinks such groups (raising their effective learning rate, :ref:`P2 <p2>`)
+    by the trust-region length every time; its optimum is interior for rescale and linear
     symmetries.
 
     The loss is ``value_fn(params, **kw)``: given here or as the extra argument ``value_fn``
