@@ -492,7 +492,7 @@ def test_other_bad_arguments():
         monitor(optax.sgd(0.1), SYM, every=0)
     with pytest.raises(TypeError, match=r"is not an optax transformation"):
         monitor(lambda g: g, SYM)
-    with pytest.raises(ValueError, match=r"momentum=1.5 is outside \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"momentum=1.5 must be in \[0, 1\)"):
         D.sgd(0.1, momentum=1.5)
     with pytest.raises(ValueError, match=r"weight_decay=-1 must be >= 0"):
         D.adam(0.1, weight_decay=-1)

@@ -30,63 +30,52 @@ predicts nothing for the metric charges.
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from collections.abc import Callable
 from typing import Any
 
 import jax
-import numpy as np
 import optax
+
+from ksbopt._src import checks
 
 KINDS = ("sgd", "rmsprop", "adam")
 
 _FACTORIES = "ksbopt.dynamics.sgd(...), ksbopt.dynamics.rmsprop(...) or ksbopt.dynamics.adam(...)"
 
 
-def _is_number(x: Any) -> bool:
-    if isinstance(x, bool):
-        return False
-    if isinstance(x, numbers.Real):
-        return True
-    return isinstance(x, (jax.Array, np.ndarray, np.generic)) and np.ndim(x) == 0
-
-
 def check_learning_rate(
-    learning_rate: Any, *, name: str = "learning_rate", optional: bool = True
+    learning_rate: Any,
+    *,
+    name: str = "learning_rate",
+    optional: bool = True,
+    owner: str = "ksbopt.dynamics",
 ) -> None:
-    """``TypeError`` unless ``learning_rate`` is a number, a schedule (callable) or None."""
+    """``TypeError`` unless ``learning_rate`` is a number, a schedule (callable) or None;
+    ``ValueError`` if it is a negative number."""
     if learning_rate is None and optional:
         return
     if callable(learning_rate):
         return
-    if not _is_number(learning_rate):
+    if not checks.is_number(learning_rate):
         raise TypeError(
             f"{name}={learning_rate!r} (type {type(learning_rate).__name__}) is neither a number "
             "nor a schedule; write a float such as 0.1, a callable step -> learning rate such "
             "as optax.cosine_decay_schedule(0.1, 1000), or None to read it from an "
             "optax.inject_hyperparams state."
         )
-    if isinstance(learning_rate, numbers.Real) and learning_rate < 0:
-        raise ValueError(
-            f"{name}={learning_rate} must be >= 0 (the step size eta), e.g. {name}=0.1."
-        )
+    checks.check_nonnegative(owner, name, learning_rate, example=0.1)
 
 
-def _check_unit(value: Any, name: str, *, upper_open: bool = True) -> None:
-    if not _is_number(value):
-        raise TypeError(f"{name}={value!r} must be a number in [0, 1).")
-    if isinstance(value, jax.core.Tracer):
-        return
-    v = float(value)
-    if not (0.0 <= v < 1.0 if upper_open else 0.0 <= v <= 1.0):
-        raise ValueError(f"{name}={value} is outside [0, 1); e.g. {name}=0.9.")
+def _check_unit(kind: str, value: Any, name: str) -> None:
+    owner = f"ksbopt.dynamics.{kind}"
+    checks.check_number(owner, name, value, example=0.9)
+    checks.check_unit_interval(owner, name, value, example=0.9)
 
 
-def _check_nonneg(value: Any, name: str) -> None:
-    if not _is_number(value):
-        raise TypeError(f"{name}={value!r} must be a non-negative number, e.g. {name}=0.0.")
-    if not isinstance(value, jax.core.Tracer) and float(value) < 0:
-        raise ValueError(f"{name}={value} must be >= 0, e.g. {name}=0.0 (none).")
+def _check_nonneg(kind: str, value: Any, name: str) -> None:
+    owner = f"ksbopt.dynamics.{kind}"
+    checks.check_number(owner, name, value, example=0.0)
+    checks.check_nonnegative(owner, name, value, example=0.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,11 +130,11 @@ class Dynamics:
                 f"Build a description with {_FACTORIES}."
             )
         check_learning_rate(self.learning_rate)
-        _check_unit(self.momentum, "momentum" if self.kind == "sgd" else "b1")
-        _check_nonneg(self.weight_decay, "weight_decay")
-        _check_unit(self.decay, "decay" if self.kind == "rmsprop" else "b2")
-        _check_nonneg(self.eps, "eps")
-        _check_nonneg(self.eps_root, "eps_root")
+        _check_unit(self.kind, self.momentum, "momentum" if self.kind == "sgd" else "b1")
+        _check_nonneg(self.kind, self.weight_decay, "weight_decay")
+        _check_unit(self.kind, self.decay, "decay" if self.kind == "rmsprop" else "b2")
+        _check_nonneg(self.kind, self.eps, "eps")
+        _check_nonneg(self.kind, self.eps_root, "eps_root")
         for name in ("decoupled", "nesterov", "eps_in_sqrt", "bias_correction"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}={getattr(self, name)!r} must be True or False.")

@@ -17,7 +17,7 @@ knows the groups and implements, on the flat list of leaves, the mathematics of
   ``step_to`` the same expressed as a replacement of the step u (one fused pass).
 
 All arithmetic happens in the dtype of the leaves passed in; callers pass leaves already
-promoted to at least float32 (see :func:`ksbopt._src.groups.compute_dtype`).
+promoted to at least float32 (see :func:`ksbopt._src.numerics.compute_dtype`).
 
 Cost (every per-group reduction is a pass over the leaf): the leaf-sized arrays only ever
 appear inside elementwise expressions that XLA fuses into the reductions and into the final
@@ -40,15 +40,10 @@ import numpy as np
 from ksbopt._src import groups as groups_lib
 from ksbopt._src import reductions
 from ksbopt._src.groups import AxisPart
+from ksbopt._src.numerics import safe_div as _safe_div  # (also imported by implicit, symmetrize)
 
 Flat = list  # the leaves of a parameter tree, in jax.tree.leaves order
 Moved = dict  # leaf index -> new leaf value
-
-
-def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
-    """``num / den`` where ``den != 0``, else 0: no NaN from a zero-norm group."""
-    ok = den != 0
-    return jnp.where(ok, num / jnp.where(ok, den, 1), 0)
 
 
 def _finfo_tol(x: jax.Array) -> float:

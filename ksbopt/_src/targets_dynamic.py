@@ -11,29 +11,22 @@ They keep per-group state (an EMA, a simulated trajectory) in ``SteerState.targe
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from ksbopt._src import orbit, theory
-from ksbopt._src.symmetry import BoundSymmetry, _safe_div
+from ksbopt._src import checks, orbit, theory
+from ksbopt._src.numerics import safe_div
+from ksbopt._src.symmetry import BoundSymmetry
 from ksbopt._src.targets import Target
 
 
-def _static(x: Any) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
 def _check(owner: str, learning_rate, weight_decay, momentum, *, positive_decay: bool) -> None:
-    if _static(learning_rate) and not learning_rate > 0:
-        raise ValueError(f"{owner}: {learning_rate=} must be > 0, e.g. learning_rate=0.1.")
-    if _static(weight_decay) and not (weight_decay > 0 if positive_decay else weight_decay >= 0):
-        bound = "> 0 (there is no equilibrium without weight decay)" if positive_decay else ">= 0"
-        raise ValueError(f"{owner}: {weight_decay=} must be {bound}, e.g. weight_decay=5e-4.")
-    if _static(momentum) and not 0 <= momentum < 1:
-        raise ValueError(f"{owner}: {momentum=} must be in [0, 1), e.g. momentum=0.9.")
+    checks.check_positive(owner, "learning_rate", learning_rate, example=0.1)
+    check_wd = checks.check_positive if positive_decay else checks.check_nonnegative
+    check_wd(owner, "weight_decay", weight_decay, example=5e-4)
+    checks.check_unit_interval(owner, "momentum", momentum, example=0.9)
 
 
 def _check_scale(owner: str, bound: BoundSymmetry) -> None:
@@ -47,7 +40,7 @@ def _check_scale(owner: str, bound: BoundSymmetry) -> None:
 
 def _tangent(b: BoundSymmetry, w: list, v: list) -> list:
     """``v`` minus its radial part <v, w> w / |w|^2 on the group's leaves."""
-    coef = _safe_div(b.reduce(w, v), b.norms(w))
+    coef = safe_div(b.reduce(w, v), b.norms(w))
     return orbit._apply(v, b.expand(w, coef), sign=-1.0)
 
 
@@ -121,8 +114,7 @@ class equilibrium(Target):
     def __post_init__(self):
         owner = "targets.equilibrium"
         _check(owner, self.learning_rate, self.weight_decay, self.momentum, positive_decay=True)
-        if _static(self.decay) and not 0 <= self.decay < 1:
-            raise ValueError(f"{owner}: decay={self.decay!r} must be in [0, 1), e.g. 0.99.")
+        checks.check_unit_interval(owner, "decay", self.decay, example=0.99)
 
     def check(self, bound: BoundSymmetry) -> None:
         _check_scale("targets.equilibrium", bound)
@@ -148,7 +140,7 @@ class equilibrium(Target):
         m = bound.norms(params) * 2 * bound.charge(u_t)  # |w|^2 |u_perp|^2 per group
         ema = self.decay * state + (1 - self.decay) * m
         k = jnp.asarray(count + 1, ema.dtype)
-        m_hat = _safe_div(ema, 1 - jnp.asarray(self.decay, ema.dtype) ** k)
+        m_hat = safe_div(ema, 1 - jnp.asarray(self.decay, ema.dtype) ** k)
         x_star = jnp.sqrt(m_hat) / self.angular_update().astype(ema.dtype)
         target = jnp.where(x_star > 0, x_star / 2, charge)
         return target, ema
@@ -258,7 +250,7 @@ class nld(Target):
         x, overlap, v_sq, buf = state
         g_t = _tangent(bound, params, orbit.promote(grad))
         r = jnp.sqrt(bound.norms(params))
-        g_v = bound.act(g_t, _safe_div(r, jnp.sqrt(x)))  # gradient of the virtual layer
+        g_v = bound.act(g_t, safe_div(r, jnp.sqrt(x)))  # gradient of the virtual layer
         g_v_flat = orbit._apply(params, g_v, add=False)
         # tangent part of the virtual momentum, carried to the current tangent space
         m = _tangent(

@@ -5,8 +5,9 @@ The formulas are presented on the concepts pages (:doc:`/concepts/noether_charge
 
 Every function here is pure and jit-able: it takes arrays (any shape, one entry per symmetry
 group, broadcasting as usual) and returns arrays, in the floating dtype it is given (float32 or
-float64). Hyperparameters may be Python numbers or arrays; Python numbers are validated eagerly
-(``ValueError`` naming the argument), traced values are not inspected.
+float64). Hyperparameters may be numbers or arrays; concrete numbers (Python, NumPy or 0-d
+arrays) are validated eagerly (``ValueError`` naming the argument), traced values and arrays
+with axes are not inspected.
 
 Conventions (those of :ref:`exact-identities`):
 
@@ -36,12 +37,14 @@ References:
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
+
+from ksbopt._src import checks
+from ksbopt._src.numerics import safe_div
 
 __all__ = [
     "NLD_COEFFICIENTS",
@@ -79,42 +82,17 @@ NLD_COEFFICIENTS = ("printed", "noise")
 # --------------------------------------------------------------------------------------------
 
 
-def _static(value) -> bool:
-    """True for a plain Python / NumPy real number (never for a jax array or tracer)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _check_learning_rate(learning_rate, *, positive: bool = False) -> None:
-    if _static(learning_rate) and (learning_rate <= 0 if positive else learning_rate < 0):
-        bound = "> 0" if positive else ">= 0"
-        raise ValueError(
-            f"{learning_rate=} must be {bound}; pass the (positive) step size eta of the "
-            "optimizer, e.g. learning_rate=0.1."
-        )
-
-
-def _check_momentum(momentum) -> None:
-    if _static(momentum) and not 0.0 <= momentum < 1.0:
-        raise ValueError(
-            f"{momentum=} is outside [0, 1); pass the heavy-ball momentum beta with "
-            "0 <= momentum < 1 (e.g. momentum=0.9, or momentum=0.0 for plain SGD)."
-        )
-
-
-def _check_weight_decay(weight_decay) -> None:
-    if _static(weight_decay) and weight_decay < 0:
-        raise ValueError(
-            f"{weight_decay=} must be >= 0; pass the (coupled or decoupled) weight decay "
-            "coefficient lambda, e.g. weight_decay=5e-4, or 0.0 for none."
-        )
+_OWNER = "ksbopt.theory"
 
 
 def _check_hyper(learning_rate, momentum=None, weight_decay=None, *, positive_lr=False) -> None:
-    _check_learning_rate(learning_rate, positive=positive_lr)
+    """The step size eta (>= 0, or > 0), the heavy-ball beta in [0, 1), lambda >= 0."""
+    check_lr = checks.check_positive if positive_lr else checks.check_nonnegative
+    check_lr(_OWNER, "learning_rate", learning_rate, example=0.1)
     if momentum is not None:
-        _check_momentum(momentum)
+        checks.check_unit_interval(_OWNER, "momentum", momentum, example=0.9)
     if weight_decay is not None:
-        _check_weight_decay(weight_decay)
+        checks.check_nonnegative(_OWNER, "weight_decay", weight_decay, example=5e-4)
 
 
 def _check_coefficient(coefficient) -> str:
@@ -130,12 +108,6 @@ def _check_coefficient(coefficient) -> str:
             "'noise' = 2 eta/(1-beta)^2 (noise-dominated minibatch SGD)."
         )
     return coefficient
-
-
-def _safe_div(num: jax.Array, den: jax.Array, fill: float = 0.0) -> jax.Array:
-    """``num / den`` where ``den != 0``, else ``fill`` (no NaN, also not in the gradient)."""
-    ok = den != 0
-    return jnp.where(ok, num / jnp.where(ok, den, 1), fill)
 
 
 def _one_minus_exp_over(z: jax.Array) -> jax.Array:
@@ -242,7 +214,7 @@ def effective_learning_rate(
     """
     _check_hyper(learning_rate, weight_decay=weight_decay)
     den = (1 - learning_rate * weight_decay) * jnp.asarray(charge)
-    return _safe_div(jnp.asarray(learning_rate, dtype=den.dtype), den)
+    return safe_div(jnp.asarray(learning_rate, dtype=den.dtype), den)
 
 
 def direction_step(
@@ -292,7 +264,7 @@ def direction_step(
         eff = jnp.expand_dims(eff, axes)
     u = direction - eff * direction_grad
     norm = jnp.sqrt(jnp.sum(jnp.square(u), axis=axes, keepdims=True))
-    return _safe_div(u, norm)
+    return safe_div(u, norm)
 
 
 # --------------------------------------------------------------------------------------------
@@ -643,7 +615,7 @@ def metric_charge_step(
     _check_hyper(learning_rate)
     g = jnp.asarray(grad)
     axes = _reduce_axes(g.ndim, axis)
-    quad = jnp.sum(_safe_div(jnp.square(g), jnp.asarray(preconditioner)), axis=axes)
+    quad = jnp.sum(safe_div(jnp.square(g), jnp.asarray(preconditioner)), axis=axes)
     return jnp.asarray(charge) + learning_rate**2 * quad
 
 
@@ -700,7 +672,7 @@ def adam_metric_charge_step(
     dtype = jnp.result_type(charge, float)
     t = jnp.asarray(count, dtype)
     b1 = jnp.asarray(momentum, dtype)
-    c = _safe_div(jnp.asarray(learning_rate, dtype), 1 - b1**t)
+    c = safe_div(jnp.asarray(learning_rate, dtype), 1 - b1**t)
     keep = 1 - learning_rate * weight_decay
     return keep**2 * charge - keep * c * b1 * jnp.asarray(overlap) + c**2 * jnp.asarray(quadratic)
 
@@ -811,12 +783,8 @@ def winding_fixed_point(
         Networks", https://arxiv.org/abs/2105.02716
     """
     _check_hyper(learning_rate, momentum, weight_decay)
-    if (
-        _static(learning_rate)
-        and _static(weight_decay)
-        and _static(momentum)
-        and learning_rate * weight_decay > 2 * (1 + momentum)
-    ):
+    lr, wd, beta = (checks.concrete_value(x) for x in (learning_rate, weight_decay, momentum))
+    if None not in (lr, wd, beta) and lr * wd > 2 * (1 + beta):
         raise ValueError(
             f"{learning_rate=} * {weight_decay=} exceeds 2 (1 + momentum) = {2 * (1 + momentum)}: "
             "the iteration is unstable and has no rotating fixed point; use a smaller step."
@@ -824,7 +792,7 @@ def winding_fixed_point(
     cos = 1 - learning_rate * weight_decay / (1 + jnp.asarray(momentum))
     angle = jnp.arccos(jnp.clip(cos, -1, 1))
     sin = jnp.sin(angle)
-    radius_sq = _safe_div(
+    radius_sq = safe_div(
         learning_rate * jnp.abs(jnp.asarray(strength)), (1 - momentum) * sin, fill=jnp.inf
     )
     return angle, radius_sq
@@ -916,7 +884,7 @@ def nld_steady_state_radius4(
     _check_hyper(learning_rate, momentum, weight_decay)
     c = nld_coefficient(learning_rate, momentum, coefficient=coefficient)
     num = c * (1 - jnp.asarray(momentum)) * jnp.asarray(g_hat_sq)
-    return _safe_div(num, 4 * jnp.asarray(weight_decay), fill=jnp.inf)
+    return safe_div(num, 4 * jnp.asarray(weight_decay), fill=jnp.inf)
 
 
 def nld_radius4(
@@ -1021,9 +989,7 @@ def nld_exact_radius4_step(
     y = jnp.asarray(radius4)
     g = jnp.asarray(g_hat_sq)
     d2 = (1 - learning_rate * weight_decay) ** 2
-    return (
-        d2**2 * y + 2 * d2 * learning_rate**2 * g + learning_rate**4 * _safe_div(jnp.square(g), y)
-    )
+    return d2**2 * y + 2 * d2 * learning_rate**2 * g + learning_rate**4 * safe_div(jnp.square(g), y)
 
 
 def rmsprop_analogy(
@@ -1098,7 +1064,7 @@ def rmsprop_sqrt_accumulator(
         Tanaka & Kunin, "Noether's Learning Dynamics: Role of Symmetry Breaking in Neural
         Networks", https://arxiv.org/abs/2105.02716
     """
-    if _static(decay) and decay > 1:
+    if (checks.concrete_value(decay) or 0.0) > 1:
         raise ValueError(f"{decay=} must be <= 1 (RMSProp's discount rho), e.g. decay=0.99.")
     g = jnp.asarray(grad_sq)
     if g.ndim == 0:
@@ -1173,7 +1139,7 @@ def nm_oscillator_kernels(
         Dynamics", https://arxiv.org/abs/2012.04728
     """
     _check_hyper(learning_rate, momentum, positive_lr=True)
-    if _static(stiffness) and stiffness < 0:
+    if (checks.concrete_value(stiffness) or 0.0) < 0:
         raise ValueError(
             f"{stiffness=} must be >= 0 (2 * weight_decay for scale, weight_decay for translation)."
         )
