@@ -17,9 +17,9 @@ Run:
     KSBOPT_EXAMPLE_TINY=1 python examples/compare_my_optimizer.py   # tiny (tests, docs gallery)
     python examples/compare_my_optimizer.py --tiny --out /tmp/compare   # the same, flags
 
-Both take about half a minute on 2 CPU cores, mostly compilation (measured 24 s at the quick
-size, 20 to 32 s tiny under load 5 to 16). The tiny size (the harness's ``tiny`` scale, 20
-steps, one seed, no plots) is for smoke tests and the docs gallery: its numbers mean nothing.
+Both take about half a minute on 2 CPU cores, mostly compilation. The tiny size (the
+harness's ``tiny`` scale, 20 steps, one seed, no plots) is for smoke tests and the docs
+gallery: its numbers mean nothing.
 
 Needs the ``bench`` extra: ``pip install "ksbopt[bench]"``.
 """

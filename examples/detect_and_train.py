@@ -12,7 +12,7 @@ reads its symmetries off the computation graph and verifies each one on two batc
 
 A deliberately wrong declaration is then checked with ``ksbopt.verify``, and the model is
 trained with SGD + momentum, once plain and once followed by ``ksbopt.retract`` built from
-the detected declarations: the Noether charges then stay where they started (THEORY.md P3:
+the detected declarations: the Noether charges then stay where they started (:ref:`P3 <p3>`:
 without it, momentum and finite steps move them).
 
 Run:  python examples/detect_and_train.py [--steps 400]     (about a minute on 2 CPU cores)

@@ -1,10 +1,11 @@
 """Normalisation + SGD is an RMSProp in disguise: make it explicit, then use it without BatchNorm.
 
-THEORY.md section 5 (after Tanaka & Kunin, NLD Eq. 15-18): on a BatchNorm layer, SGD with
-weight decay trains each filter's unit direction with the effective learning rate
-eta / ((1 - eta lambda) |w|^2), and |w|^2 is an accumulator of squared gradients that weight
-decay discounts: an RMSProp with ONE scalar accumulator per filter. ``ksbopt.noether_rmsprop``
-carries that accumulator in its state and holds the weights' norms fixed.
+As :doc:`/concepts/implicit_rmsprop` shows (after Tanaka & Kunin, NLD Eq. 15-18): on a
+BatchNorm layer, SGD with weight decay trains each filter's unit direction with the
+effective learning rate eta / ((1 - eta lambda) |w|^2), and |w|^2 is an accumulator of
+squared gradients that weight decay discounts: an RMSProp with ONE scalar accumulator per
+filter. ``ksbopt.noether_rmsprop`` carries that accumulator in its state and holds the
+weights' norms fixed.
 
 Part 1 (float64, BatchNorm CNN on MNIST-1D): SGD + weight decay and noether_rmsprop in exact
 mode, from the same initialisation and the same minibatches, give the same filter directions
@@ -46,7 +47,7 @@ class CNN(nnx.Module):
         self.conv0 = nnx.Conv(1, WIDTH, (5,), **kw)
         self.conv1 = nnx.Conv(WIDTH, WIDTH, (3,), strides=(2,), **kw)
         self.conv2 = nnx.Conv(WIDTH, WIDTH, (3,), strides=(2,), **kw)
-        # epsilon = 0: the scale symmetry is then exact (THEORY.md section 1)
+        # epsilon = 0: the scale symmetry is then exact (docs/concepts/symmetries.md)
         self.norm = norm
         if norm:
             self.bn0, self.bn1, self.bn2 = (

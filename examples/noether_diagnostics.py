@@ -4,7 +4,7 @@ Every convolution is followed by BatchNorm, so each output channel of its kernel
 group (charge 1/2 |w|^2), and the softmax head's rows and bias are translation groups
 (charge <1, w>). ``ksbopt.monitor`` records, inside the jitted train step, every charge, its
 per-step change split into first- and second-order terms, the angular update, the effective
-learning rate, and what the exact recursions of THEORY.md predict:
+learning rate, and what the exact recursions (:ref:`exact-identities`) predict:
 
 - SGD + momentum 0.9 + (coupled) weight decay: P3 for the scale groups, P4 for the head, and
   the P7a equilibrium angular update sqrt(2 eta lam / (1 + beta));

@@ -2,7 +2,7 @@
 
 BatchNorm after a Dense layer makes the loss invariant under scaling each output unit's
 incoming weights (a Scale symmetry, one group per unit). Plain SGD + momentum lets the
-Noether charge Q = |w|^2 / 2 of every unit drift (kinetic symmetry breaking: THEORY.md P3);
+Noether charge Q = |w|^2 / 2 of every unit drift (kinetic symmetry breaking: :ref:`P3 <p3>`);
 ``ksbopt.retract`` keeps it exactly where it started (the NLD constrained-norm control).
 
 Run:  python examples/quickstart.py [--steps 1200]     (about half a minute on 2 CPU cores)

@@ -1,10 +1,11 @@
-"""The formulas of THEORY.md as pure, jit-able functions (closed forms and exact recursions).
+"""The formulas of the concepts pages as pure, jit-able functions (closed forms, recursions).
 
 Every function takes arrays (any shape, one entry per symmetry group, broadcasting as usual)
 and returns arrays in the floating dtype it is given; Python-number hyperparameters are
 validated eagerly (``ValueError`` naming the argument), traced values are not inspected.
 Every function documents its formula, its tag ([paper: NLD], [paper: NM] or [derived]) and
-its THEORY.md item (P1 to P10, presented in the documentation's concepts pages).
+its item (P1 to P10) on the concepts pages (:ref:`exact-identities`, :ref:`equilibrium`,
+:ref:`P2 <p2>`).
 
 Conventions:
 

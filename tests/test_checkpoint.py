@@ -1,4 +1,4 @@
-"""Checkpoints with orbax-checkpoint (issue 7, item 5; docs/howto/checkpoints.md).
+"""Checkpoints with orbax-checkpoint (the recipe is in the how-to on checkpoints).
 
 The whole optimizer state (ksbopt states, a stateful steer target, ``inject_hyperparams``,
 ``MultiSteps`` and the ``monitor`` state with its diagnostics and recursions) is a pytree of
@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import utils
+import support
+from support import registry
 
 import ksbopt
 
@@ -60,7 +61,7 @@ CONFIGS = {
 def _make_step(case, tx):
     """A freshly traced and compiled train step (one per call)."""
 
-    @utils.jit
+    @support.jit
     def step(params, state, k):
         g = jax.grad(case.loss)(params)
         # Deterministic per-step variation that keeps the symmetry (a scaled gradient).
@@ -92,7 +93,7 @@ def _abstract(tree):
 )
 def test_stop_and_resume_is_bit_identical(tmp_path, config, dtype):
     case_name, make_tx = CONFIGS[config]
-    case = utils.CASES_BY_NAME[case_name]
+    case = support.CASES_BY_NAME[case_name]
     n, k = 6, 3
 
     # The uninterrupted run.
@@ -118,24 +119,58 @@ def test_stop_and_resume_is_bit_identical(tmp_path, config, dtype):
     restored = checkpointer.restore(tmp_path / "ckpt", _abstract(target))
     checkpointer.close()
     assert jax.tree.structure(restored) == jax.tree.structure(saved)
-    utils.assert_dtypes(restored, saved)
-    utils.assert_equal(restored, saved)
+    support.assert_dtypes(restored, saved)
+    support.assert_equal(restored, saved)
     got_params, got_state = _train(
         _make_step(case, tx), restored["params"], restored["opt_state"], int(restored["step"]), n
     )
 
-    utils.assert_equal(got_params, want_params)
-    utils.assert_equal(got_state, want_state)
+    support.assert_equal(got_params, want_params)
+    support.assert_equal(got_state, want_state)
     # The run really moved, and the ksbopt parts of the state are in the checkpoint.
-    assert utils.rel_err(want_params, params0) > 1e-3
+    assert support.rel_err(want_params, params0) > 1e-3
     assert int(optax.tree.get(restored["opt_state"], "monitor_count")) > 0
     assert optax.tree.get(restored["opt_state"], "target_state") is not None
+
+
+def _registry_params():
+    # The peers and the entries the contract battery runs only with -m slow: -m slow here too.
+    return [
+        pytest.param(s, marks=pytest.mark.slow if s.role == "peer" or s.is_slow("contract") else ())
+        for s in registry.optimizers()
+    ]
+
+
+@pytest.mark.parametrize("spec", _registry_params(), ids=repr)
+def test_every_optimizer_state_restores_and_resumes(tmp_path, spec):
+    """Every optimizer of the registry: its state after k steps, saved and restored against
+    the abstract tree of a fresh ``init``, is the saved one bit for bit (structure, dtypes,
+    values), and the run resumed from it ends bit-identical to the run that went through."""
+    case = support.CASES_BY_NAME["scale_batchnorm"]
+    tx = spec.chain(case.symmetries, loss=case.loss)
+    step = _make_step(case, tx)
+    params0 = case.params()
+    want = _train(step, params0, tx.init(params0), 0, 4)
+    params, state = _train(step, params0, tx.init(params0), 0, 2)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "ckpt", {"params": params, "opt_state": state})
+    checkpointer.wait_until_finished()
+    fresh = spec.chain(case.symmetries, loss=case.loss).init(case.params())
+    target = {"params": case.params(), "opt_state": fresh}
+    restored = checkpointer.restore(tmp_path / "ckpt", _abstract(target))
+    checkpointer.close()
+    assert jax.tree.structure(restored) == jax.tree.structure(target)
+    support.assert_dtypes(restored, target)
+    support.assert_equal(restored, {"params": params, "opt_state": state})
+    got = _train(step, restored["params"], restored["opt_state"], 2, 4)
+    support.assert_equal(got, want)
+    assert support.rel_err(want[0], params0) > 1e-4, "the run did not move"
 
 
 def test_checkpoint_manager_roundtrip(tmp_path):
     """The same through ``ocp.CheckpointManager`` (step-numbered directories, keep the last
     two): the latest step restores the full state exactly."""
-    case = utils.CASES_BY_NAME["relu_softmax"]
+    case = support.CASES_BY_NAME["relu_softmax"]
     tx = _retract_scheduled_steer(case)
     step = _make_step(case, tx)
     params = case.params()
@@ -151,7 +186,7 @@ def test_checkpoint_manager_roundtrip(tmp_path):
         restored = manager.restore(
             manager.latest_step(), args=ocp.args.StandardRestore(_abstract(target))
         )
-    utils.assert_equal(restored, {"params": params, "opt_state": state})
+    support.assert_equal(restored, {"params": params, "opt_state": state})
 
 
 def test_nnx_optimizer_stop_and_resume_is_bit_identical(tmp_path):
@@ -207,21 +242,21 @@ def test_nnx_optimizer_stop_and_resume_is_bit_identical(tmp_path):
         optimizer, checkpointer.restore(tmp_path / "optimizer", _abstract(nnx.state(optimizer)))
     )
     checkpointer.close()
-    utils.assert_equal(nnx.state(optimizer), saved_optimizer)
+    support.assert_equal(nnx.state(optimizer), saved_optimizer)
     for _ in range(n - k):
         train_step(model, optimizer)
 
     got = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    utils.assert_equal(got, want)
-    assert utils.rel_err(want, start) > 1e-3
+    support.assert_equal(got, want)
+    assert support.rel_err(want, start) > 1e-3
     # The retraction held through the restart (float32: 64 eps retraction + rounding).
-    utils.assert_rel_close(ksbopt.charges(got, sym), ksbopt.charges(start, sym), 1e-5, "nnx")
+    support.assert_rel_close(ksbopt.charges(got, sym), ksbopt.charges(start, sym), 1e-5, "nnx")
 
 
 def test_restore_with_other_declarations_raises(tmp_path):
     """The declarations are code, not state: a transformation rebuilt with other groups has
     other state shapes (or structure), and orbax refuses to restore into it."""
-    case = utils.CASES_BY_NAME["scale_batchnorm"]
+    case = support.CASES_BY_NAME["scale_batchnorm"]
     params = case.params()
     per_unit = optax.chain(optax.sgd(LR), ksbopt.retract(ksbopt.Scale("dense/*", axis=-1)))
     checkpointer = ocp.StandardCheckpointer()

@@ -1,34 +1,36 @@
-"""Every public transform passes the shared contract battery (tests/contract.py).
+"""Every transform of the registry passes the shared contract battery (support.contract).
 
-A new transform is one more ``contract.Spec`` in ``contract.TRANSFORMS`` (or a Spec and a
-``contract.CHECKS`` parametrisation in its own test file). The peers' ports run the same
-battery under ``-m slow`` (about a minute: ten more optimizers).
+A new transform is one more ``Spec`` in ``support.registry.TRANSFORMS``; the checks that
+apply to it (``contract.applicable``) run here. The peers' ports, the Adam-monitored and
+retract-monitored optimizers and the second noether_rmsprop mode run under ``-m slow``
+(about two minutes: a dozen more optimizers).
 """
 
 from __future__ import annotations
 
-import ast
 import inspect
-import pathlib
 
-import contract
 import pytest
+from support import contract, registry
 
 import ksbopt
 
-_IDS = {"ids": lambda c: c.__name__[len("check_") :]}
+
+def _cases():
+    for spec in registry.TRANSFORMS:
+        for check in contract.applicable(spec):
+            name = check.__name__
+            slow = spec.is_slow("contract", name)
+            yield pytest.param(
+                spec,
+                check,
+                id=f"{spec.name}-{name[len('check_') :]}",
+                marks=pytest.mark.slow if slow else (),
+            )
 
 
-@pytest.mark.parametrize("check", contract.CHECKS, **_IDS)
-@pytest.mark.parametrize("spec", contract.TRANSFORMS, ids=repr)
+@pytest.mark.parametrize(("spec", "check"), list(_cases()))
 def test_contract(spec, check):
-    check(spec)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("check", contract.CHECKS, **_IDS)
-@pytest.mark.parametrize("spec", contract.PEERS, ids=repr)
-def test_contract_peers(spec, check):
     check(spec)
 
 
@@ -44,29 +46,18 @@ def _public_transform_factories() -> set[str]:
     return names
 
 
-def _specs_in_test_files() -> set[str]:
-    """Names of every ``contract.Spec("name", ...)`` written in tests/*.py ("monitor(adam)"
-    counts for "monitor")."""
-    names = set()
-    for path in pathlib.Path(__file__).parent.glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if (
-                isinstance(node, ast.Call)
-                and getattr(node.func, "attr", getattr(node.func, "id", None)) == "Spec"
-                and node.args
-                and isinstance(node.args[0], ast.Constant)
-                and isinstance(node.args[0].value, str)
-            ):
-                names.add(node.args[0].value.split("(")[0])
-    return names
-
-
-def test_every_public_transform_is_in_the_battery():
+def test_every_public_transform_is_in_the_registry():
     public = _public_transform_factories()
     assert {"project", "retract", "steer"} <= public, public
-    covered = {s.name for s in contract.TRANSFORMS + contract.PEERS} | _specs_in_test_files()
-    missing = public - covered
+    missing = public - set(registry.BY_NAME)
     assert not missing, (
-        f"public transforms {sorted(missing)} have no contract.Spec; add one entry to "
-        "contract.TRANSFORMS (or a Spec run over contract.CHECKS in their own test file)."
+        f"public transforms {sorted(missing)} have no entry in the registry of transforms "
+        "under test; add a Spec to support.registry.TRANSFORMS."
     )
+
+
+def test_every_entry_gets_the_core_checks():
+    """No entry escapes the battery: jit, apply_if_finite and bfloat16 apply to all."""
+    for spec in registry.TRANSFORMS:
+        names = {c.__name__ for c in contract.applicable(spec)}
+        assert {"check_jit", "check_apply_if_finite", "check_bfloat16"} <= names, spec

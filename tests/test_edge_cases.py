@@ -1,6 +1,6 @@
 """Edge cases of every public transform: docs/edge_cases.md, checked case by case.
 
-The contract battery (tests/contract.py) already checks, per transform, a NaN / inf update
+The contract battery (tests/support/contract.py) already checks, per transform, a NaN / inf update
 on one entry (``check_nonfinite``) and a NaN gradient inside ``optax.apply_if_finite``
 (``check_apply_if_finite``); tests/test_transforms.py and the per-module files check
 zero-norm groups. This file adds what they leave out, for every transform at once:
@@ -28,14 +28,13 @@ are; the peers and the monitor (whose updates are the wrapped optimizer's) run i
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import utils
+import support
+from support import registry
 
 import ksbopt
 from ksbopt._src import orbit
@@ -155,68 +154,27 @@ def _loss_scale(p):
     return jnp.sum(jnp.sin(3 * k / jnp.linalg.norm(k, axis=0))) + jnp.sum(jnp.square(p["other"]))
 
 
-def _sum_of_squares(sq):
-    return sum(jnp.sum(x) for x in jax.tree.leaves(sq))
-
-
 # --------------------------------------------------------------------------- transforms
 
-T = ksbopt.targets
-D = ksbopt.dynamics
-
-# name -> (factory of the declarations, skip). skip says what a non-finite gradient does:
-# "touched": zero updates on the leaves a symmetry acts on, others pass through, state kept
-# (project / retract / steer); "all": zero updates everywhere, state kept; "wrapped": the
-# transform is run inside optax.apply_if_finite (the peers, which follow optax in letting a
-# NaN through, and the monitor, which returns the wrapped optimizer's updates unchanged).
-TRANSFORMS: dict[str, tuple[Callable, str]] = {
-    "project": (lambda s: ksbopt.project(s), "touched"),
-    "retract": (lambda s: ksbopt.retract(s), "touched"),
-    "steer": (lambda s: ksbopt.steer(s, 1.5, 0.5), "touched"),
-    "steer_equilibrium": (lambda s: ksbopt.steer(s, T.equilibrium(0.1, 5e-4, 0.9)), "touched"),
-    "steer_nld": (lambda s: ksbopt.steer(s, T.nld(0.1, 5e-4, 0.9)), "touched"),
-    "symmetrize": (lambda s: ksbopt.symmetrize(optax.adam(0.1), s), "all"),
-    "noether_rmsprop": (lambda s: ksbopt.noether_rmsprop(0.1, 1e-3, 0.9, symmetries=s), "all"),
-    "noether_rmsprop_nld": (
-        lambda s: ksbopt.noether_rmsprop(0.1, 1e-3, 0.9, symmetries=s, mode="nld"),
-        "all",
-    ),
-    "teleport": (
-        lambda s: ksbopt.teleport(
-            s, optax.sgd(0.1, momentum=0.9), every=1, steps=2, value_fn=_loss_scale
-        ),
-        "all",
-    ),
-    "monitor": (
-        lambda s: ksbopt.monitor(optax.sgd(0.1, momentum=0.9), s, dynamics=D.sgd(0.1, 0.9)),
-        "wrapped",
-    ),
-    "monitor_adam": (
-        lambda s: ksbopt.monitor(optax.adam(0.1), s, dynamics=D.adam(0.1)),
-        "wrapped",
-    ),
-    "sgdp": (lambda s: ksbopt.sgdp(0.1, weight_decay=1e-3), "wrapped"),
-    "adamp": (lambda s: ksbopt.adamp(0.1, weight_decay=1e-3), "wrapped"),
-    "nero": (lambda s: ksbopt.nero(0.1), "wrapped"),
-    "rotational": (lambda s: ksbopt.rotational(optax.trace(0.9), 0.1, 1e-3), "wrapped"),
-    "path_sgd": (lambda s: ksbopt.path_sgd(0.1, path_norm_fn=_sum_of_squares), "wrapped"),
-}
-# Extra arguments of update: targets.nld reads the raw gradient.
-EXTRA = {"steer_nld": lambda g: {"grad": g}}
+# Every optimizer of the registry (building blocks left out). A non-finite gradient skips
+# the step as its ``nonfinite`` says: "touched": zero updates on the leaves a symmetry acts
+# on, others pass through, state kept (project / retract / steer); "all": zero updates
+# everywhere, state kept; "wrapped": the transform runs inside optax.apply_if_finite (the
+# peers, which follow optax in letting a NaN through, and the monitor, which returns the
+# wrapped optimizer's updates unchanged).
+SPECS = {spec.name: spec for spec in registry.optimizers()}
 SLOW = pytest.mark.slow
 # The second declaration family runs where the transform accepts Rescale / Translation /
 # Linear; it adds the joint (overlapping) solves and the Newton retraction (slow to compile).
-MIXED = ("project", "retract", "steer", "teleport", "monitor")
+MIXED = tuple(n for n, s in SPECS.items() if s.declarations and s.accepts(MIXED_SYMS))
+CORE = ("project", "retract", "steer")
 
 
 def _build(name: str, syms):
-    factory, skip = TRANSFORMS[name]
-    tx = factory(list(syms))
-    if name == "teleport" and syms is MIXED_SYMS:
-        tx = ksbopt.teleport(
-            list(syms), optax.sgd(0.1, momentum=0.9), every=1, steps=2, value_fn=_loss_mixed
-        )
-    return (optax.apply_if_finite(tx, 10) if skip == "wrapped" else tx), skip
+    spec = SPECS[name]
+    loss = _loss_mixed if syms is MIXED_SYMS else _loss_scale
+    tx = spec.transform(syms, loss=loss)
+    return (optax.apply_if_finite(tx, 10) if spec.nonfinite == "wrapped" else tx), spec.nonfinite
 
 
 def _loss_mixed(p):
@@ -230,15 +188,14 @@ def _loss_mixed(p):
 def _run_all(name: str, shapes: dict, syms):
     """init + two updates of the transform on every scenario (vmapped)."""
     tx, skip = _build(name, syms)
-    extra = EXTRA.get(name, lambda g: {})
 
     def step(g, state, params):
-        u, state = tx.update(g, state, params, **extra(g))
+        u, state = tx.update(g, state, params)
         return u, state, optax.apply_updates(params, u)
 
     # Two programs, the step called twice: the state of the first step is materialised
     # before the second (as in training), so "state kept" can be checked bit for bit.
-    init, step = utils.jit(jax.vmap(tx.init)), utils.jit(jax.vmap(step))
+    init, step = support.jit(jax.vmap(tx.init)), support.jit(jax.vmap(step))
     sc = scenarios(shapes, syms)
     params, g1, g2 = jax.tree.map(lambda *xs: jnp.stack(xs), *sc.values())
     s0 = init(params)
@@ -280,7 +237,7 @@ def _check(name: str, results: dict, skip: str, touched: list[int]) -> None:
         if key not in NONFINITE:
             continue
         # 3. the non-finite second step is skipped: state kept, guarded leaves unmoved.
-        utils.assert_equal(_inner(r["s2"], skip), _inner(r["s1"], skip))
+        support.assert_equal(_inner(r["s2"], skip), _inner(r["s1"], skip))
         p1, p2 = jax.tree.leaves(r["p1"]), jax.tree.leaves(r["p2"])
         guarded = touched if skip == "touched" else range(len(p1))
         for i in guarded:
@@ -290,8 +247,7 @@ def _check(name: str, results: dict, skip: str, touched: list[int]) -> None:
 
 
 def _scale_case_ids():
-    slow = ("noether_rmsprop_nld", "monitor_adam", "steer_nld")
-    return [pytest.param(n, marks=SLOW) if n in slow else n for n in TRANSFORMS]
+    return [pytest.param(n, marks=SLOW) if s.is_slow("edge") else n for n, s in SPECS.items()]
 
 
 @pytest.mark.parametrize("name", _scale_case_ids())
@@ -318,7 +274,7 @@ def test_rescale_translation_linear_no_nan_and_skipped_steps(name):
 @pytest.fixture(scope="module")
 def core_results():
     """project, retract and steer alone on the Scale scenarios (one compile each)."""
-    return {name: _run_all(name, SCALE_SHAPES, SCALE_SYMS)[0] for name in MIXED[:3]}
+    return {name: _run_all(name, SCALE_SHAPES, SCALE_SYMS)[0] for name in CORE}
 
 
 def _touched_leaves(tree):
@@ -330,7 +286,7 @@ def test_charges_at_the_float32_range_limits():
     """Charges underflow to 0 below |w| ~ 1e-19 and overflow to inf above ~1.8e19 in
     float32; exact and finite in float64."""
     sc = scenarios(SCALE_SHAPES, SCALE_SYMS)
-    charges = utils.jit(lambda p: ksbopt.charges(p, list(SCALE_SYMS)))
+    charges = support.jit(lambda p: ksbopt.charges(p, list(SCALE_SYMS)))
     for key in ("zero_params", "tiny_params"):
         for q in charges(sc[key][0]):
             np.testing.assert_array_equal(q, 0.0, err_msg=key)
@@ -344,7 +300,9 @@ def test_charges_at_the_float32_range_limits():
         for factor in (1e-30, 1e30):
             scaled = charges(jax.tree.map(lambda x, f=factor: x * f, p64))
             # Scaling by f multiplies each charge by f^2 exactly up to rounding: a few ulps.
-            utils.assert_close(scaled, jax.tree.map(lambda q, f=factor: q * f**2, q64), rtol=1e-14)
+            support.assert_close(
+                scaled, jax.tree.map(lambda q, f=factor: q * f**2, q64), rtol=1e-14
+            )
 
 
 def test_project_retract_steer_at_the_range_limits(core_results):
@@ -358,14 +316,14 @@ def test_project_retract_steer_at_the_range_limits(core_results):
         r = results["huge_params"]
         got, sent = _touched_leaves(r["u1"]), _touched_leaves(r["in"][1])
         want = sent if name == "project" else jax.tree.map(jnp.zeros_like, sent)
-        utils.assert_equal(got, jax.tree.map(np.asarray, want))
+        support.assert_equal(got, jax.tree.map(np.asarray, want))
         np.testing.assert_array_equal(r["u1"]["other"], r["in"][1]["other"])
         # |w| = 1e-30: the charges underflow to 0, so the groups count as zero-norm: project
         # and retract pass the update through as it came (steer moves towards its target).
         r = results["tiny_params"]
         if name in ("project", "retract"):
             got, sent = _touched_leaves(r["u1"]), _touched_leaves(r["in"][1])
-            utils.assert_equal(got, jax.tree.map(np.asarray, sent))
+            support.assert_equal(got, jax.tree.map(np.asarray, sent))
     # Zero gradients: project and retract return exact zeros (no drift from rounding).
     for name in ("project", "retract"):
         for leaf in jax.tree.leaves(core_results[name]["zero_grads"]["u1"]):
@@ -376,7 +334,7 @@ def test_project_retract_steer_at_the_range_limits(core_results):
     q0 = ksbopt.charges(r["in"][0], list(SCALE_SYMS))
     q1 = ksbopt.charges(jax.tree.map(jnp.asarray, r["p1"]), list(SCALE_SYMS))
     want = jax.tree.map(lambda q: q + 0.5 * (1.5 - q), q0)
-    utils.assert_rel_close(q1, want, 1e-5, "steer from a zero gradient")
+    support.assert_rel_close(q1, want, 1e-5, "steer from a zero gradient")
 
 
 def test_scalar_leaf_is_a_one_number_group(core_results):
@@ -410,14 +368,9 @@ def test_empty_selections_and_declarations_fail_early():
     ):
         with pytest.raises(ValueError, match=r"selector=\[\] selects nothing"):
             make()
+    takes_declarations = [s for s in registry.TRANSFORMS if s.declarations]
     for make in (
-        ksbopt.project,
-        ksbopt.retract,
-        lambda s: ksbopt.steer(s, 1.0),
-        lambda s: ksbopt.symmetrize(optax.adam(0.1), s),
-        lambda s: ksbopt.noether_rmsprop(0.1, symmetries=s),
-        lambda s: ksbopt.teleport(s, optax.sgd(0.1)),
-        lambda s: ksbopt.monitor(optax.sgd(0.1), s),
+        *(lambda syms, s=s: s.transform(syms, loss=_loss_scale) for s in takes_declarations),
         lambda s: ksbopt.charges({"w": jnp.ones(2)}, s),
     ):
         with pytest.raises(ValueError, match=r"symmetries=\[\] declares nothing"):
@@ -443,12 +396,12 @@ def test_zero_size_leaves_give_empty_or_zero_groups():
         ksbopt.monitor(optax.sgd(0.1), syms),
     ]
 
-    @utils.jit
+    @support.jit
     def run(params, g):
         return [tx.update(g, tx.init(params), params) for tx in txs]
 
     for u, state in run(params, g):
-        utils.assert_finite((u, state))
+        support.assert_finite((u, state))
         assert u["e"].shape == (0, 4)
 
 
@@ -468,7 +421,7 @@ def test_float64_has_room_where_float32_overflows(x64):
     sc = scenarios(SCALE_SHAPES, SCALE_SYMS)
     tx = ksbopt.retract(list(SCALE_SYMS))
 
-    @utils.jit
+    @support.jit
     def run(params, g):
         u, _ = tx.update(g, tx.init(params), params)
         new = optax.apply_updates(params, u)
@@ -479,7 +432,7 @@ def test_float64_has_room_where_float32_overflows(x64):
         g = jax.tree.map(lambda x, f=factor: np.asarray(x, np.float64) * f, sc[key][1])
         q0, q1 = run(params, g)
         assert all(np.all(np.isfinite(q)) and np.all(q > 0) for q in q0), key
-        utils.assert_rel_close(q1, q0, 1e-12, key)
+        support.assert_rel_close(q1, q0, 1e-12, key)
 
 
 def test_overflowing_charges_are_inf_not_nan():
@@ -488,6 +441,6 @@ def test_overflowing_charges_are_inf_not_nan():
     leaves scaled by a power of two (symmetry._without_overflow): +-inf or finite, never NaN.
     """
     params = scenarios(MIXED_SHAPES, MIXED_SYMS)["huge_params"][0]
-    charges = utils.jit(lambda p: ksbopt.charges(p, list(MIXED_SYMS)))(params)
+    charges = support.jit(lambda p: ksbopt.charges(p, list(MIXED_SYMS)))(params)
     state = ksbopt.retract(list(MIXED_SYMS)).init(params)
     assert not _nonfinite_paths((charges, state), allow_inf=True), (charges, state)

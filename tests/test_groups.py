@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import utils
+import support
 
 import ksbopt
 from ksbopt._src import groups, orbit
@@ -196,7 +196,7 @@ def test_linen_variables_resolve_like_the_plain_dict():
     # The plain dict is the same numbers without the 'params' level and the batch stats.
     got = ksbopt.charges(variables, sym)
     want = ksbopt.charges(variables["params"], sym)
-    utils.assert_close(got, want, rtol=0)
+    support.assert_close(got, want, rtol=0)
     # "BatchNorm_0/scale" matches the parameter only: batch_stats has mean / var.
     paths = groups.leaf_paths(variables)
     leaves = orbit.bind(tuple(sym), variables).bound[1].leaves
@@ -254,4 +254,4 @@ def test_nnx_state_at_init_and_at_update_resolve_the_same_groups():
         ("l1/kernel", (3, 4), (1,), 0),
     ]
     # Same numbers too: both calls see the parameters before the first step.
-    utils.assert_close(seen["init"][2], seen["update"][2], rtol=0)
+    support.assert_close(seen["init"][2], seen["update"][2], rtol=0)

@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import utils
+import support
+from support import registry
 
 import ksbopt
 
@@ -40,7 +41,7 @@ U_BF16 = EPS_BF16 / 2  # 2^-8: |round(x) - x| <= U_BF16 |x|
 EPS_F32 = float(jnp.finfo(jnp.float32).eps)
 
 KINDS = ("scale_batchnorm", "rescale_mlp", "translation_head", "linear_deep")
-CASES = tuple(utils.CASES_BY_NAME[n] for n in KINDS)
+CASES = tuple(support.CASES_BY_NAME[n] for n in KINDS)
 
 # c in the bound c (1 + rho) of the module docstring, per case.
 BOUND_FACTOR = {
@@ -64,7 +65,7 @@ def _bf16(tree):
     return jax.tree.map(lambda x: x.astype(jnp.bfloat16), tree)
 
 
-def rounding_scale(case: utils.Case, params) -> jax.Array:
+def rounding_scale(case: support.Case, params) -> jax.Array:
     """S per group of the case's symmetry, shaped to broadcast against its charge: the size
     that rounding errors of the stored weights are relative to (module docstring)."""
     p = _f32(params)
@@ -82,12 +83,12 @@ def rounding_scale(case: utils.Case, params) -> jax.Array:
     raise AssertionError(case.name)
 
 
-def drift(case: utils.Case, q, q0, params) -> jax.Array:
+def drift(case: support.Case, q, q0, params) -> jax.Array:
     """max over groups of |Q - Q_0| / S."""
     return jnp.max(jnp.abs(q - q0) / rounding_scale(case, params))
 
 
-def update_ratio(case: utils.Case, u, params) -> jax.Array:
+def update_ratio(case: support.Case, u, params) -> jax.Array:
     """rho: |u| / |w| per group (L1 ratio for translation), its max over groups."""
     r = rounding_scale(case, u) / rounding_scale(case, params)
     return jnp.max(r if case.name == "translation_head" else jnp.sqrt(r))
@@ -98,15 +99,15 @@ def _options() -> dict | None:
     # Inside one jitted scan XLA may keep a bfloat16 carry in float32 between steps (excess
     # precision, on by default on CPU): the weights would then not be rounded at every step,
     # and the measured drift would be far below that of real bfloat16 storage. Turn it off.
-    opts = {**(utils._compiler_options() or {}), "xla_allow_excess_precision": False}
+    opts = {**(support.compiler_options() or {}), "xla_allow_excess_precision": False}
     try:
         jax.jit(lambda x: x + 1).lower(1.0).compile(opts)
     except Exception:  # an option unknown to this XLA
-        return utils._compiler_options()
+        return support.compiler_options()
     return opts
 
 
-def run_retract(case: utils.Case, mode: str, steps: int, lr: float = 0.05):
+def run_retract(case: support.Case, mode: str, steps: int, lr: float = 0.05):
     """Heavy ball + retract for ``steps`` steps in one scan.
 
     mode "bfloat16": parameters (and so the momentum) stored in bfloat16; "master": float32
@@ -145,7 +146,7 @@ def run_retract(case: utils.Case, mode: str, steps: int, lr: float = 0.05):
 # --------------------------------------------------------------------------- float32 inside
 
 
-@pytest.mark.parametrize("case", (*CASES, utils.CASES_BY_NAME["relu_softmax"]), ids=repr)
+@pytest.mark.parametrize("case", (*CASES, support.CASES_BY_NAME["relu_softmax"]), ids=repr)
 def test_charges_are_float32_sums(case):
     """bfloat16 weights: charges are float32, equal those of the float32 copy, and match the
     float64 charges of the same values to float32 accuracy (a bfloat16 accumulation would be
@@ -154,20 +155,20 @@ def test_charges_are_float32_sums(case):
     q = ksbopt.charges(params, list(case.symmetries))
     assert all(x.dtype == jnp.float32 for x in q), [x.dtype for x in q]
     # Widening bfloat16 to float32 is exact, and the same float32 program runs on both.
-    utils.assert_equal(q, ksbopt.charges(_f32(params), list(case.symmetries)))
+    support.assert_equal(q, ksbopt.charges(_f32(params), list(case.symmetries)))
     with jax.enable_x64(True):
         p64 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), params)
-        q64 = utils.jit(lambda p: ksbopt.charges(p, list(case.symmetries)))(p64)
+        q64 = support.jit(lambda p: ksbopt.charges(p, list(case.symmetries)))(p64)
     # Each group's charge sums at most 7 products (a relu_softmax unit: 3 + 1 incoming and 3
     # outgoing numbers; an entry of the Linear charge sums 4 + 2). Float32 summation of n
     # terms errs by <= n u_f32 sum|terms| (Higham, Thm 4.3); relative to the largest |charge|
     # (weights O(1), same-sign squares dominate) 16 eps_f32 = 2e-6 bounds it.
-    utils.assert_rel_close(q, q64, 16 * EPS_F32, f"{case.name} charges vs float64")
+    support.assert_rel_close(q, q64, 16 * EPS_F32, f"{case.name} charges vs float64")
 
 
 def _bf16_and_f32_paths(tx, params, updates):
     """One jitted update of ``tx`` on bfloat16 values and on their exact float32 copies."""
-    update = utils.jit(tx.update)
+    update = support.jit(tx.update)
     out16, state16 = update(updates, tx.init(params), params)
     out32, state32 = update(_f32(updates), tx.init(_f32(params)), _f32(params))
     return out16, state16, out32, state32
@@ -183,25 +184,27 @@ def _assert_one_rounding(out16, out32, params, what):
         assert np.all(err <= 0), f"{what}: worst excess over one rounding {np.max(err):.3e}"
 
 
-TRANSFORMS = {
-    "project": lambda sym: ksbopt.project(sym),
-    "retract": lambda sym: ksbopt.retract(sym),
-    "steer": lambda sym: ksbopt.steer(sym, 1.5, 0.5),
-}
+# The pass-through transforms of the registry, on every case whose declarations they take.
+TRANSFORM_CASES = [
+    pytest.param(spec, case, id=f"{case.name}-{spec.name}")
+    for spec in registry.of_role("transform")
+    for case in CASES
+    if spec.accepts(case.symmetries)
+]
 
 
-@pytest.mark.parametrize("name", TRANSFORMS)
-@pytest.mark.parametrize("case", CASES, ids=repr)
-def test_transform_is_float32_then_one_rounding(case, name):
-    """project / retract / steer on bfloat16 values: the output keeps the updates' dtype,
-    the state is float32, and the output is the float32 computation on the same values,
-    rounded once."""
+@pytest.mark.parametrize(("spec", "case"), TRANSFORM_CASES)
+def test_transform_is_float32_then_one_rounding(spec, case):
+    """The pass-through transforms (project / retract / steer) on bfloat16 values: the
+    output keeps the updates' dtype, the state is float32, and the output is the float32
+    computation on the same values, rounded once."""
+    name = spec.name
     sym = list(case.symmetries)
-    tx = TRANSFORMS[name](sym)
+    tx = spec.transform(sym)
     params = case.params(jnp.bfloat16)
-    updates = utils.random_like(params, seed=3, scale=0.05)
+    updates = support.random_like(params, seed=3, scale=0.05)
     out16, state16, out32, state32 = _bf16_and_f32_paths(tx, params, updates)
-    utils.assert_dtypes(out16, updates)
+    support.assert_dtypes(out16, updates)
     for leaf in jax.tree.leaves(state16):
         if jnp.issubdtype(leaf.dtype, jnp.floating):
             assert leaf.dtype == jnp.float32, (name, state16)
@@ -209,8 +212,8 @@ def test_transform_is_float32_then_one_rounding(case, name):
     # ... and that float32 computation is the exact one (float32 level): retract lands on the
     # initial charges, project is orthogonal to the generators (contract tolerances).
     p32 = _f32(params)
-    if name == "retract":
-        utils.assert_rel_close(
+    if spec.conserves:
+        support.assert_rel_close(
             ksbopt.charges(optax.apply_updates(p32, out32), sym),
             ksbopt.charges(p32, sym),
             1e-5,  # 64 eps_f32 retraction tolerance + one float32 rounding of w + u
@@ -218,16 +221,16 @@ def test_transform_is_float32_then_one_rounding(case, name):
         )
     # The per-symmetry state (initial charges) is the float32 one, bit for bit.
     if name != "project":
-        utils.assert_equal(state16.initial, state32.initial)
+        support.assert_equal(state16.initial, state32.initial)
 
 
 def test_bfloat16_internal_retraction_would_fail_the_one_rounding_check():
     """The check above has teeth: the scale retraction u' = (f - 1) w + f u evaluated in
     bfloat16 (f = |w_0| / |w + u|) misses the float32 result by far more than one rounding,
     because (f - 1) w cancels at the scale of |w|, not of |u'|."""
-    case = utils.CASES_BY_NAME["scale_phi"]
+    case = support.CASES_BY_NAME["scale_phi"]
     params = case.params(jnp.bfloat16)
-    updates = utils.random_like(params, seed=3, scale=0.05)
+    updates = support.random_like(params, seed=3, scale=0.05)
     w, u = params["w"], updates["w"]
     f = jnp.linalg.norm(w, axis=0) / jnp.linalg.norm(w + u, axis=0)  # all in bfloat16
     naive = {"w": (f - 1) * w + f * u}
@@ -243,19 +246,19 @@ def test_monitor_bfloat16_diagnostics_are_the_float32_ones(case):
     the bfloat16 step exact (a power of two), so both runs see the same numbers."""
     sym = list(case.symmetries)
     tx = ksbopt.monitor(optax.sgd(0.5), sym, dynamics=ksbopt.dynamics.sgd(0.5))
-    update, grad = utils.jit(tx.update), utils.jit(jax.grad(case.loss))
+    update, grad = support.jit(tx.update), support.jit(jax.grad(case.loss))
     params = case.params(jnp.bfloat16)
     s16, s32 = tx.init(params), tx.init(_f32(params))
     for _ in range(3):
         g = grad(params)
         u16, s16 = update(g, s16, params)
         u32, s32 = update(_f32(g), s32, _f32(params))
-        utils.assert_equal(_f32(u16), u32)  # the step is exact in bfloat16
+        support.assert_equal(_f32(u16), u32)  # the step is exact in bfloat16
         params = optax.apply_updates(params, u16)
     for leaf in jax.tree.leaves((s16.diagnostics, s16.recursion)):
         assert leaf.dtype in (jnp.float32, jnp.int32), leaf.dtype
     # Same float32 program on the same values: equal up to reassociation (a few ulps).
-    utils.assert_close(
+    support.assert_close(
         (s16.diagnostics, s16.recursion), (s32.diagnostics, s32.recursion), rtol=1e-6, atol=1e-7
     )
     assert int(s16.monitor_count) == 3

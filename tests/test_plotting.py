@@ -7,7 +7,7 @@ import sys
 import jax
 import optax
 import pytest
-import utils
+import support
 
 import ksbopt
 import ksbopt.plotting as plotting
@@ -22,7 +22,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def history():
     """A short run on BatchNorm-like scale groups plus a softmax head (float32)."""
-    case = utils.CASES_BY_NAME["scale_batchnorm"]
+    case = support.CASES_BY_NAME["scale_batchnorm"]
     sym = [*case.symmetries, ksbopt.Translation(["out/kernel", "out/bias"])]
     tx = monitor(
         optax.chain(optax.add_decayed_weights(1e-2), optax.sgd(0.1, momentum=0.9)),

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import utils
+import support
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -514,7 +514,7 @@ def _check_retract_conserves(problem: Problem, seed: int, step: float) -> None:
     syms = list(problem.syms)
     tx = ksbopt.retract(syms)
 
-    @utils.jit
+    @support.jit
     @jax.vmap
     def run(params, u):
         state = tx.init(params)
@@ -547,7 +547,7 @@ def _check_project_orthogonal(problem: Problem, seed: int) -> None:
     syms = list(problem.syms)
     tx = ksbopt.project(syms)
 
-    @utils.jit
+    @support.jit
     @jax.vmap
     def run(params, u):
         projected, _ = tx.update(u, tx.init(params), params)
@@ -586,7 +586,7 @@ def _check_orbit_moves_keep_the_loss(problem: Problem, seed: int) -> None:
     kinds = {s.kind for s in syms}
     steer = ksbopt.steer(syms, 0.7, 0.5) if kinds <= {"scale", "translation"} else None
 
-    @utils.jit
+    @support.jit
     @jax.vmap
     def run(params, u, key):
         binding = orbit.bind(tuple(syms), params)
@@ -789,7 +789,7 @@ def _check_declaration_api(params, makers) -> None:
     for b, x in zip(bound, q):
         assert x.shape == b.charge_shape and x.dtype == jnp.float32, (b.symmetry, x)
         assert bool(jnp.all(jnp.isfinite(x))), (b.symmetry, x)
-    utils.assert_equal(state.initial, q)
+    support.assert_equal(state.initial, q)
 
 
 @given(data=st.data())

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import utils
+import support
 
 import ksbopt
 from ksbopt._src import reductions
@@ -45,7 +45,7 @@ def test_part_sums_match_the_direct_sums(shape, block, x64):
     products = [w * w, w * u, u * u, w * g, g * g]
     direct = [part.reduce(x) for x in products]
     fused = reductions.part_sums(part, products, min_size=0)
-    utils.assert_rel_close(fused, direct, 1e-13, f"{shape=}, {block=}")
+    support.assert_rel_close(fused, direct, 1e-13, f"{shape=}, {block=}")
     assert _variadic_reduces(lambda *p: reductions.part_sums(part, list(p), min_size=0), *products)
 
 
@@ -59,7 +59,7 @@ def test_small_leaves_and_leading_groups_take_the_direct_sums(x64):
         (AxisPart(0, "w", (6, 4), (0,)), 0, [w, w * w]),
     ):
         got = reductions.part_sums(part, products, min_size=min_size)
-        utils.assert_equal(got, [part.reduce(x) for x in products])
+        support.assert_equal(got, [part.reduce(x) for x in products])
 
 
 @pytest.mark.parametrize(
@@ -92,5 +92,5 @@ def test_project_takes_one_pass_on_large_leaves_and_stays_exact(x64):
     w, u = (np.concatenate([t["k"].reshape(-1, 20), t["b"][None]]) for t in (params, updates))
     want = u - w * (np.sum(w * u, axis=0) / np.sum(w * w, axis=0))
     got_m = np.concatenate([np.asarray(got["k"]).reshape(-1, 20), np.asarray(got["b"])[None]])
-    utils.assert_rel_close(got_m, want, 1e-12, "projection")
+    support.assert_rel_close(got_m, want, 1e-12, "projection")
     assert np.max(np.abs(np.sum(w * got_m, axis=0))) <= 1e-12 * np.max(np.sum(w * w, axis=0))

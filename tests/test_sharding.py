@@ -1,7 +1,7 @@
 """Sharded training (issue 7, "Sharding"): every public transform on 8 simulated CPU devices.
 
 JAX fixes its device count when it starts, and this pytest process has one CPU device, so
-the checks run in a child process: ``tests/sharding_check.py`` (run with
+the checks run in a child process: ``tests/support/sharding_check.py`` (run with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8``) trains a small CNN/MLP parameter tree
 carrying Scale, Rescale, Linear and Translation symmetries on a (data=2, model=4) mesh and
 prints its measurements as JSON; the tests below read them. A run that raised in the child
@@ -31,7 +31,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-import sharding_check as check
+from support import sharding_check as check
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(check.__file__).resolve()

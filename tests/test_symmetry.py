@@ -1,6 +1,6 @@
 """Tests of the symmetry vocabulary (THEORY.md section 1): action, generator, charge.
 
-For every single-symmetry toy problem of tests/utils.py, in float64:
+For every single-symmetry toy problem of tests/support.py, in float64:
 
 - the finite group action psi(theta, a) leaves the loss unchanged (1e-12 relative);
 - the generator is the derivative of the action at the identity (jvp, 1e-12);
@@ -20,14 +20,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import utils
+import support
 
 import ksbopt
 
-CASES = utils.ALL_CASES
+CASES = support.ALL_CASES
 # The per-symmetry algebra (action, generator, adjoint, split, move_to) runs on the
 # single-symmetry cases; joint behaviour of overlapping ones is test_transforms.py's job.
-SINGLE = utils.SINGLE_CASES
+SINGLE = support.SINGLE_CASES
 
 # float64 tolerances. Every identity below is exact algebra evaluated once (no iteration,
 # no accumulation): rounding leaves ~1e-15 relative; 1e-12 leaves a margin of ~1e3 for the
@@ -73,7 +73,7 @@ def _apply(flat, moved):
 @functools.cache
 def _report(name: str) -> dict:
     """All float64 quantities of this file for one case, from one jitted program."""
-    case = utils.CASES_BY_NAME[name]
+    case = support.CASES_BY_NAME[name]
     params = case.params()
     flat, treedef = jax.tree.flatten(params)
     bound = case.bind(params).bound
@@ -95,7 +95,7 @@ def _report(name: str) -> dict:
     def loss_of(leaves):
         return case.loss(jax.tree.unflatten(treedef, leaves))
 
-    @utils.jit
+    @support.jit
     def run(flat, inputs, u):
         g = jax.grad(loss_of)(flat)
         out = {"loss": loss_of(flat), "sym": []}

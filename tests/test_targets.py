@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import utils
+import support
 
 import ksbopt
 from ksbopt import targets
@@ -152,12 +152,12 @@ def _goal(target, step, q):
     ("name", "target"), STEERED, ids=[f"{n}-{type(t).__name__}" for n, t in STEERED]
 )
 def test_steer_at_rate_one_lands_on_the_target_every_step(name, target, x64):
-    case = utils.CASES_BY_NAME[name]
+    case = support.CASES_BY_NAME[name]
     params = case.params()
     steer = ksbopt.steer(list(case.symmetries), target)
     steps = 4
 
-    @utils.jit
+    @support.jit
     def run(params):
         def step(carry, _):
             p, s = carry
@@ -175,11 +175,11 @@ def test_steer_at_rate_one_lands_on_the_target_every_step(name, target, x64):
             want = _goal(target, k, np.asarray(q[k]))
             scale = max(np.max(np.abs(want)), np.max(np.abs(np.asarray(q[0]))), 1.0)
             assert np.max(np.abs(np.asarray(q[k]) - want)) <= TOL * scale, (k, q[k], want)
-    utils.assert_finite(losses)
+    support.assert_finite(losses)
 
 
 def test_inject_hyperparams_schedules_target_and_rate(x64):
-    case = utils.CASES_BY_NAME["scale_batchnorm"]
+    case = support.CASES_BY_NAME["scale_batchnorm"]
     params = case.params()
     zeros = jax.tree.map(jnp.zeros_like, params)
     sym = list(case.symmetries)
@@ -187,7 +187,7 @@ def test_inject_hyperparams_schedules_target_and_rate(x64):
 
     # 1. Numeric target and rate, changed by hand mid-run (as a user's schedule would).
     tx = optax.inject_hyperparams(ksbopt.steer)(sym, target=2.0, rate=0.5)
-    update = utils.jit(tx.update)
+    update = support.jit(tx.update)
     state = tx.init(params)
     assert set(state.hyperparams) == {"target", "rate"}
     p, q = params, q0
@@ -204,7 +204,7 @@ def test_inject_hyperparams_schedules_target_and_rate(x64):
     # 2. rate given as a schedule: the distance shrinks by prod_j (1 - rate_j).
     sched = optax.linear_schedule(0.2, 0.8, 3)
     tx = optax.inject_hyperparams(ksbopt.steer)(sym, target=1.0, rate=sched)
-    update = utils.jit(tx.update)
+    update = support.jit(tx.update)
     state, p, factor = tx.init(params), params, 1.0
     for k in range(4):
         u, state = update(zeros, state, p)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import contract
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import utils
+import support
 
 import ksbopt
 from ksbopt._src.teleport import TeleportState, teleport
@@ -32,7 +31,7 @@ def _move(case, objective, **kw):
         list(case.symmetries), optax.set_to_zero(), objective=objective, value_fn=case.loss, **kw
     )
     params = case.params()
-    u, state = utils.jit(tx.update)(jax.grad(case.loss)(params), tx.init(params), params)
+    u, state = support.jit(tx.update)(jax.grad(case.loss)(params), tx.init(params), params)
     return params, optax.apply_updates(params, u), state
 
 
@@ -43,29 +42,29 @@ MOVE_CASES = ["rescale_mlp", "scale_batchnorm", "linear_deep", "relu_softmax"]
 
 @pytest.mark.parametrize("name", MOVE_CASES)
 def test_move_keeps_the_loss_and_raises_the_gradient_norm(x64, name):
-    case = utils.CASES_BY_NAME[name]
+    case = support.CASES_BY_NAME[name]
     before, after, state = _move(case, "grad_norm")
     assert isinstance(state, TeleportState)
     # The loss is invariant along the orbit: 1e-10 relative in float64 (measured ~1e-15).
-    utils.assert_rel_close(case.loss(after), case.loss(before), 1e-10, "loss")
+    support.assert_rel_close(case.loss(after), case.loss(before), 1e-10, "loss")
     j0, j1 = float(_grad_sq(case, before)), float(_grad_sq(case, after))
     assert j1 > j0 * (1 + 1e-3), (j0, j1)
     # the state reports the gain (float32)
     np.testing.assert_allclose(float(state.objective_gain), j1 - j0, rtol=1e-5)
-    assert utils.rel_err(after, before) > 1e-3
+    assert support.rel_err(after, before) > 1e-3
 
 
 def test_sharpness_objective_lowers_the_sharpness_proxy(x64):
-    case = utils.CASES_BY_NAME["linear_deep"]
+    case = support.CASES_BY_NAME["linear_deep"]
     before, after, state = _move(case, "sharpness", rho=0.1)
-    utils.assert_rel_close(case.loss(after), case.loss(before), 1e-10, "loss")
+    support.assert_rel_close(case.loss(after), case.loss(before), 1e-10, "loss")
     s0, s1 = float(_sharpness(case, before, 0.1)), float(_sharpness(case, after, 0.1))
     assert s1 < s0 - 1e-6, (s0, s1)
     np.testing.assert_allclose(float(state.objective_gain), s0 - s1, rtol=1e-4)
 
 
 def test_callable_objective(x64):
-    case = utils.CASES_BY_NAME["rescale_mlp"]
+    case = support.CASES_BY_NAME["rescale_mlp"]
 
     def neg_weight_norm(loss, params):  # maximise -|w|^2: balance the layers
         return -sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(params))
@@ -76,7 +75,7 @@ def test_callable_objective(x64):
         return float(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(p)))
 
     assert norm(after) < norm(before)
-    utils.assert_rel_close(case.loss(after), case.loss(before), 1e-10, "loss")
+    support.assert_rel_close(case.loss(after), case.loss(before), 1e-10, "loss")
 
 
 # ------------------------------------------------------ continuing after a move: state transport
@@ -130,14 +129,14 @@ CONTINUE_CASES = [
 def test_training_continues_as_in_the_transformed_coordinates(x64, name, base):
     """Teleport every 3 steps around SGD + momentum (or Adam) = the same optimizer run, after
     each move, from psi(theta, a) with its state transported by hand (THEORY.md section 6)."""
-    case = utils.CASES_BY_NAME[name]
+    case = support.CASES_BY_NAME[name]
     make = (lambda: optax.sgd(0.05, momentum=0.9)) if base == "sgd" else (lambda: optax.adam(0.02))
     tx = teleport(
         list(case.symmetries), make(), every=3, steps=4, step_size=0.3, value_fn=case.loss
     )
     ref = make()
 
-    @utils.jit
+    @support.jit
     def run(params):
         def step(carry, k):
             (p, s), (q, r) = carry
@@ -164,16 +163,16 @@ def test_training_continues_as_in_the_transformed_coordinates(x64, name, base):
     ps, qs, gains = run(case.params())
     # float64: agree to ~1e-14 (a true symmetry makes the transported gradient the gradient
     # at the new point); 1e-10 is the issue's bar.
-    utils.assert_rel_close(ps, qs, 1e-10, "teleported run vs run in the new coordinates")
+    support.assert_rel_close(ps, qs, 1e-10, "teleported run vs run in the new coordinates")
     assert float(jnp.min(gains[jnp.array([0, 3, 6])])) > 0  # it did move at each teleport
-    utils.assert_rel_close(gains[1], gains[0], 0.0, "no move between teleports")
+    support.assert_rel_close(gains[1], gains[0], 0.0, "no move between teleports")
 
 
 # --------------------------------------------------------------------------- extra args
 
 
 def test_loss_with_a_batch_as_extra_argument(x64):
-    case = utils.CASES_BY_NAME["rescale_mlp"]
+    case = support.CASES_BY_NAME["rescale_mlp"]
     params = case.params()
     x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 3)))
 
@@ -186,17 +185,17 @@ def test_loss_with_a_batch_as_extra_argument(x64):
     as_arg = teleport(list(case.symmetries), optax.set_to_zero())
     u1, _ = at_init.update(g, at_init.init(params), params, batch=x, other=1)
     u2, _ = as_arg.update(g, as_arg.init(params), params, value_fn=value_fn, batch=x)
-    utils.assert_close(u1, u2, rtol=0.0)
+    support.assert_close(u1, u2, rtol=0.0)
     new = optax.apply_updates(params, u1)
-    utils.assert_rel_close(value_fn(new, x), value_fn(params, x), 1e-10, "loss")
-    assert utils.rel_err(new, params) > 1e-3
+    support.assert_rel_close(value_fn(new, x), value_fn(params, x), 1e-10, "loss")
+    assert support.rel_err(new, params) > 1e-3
 
 
 # --------------------------------------------------------------------------- bad input
 
 
 def test_missing_or_misnamed_loss_is_a_clear_error():
-    case = utils.CASES_BY_NAME["rescale_mlp"]
+    case = support.CASES_BY_NAME["rescale_mlp"]
     params = case.params()
     tx = teleport(list(case.symmetries), optax.sgd(0.1))
     g = jax.grad(case.loss)(params)
@@ -247,7 +246,7 @@ def _with_buffer():
 
 
 def test_unknown_state_fields_must_be_declared():
-    case = utils.CASES_BY_NAME["rescale_mlp"]
+    case = support.CASES_BY_NAME["rescale_mlp"]
     params = case.params()
     with pytest.raises(ValueError, match=r"\['0/buffer'\].*moments="):
         teleport(list(case.symmetries), optax.chain(_with_buffer())).init(params)
@@ -256,23 +255,23 @@ def test_unknown_state_fields_must_be_declared():
 
 
 def test_second_moments_under_linear_are_refused():
-    case = utils.CASES_BY_NAME["linear_deep"]
+    case = support.CASES_BY_NAME["linear_deep"]
     with pytest.raises(ValueError, match="no exact transport under"):
         teleport(list(case.symmetries), optax.adam(1e-3)).init(case.params())
 
 
 def test_zero_norm_unit_without_nan():
-    case = utils.CASES_BY_NAME["rescale_mlp"]
+    case = support.CASES_BY_NAME["rescale_mlp"]
     params = case.params()
     params["Dense_0"]["kernel"] = params["Dense_0"]["kernel"].at[:, 1].set(0.0)
     params["Dense_0"]["bias"] = params["Dense_0"]["bias"].at[1].set(0.0)
     tx = teleport(list(case.symmetries), optax.sgd(0.1, momentum=0.9), every=1, value_fn=case.loss)
-    step = utils.jit(tx.update)
+    step = support.jit(tx.update)
     state = tx.init(params)
     for _ in range(2):
         u, state = step(jax.grad(case.loss)(params), state, params)
         params = optax.apply_updates(params, u)
-    utils.assert_finite((params, state))
+    support.assert_finite((params, state))
 
 
 def _balance(loss, params):
@@ -281,7 +280,7 @@ def _balance(loss, params):
 
 
 def test_nonfinite_gradient_skips_the_step():
-    case = utils.CASES_BY_NAME["rescale_mlp"]
+    case = support.CASES_BY_NAME["rescale_mlp"]
     params = case.params()
     tx = teleport(
         list(case.symmetries),
@@ -290,39 +289,10 @@ def test_nonfinite_gradient_skips_the_step():
         value_fn=case.loss,
         objective=_balance,
     )
-    step = utils.jit(tx.update)
+    step = support.jit(tx.update)
     u, state = step(jax.grad(case.loss)(params), tx.init(params), params)
     params = optax.apply_updates(params, u)
     bad = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), u)
     u_bad, state_bad = step(bad, state, params)
-    utils.assert_equal(u_bad, jax.tree.map(jnp.zeros_like, u))
-    utils.assert_equal(state_bad, state)
-
-
-# --------------------------------------------------------------------------- contract
-
-
-def _loss_for(symmetries):
-    """The battery's BatchNorm case, or its flax MLP (as a plain, linen or nnx tree)."""
-    if list(symmetries) == list(contract._MLP_CASE.symmetries):
-        return lambda p: contract._mlp_loss(p["params"] if "params" in p else p)
-    return contract.CASE.loss
-
-
-SPEC = contract.Spec(
-    "teleport",
-    lambda sym, every=2, step_size=0.1: teleport(
-        sym, None, every, 3, step_size, value_fn=_loss_for(sym), objective=_balance
-    ),
-    hyperparams={"every": 2, "step_size": 0.1},
-    schedules={"step_size": optax.linear_schedule(0.1, 0.3, 3)},
-)
-# The battery checks the mechanics (jit, wrappers, dtypes, flax trees) with a cheap
-# objective; the second-order searches are tested above. check_nonfinite is for
-# pass-through transforms (see test_nonfinite_gradient_skips_the_step).
-CHECKS = [c for c in contract.CHECKS if c.__name__ != "check_nonfinite"]
-
-
-@pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
-def test_contract(check):
-    check(SPEC)
+    support.assert_equal(u_bad, jax.tree.map(jnp.zeros_like, u))
+    support.assert_equal(state_bad, state)

@@ -1,6 +1,6 @@
 """Tests of ksbopt.project, ksbopt.retract and ksbopt.steer (issue 2, item 5 and "Bad input").
 
-The toy problems live in tests/utils.py; every loss there is exactly invariant under the
+The toy problems live in tests/support.py; every loss there is exactly invariant under the
 declared group actions (normalisers with epsilon = 0), so the exact identities below hold
 to rounding. Interface properties (jit, extra args, MultiSteps, ...) are in contract.py.
 """
@@ -15,11 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import utils
+import support
 
 import ksbopt
 
-CASES = utils.ALL_CASES
+CASES = support.ALL_CASES
 HEAVY_BALL = (0.1, 0.9)  # optax.sgd(learning_rate, momentum) of the issue
 
 
@@ -43,7 +43,7 @@ def _eps(dtype) -> float:
 # 1000 steps: the error is that of one retraction (closed form: a few eps; Newton and
 # overlapping sweeps: <= 64 eps of the weights' scale) plus one rounding of params + updates.
 # Relative to max_g |Q0_g|, except Linear in float32: relative to |A|^2 + |B|^2 (see
-# utils.charge_errors: C = A^T A - B B^T is a difference of terms of that size).
+# support.charge_errors: C = A^T A - B B^T is a difference of terms of that size).
 CONSERVE_TOL = {"float64": 1e-10, "float32": 1e-5}
 
 
@@ -60,11 +60,11 @@ def test_retract_keeps_charges_over_1000_heavy_ball_steps(case, dtype):
         q = case.charges(optax.apply_updates(p, u))
         return [jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)) for a, b in zip(q, q0)]
 
-    final, state, losses, base_drift = utils.train(case, tx, params, 1000, probe=drift)
-    utils.assert_finite((final, state, losses))
-    assert utils.rel_err(final, params) > 0.05, "the parameters barely moved: nothing tested"
+    final, state, losses, base_drift = support.train(case, tx, params, 1000, probe=drift)
+    support.assert_finite((final, state, losses))
+    assert support.rel_err(final, params) > 0.05, "the parameters barely moved: nothing tested"
     linear_scale = "charge" if dtype == jnp.float64 else "weights"
-    errs = utils.charge_errors(case, case.charges(final), q0, final, linear_scale=linear_scale)
+    errs = support.charge_errors(case, case.charges(final), q0, final, linear_scale=linear_scale)
     assert max(errs) <= CONSERVE_TOL[dtype.name], (case.name, errs)
     # The retraction's own report: iterative solves converged to their 64 eps tolerance.
     assert float(state[1].residual) <= 64 * _eps(dtype)
@@ -83,23 +83,24 @@ def test_retract_keeps_charges_over_1000_heavy_ball_steps(case, dtype):
 def test_retract_keeps_translation_charges_under_adam(x64):
     # [derived] P6: Adam's diagonal metric breaks translation at first order; retract must
     # undo it (here jointly with the overlapping rescale). Tolerance as CONSERVE_TOL.
-    case = utils.CASES_BY_NAME["relu_softmax"]
+    case = support.CASES_BY_NAME["relu_softmax"]
     params = case.params()
     q0 = case.charges(params)
-    plain, _, _ = utils.train(case, optax.adam(0.05), params, 200)
+    plain, _, _ = support.train(case, optax.adam(0.05), params, 200)
     assert (
-        max(utils.charge_errors(case, case.charges(plain), q0, plain, linear_scale="charge")) > 1e-3
+        max(support.charge_errors(case, case.charges(plain), q0, plain, linear_scale="charge"))
+        > 1e-3
     )
     tx = optax.chain(optax.adam(0.05), ksbopt.retract(list(case.symmetries)))
-    final, _, _ = utils.train(case, tx, params, 200)
-    errs = utils.charge_errors(case, case.charges(final), q0, final, linear_scale="charge")
+    final, _, _ = support.train(case, tx, params, 200)
+    errs = support.charge_errors(case, case.charges(final), q0, final, linear_scale="charge")
     assert max(errs) <= CONSERVE_TOL["float64"], errs
 
 
 # --------------------------------------------------------------------------- orbit moves
 
 
-def _orbit_transforms(case: utils.Case) -> dict:
+def _orbit_transforms(case: support.Case) -> dict:
     """Every kind of orbit move the transforms make, for the symmetries of ``case``."""
     sym = list(case.symmetries)
     # (steer at rate < 1 runs the same moves as these, to an intermediate goal.)
@@ -116,14 +117,14 @@ def _orbit_transforms(case: utils.Case) -> dict:
 def _float64_report(name: str) -> dict:
     """Everything the float64 move / projection tests read, from ONE jitted program per case
     (compiling is what costs time here). Called under the x64 fixture; numpy results."""
-    case = utils.CASES_BY_NAME[name]
+    case = support.CASES_BY_NAME[name]
     params = case.params()
-    u_move = utils.random_like(params, seed=7, scale=0.3)
-    u_proj = utils.random_like(params, seed=8)
+    u_move = support.random_like(params, seed=7, scale=0.3)
+    u_proj = support.random_like(params, seed=8)
     txs = _orbit_transforms(case)
     project = ksbopt.project(list(case.symmetries))
 
-    @utils.jit
+    @support.jit
     def run(params, u_move, u_proj):
         out = {"cand": case.loss(optax.apply_updates(params, u_move)), "moves": {}}
         for key, tx in txs.items():
@@ -156,9 +157,9 @@ def test_orbit_moves_leave_the_loss_unchanged(case, x64):
     assert set(report["moves"]) == set(_orbit_transforms(case))
     for key, (loss, moved) in report["moves"].items():
         assert abs(float(loss) - cand) <= 1e-12 * abs(cand), (key, float(loss), cand)
-        utils.assert_finite(moved)
+        support.assert_finite(moved)
         # The move is far from trivial: the test would see a wrong group action.
-        assert utils.rel_err(moved, report["u_move"]) > 1e-3, key
+        assert support.rel_err(moved, report["u_move"]) > 1e-3, key
 
 
 # --------------------------------------------------------------------------- project
@@ -172,7 +173,7 @@ def _norm(xs) -> float:
 def test_project_is_orthogonal_to_every_generator(case, x64):
     report = _float64_report(case.name)
     r, u, params = report["project"], report["u_proj"], report["params"]
-    leaves_per_symmetry = utils.symmetry_leaves(case, params)
+    leaves_per_symmetry = support.symmetry_leaves(case, params)
     for sym, xi_pu, xi_u, leaves in zip(
         case.symmetries, r["xi_pu"], r["xi_u"], leaves_per_symmetry
     ):
@@ -188,7 +189,7 @@ def test_project_is_orthogonal_to_every_generator(case, x64):
     # component removed is J (J^T J)^+ J^T u: its rounding error is cond(J^T J) eps |u|, and
     # the joint Gram matrix of the overlapping Linear pairs (linear3) has cond ~3e6, so
     # 1e-9 |u| (float64) for both.
-    utils.assert_close(r["ppu"], r["pu"], rtol=0, atol=1e-9 * _norm(u))
+    support.assert_close(r["ppu"], r["pu"], rtol=0, atol=1e-9 * _norm(u))
     residual = jax.tree.map(np.subtract, u, r["pu"])
     dot = sum(
         float(np.vdot(a, b)) for a, b in zip(jax.tree.leaves(residual), jax.tree.leaves(r["pu"]))
@@ -196,18 +197,18 @@ def test_project_is_orthogonal_to_every_generator(case, x64):
     assert abs(dot) <= 1e-9 * _norm(u) ** 2
     # [paper: NM] gradients of a symmetric loss are already orthogonal: P g = g (same
     # conditioning argument as above).
-    utils.assert_close(r["pg"], r["g"], rtol=0, atol=1e-9 * _norm(r["g"]))
+    support.assert_close(r["pg"], r["g"], rtol=0, atol=1e-9 * _norm(r["g"]))
 
 
 def test_project_removes_overlapping_generators_jointly(x64):
     # One after the other would leave a component along the first generator; the joint
     # Gram solve leaves none. Rows of the head are in a rescale AND a translation group.
-    case = utils.CASES_BY_NAME["relu_softmax"]
+    case = support.CASES_BY_NAME["relu_softmax"]
     params = case.params()
-    u = utils.random_like(params, seed=9)
+    u = support.random_like(params, seed=9)
     rescale, translation = case.symmetries
 
-    @utils.jit
+    @support.jit
     def run(params, u):
         pu = ksbopt.project(list(case.symmetries)).update(u, None, params)[0]
         seq = ksbopt.project(rescale).update(u, None, params)[0]
@@ -258,12 +259,12 @@ def test_steer_moves_charges_by_the_rate(name, target, x64):
     # With Q the charge after the base step and T the target, steer lands on
     # Q + rate (T - Q): the distance to T shrinks by (1 - rate) per step, exactly (closed
     # forms; Newton / sweeps to 64 eps). Tolerance 1e-10 of the initial distance (float64).
-    case = utils.CASES_BY_NAME[name]
+    case = support.CASES_BY_NAME[name]
     rate, steps = 0.3, 6
     params = case.params()
     steer = ksbopt.steer(list(case.symmetries), target, rate=rate)
 
-    @utils.jit
+    @support.jit
     def run(params, lr):
         def step(carry, _):
             p, s = carry
@@ -437,7 +438,7 @@ def test_zero_norm_groups_zero_and_inf_updates_never_give_nan(kind):
     tree, sym = _zero_group_cases()[kind]
     params = jax.tree.map(jnp.asarray, tree)
     updates = {
-        "random": utils.random_like(params, seed=3, scale=0.1),
+        "random": support.random_like(params, seed=3, scale=0.1),
         "zeros": jax.tree.map(jnp.zeros_like, params),
         "inf": jax.tree.map(lambda x: jnp.full_like(x, jnp.inf), params),
         "nan": jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), params),
@@ -445,7 +446,7 @@ def test_zero_norm_groups_zero_and_inf_updates_never_give_nan(kind):
     # steer to a positive constant: a zero group cannot reach it and must stay finite.
     txs = [*_transforms(sym)[:2], ksbopt.steer(sym, 1.0, rate=0.5)]
 
-    @utils.jit
+    @support.jit
     def run(params, updates):
         out = []
         for tx in txs:
@@ -455,11 +456,11 @@ def test_zero_norm_groups_zero_and_inf_updates_never_give_nan(kind):
 
     zeros = updates["zeros"]
     for tx_index, (state, res) in enumerate(run(params, updates)):
-        utils.assert_finite((state, res))
+        support.assert_finite((state, res))
         for bad in ("inf", "nan"):
-            utils.assert_equal(res[bad], (zeros, state))
+            support.assert_equal(res[bad], (zeros, state))
         if tx_index == 1:  # retract: zero updates keep the charges, so nothing moves
-            utils.assert_close(res["zeros"][0], zeros, rtol=0, atol=1e-6)
+            support.assert_close(res["zeros"][0], zeros, rtol=0, atol=1e-6)
 
 
 def test_zero_norm_scale_group_keeps_other_groups_exact(x64):
@@ -467,10 +468,10 @@ def test_zero_norm_scale_group_keeps_other_groups_exact(x64):
     # move); the zero group just takes the base step.
     tree, sym = _zero_group_cases()["scale"]
     params = jax.tree.map(jnp.asarray, tree)
-    u = utils.random_like(params, seed=4, scale=0.1)
+    u = support.random_like(params, seed=4, scale=0.1)
     tx = ksbopt.retract(sym)
 
-    @utils.jit
+    @support.jit
     def run(params, u):
         moved, _ = tx.update(u, tx.init(params), params)
         new = optax.apply_updates(params, moved)
@@ -478,5 +479,5 @@ def test_zero_norm_scale_group_keeps_other_groups_exact(x64):
 
     moved, q0, q1 = run(params, u)
     nonzero = np.asarray(q0) > 0
-    utils.assert_close(q1[nonzero], q0[nonzero], rtol=1e-12)
-    utils.assert_close(moved["w"]["kernel"][:, 1], u["w"]["kernel"][:, 1], rtol=1e-15)
+    support.assert_close(q1[nonzero], q0[nonzero], rtol=1e-12)
+    support.assert_close(moved["w"]["kernel"][:, 1], u["w"]["kernel"][:, 1], rtol=1e-15)

@@ -32,11 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import utils
+import support
 
 import ksbopt
 
-CASE = utils.CASES_BY_NAME["scale_batchnorm"]
+CASE = support.CASES_BY_NAME["scale_batchnorm"]
 # float32 tolerances: two runs of the same float32 steps through different wrappers differ
 # by reassociation only (a few ulps per step over <= 6 steps); the retraction lands within
 # 64 eps_f32 = 7.6e-6 of the initial charges, plus one rounding of w + u (contract battery).
@@ -45,7 +45,7 @@ RTOL_CHARGE = 1e-5
 
 
 def _grad_fn(case):
-    grad = utils.jit(jax.grad(case.loss))
+    grad = support.jit(jax.grad(case.loss))
 
     def g(params, k):
         return jax.tree.map(lambda x: x * (1.0 + 0.8 * np.sin(k)), grad(params))
@@ -55,7 +55,7 @@ def _grad_fn(case):
 
 def _run(tx, case, params, n):
     """n jitted updates from ``params``; returns the list of params (n + 1) and the states."""
-    grad, update = _grad_fn(case), utils.jit(tx.update)
+    grad, update = _grad_fn(case), support.jit(tx.update)
     state = tx.init(params)
     ps, states = [params], [state]
     for k in range(n):
@@ -69,7 +69,7 @@ def _run(tx, case, params, n):
 def _assert_charges_held(case, params, reference, what):
     """Charges of ``params`` equal those of ``reference`` to RTOL_CHARGE, relative to the
     largest charge (Linear: to |A|^2 + |B|^2, the size float32 rounding is relative to)."""
-    errs = utils.charge_errors(
+    errs = support.charge_errors(
         case, case.charges(params), case.charges(reference), params, linear_scale="weights"
     )
     assert max(errs) <= RTOL_CHARGE, f"{what}: charge errors {errs}"
@@ -86,8 +86,8 @@ def _heavy_ball():
     "case",
     [
         CASE,
-        utils.CASES_BY_NAME["relu_softmax"],
-        pytest.param(utils.CASES_BY_NAME["linear_deep"], marks=pytest.mark.slow),
+        support.CASES_BY_NAME["relu_softmax"],
+        pytest.param(support.CASES_BY_NAME["linear_deep"], marks=pytest.mark.slow),
     ],
     ids=repr,
 )
@@ -104,10 +104,10 @@ def test_multisteps_retract_acts_once_per_outer_step(case):
         emitted = (step + 1) % k == 0
         before, after = ps[step], ps[step + 1]
         if emitted:
-            assert utils.rel_err(after, before) > 1e-4, f"micro-step {step} did not move"
+            assert support.rel_err(after, before) > 1e-4, f"micro-step {step} did not move"
         else:
-            utils.assert_equal(after, before)
-            utils.assert_equal(states[step + 1].inner_opt_state, states[step].inner_opt_state)
+            support.assert_equal(after, before)
+            support.assert_equal(states[step + 1].inner_opt_state, states[step].inner_opt_state)
         _assert_charges_held(case, after, params, f"micro-step {step}")
     # The outer steps are the plain chain's steps on the mean gradients.
     grad = _grad_fn(case)
@@ -115,11 +115,11 @@ def test_multisteps_retract_acts_once_per_outer_step(case):
     for outer in range(2):
         gs = [grad(ps[outer * k], outer * k + i) for i in range(k)]
         mean_grads.append(jax.tree.map(lambda *x: sum(x) / k, *gs))
-    p, state, update = params, inner.init(params), utils.jit(inner.update)
+    p, state, update = params, inner.init(params), support.jit(inner.update)
     for g in mean_grads:
         u, state = update(g, state, p)
         p = optax.apply_updates(p, u)
-    utils.assert_close(ps[-1], p, rtol=RTOL_SAME, atol=1e-6)
+    support.assert_close(ps[-1], p, rtol=RTOL_SAME, atol=1e-6)
 
 
 def test_multisteps_steer_counts_outer_steps_and_outside_counts_micro_steps():
@@ -132,14 +132,14 @@ def test_multisteps_steer_counts_outer_steps_and_outside_counts_micro_steps():
     inside = optax.MultiSteps(optax.chain(_heavy_ball(), ksbopt.steer(sym, 1.0, 0.5)), k)
     ps, states = _run(inside, CASE, params, 2 * k)
     assert int(states[-1].inner_opt_state[1].count) == 2
-    utils.assert_equal(ps[1], params)
+    support.assert_equal(ps[1], params)
 
     base = optax.MultiSteps(_heavy_ball(), k).gradient_transformation()
     outside = optax.chain(base, ksbopt.steer(sym, 1.0, 0.5))
     ps, states = _run(outside, CASE, params, 2 * k)
     assert int(states[-1][1].count) == 2 * k
     # The first micro-step: the base step is zero, the orbit move is not.
-    assert utils.rel_err(ps[1], params) > 1e-2
+    assert support.rel_err(ps[1], params) > 1e-2
 
 
 def test_multisteps_retract_outside_moves_only_by_rounding():
@@ -151,8 +151,8 @@ def test_multisteps_retract_outside_moves_only_by_rounding():
     base = optax.MultiSteps(_heavy_ball(), k).gradient_transformation()
     ps, _ = _run(optax.chain(base, ksbopt.retract(sym)), CASE, params, 2 * k)
     for step in (0, 1, 3, 4):
-        assert utils.rel_err(ps[step + 1], ps[step]) <= 64 * float(jnp.finfo(jnp.float32).eps)
-    utils.assert_rel_close(CASE.charges(ps[-1]), CASE.charges(params), RTOL_CHARGE, "outside")
+        assert support.rel_err(ps[step + 1], ps[step]) <= 64 * float(jnp.finfo(jnp.float32).eps)
+    support.assert_rel_close(CASE.charges(ps[-1]), CASE.charges(params), RTOL_CHARGE, "outside")
 
 
 def test_monitor_inside_multisteps_predicts_outside_does_not():
@@ -171,7 +171,7 @@ def test_monitor_inside_multisteps_predicts_outside_does_not():
     err = optax.tree.get(state, "prediction_error")
     assert float(jnp.max(jnp.abs(err[0]))) <= 1e-5, err
     # The monitor's charge after the step is the charge of the applied step.
-    utils.assert_rel_close(
+    support.assert_rel_close(
         optax.tree.get(state, "charges"), CASE.charges(ps[-1]), RTOL_CHARGE, "inside"
     )
 
@@ -196,18 +196,18 @@ def test_apply_if_finite_with_monitor(order):
         tx = optax.apply_if_finite(ksbopt.monitor(tx, sym), max_consecutive_errors=2)
     else:
         tx = ksbopt.monitor(optax.apply_if_finite(tx, max_consecutive_errors=2), sym)
-    update = utils.jit(tx.update)
+    update = support.jit(tx.update)
     params = CASE.params()
     state = tx.init(params)
     u, state = update(_grad_fn(CASE)(params, 0), state, params)
     params = optax.apply_updates(params, u)
     bad = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), _grad_fn(CASE)(params, 1))
     u_bad, state_bad = update(bad, state, params)
-    utils.assert_equal(optax.apply_updates(params, u_bad), params)
+    support.assert_equal(optax.apply_updates(params, u_bad), params)
     # The monitor's diagnostics, recursions and count and the retract state are unchanged
     # (only apply_if_finite's own counters move).
     for name in ("diagnostics", "recursion", "monitor_count", "initial", "residual"):
-        utils.assert_equal(optax.tree.get(state_bad, name), optax.tree.get(state, name))
+        support.assert_equal(optax.tree.get(state_bad, name), optax.tree.get(state, name))
     assert int(optax.tree.get(state_bad, "monitor_count")) == 1
     assert int(optax.tree.get(state_bad, "total_notfinite")) == 1
 
@@ -221,11 +221,11 @@ def test_apply_if_finite_after_max_errors_nan_reaches_untouched_leaves_only():
     params = CASE.params()
     state = tx.init(params)
     bad = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), _grad_fn(CASE)(params, 0))
-    u, new_state = utils.jit(tx.update)(bad, state, params)
-    utils.assert_finite(u["dense"])
-    utils.assert_equal(u["dense"], jax.tree.map(jnp.zeros_like, params["dense"]))
+    u, new_state = support.jit(tx.update)(bad, state, params)
+    support.assert_finite(u["dense"])
+    support.assert_equal(u["dense"], jax.tree.map(jnp.zeros_like, params["dense"]))
     assert bool(jnp.isnan(u["out"]["kernel"][0, 0]))
-    utils.assert_equal(new_state.inner_state[1], state.inner_state[1])
+    support.assert_equal(new_state.inner_state[1], state.inner_state[1])
 
 
 # --------------------------------------------------------------------------- masked, partition
@@ -244,8 +244,8 @@ def test_masked_retract_acts_on_its_leaves_only():
     got, _ = _run(masked, CASE, params, 3)
     want, _ = _run(plain, CASE, params, 3)
     # retract touches only 'dense/*' here, so masking 'out' changes nothing.
-    utils.assert_close(got[-1], want[-1], rtol=RTOL_SAME, atol=1e-6)
-    utils.assert_rel_close(CASE.charges(got[-1]), CASE.charges(params), RTOL_CHARGE, "masked")
+    support.assert_close(got[-1], want[-1], rtol=RTOL_SAME, atol=1e-6)
+    support.assert_rel_close(CASE.charges(got[-1]), CASE.charges(params), RTOL_CHARGE, "masked")
 
 
 def test_masked_out_selection_raises_at_init():
@@ -281,7 +281,7 @@ def test_masked_glob_that_would_narrow_a_group_raises_at_init():
         tx.init(params)
     narrowed = [ksbopt.Scale("dense/kernel", axis=-1)]
     state = optax.masked(ksbopt.retract(narrowed), partial).init(params)
-    utils.assert_equal(state.inner_state.initial, ksbopt.charges(params, narrowed))
+    support.assert_equal(state.inner_state.initial, ksbopt.charges(params, narrowed))
 
 
 def test_partition_matches_the_plain_chain_on_its_leaves():
@@ -299,11 +299,11 @@ def test_partition_matches_the_plain_chain_on_its_leaves():
     for k in range(3):
         g = grad(params, k)
         (u, s), (u_sym, s_sym), (u_rest, s_rest) = [
-            utils.jit(t.update)(g, st, params) for t, st in zip((tx, chain, adam), states)
+            support.jit(t.update)(g, st, params) for t, st in zip((tx, chain, adam), states)
         ]
         states = [s, s_sym, s_rest]
-        utils.assert_close(u["dense"], u_sym["dense"], rtol=RTOL_SAME, atol=1e-7)
-        utils.assert_close(u["out"], u_rest["out"], rtol=RTOL_SAME, atol=1e-7)
+        support.assert_close(u["dense"], u_sym["dense"], rtol=RTOL_SAME, atol=1e-7)
+        support.assert_close(u["out"], u_rest["out"], rtol=RTOL_SAME, atol=1e-7)
         params = optax.apply_updates(params, u)
     _assert_charges_held(CASE, params, start, "partition")
     assert isinstance(states[0].inner_states["sym"].inner_state[1], ksbopt.RetractState)
@@ -312,7 +312,7 @@ def test_partition_matches_the_plain_chain_on_its_leaves():
 def test_partition_symmetry_across_labels_raises():
     """A Rescale whose incoming and outgoing leaves carry different labels cannot be seen
     by either transform: ValueError at init naming the selector that matches nothing."""
-    case = utils.CASES_BY_NAME["rescale_mlp"]
+    case = support.CASES_BY_NAME["rescale_mlp"]
     labels = {"Dense_0": {"kernel": "a", "bias": "a"}, "Dense_1": {"kernel": "b", "bias": "b"}}
     tx = optax.transforms.partition(
         {"a": ksbopt.retract(list(case.symmetries)), "b": optax.sgd(0.1)}, labels
@@ -337,7 +337,7 @@ def test_inject_hyperparams_steer_schedule_runs_on_outer_steps():
     np.testing.assert_allclose(targets, [schedule(i) for i in range(3)], rtol=1e-6)
     # rate 1 puts every group on the target of its outer step.
     for i, p in enumerate(ps[k::k]):
-        utils.assert_close(CASE.charges(p)[0], jnp.full((4,), schedule(i)), rtol=RTOL_CHARGE)
+        support.assert_close(CASE.charges(p)[0], jnp.full((4,), schedule(i)), rtol=RTOL_CHARGE)
 
 
 def test_inject_hyperparams_project_retract_have_none():
@@ -350,7 +350,7 @@ def test_inject_hyperparams_project_retract_have_none():
         assert state.hyperparams == {}
         got, _ = _run(optax.chain(_heavy_ball(), tx), CASE, CASE.params(), 2)
         want, _ = _run(optax.chain(_heavy_ball(), factory(sym)), CASE, CASE.params(), 2)
-        utils.assert_close(got[-1], want[-1], rtol=RTOL_SAME, atol=1e-6)
+        support.assert_close(got[-1], want[-1], rtol=RTOL_SAME, atol=1e-6)
 
 
 @pytest.mark.parametrize("every", [1, 2])
@@ -364,9 +364,9 @@ def test_inject_hyperparams_monitor(every):
         _heavy_ball(), sym, learning_rate=schedule, every=every
     )
     plain = ksbopt.monitor(_heavy_ball(), sym, learning_rate=schedule, every=every)
-    counter = utils.TraceCounter(injected.update)
-    update = utils.jit_max_traces(counter, n=1)
-    grad, plain_update = _grad_fn(CASE), utils.jit(plain.update)
+    counter = support.TraceCounter(injected.update)
+    update = support.jit_max_traces(counter, n=1)
+    grad, plain_update = _grad_fn(CASE), support.jit(plain.update)
     params = CASE.params()
     s_inj, s_plain = injected.init(params), plain.init(params)
     for k in range(3):
@@ -376,7 +376,7 @@ def test_inject_hyperparams_monitor(every):
         params = optax.apply_updates(params, u)
         np.testing.assert_allclose(float(s_inj.hyperparams["learning_rate"]), schedule(k))
     assert counter.count == 1
-    utils.assert_close(s_inj.inner_state, s_plain, rtol=RTOL_SAME, atol=1e-7)
+    support.assert_close(s_inj.inner_state, s_plain, rtol=RTOL_SAME, atol=1e-7)
     # ... and with ``every`` kept static, as optax's static_args allows.
     static = optax.inject_hyperparams(ksbopt.monitor, static_args=("every",))(
         _heavy_ball(), sym, learning_rate=schedule, every=every
@@ -445,7 +445,7 @@ def _assert_state_types_stable(tx, params, grads, name):
     chex.assert_trees_all_equal_shapes_and_dtypes(s_cond, s0)
 
 
-_OVERLAP = utils.CASES_BY_NAME["relu_softmax"]
+_OVERLAP = support.CASES_BY_NAME["relu_softmax"]
 
 
 @pytest.mark.parametrize(
@@ -467,7 +467,7 @@ def test_lax_cond_state_types_stable(case, dtype):
     with jax.enable_x64(dtype == jnp.float64):
         sym = list(case.symmetries)
         params = case.params(dtype)
-        grads = utils.random_like(params, seed=5, scale=0.1)
+        grads = support.random_like(params, seed=5, scale=0.1)
         for name, tx in _cond_transforms(sym).items():
             _assert_state_types_stable(tx, params, grads, name)
 
@@ -481,12 +481,12 @@ def test_lax_cond_around_update_runs(name):
     params = CASE.params()
     g = _grad_fn(CASE)(params, 0)
     s0 = tx.init(params)
-    u1, s1 = utils.jit(tx.update)(g, s0, params)
-    step = utils.jit(_cond_step(tx))
+    u1, s1 = support.jit(tx.update)(g, s0, params)
+    step = support.jit(_cond_step(tx))
     u, s_true = step(True, g, s0, params)
-    utils.assert_close((u, s_true), (u1, s1), rtol=RTOL_SAME, atol=1e-6)
+    support.assert_close((u, s_true), (u1, s1), rtol=RTOL_SAME, atol=1e-6)
     _, s_false = step(False, g, s_true, params)
-    utils.assert_equal(s_false, s_true)
+    support.assert_equal(s_false, s_true)
     assert _shardings(s_true) == _shardings(s0)
 
 

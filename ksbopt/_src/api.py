@@ -19,7 +19,8 @@ def charges(params: Any, symmetries) -> tuple[jax.Array, ...]:
         Q_{translation} = \langle \mathbf 1, w \rangle, \quad
         C_{linear} = A^\top A - B B^\top
 
-    (THEORY.md section 1), accumulated in float32 or wider whatever the parameter dtype.
+    (:ref:`symmetry-generator-charge`), accumulated in float32 or wider whatever the parameter
+    dtype.
 
     Args:
       params: any pytree of arrays (dict, ``flax.linen`` variables, ``nnx.State``).

@@ -1,12 +1,13 @@
 """Descriptions of the learning rule a monitored optimizer follows: sgd, rmsprop, adam.
 
 :func:`ksbopt.monitor` measures Noether charges whatever the optimizer; given a
-:class:`Dynamics` it also predicts them from the exact recursions of THEORY.md (P1, P3, P4,
-P6, P10) and compares. A description is a frozen, hashable record of the optimizer's
-hyperparameters, checked when it is made (unknown kind, a learning rate that is neither a
-number nor a schedule, a momentum outside [0, 1), ...) and checked against the wrapped
-optimizer's state at ``init`` (:meth:`Dynamics.check_state`: e.g. ``adam`` needs the
-moments ``mu`` and ``nu`` that ``optax.adam`` keeps).
+:class:`Dynamics` it also predicts them from the exact recursions (:ref:`P1 <p1>`,
+:ref:`P3 <p3>`, :ref:`P4 <p4>`, :ref:`P6 <p6>`, :ref:`P10 <p10>`) and compares. A description
+is a frozen, hashable record of the optimizer's hyperparameters, checked when it is made
+(unknown kind, a learning rate that is neither a number nor a schedule, a momentum outside
+[0, 1), ...) and checked against the wrapped optimizer's state at ``init``
+(:meth:`Dynamics.check_state`: e.g. ``adam`` needs the moments ``mu`` and ``nu`` that
+``optax.adam`` keeps).
 
 Conventions (the ones of :mod:`ksbopt._src.theory`): ``g`` is the loss gradient that enters
 the wrapped optimizer, without weight decay; the step is ``u``, the new parameters ``w + u``.
@@ -29,63 +30,52 @@ predicts nothing for the metric charges.
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from collections.abc import Callable
 from typing import Any
 
 import jax
-import numpy as np
 import optax
+
+from ksbopt._src import checks
 
 KINDS = ("sgd", "rmsprop", "adam")
 
 _FACTORIES = "ksbopt.dynamics.sgd(...), ksbopt.dynamics.rmsprop(...) or ksbopt.dynamics.adam(...)"
 
 
-def _is_number(x: Any) -> bool:
-    if isinstance(x, bool):
-        return False
-    if isinstance(x, numbers.Real):
-        return True
-    return isinstance(x, (jax.Array, np.ndarray, np.generic)) and np.ndim(x) == 0
-
-
 def check_learning_rate(
-    learning_rate: Any, *, name: str = "learning_rate", optional: bool = True
+    learning_rate: Any,
+    *,
+    name: str = "learning_rate",
+    optional: bool = True,
+    owner: str = "ksbopt.dynamics",
 ) -> None:
-    """``TypeError`` unless ``learning_rate`` is a number, a schedule (callable) or None."""
+    """``TypeError`` unless ``learning_rate`` is a number, a schedule (callable) or None;
+    ``ValueError`` if it is a negative number."""
     if learning_rate is None and optional:
         return
     if callable(learning_rate):
         return
-    if not _is_number(learning_rate):
+    if not checks.is_number(learning_rate):
         raise TypeError(
             f"{name}={learning_rate!r} (type {type(learning_rate).__name__}) is neither a number "
             "nor a schedule; write a float such as 0.1, a callable step -> learning rate such "
             "as optax.cosine_decay_schedule(0.1, 1000), or None to read it from an "
             "optax.inject_hyperparams state."
         )
-    if isinstance(learning_rate, numbers.Real) and learning_rate < 0:
-        raise ValueError(
-            f"{name}={learning_rate} must be >= 0 (the step size eta), e.g. {name}=0.1."
-        )
+    checks.check_nonnegative(owner, name, learning_rate, example=0.1)
 
 
-def _check_unit(value: Any, name: str, *, upper_open: bool = True) -> None:
-    if not _is_number(value):
-        raise TypeError(f"{name}={value!r} must be a number in [0, 1).")
-    if isinstance(value, jax.core.Tracer):
-        return
-    v = float(value)
-    if not (0.0 <= v < 1.0 if upper_open else 0.0 <= v <= 1.0):
-        raise ValueError(f"{name}={value} is outside [0, 1); e.g. {name}=0.9.")
+def _check_unit(kind: str, value: Any, name: str) -> None:
+    owner = f"ksbopt.dynamics.{kind}"
+    checks.check_number(owner, name, value, example=0.9)
+    checks.check_unit_interval(owner, name, value, example=0.9)
 
 
-def _check_nonneg(value: Any, name: str) -> None:
-    if not _is_number(value):
-        raise TypeError(f"{name}={value!r} must be a non-negative number, e.g. {name}=0.0.")
-    if not isinstance(value, jax.core.Tracer) and float(value) < 0:
-        raise ValueError(f"{name}={value} must be >= 0, e.g. {name}=0.0 (none).")
+def _check_nonneg(kind: str, value: Any, name: str) -> None:
+    owner = f"ksbopt.dynamics.{kind}"
+    checks.check_number(owner, name, value, example=0.0)
+    checks.check_nonnegative(owner, name, value, example=0.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,11 +130,11 @@ class Dynamics:
                 f"Build a description with {_FACTORIES}."
             )
         check_learning_rate(self.learning_rate)
-        _check_unit(self.momentum, "momentum" if self.kind == "sgd" else "b1")
-        _check_nonneg(self.weight_decay, "weight_decay")
-        _check_unit(self.decay, "decay" if self.kind == "rmsprop" else "b2")
-        _check_nonneg(self.eps, "eps")
-        _check_nonneg(self.eps_root, "eps_root")
+        _check_unit(self.kind, self.momentum, "momentum" if self.kind == "sgd" else "b1")
+        _check_nonneg(self.kind, self.weight_decay, "weight_decay")
+        _check_unit(self.kind, self.decay, "decay" if self.kind == "rmsprop" else "b2")
+        _check_nonneg(self.kind, self.eps, "eps")
+        _check_nonneg(self.kind, self.eps_root, "eps_root")
         for name in ("decoupled", "nesterov", "eps_in_sqrt", "bias_correction"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}={getattr(self, name)!r} must be True or False.")
@@ -295,7 +285,7 @@ def sgd(
     """Describe (heavy-ball / Nesterov) SGD with weight decay for :func:`ksbopt.monitor`.
 
     With this description the monitor predicts, per group, the charge after every step from
-    the exact recursions of THEORY.md, fed with measured gradient or momentum norms:
+    the exact recursions of :ref:`exact-identities`, fed with measured gradient or momentum norms:
 
     - momentum 0: [derived from NM] P1 (scale, rescale)
       ``x_{k+1} = (1 - eta lam)^2 x_k + eta^2 |g_k|^2``, [derived] P10 (linear), [derived

@@ -114,7 +114,7 @@ def plot_charges(
     The observed curve is :math:`\sum_g Q_g` (or the mean over groups) after every recorded
     step; the predicted one is the open-loop exact recursion of the monitor's dynamics, e.g.
     :math:`x_{k+1} = (1 - \eta\lambda)^2 x_k + \eta^2 \lVert g_k \rVert^2` for SGD on a
-    scale group ([derived] THEORY.md P1). The two coincide for a true symmetry.
+    scale group ([derived] :ref:`P1 <p1>`). The two coincide for a true symmetry.
 
     Args:
       history: a :class:`~ksbopt.History` (``recorder.history()``) or a
@@ -181,7 +181,7 @@ def plot_effective_learning_rate(
     r"""The effective learning rate of scale groups over time: median and range over groups.
 
     SGD with weight decay on a scale group turns its direction with the step size
-    ([derived] THEORY.md P2)
+    ([derived] :ref:`P2 <p2>`)
 
     .. math::
 
@@ -236,7 +236,7 @@ def plot_angular_update(history: History | Recorder, symmetries=None, *, path: s
     r"""Angular update per step (median and range over groups) and its P7a equilibrium.
 
     The angle between a group's vector before and after the step, and, for SGD with coupled
-    weight decay, the equilibrium it approaches ([derived] THEORY.md P7a):
+    weight decay, the equilibrium it approaches ([derived] :ref:`P7a <p7a>`):
 
     .. math::
 
@@ -291,7 +291,7 @@ def plot_angular_update(history: History | Recorder, symmetries=None, *, path: s
 def plot_decomposition(history: History | Recorder, symmetry=0, *, path: str | None = None):
     r"""The change of one symmetry's total charge per recorded step, stacked by source.
 
-    Bars: the two terms of the exact decomposition ([derived] THEORY.md section 3)
+    Bars: the two terms of the exact decomposition ([derived] :ref:`charge-decomposition`)
 
     .. math::
 

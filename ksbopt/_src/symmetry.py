@@ -2,8 +2,8 @@
 
 A declaration (the public classes) is a hashable description: which leaves, which axes.
 :meth:`Symmetry.bind` resolves it against a parameter tree into a *bound* symmetry, which
-knows the groups and implements, on the flat list of leaves, the mathematics of THEORY.md
-section 1 for every group at once:
+knows the groups and implements, on the flat list of leaves, the mathematics of
+:doc:`/concepts/symmetries` for every group at once:
 
 - ``charge``: the Noether charge Q per group;
 - ``reduce`` / ``expand``: the generator as a linear map J from group coefficients to the
@@ -17,7 +17,7 @@ section 1 for every group at once:
   ``step_to`` the same expressed as a replacement of the step u (one fused pass).
 
 All arithmetic happens in the dtype of the leaves passed in; callers pass leaves already
-promoted to at least float32 (see :func:`ksbopt._src.groups.compute_dtype`).
+promoted to at least float32 (see :func:`ksbopt._src.numerics.compute_dtype`).
 
 Cost (every per-group reduction is a pass over the leaf): the leaf-sized arrays only ever
 appear inside elementwise expressions that XLA fuses into the reductions and into the final
@@ -40,15 +40,10 @@ import numpy as np
 from ksbopt._src import groups as groups_lib
 from ksbopt._src import reductions
 from ksbopt._src.groups import AxisPart
+from ksbopt._src.numerics import safe_div as _safe_div  # (also imported by implicit, symmetrize)
 
 Flat = list  # the leaves of a parameter tree, in jax.tree.leaves order
 Moved = dict  # leaf index -> new leaf value
-
-
-def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
-    """``num / den`` where ``den != 0``, else 0: no NaN from a zero-norm group."""
-    ok = den != 0
-    return jnp.where(ok, num / jnp.where(ok, den, 1), 0)
 
 
 def _finfo_tol(x: jax.Array) -> float:
@@ -84,8 +79,8 @@ class Symmetry(abc.ABC):
     A declaration names a group action :math:`\psi(\theta, a)` on some leaves with
     :math:`L(\psi(\theta, a)) = L(\theta)`; its generator is
     :math:`\xi = \partial_a \psi |_{a = e}` and its Noether charge is the quantity a
-    learning rule's kinetic energy conserves or breaks (THEORY.md section 1). The concrete
-    declarations are :class:`Scale`, :class:`Rescale`, :class:`Translation` and
+    learning rule's kinetic energy conserves or breaks (:ref:`symmetry-generator-charge`). The
+    concrete declarations are :class:`Scale`, :class:`Rescale`, :class:`Translation` and
     :class:`Linear`; every ksbopt function that takes ``symmetries`` accepts any of them or
     a list.
 
@@ -602,7 +597,7 @@ class _BoundLinear(BoundSymmetry):
         return sub
 
     def balance(self, flat: Flat) -> Moved:
-        """The closed-form balancing move to C = 0 (THEORY.md section 6, issue of ENorm).
+        """The closed-form balancing move to C = 0 (:ref:`orbit-moves`; the balancing of ENorm).
 
         [derived] With P = A^T A and R = B B^T (P positive definite), G = M^(1/2) for
         M = P^-1/2 (P^1/2 R P^1/2)^1/2 P^-1/2 gives G P G = G^-1 R G^-1, i.e. C = 0.
@@ -707,7 +702,7 @@ class Scale(Symmetry):
 
     Every minibatch gradient is orthogonal to the generator, <g, w> = 0 [paper: NM]; with
     plain SGD the squared norm only grows,
-    :math:`x_{k+1} = x_k + \eta^2 \lVert g_k \rVert^2` ([derived] THEORY.md P1).
+    :math:`x_{k+1} = x_k + \eta^2 \lVert g_k \rVert^2` ([derived] :ref:`P1 <p1>`).
 
     Args:
       selection: which leaves form the groups: a glob over the "/"-joined key path (also
@@ -841,7 +836,7 @@ class Translation(Symmetry):
         Q(w) = \langle \mathbf 1, w \rangle .
 
     SGD and heavy ball conserve Q exactly without weight decay; RMSProp and Adam do not
-    (THEORY.md P4, P6).
+    (:ref:`P4 <p4>`, :ref:`P6 <p6>`).
 
     Args:
       selection: the head's leaves, e.g. ``["head/kernel", "head/bias"]``.
@@ -898,7 +893,7 @@ class Linear(Symmetry):
         C = A^\top A - B B^\top \ (k \times k).
 
     Under gradient flow C is conserved; SGD with weight decay moves it by
-    C_{k+1} = (1 - eta lam)^2 C_k + eta^2 (G_A^T G_A - G_B G_B^T) (THEORY.md P10).
+    C_{k+1} = (1 - eta lam)^2 C_k + eta^2 (G_A^T G_A - G_B G_B^T) (:ref:`P10 <p10>`).
 
     ``left`` leaves transform as A -> A G along ``left_axis`` (their other axes are summed
     in A^T A), ``right`` leaves as B -> G^{-1} B along ``right_axis``. With a head axis, each

@@ -189,7 +189,7 @@ class balanced(Target):
     r"""Balance rescale and linear symmetries: every charge goes to 0.
 
     For ``Rescale`` each unit gets ``|w_in| = |w_out|``; for ``Linear``
-    :math:`A^\top A = B B^\top`, reached in closed form (THEORY.md section 6) by
+    :math:`A^\top A = B B^\top`, reached in closed form (:ref:`orbit-moves`) by
 
     .. math::
 

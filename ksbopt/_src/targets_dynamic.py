@@ -3,7 +3,7 @@
 Both are deliberate kinetic symmetry breaking for any base optimizer: placed in
 :func:`ksbopt.steer` after it, they move each scale group along its orbit (never changing the
 loss) so that its norm, and with it the effective learning rate of its direction
-(THEORY.md P2), is the one that SGD + weight decay on a normalised layer would give.
+(:ref:`P2 <p2>`), is the one that SGD + weight decay on a normalised layer would give.
 
 They keep per-group state (an EMA, a simulated trajectory) in ``SteerState.target_state``.
 """
@@ -11,29 +11,22 @@ They keep per-group state (an EMA, a simulated trajectory) in ``SteerState.targe
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from ksbopt._src import orbit, theory
-from ksbopt._src.symmetry import BoundSymmetry, _safe_div
+from ksbopt._src import checks, orbit, theory
+from ksbopt._src.numerics import safe_div
+from ksbopt._src.symmetry import BoundSymmetry
 from ksbopt._src.targets import Target
 
 
-def _static(x: Any) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
 def _check(owner: str, learning_rate, weight_decay, momentum, *, positive_decay: bool) -> None:
-    if _static(learning_rate) and not learning_rate > 0:
-        raise ValueError(f"{owner}: {learning_rate=} must be > 0, e.g. learning_rate=0.1.")
-    if _static(weight_decay) and not (weight_decay > 0 if positive_decay else weight_decay >= 0):
-        bound = "> 0 (there is no equilibrium without weight decay)" if positive_decay else ">= 0"
-        raise ValueError(f"{owner}: {weight_decay=} must be {bound}, e.g. weight_decay=5e-4.")
-    if _static(momentum) and not 0 <= momentum < 1:
-        raise ValueError(f"{owner}: {momentum=} must be in [0, 1), e.g. momentum=0.9.")
+    checks.check_positive(owner, "learning_rate", learning_rate, example=0.1)
+    check_wd = checks.check_positive if positive_decay else checks.check_nonnegative
+    check_wd(owner, "weight_decay", weight_decay, example=5e-4)
+    checks.check_unit_interval(owner, "momentum", momentum, example=0.9)
 
 
 def _check_scale(owner: str, bound: BoundSymmetry) -> None:
@@ -47,7 +40,7 @@ def _check_scale(owner: str, bound: BoundSymmetry) -> None:
 
 def _tangent(b: BoundSymmetry, w: list, v: list) -> list:
     """``v`` minus its radial part <v, w> w / |w|^2 on the group's leaves."""
-    coef = _safe_div(b.reduce(w, v), b.norms(w))
+    coef = safe_div(b.reduce(w, v), b.norms(w))
     return orbit._apply(v, b.expand(w, coef), sign=-1.0)
 
 
@@ -55,7 +48,7 @@ def _tangent(b: BoundSymmetry, w: list, v: list) -> list:
 class equilibrium(Target):
     r"""Jump to, and hold, the rotational equilibrium of heavy ball + weight decay.
 
-    [derived] THEORY.md P7a / NLD Eq. 16: in the stationary regime of heavy ball with
+    [derived] :ref:`P7a <p7a>` / NLD Eq. 16: in the stationary regime of heavy ball with
     learning rate eta, momentum beta and coupled weight decay lambda, a scale group turns by
 
     .. math::
@@ -121,8 +114,7 @@ class equilibrium(Target):
     def __post_init__(self):
         owner = "targets.equilibrium"
         _check(owner, self.learning_rate, self.weight_decay, self.momentum, positive_decay=True)
-        if _static(self.decay) and not 0 <= self.decay < 1:
-            raise ValueError(f"{owner}: decay={self.decay!r} must be in [0, 1), e.g. 0.99.")
+        checks.check_unit_interval(owner, "decay", self.decay, example=0.99)
 
     def check(self, bound: BoundSymmetry) -> None:
         _check_scale("targets.equilibrium", bound)
@@ -148,7 +140,7 @@ class equilibrium(Target):
         m = bound.norms(params) * 2 * bound.charge(u_t)  # |w|^2 |u_perp|^2 per group
         ema = self.decay * state + (1 - self.decay) * m
         k = jnp.asarray(count + 1, ema.dtype)
-        m_hat = _safe_div(ema, 1 - jnp.asarray(self.decay, ema.dtype) ** k)
+        m_hat = safe_div(ema, 1 - jnp.asarray(self.decay, ema.dtype) ** k)
         x_star = jnp.sqrt(m_hat) / self.angular_update().astype(ema.dtype)
         target = jnp.where(x_star > 0, x_star / 2, charge)
         return target, ema
@@ -158,9 +150,9 @@ class equilibrium(Target):
 class nld(Target):
     r"""The charge that SGD + weight decay on a normalised layer would have, step by step.
 
-    [derived] THEORY.md P1 / P3: this target simulates, per scale group, the squared norm x
-    of a virtual normalised layer trained by heavy ball with coupled weight decay and fed the
-    measured gradient. Its gradient is :math:`\tilde g = \hat g / \sqrt{x}` with
+    [derived] :ref:`P1 <p1>` / :ref:`P3 <p3>`: this target simulates, per scale group, the
+    squared norm x of a virtual normalised layer trained by heavy ball with coupled weight
+    decay and fed the measured gradient. Its gradient is :math:`\tilde g = \hat g / \sqrt{x}` with
     :math:`\hat g = \lVert w\rVert (g - \langle g, u\rangle u)` the gradient at the unit
     direction u; with P the overlap <w, v> and v the heavy-ball buffer (P3),
 
@@ -180,13 +172,12 @@ class nld(Target):
     :math:`x_{k+1} = (1 - \eta \lambda)^2 x_k + \eta^2 \lVert \hat g_k \rVert^2 / x_k`
     (:func:`ksbopt.theory.scale_sgd_step`), whatever the base optimizer. With momentum
     the radial dynamics are P3's exactly and only c_k is approximate; measured on a noisy
-    scale-invariant loss (``tests/test_targets_dynamic.py``, beta = 0.9, 600 steps, norms
-    1000x apart at init), the steered norms of Adam, SGD or heavy ball follow those of
-    heavy ball + weight decay to within 6 %.
+    scale-invariant loss (beta = 0.9, 600 steps, norms 1000x apart at init), the steered
+    norms of Adam, SGD or heavy ball follow those of heavy ball + weight decay to within 6 %.
 
     Steering any base optimizer to this target gives it the normalisation-style decay of its
     effective learning rate: the norm grows with the accumulated squared gradients and weight
-    decay discounts them (the implicit RMSProp of THEORY.md section 5). The simulation starts
+    decay discounts them (the implicit RMSProp of :ref:`implicit-rmsprop`). The simulation starts
     from :math:`x_0 = \lVert w_0 \rVert^2` at rest.
 
     It needs the raw loss gradient: pass it as the extra argument ``grad`` (the name optax's
@@ -259,7 +250,7 @@ class nld(Target):
         x, overlap, v_sq, buf = state
         g_t = _tangent(bound, params, orbit.promote(grad))
         r = jnp.sqrt(bound.norms(params))
-        g_v = bound.act(g_t, _safe_div(r, jnp.sqrt(x)))  # gradient of the virtual layer
+        g_v = bound.act(g_t, safe_div(r, jnp.sqrt(x)))  # gradient of the virtual layer
         g_v_flat = orbit._apply(params, g_v, add=False)
         # tangent part of the virtual momentum, carried to the current tangent space
         m = _tangent(

@@ -4,14 +4,13 @@ Every ``every`` steps the parameters jump along the declared orbits (which never
 loss) to a point chosen by an objective: the largest squared gradient norm (Zhao et al.
 2022: faster descent from there) or the smallest sharpness proxy. The group elements are
 optimised in log coordinates by a few jitted, monotone (trust-region) ascent steps, and the
-state of the wrapped optimizer is carried along with the parameters (THEORY.md section 6),
+state of the wrapped optimizer is carried along with the parameters (:ref:`state-transport`),
 so that training continues as if the coordinates had always been the new ones.
 """
 
 from __future__ import annotations
 
 import inspect
-import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -20,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ksbopt._src import orbit, transport
+from ksbopt._src import checks, orbit, transport
+from ksbopt._src.numerics import all_finite
 from ksbopt._src.symmetry import BoundSymmetry
 
 OBJECTIVES = ("grad_norm", "sharpness")
@@ -58,21 +58,12 @@ class TeleportState(NamedTuple):
     inner_state: Any
 
 
-def _is_static(x: Any) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
 def _check_args(every, steps, step_size, rho, objective, value_fn) -> None:
     owner = "ksbopt.teleport"
-    for name, value in (("every", every), ("steps", steps)):
-        if _is_static(value) and (value != int(value) or value < 1):
-            raise ValueError(
-                f"{owner}: {name}={value!r} must be a positive integer, e.g. "
-                f"{name}={100 if name == 'every' else 8}."
-            )
-    for name, value in (("step_size", step_size), ("rho", rho)):
-        if _is_static(value) and not value > 0:
-            raise ValueError(f"{owner}: {name}={value!r} must be > 0, e.g. {name}=0.1.")
+    checks.check_positive_int(owner, "every", every, example=100)
+    checks.check_positive_int(owner, "steps", steps, example=8)
+    checks.check_positive(owner, "step_size", step_size, example=0.1)
+    checks.check_positive(owner, "rho", rho, example=0.1)
     if not (objective in OBJECTIVES or callable(objective)):
         raise ValueError(
             f"{owner}: objective={objective!r} is not one of {OBJECTIVES}; write "
@@ -265,7 +256,7 @@ def teleport(
     the length is halved; after a success it doubles again up to ``step_size``. So J never
     decreases and one teleport moves s by at most ``steps * step_size``.
 
-    Transport (THEORY.md section 6 [derived]): the incoming gradient and the wrapped
+    Transport (:ref:`state-transport`, [derived]): the incoming gradient and the wrapped
     optimizer's first moments (state fields ``mu``, ``trace``, ...) become M^-T g (scale:
     g / a; rescale: (g_in / a, g_out a); linear: G_A G^-T, G^T G_B; translation: unchanged),
     its second moments (``nu``, ...) nu / a^2 (rescale: nu_in / a^2, nu_out a^2). Then
@@ -274,8 +265,8 @@ def teleport(
     would run from the new coordinates with the transported state (tested in float64).
 
     Note that for a scale symmetry :math:`\lVert\nabla L\rVert^2` is proportional to 1 / a^2:
-    ``"grad_norm"`` shrinks such groups (raising their effective learning rate, THEORY.md P2) by the
-    trust-region length every time; its optimum is interior for rescale and linear
+    ``"grad_norm"`` shrinks such groups (raising their effective learning rate, :ref:`P2 <p2>`)
+    by the trust-region length every time; its optimum is interior for rescale and linear
     symmetries.
 
     The loss is ``value_fn(params, **kw)``: given here or as the extra argument ``value_fn``
@@ -363,7 +354,7 @@ def teleport(
         return TeleportState(jnp.zeros((), jnp.int32), element, jnp.zeros((), jnp.float32), inner)
 
     def update_fn(updates, state, params=None, **extra_args):
-        orbit.require_params(params, "teleport")
+        checks.require_params(params, "ksbopt.teleport")
         fn = extra_args.get("value_fn", value_fn)
         if fn is None:
             raise ValueError(
@@ -434,7 +425,7 @@ def teleport(
             (wt + s_) - x for wt, s_, x in zip(w_t, orbit.promote(jax.tree.leaves(steps_out)), w)
         ]
         # A non-finite gradient skips the step: zero updates, state unchanged.
-        ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in flat_u]))
+        ok = all_finite(flat_u)
         out = jax.tree.unflatten(
             jax.tree.structure(updates),
             [jnp.where(ok, n, 0).astype(u.dtype) for n, u in zip(new, flat_u)],

@@ -1,11 +1,15 @@
-"""Closed forms and exact recursions of Noether's learning dynamics (THEORY.md).
+"""Closed forms and exact recursions of Noether's learning dynamics.
+
+The formulas are presented on the concepts pages (:doc:`/concepts/noether_charges`,
+:doc:`/concepts/implicit_rmsprop`).
 
 Every function here is pure and jit-able: it takes arrays (any shape, one entry per symmetry
 group, broadcasting as usual) and returns arrays, in the floating dtype it is given (float32 or
-float64). Hyperparameters may be Python numbers or arrays; Python numbers are validated eagerly
-(``ValueError`` naming the argument), traced values are not inspected.
+float64). Hyperparameters may be numbers or arrays; concrete numbers (Python, NumPy or 0-d
+arrays) are validated eagerly (``ValueError`` naming the argument), traced values and arrays
+with axes are not inspected.
 
-Conventions (THEORY.md section 3):
+Conventions (those of :ref:`exact-identities`):
 
 * ``charge`` of a scale group is ``x_k = |w_k|^2``; of a rescale group the in-minus-out difference
   ``|w_in|^2 - |w_out|^2``; of a translation group ``s_k = <1_A, w_k>``; of a linear group the
@@ -19,8 +23,8 @@ Conventions (THEORY.md section 3):
 * Continuous time is ``t = eta * step``.
 
 Tags: [paper: NLD] / [paper: NM] are stated in the papers, [derived] follows from them by algebra
-(THEORY.md). The exact recursions hold for any step size, batch and data, given the symmetry; the
-continuous (NM / NLD integral) forms are approximations with error O(eta).
+(:doc:`/concepts/index`). The exact recursions hold for any step size, batch and data, given the
+symmetry; the continuous (NM / NLD integral) forms are approximations with error O(eta).
 
 References:
     Tanaka & Kunin, "Noether's Learning Dynamics: Role of Symmetry Breaking in Neural
@@ -33,12 +37,14 @@ References:
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
+
+from ksbopt._src import checks
+from ksbopt._src.numerics import safe_div
 
 __all__ = [
     "NLD_COEFFICIENTS",
@@ -76,42 +82,17 @@ NLD_COEFFICIENTS = ("printed", "noise")
 # --------------------------------------------------------------------------------------------
 
 
-def _static(value) -> bool:
-    """True for a plain Python / NumPy real number (never for a jax array or tracer)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _check_learning_rate(learning_rate, *, positive: bool = False) -> None:
-    if _static(learning_rate) and (learning_rate <= 0 if positive else learning_rate < 0):
-        bound = "> 0" if positive else ">= 0"
-        raise ValueError(
-            f"{learning_rate=} must be {bound}; pass the (positive) step size eta of the "
-            "optimizer, e.g. learning_rate=0.1."
-        )
-
-
-def _check_momentum(momentum) -> None:
-    if _static(momentum) and not 0.0 <= momentum < 1.0:
-        raise ValueError(
-            f"{momentum=} is outside [0, 1); pass the heavy-ball momentum beta with "
-            "0 <= momentum < 1 (e.g. momentum=0.9, or momentum=0.0 for plain SGD)."
-        )
-
-
-def _check_weight_decay(weight_decay) -> None:
-    if _static(weight_decay) and weight_decay < 0:
-        raise ValueError(
-            f"{weight_decay=} must be >= 0; pass the (coupled or decoupled) weight decay "
-            "coefficient lambda, e.g. weight_decay=5e-4, or 0.0 for none."
-        )
+_OWNER = "ksbopt.theory"
 
 
 def _check_hyper(learning_rate, momentum=None, weight_decay=None, *, positive_lr=False) -> None:
-    _check_learning_rate(learning_rate, positive=positive_lr)
+    """The step size eta (>= 0, or > 0), the heavy-ball beta in [0, 1), lambda >= 0."""
+    check_lr = checks.check_positive if positive_lr else checks.check_nonnegative
+    check_lr(_OWNER, "learning_rate", learning_rate, example=0.1)
     if momentum is not None:
-        _check_momentum(momentum)
+        checks.check_unit_interval(_OWNER, "momentum", momentum, example=0.9)
     if weight_decay is not None:
-        _check_weight_decay(weight_decay)
+        checks.check_nonnegative(_OWNER, "weight_decay", weight_decay, example=5e-4)
 
 
 def _check_coefficient(coefficient) -> str:
@@ -127,12 +108,6 @@ def _check_coefficient(coefficient) -> str:
             "'noise' = 2 eta/(1-beta)^2 (noise-dominated minibatch SGD)."
         )
     return coefficient
-
-
-def _safe_div(num: jax.Array, den: jax.Array, fill: float = 0.0) -> jax.Array:
-    """``num / den`` where ``den != 0``, else ``fill`` (no NaN, also not in the gradient)."""
-    ok = den != 0
-    return jnp.where(ok, num / jnp.where(ok, den, 1), fill)
 
 
 def _one_minus_exp_over(z: jax.Array) -> jax.Array:
@@ -170,7 +145,7 @@ def scale_sgd_step(
 ) -> jax.Array:
     """One exact step of the scale (or rescale) charge under SGD + weight decay.
 
-    [derived from NM] THEORY.md P1::
+    [derived from NM] :ref:`P1 <p1>`::
 
         x_{k+1} = (1 - eta lambda)^2 x_k + eta^2 |g_k|^2
 
@@ -211,7 +186,7 @@ def effective_learning_rate(
 ) -> jax.Array:
     """Effective learning rate of the direction of a scale group under SGD + weight decay.
 
-    [derived] THEORY.md P2::
+    [derived] :ref:`P2 <p2>`::
 
         eta_eff,k = eta / ((1 - eta lambda) x_k),     x_k = |w_k|^2
 
@@ -239,7 +214,7 @@ def effective_learning_rate(
     """
     _check_hyper(learning_rate, weight_decay=weight_decay)
     den = (1 - learning_rate * weight_decay) * jnp.asarray(charge)
-    return _safe_div(jnp.asarray(learning_rate, dtype=den.dtype), den)
+    return safe_div(jnp.asarray(learning_rate, dtype=den.dtype), den)
 
 
 def direction_step(
@@ -251,7 +226,7 @@ def direction_step(
 ) -> jax.Array:
     """One step of the unit direction of a scale group: a normalised gradient step.
 
-    [derived] THEORY.md P2::
+    [derived] :ref:`P2 <p2>`::
 
         w_hat_{k+1} = normalize(w_hat_k - eta_eff,k * g_hat_k)
 
@@ -289,7 +264,7 @@ def direction_step(
         eff = jnp.expand_dims(eff, axes)
     u = direction - eff * direction_grad
     norm = jnp.sqrt(jnp.sum(jnp.square(u), axis=axes, keepdims=True))
-    return _safe_div(u, norm)
+    return safe_div(u, norm)
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,7 +283,7 @@ def heavy_ball_step(
 ) -> tuple[jax.Array, jax.Array]:
     """One exact step of the scale (or rescale) charge under heavy ball + coupled weight decay.
 
-    [derived] THEORY.md P3. With ``v_{k+1} = beta v_k + g_k + lambda w_k``,
+    [derived] :ref:`P3 <p3>`. With ``v_{k+1} = beta v_k + g_k + lambda w_k``,
     ``w_{k+1} = w_k - eta v_{k+1}``, ``v_0 = 0`` and the overlap ``P_k = <w_k, v_{k+1}>``
     (``P_{-1} = 0``)::
 
@@ -363,7 +338,7 @@ def heavy_ball_second_order_step(
 ) -> jax.Array:
     """The heavy-ball charge recursion written without the overlap (three-term form).
 
-    [derived] THEORY.md P3 (equivalent form)::
+    [derived] :ref:`P3 <p3>` (equivalent form)::
 
         x_{k+1} = (1 + beta - 2 eta lambda) x_k - beta x_{k-1}
                   + eta^2 (|v_{k+1}|^2 + beta |v_k|^2)
@@ -410,7 +385,7 @@ def heavy_ball_decoupled_step(
 ) -> tuple[jax.Array, jax.Array]:
     """One exact step of the scale (or rescale) charge under heavy ball + decoupled weight decay.
 
-    [derived] THEORY.md P3 (decoupled). With ``m_{k+1} = beta m_k + g_k`` and
+    [derived] :ref:`P3 <p3>` (decoupled). With ``m_{k+1} = beta m_k + g_k`` and
     ``w_{k+1} = (1 - eta lambda) w_k - eta m_{k+1}``, ``m_0 = 0``, ``P_k = <w_k, m_{k+1}>``::
 
         P_k     = beta ((1 - eta lambda) P_{k-1} - eta |m_k|^2)
@@ -462,7 +437,7 @@ def translation_sgd_step(
 ) -> jax.Array:
     """One exact step of the translation charge under SGD + weight decay.
 
-    [derived from NM] THEORY.md P4::
+    [derived from NM] :ref:`P4 <p4>`::
 
         s_{k+1} = (1 - eta lambda) s_k,      s = <1_A, w>
 
@@ -499,7 +474,7 @@ def translation_heavy_ball_step(
 ) -> jax.Array:
     """One exact step of the translation charge under heavy ball + coupled weight decay.
 
-    [derived from NM] THEORY.md P4::
+    [derived from NM] :ref:`P4 <p4>`::
 
         s_{k+1} = (1 + beta - eta lambda) s_k - beta s_{k-1},    s_1 = (1 - eta lambda) s_0
 
@@ -538,7 +513,7 @@ def linear_sgd_step(
 ) -> jax.Array:
     """One exact step of the GL(k) charge ``C = A^T A - B B^T`` under SGD + weight decay.
 
-    [derived] THEORY.md P10, for two stacked linear maps ``x A B``::
+    [derived] :ref:`P10 <p10>`, for two stacked linear maps ``x A B``::
 
         C_{k+1} = (1 - eta lambda)^2 C_k + eta^2 (G_A^T G_A - G_B G_B^T)
 
@@ -576,7 +551,7 @@ def metric_charge(
 ) -> jax.Array:
     """The scale charge measured in a diagonal metric: ``w^T P w`` per group.
 
-    [derived] THEORY.md P6: the kinetic energy of a preconditioned rule ``w' = w - eta P^-1 g``
+    [derived] :ref:`P6 <p6>`: the kinetic energy of a preconditioned rule ``w' = w - eta P^-1 g``
     is ``m/2 w'^T P w'``; its scale charge is ``w^T P w`` (see :func:`metric_charge_step`).
 
     Args:
@@ -609,7 +584,7 @@ def metric_charge_step(
 ) -> jax.Array:
     """One exact step of the metric-weighted scale charge under a diagonal preconditioner.
 
-    [derived] THEORY.md P6. One step ``w' = w - eta P^-1 g`` with a diagonal SPD ``P`` (RMSProp:
+    [derived] :ref:`P6 <p6>`. One step ``w' = w - eta P^-1 g`` with a diagonal SPD ``P`` (RMSProp:
     ``P = diag(sqrt(nu) + eps)`` with ``nu`` after its update) on a scale group gives::
 
         w'^T P w' = w^T P w + eta^2 g^T P^-1 g
@@ -640,7 +615,7 @@ def metric_charge_step(
     _check_hyper(learning_rate)
     g = jnp.asarray(grad)
     axes = _reduce_axes(g.ndim, axis)
-    quad = jnp.sum(_safe_div(jnp.square(g), jnp.asarray(preconditioner)), axis=axes)
+    quad = jnp.sum(safe_div(jnp.square(g), jnp.asarray(preconditioner)), axis=axes)
     return jnp.asarray(charge) + learning_rate**2 * quad
 
 
@@ -655,7 +630,7 @@ def adam_metric_charge_step(
 ) -> jax.Array:
     """One exact step of the metric-weighted scale charge under Adam(W) (P6 with momentum).
 
-    [derived] THEORY.md P6 extended to Adam's first moment. One AdamW step on a scale group,
+    [derived] :ref:`P6 <p6>` extended to Adam's first moment. One AdamW step on a scale group,
     with ``P`` the diagonal metric of the step (``sqrt(nu_hat + eps_root) + eps``), bias
     correction ``c = eta / (1 - beta1^t)``, ``a = eta lambda`` (decoupled weight decay) and
     ``w' = (1 - a) w - c P^-1 m_{k+1}``, expands exactly to::
@@ -697,7 +672,7 @@ def adam_metric_charge_step(
     dtype = jnp.result_type(charge, float)
     t = jnp.asarray(count, dtype)
     b1 = jnp.asarray(momentum, dtype)
-    c = _safe_div(jnp.asarray(learning_rate, dtype), 1 - b1**t)
+    c = safe_div(jnp.asarray(learning_rate, dtype), 1 - b1**t)
     keep = 1 - learning_rate * weight_decay
     return keep**2 * charge - keep * c * b1 * jnp.asarray(overlap) + c**2 * jnp.asarray(quadratic)
 
@@ -712,7 +687,7 @@ def equilibrium_update_ratio(
 ) -> jax.Array:
     """Stationary ratio of the squared step to the squared norm (heavy ball + coupled wd).
 
-    [derived] THEORY.md P7a, for a scale group in the stationary regime, any noise::
+    [derived] :ref:`P7a <p7a>`, for a scale group in the stationary regime, any noise::
 
         E|w_{k+1} - w_k|^2 / E|w_k|^2 = 2 eta lambda / (1 + beta)
 
@@ -747,8 +722,8 @@ def equilibrium_angular_update(
 ) -> jax.Array:
     """Equilibrium angular update per step of a scale group (heavy ball + coupled wd).
 
-    [derived] THEORY.md P7a: ``A* = sqrt(2 eta lambda / (1 + beta))`` radians per step, the square
-    root of :func:`equilibrium_update_ratio` (small-angle approximation of the rotation). It
+    [derived] :ref:`P7a <p7a>`: ``A* = sqrt(2 eta lambda / (1 + beta))`` radians per step, the
+    square root of :func:`equilibrium_update_ratio` (small-angle approximation of the rotation). It
     matches the spherical-motion (Wan et al.) and rotational-equilibrium (Kosson et al.) results.
 
     Args:
@@ -781,7 +756,7 @@ def winding_fixed_point(
 ) -> tuple[jax.Array, jax.Array]:
     """Exact fixed point of heavy ball + coupled wd on the winding loss ``c atan2(w2, w1)``.
 
-    [derived] THEORY.md P7b. The loss is scale invariant and its gradient
+    [derived] :ref:`P7b <p7b>`. The loss is scale invariant and its gradient
     ``c (-w2, w1) / |w|^2`` is tangent, so the iterate settles on a uniform rotation::
 
         Delta = arccos(1 - eta lambda / (1 + beta))       (rotation angle per step)
@@ -808,12 +783,8 @@ def winding_fixed_point(
         Networks", https://arxiv.org/abs/2105.02716
     """
     _check_hyper(learning_rate, momentum, weight_decay)
-    if (
-        _static(learning_rate)
-        and _static(weight_decay)
-        and _static(momentum)
-        and learning_rate * weight_decay > 2 * (1 + momentum)
-    ):
+    lr, wd, beta = (checks.concrete_value(x) for x in (learning_rate, weight_decay, momentum))
+    if None not in (lr, wd, beta) and lr * wd > 2 * (1 + beta):
         raise ValueError(
             f"{learning_rate=} * {weight_decay=} exceeds 2 (1 + momentum) = {2 * (1 + momentum)}: "
             "the iteration is unstable and has no rotating fixed point; use a smaller step."
@@ -821,14 +792,14 @@ def winding_fixed_point(
     cos = 1 - learning_rate * weight_decay / (1 + jnp.asarray(momentum))
     angle = jnp.arccos(jnp.clip(cos, -1, 1))
     sin = jnp.sin(angle)
-    radius_sq = _safe_div(
+    radius_sq = safe_div(
         learning_rate * jnp.abs(jnp.asarray(strength)), (1 - momentum) * sin, fill=jnp.inf
     )
     return angle, radius_sq
 
 
 # --------------------------------------------------------------------------------------------
-# NLD Eq. 16-18 and THEORY.md section 5
+# NLD Eq. 16-18 and the implicit RMSProp
 # --------------------------------------------------------------------------------------------
 
 
@@ -839,7 +810,7 @@ def nld_coefficient(
 
     * ``"printed"`` [paper: NLD] Eq. 17 as printed: ``c_beta = 2 eta (1 + beta) / (1 - beta)^3``.
       Right for coherent gradients (e.g. full batch, a slowly turning ``g_hat``).
-    * ``"noise"`` [derived] THEORY.md section 5: ``c_beta = 2 eta / (1 - beta)^2``. Right for
+    * ``"noise"`` [derived] :ref:`implicit-rmsprop`: ``c_beta = 2 eta / (1 - beta)^2``. Right for
       noise-dominated minibatch SGD (gradient directions uncorrelated from step to step); it is
       consistent with P7a. The printed factor is ``(1 + beta) / (1 - beta)`` times larger
       (19x in ``r^4``, about 4.4x in ``|q|^2`` at ``beta = 0.9``).
@@ -886,7 +857,7 @@ def nld_steady_state_radius4(
 
     * ``coefficient="printed"`` [paper: NLD] Eq. 16 steady state:
       ``r^4 = eta (1 + beta) |g_hat|^2 / (2 lambda (1 - beta)^2)``.
-    * ``coefficient="noise"`` [derived] THEORY.md section 5:
+    * ``coefficient="noise"`` [derived] :ref:`implicit-rmsprop`:
       ``r^4 = eta |g_hat|^2 / (2 lambda (1 - beta))``.
 
     ``r = |q|`` is the norm of a scale group and ``g_hat`` the gradient at its unit direction.
@@ -913,7 +884,7 @@ def nld_steady_state_radius4(
     _check_hyper(learning_rate, momentum, weight_decay)
     c = nld_coefficient(learning_rate, momentum, coefficient=coefficient)
     num = c * (1 - jnp.asarray(momentum)) * jnp.asarray(g_hat_sq)
-    return _safe_div(num, 4 * jnp.asarray(weight_decay), fill=jnp.inf)
+    return safe_div(num, 4 * jnp.asarray(weight_decay), fill=jnp.inf)
 
 
 def nld_radius4(
@@ -988,7 +959,7 @@ def nld_exact_radius4_step(
 ) -> jax.Array:
     """Exact per-step form behind NLD Eq. 17 at ``beta = 0`` (SGD + weight decay).
 
-    [derived] THEORY.md section 5 (square of P1 with ``|g|^2 = |g_hat|^2 / x``)::
+    [derived] :ref:`implicit-rmsprop` (square of P1 with ``|g|^2 = |g_hat|^2 / x``)::
 
         x_{k+1}^2 = (1 - eta lambda)^4 x_k^2 + 2 (1 - eta lambda)^2 eta^2 |g_hat_k|^2
                     + eta^4 |g_hat_k|^4 / x_k^2,          x = |w|^2 = r^2
@@ -1018,9 +989,7 @@ def nld_exact_radius4_step(
     y = jnp.asarray(radius4)
     g = jnp.asarray(g_hat_sq)
     d2 = (1 - learning_rate * weight_decay) ** 2
-    return (
-        d2**2 * y + 2 * d2 * learning_rate**2 * g + learning_rate**4 * _safe_div(jnp.square(g), y)
-    )
+    return d2**2 * y + 2 * d2 * learning_rate**2 * g + learning_rate**4 * safe_div(jnp.square(g), y)
 
 
 def rmsprop_analogy(
@@ -1028,8 +997,9 @@ def rmsprop_analogy(
 ) -> tuple[jax.Array, jax.Array]:
     """The RMSProp that SGD + weight decay on a normalised group implicitly runs.
 
-    [paper: NLD] Eq. 18 analogy, with THEORY.md section 5 [derived] rate. ``r^2 = |q|^2`` plays
-    ``sqrt(G)``, ``|g_hat|^2`` plays ``|g|^2``, weight decay plays the discount::
+    [paper: NLD] Eq. 18 analogy, with the [derived] rate of :ref:`implicit-rmsprop`.
+    ``r^2 = |q|^2`` plays ``sqrt(G)``, ``|g_hat|^2`` plays ``|g|^2``, weight decay plays the
+    discount::
 
         rho_eff = 1 - 4 eta lambda / (1 - beta)         (per step)
         eta_RMS = sqrt(2 eta lambda / (1 + beta))       (matched base rate)
@@ -1094,7 +1064,7 @@ def rmsprop_sqrt_accumulator(
         Tanaka & Kunin, "Noether's Learning Dynamics: Role of Symmetry Breaking in Neural
         Networks", https://arxiv.org/abs/2105.02716
     """
-    if _static(decay) and decay > 1:
+    if (checks.concrete_value(decay) or 0.0) > 1:
         raise ValueError(f"{decay=} must be <= 1 (RMSProp's discount rho), e.g. decay=0.99.")
     g = jnp.asarray(grad_sq)
     if g.ndim == 0:
@@ -1169,7 +1139,7 @@ def nm_oscillator_kernels(
         Dynamics", https://arxiv.org/abs/2012.04728
     """
     _check_hyper(learning_rate, momentum, positive_lr=True)
-    if _static(stiffness) and stiffness < 0:
+    if (checks.concrete_value(stiffness) or 0.0) < 0:
         raise ValueError(
             f"{stiffness=} must be >= 0 (2 * weight_decay for scale, weight_decay for translation)."
         )

@@ -3,7 +3,7 @@
 A wrapped optimizer keeps trees shaped like the parameters in its state: first moments (a
 momentum buffer, Adam's ``mu``: sums of gradients) and second moments (Adam's ``nu``,
 RMSProp's ``nu``, Adagrad's ``sum_of_squares``: sums of squared gradients). When the
-parameters move along a symmetry orbit these trees must move with them (THEORY.md section 6):
+parameters move along a symmetry orbit these trees must move with them (:ref:`state-transport`):
 a first moment transforms like a gradient, a second moment like its elementwise square.
 
 Which tree is which cannot be read off its values, so it is read off its field name in the

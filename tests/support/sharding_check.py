@@ -3,14 +3,15 @@
 ``tests/test_sharding.py`` runs this script with ``sys.executable`` and reads the JSON it
 prints as the last line of stdout; run it by hand to see the numbers::
 
-    python tests/sharding_check.py --runs retract:unit,monitor:unit --hlo retract:axis:unit
+    python tests/support/sharding_check.py --runs retract:unit,monitor:unit --hlo retract:axis:unit
 
 JAX fixes its device count when it starts, so ``--xla_force_host_platform_device_count=8``
 must be in ``XLA_FLAGS`` before ``import jax``: run as a script, this module adds it when it
 is missing, which is why the checks cannot run inside the pytest process (whose JAX has one
 CPU device). Imported (e.g. by pytest's doctest collection) it changes nothing.
 
-``--runs NAME:CASE,...`` trains the optimizer ``NAME`` of :data:`TRANSFORMS` for ``STEPS``
+``--runs NAME:CASE,...`` trains the optimizer ``NAME`` of :data:`TRANSFORMS` (see :func:`build`)
+for ``STEPS``
 jitted steps twice from the same start: once with the parameters, the batch and the
 optimizer state sharded over a (data=2, model=4) mesh as :data:`CASES` says, once on a
 single device. For each run it reports
@@ -68,10 +69,10 @@ import optax  # noqa: E402
 from jax.sharding import AxisType, Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import utils  # noqa: E402
-
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
 import ksbopt  # noqa: E402
+import support  # noqa: E402
+from support import registry  # noqa: E402
 
 STEPS = 3
 BATCH = 16
@@ -154,45 +155,22 @@ def _sgd():
     return optax.sgd(LR, momentum=0.9)
 
 
-# name -> (builder of a complete optimizer, whether its update takes the loss's batch).
-TRANSFORMS: dict[str, tuple[Callable[[], optax.GradientTransformation], bool]] = {
-    "project": (lambda: optax.chain(ksbopt.project(SYMS), _sgd()), False),
-    "retract": (lambda: optax.chain(_sgd(), ksbopt.retract(SYMS)), False),
-    "steer_constant": (
-        lambda: optax.chain(_sgd(), ksbopt.steer(SYMS, ksbopt.targets.constant(0.5), rate=0.5)),
-        False,
-    ),
-    "steer_equilibrium": (
-        lambda: optax.chain(
-            optax.add_decayed_weights(5e-3),
-            _sgd(),
-            ksbopt.steer(SCALE, ksbopt.targets.equilibrium(LR, 5e-3, 0.9)),
-        ),
-        False,
-    ),
-    "symmetrize": (lambda: ksbopt.symmetrize(optax.adam(1e-2), [SCALE, TRANSLATION]), False),
-    "noether_rmsprop": (lambda: ksbopt.noether_rmsprop(LR, 5e-3, 0.9, symmetries=SCALE), False),
-    "teleport": (
-        lambda: ksbopt.teleport([SCALE, RESCALE], _sgd(), every=2, steps=2, value_fn=loss_fn),
-        True,
-    ),
-    "monitor": (
-        lambda: ksbopt.monitor(_sgd(), SYMS, dynamics=ksbopt.dynamics.sgd(LR, momentum=0.9)),
-        False,
-    ),
-    "monitor_retract": (
-        lambda: ksbopt.monitor(optax.chain(_sgd(), ksbopt.retract(SYMS)), SYMS, learning_rate=LR),
-        False,
-    ),
-    "sgdp": (lambda: ksbopt.sgdp(LR, weight_decay=1e-3), False),
-    "adamp": (lambda: ksbopt.adamp(1e-2, weight_decay=1e-3), False),
-    "nero": (lambda: ksbopt.nero(1e-2), False),
-    "rotational": (lambda: ksbopt.rotational(optax.trace(0.9), LR, 5e-3, momentum=0.9), False),
-    "path_sgd": (lambda: ksbopt.path_sgd(LR, path_norm_fn=path_norm), False),
-}
+# Every optimizer of the registry (building blocks left out), by name.
+TRANSFORMS: tuple[str, ...] = tuple(spec.name for spec in registry.optimizers())
+
+
+def build(name: str) -> tuple[optax.GradientTransformation, bool]:
+    """The complete optimizer ``name`` of the registry on this problem (next to heavy-ball
+    SGD where it is a single step), on the declarations of :data:`SYMS` it takes; and
+    whether its update takes the loss's batch (when it evaluates the loss)."""
+    spec = registry.get(name)
+    syms = [s for s in SYMS if spec.accepts([s])]
+    tx = spec.chain(syms, base=_sgd(), loss=loss_fn, path_norm=path_norm)
+    return tx, "value_fn" in spec.problem_args
+
 
 # Transforms that move along Linear orbits with the iterative (Newton) solve.
-NEWTON = ("retract", "steer_constant", "monitor_retract")
+NEWTON = ("retract", "steer", "monitor_retract")
 
 # --------------------------------------------------------------------------- shardings
 
@@ -272,7 +250,7 @@ _charges = jax.jit(lambda p: ksbopt.charges(p, SYMS))
 def _charge_scales(ref: dict) -> list[float | None]:
     """Per symmetry, the scale of its charge errors: max |Q| (None), except for the charges
     that are differences of two squared norms, whose rounding is eps times the norms however
-    small the difference (``utils.charge_errors``): Rescale, 1/2 (|w_in|^2 + |w_out|^2) of
+    small the difference (``support.charge_errors``): Rescale, 1/2 (|w_in|^2 + |w_out|^2) of
     the largest group; Linear, |A|^2 + |B|^2 (C = A^T A - B B^T).
     """
     sq = jax.tree.map(lambda x: np.square(np.asarray(x, np.float64)), ref)
@@ -337,7 +315,7 @@ def _step_fn(tx: optax.GradientTransformation, with_batch: bool, shardings: Any)
         updates, state = tx.update(grads, state, params, **extra)
         return optax.apply_updates(params, updates), state
 
-    return utils.jit(step)
+    return support.jit(step)
 
 
 def _train(tx, step, params, batches, *, check: bool) -> tuple[Any, Any, Any, list[dict]]:
@@ -356,8 +334,7 @@ def _train(tx, step, params, batches, *, check: bool) -> tuple[Any, Any, Any, li
 
 def run(name: str, case: str, mesh: Mesh, reference: dict) -> dict:
     """Train ``name`` sharded as ``case`` and on one device; compare (see module doc)."""
-    build, with_batch = TRANSFORMS[name]
-    tx = build()
+    tx, with_batch = build(name)
     params0 = init_params()
     batches = [make_batch(k) for k in range(STEPS)]
     if name not in reference:  # the single-device run, on device 0
@@ -425,14 +402,6 @@ def collectives(hlo: str) -> list[dict]:
 def hlo(name: str, syms_name: str, case: str, mesh: Mesh, pinned: bool = False) -> dict:
     """Collectives of the compiled update of ``name`` alone, on ``syms_name`` symmetries."""
     syms = {"axis": AXIS_SYMS, "all": SYMS, "linear": [LINEAR]}[syms_name]
-    factories = {
-        "project": lambda: ksbopt.project(syms),
-        "retract": lambda: ksbopt.retract(syms),
-        "steer": lambda: ksbopt.steer(syms, ksbopt.targets.constant(0.5), rate=0.5),
-        "monitor": lambda: ksbopt.monitor(
-            optax.sgd(LR, momentum=0.9), syms, dynamics=ksbopt.dynamics.sgd(LR, momentum=0.9)
-        ),
-    }
     params = init_params()
     shardings = param_shardings(mesh, params, case)
     params = jax.device_put(params, shardings)
@@ -440,7 +409,7 @@ def hlo(name: str, syms_name: str, case: str, mesh: Mesh, pinned: bool = False) 
     if name == "charges":
         args, fn = (params,), jax.jit(lambda p: ksbopt.charges(p, syms))
     else:
-        tx = factories[name]()
+        tx = registry.get(name).transform(syms)
         state = tx.init(params)
         # Uncommitted leaves of the state laid out as jit lays them out: replicated.
         state_sh = jax.tree.map(
@@ -533,8 +502,7 @@ def multiprocess(process_id: int, num_processes: int, port: int) -> dict:
             for a in make_batch(k)
         )
 
-    build, _ = TRANSFORMS["monitor_retract"]
-    tx = build()
+    tx, _ = build("monitor_retract")
     state = tx.init(params)
     step = _step_fn(tx, False, shardings)
     for k in range(STEPS):
