@@ -403,6 +403,19 @@ def test_rotational_without_weight_decay_trains_every_leaf_with_the_base(kind, x
     assert np.max(np.abs(got[-1]["dense/kernel"] - p0["dense/kernel"])) > 1e-2
 
 
+@pytest.mark.parametrize("weight_decay", [0.0, 5e-3])
+def test_rotational_with_injected_weight_decay_matches_the_static_one(weight_decay, x64):
+    """A traced weight decay (inject_hyperparams) picks rotational or base per step, as a
+    concrete one does at construction."""
+    p0 = centred_initial_params()
+    static = peers.rotational(optax.trace(0.9), 0.1, weight_decay)
+    injected = optax.inject_hyperparams(peers.rotational)(
+        base=optax.trace(0.9), learning_rate=0.1, weight_decay=weight_decay
+    )
+    got = run(injected, p0, oracle, 3, jnp.float64)
+    assert max_error(got, run(static, p0, oracle, 3, jnp.float64)) <= TOL64
+
+
 def test_equilibrium_angular_update_formulas():
     eta, lam, beta = 0.1, 5e-4, 0.9
     assert peers.equilibrium_angular_update(eta, lam, beta) == pytest.approx(
@@ -652,6 +665,9 @@ BAD = [
     (lambda: peers.nero(0.01, step_scale="current"), "step_scale='current'"),
     (lambda: peers.adamp(0.1, eps=-1.0), "eps=-1.0"),
     (lambda: peers.sgdp(0.1, dampening=1.5), "dampening=1.5"),
+    (lambda: peers.rotational(BASE, 0.1, 1e-4, zero_mean="yes"), "zero_mean='yes'"),
+    (lambda: peers.rotational(BASE, 0.1, 1e-4, per_neuron=None), "per_neuron=None"),
+    (lambda: peers.nero(0.01, constraints=1.0), "constraints=1.0"),
 ]
 
 

@@ -525,7 +525,10 @@ def adamp(
     orthogonal to its weight (``max_j |cos(g_j, w_j)| < delta / sqrt(d_unit)`` over output
     units, else ``|cos(g, w)| < delta / sqrt(d)`` for the whole kernel) the radial part
     ``<w_hat, p> w_hat`` is removed per unit (or per kernel), and the decoupled decay
-    ``weight_decay * w`` is multiplied by ``wd_ratio``.
+    ``weight_decay * w`` is multiplied by ``wd_ratio``. The defaults are those of the
+    authors' code (https://github.com/clovaai/AdamP/blob/master/adamp/adamp.py), which this
+    reproduces step for step; the paper's Algorithm 2 is the same rule written without bias
+    correction and with ``w / |w|`` for ``w / (|w| + eps)``.
 
     The unit is the LAST axis (Flax layout); biases and other 1-D leaves are never
     projected. Zero-norm units give no NaN.

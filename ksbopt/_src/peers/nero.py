@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from ksbopt._src.peers._common import (
+    check_bool,
     check_range,
     compute_dtype,
     is_kernel,
@@ -217,6 +218,8 @@ def scale_by_nero(
     check_range(
         owner, "beta", beta, low=0.0, high=1.0, high_open=True, hint="The paper uses 0.999."
     )
+    check_bool(owner, "constraints", constraints)
+    check_bool(owner, "debias", debias)
     if step_scale not in _STEP_SCALES:
         raise ValueError(
             f"{owner}: {step_scale=} is not one of {_STEP_SCALES}; use 'initial_mean' (the "

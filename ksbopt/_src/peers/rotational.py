@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from ksbopt._src.peers._common import (
+    check_bool,
     check_range,
     compute_dtype,
     concrete_float,
@@ -345,6 +346,8 @@ def rotational(
     _check_kind(owner, kind)
     _check_hparams(owner, learning_rate, weight_decay, momentum, rms_decay)
     check_range(owner, "eps", eps, low=0.0, hint="Use a small non-negative number, e.g. 1e-8.")
+    check_bool(owner, "zero_mean", zero_mean)
+    check_bool(owner, "per_neuron", per_neuron)
     base = optax.with_extra_args_support(base)
     wd = concrete_float(weight_decay)
     # Python bool where the weight decay is known now, a traced flag otherwise.
