@@ -59,12 +59,13 @@ def _cosine(a: np.ndarray, b: np.ndarray, eps: float) -> float:
     return abs(float(a @ b)) / den if den > 0 else 0.0
 
 
-def _drop_radial(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Pi_w(x) = x - <w_hat, x> w_hat; a zero w leaves x unchanged."""
+def _drop_radial(x: np.ndarray, w: np.ndarray, eps: float = 0.0) -> np.ndarray:
+    """Pi_w(x) = x - <w_hat, x> w_hat with w_hat = w / (|w| + eps) (the authors' SGDP/AdamP
+    code adds eps to the norm); a zero w leaves x unchanged."""
     n = _norm(w)
     if n == 0:
         return x.copy()
-    w_hat = w / n
+    w_hat = w / (n + eps)
     return x - float(w_hat @ x) * w_hat
 
 
@@ -77,10 +78,10 @@ def adamp_projection(
     P, G, W = units_of(p), units_of(g), units_of(w)
     d_unit = W.shape[1]
     if max(_cosine(G[j], W[j], eps) for j in range(len(W))) < delta / math.sqrt(d_unit):
-        rows = np.stack([_drop_radial(P[j], W[j]) for j in range(len(W))])
+        rows = np.stack([_drop_radial(P[j], W[j], eps) for j in range(len(W))])
         return from_units(rows, w.shape), "unit"
     if _cosine(g.ravel(), w.ravel(), eps) < delta / math.sqrt(w.size):
-        return _drop_radial(p.ravel(), w.ravel()).reshape(w.shape), "layer"
+        return _drop_radial(p.ravel(), w.ravel(), eps).reshape(w.shape), "layer"
     return p.copy(), "none"
 
 
@@ -97,8 +98,14 @@ def sgdp_run(
     eps: float = 1e-8,
     delta: float = 0.1,
     wd_ratio: float = 0.1,
+    project_momentum: bool | None = None,
 ) -> tuple[list[Params], list[dict[str, str]]]:
-    """SGDP (Alg. 1) with decoupled decay weight_decay / (1 - momentum), scaled by wd_ratio."""
+    """SGDP (Alg. 1) with decoupled decay weight_decay / (1 - momentum), scaled by wd_ratio.
+
+    The buffer: ``project_momentum=None`` as the authors' code (the projected step replaces
+    the buffer without Nesterov), ``False`` as Alg. 1 (never), ``True`` always.
+    """
+    project = (not nesterov) if project_momentum is None else project_momentum
     w = {k: np.array(v, np.float64) for k, v in params.items()}
     buf = {k: np.zeros_like(v) for k, v in w.items()}
     trajectory, views = [], []
@@ -110,6 +117,8 @@ def sgdp_run(
             buf[k] = momentum * buf[k] + (1 - dampening) * g[k]
             p = g[k] + momentum * buf[k] if nesterov else buf[k]
             q, view_t[k] = adamp_projection(p, g[k], w[k], delta, eps)
+            if project:
+                buf[k] = adamp_projection(buf[k], g[k], w[k], delta, eps)[0]
             ratio = wd_ratio if view_t[k] != "none" else 1.0
             new[k] = w[k] - eta * q - eta * weight_decay * ratio / (1 - momentum) * w[k]
         w = new
@@ -180,12 +189,14 @@ def nero_run(
     beta: float = 0.999,
     constraints: bool = True,
     debias: bool = True,
+    step_scale: str = "initial_mean",
 ) -> list[Params]:
     """Nero (Liu et al. Alg. 1), loop over neurons.
 
-    Kernels: per unit, g_bar^2 <- beta g_bar^2 + (1 - beta)|g_w|^2, w <- w - lr |w| g_w / g_bar
-    (|w| = 1 on the balanced set; taken as 1 under constraints so a zero unit can move),
-    then w <- w - mean(w), w <- w / |w| with constraints. 1-D leaves: each entry is a neuron
+    Kernels: per unit, g_bar^2 <- beta g_bar^2 + (1 - beta)|g_w|^2, w <- w - lr s g_w / g_bar,
+    then w <- w - mean(w), w <- w / |w| with constraints. s = 1 under constraints; without,
+    the mean of the kernel's initial unit norms (0.01 if 0; the authors' code) or, with
+    step_scale="unit_norm", the unit's current norm |w|. 1-D leaves: each entry is a neuron
     bias b with b <- b - lr sigma_b g_b / g_bar_b, sigma_b = mean |b(0)| of the leaf, or 0.01
     if that is zero. With constraints, kernels are put on the constraint set at the start.
     """
@@ -195,7 +206,11 @@ def nero_run(
     ms = {k: np.zeros(v.shape[-1]) if v.ndim >= 2 else np.zeros(v.shape) for k, v in w.items()}
     sigma = {}
     for k, v in params.items():
-        s = float(np.mean(np.abs(np.asarray(v, np.float64)))) if np.ndim(v) < 2 else 1.0
+        v = np.asarray(v, np.float64)
+        if v.ndim < 2:
+            s = float(np.mean(np.abs(v)))
+        else:
+            s = 1.0 if constraints else float(np.mean([_norm(r) for r in units_of(v)]))
         sigma[k] = s if s > 0 else 0.01
     trajectory = []
     for t in range(1, steps + 1):
@@ -210,7 +225,8 @@ def nero_run(
                 for j in range(len(W)):
                     ms[k][j] = beta * ms[k][j] + (1 - beta) * float(G[j] @ G[j])
                     g_bar = math.sqrt(ms[k][j] / bc)
-                    scale = 1.0 if constraints else _norm(W[j])
+                    unit_norm = step_scale == "unit_norm" and not constraints
+                    scale = _norm(W[j]) if unit_norm else sigma[k]
                     step = scale * G[j] / g_bar if g_bar > 0 else np.zeros_like(G[j])
                     rows.append(W[j] - eta * step)
                 new[k] = from_units(np.stack(rows), w[k].shape)
@@ -250,17 +266,21 @@ def rotational_run(
     lr: LR,
     weight_decay: float,
     momentum: float = 0.9,
-    rms_decay: float = 0.99,
+    rms_decay: float = 0.9,
     kind: str = "sgdm",
+    eps: float = 1e-8,
+    zero_mean: bool = True,
     b2: float = 0.999,
     adam_eps: float = 1e-8,
 ) -> list[Params]:
-    """Rotational wrapper around heavy ball (kind="sgdm") or Adam (kind="adamw").
+    """Rotational wrapper around heavy ball (kind="sgdm") or Adam (kind="adamw"), per neuron.
 
     Base directions: heavy ball ``b <- momentum b + g`` (with coupled decay on 1-D leaves),
-    or Adam ``m_hat / (sqrt(v_hat) + eps)``. Kernel units keep their initial norm n_j and
-    turn by eta_r times the RMS-normalised tangential base step; 1-D leaves take the base
-    step with the learning rate (and decoupled decay for AdamW).
+    or Adam ``m_hat / (sqrt(v_hat) + eps)``. With weight_decay != 0 kernel units keep their
+    initial norm n_j: the unit and its base step are centred (zero_mean), the step made
+    tangential, and the unit turned by eta_r n_j times the step over (RMS + eps). Other
+    leaves, and every leaf at weight_decay = 0, take the base step with the learning rate
+    (and decoupled decay for AdamW).
     """
     w = {k: np.array(v, np.float64) for k, v in params.items()}
     target = {k: np.array([_norm(r) for r in units_of(v)]) for k, v in w.items() if v.ndim >= 2}
@@ -284,24 +304,35 @@ def rotational_run(
                 m[k] = momentum * m[k] + (1 - momentum) * gk
                 v2[k] = b2 * v2[k] + (1 - b2) * gk**2
                 u = (m[k] / (1 - momentum**t)) / (np.sqrt(v2[k] / (1 - b2**t)) + adam_eps)
-            if w[k].ndim < 2:
+            if w[k].ndim < 2 or weight_decay == 0:
                 step = u if kind == "sgdm" else u + weight_decay * w[k]
                 new[k] = w[k] - eta * step
                 continue
             W, U = units_of(w[k]), units_of(u)
             rows = []
             for j in range(len(W)):
-                tangent = _drop_radial(U[j], W[j])
+                wj, uj = (W[j] - W[j].mean(), U[j] - U[j].mean()) if zero_mean else (W[j], U[j])
+                tangent = _drop_radial(uj, wj)
                 nu[k][j] = rms_decay * nu[k][j] + (1 - rms_decay) * float(tangent @ tangent)
                 rms = math.sqrt(nu[k][j] / (1 - rms_decay**t))
                 n = target[k][j]
-                moved = W[j] - eta_r * n * (tangent / rms if rms > 0 else 0 * tangent)
+                moved = wj - eta_r * n * (tangent / (rms + eps) if rms + eps > 0 else 0 * tangent)
                 nm = _norm(moved)
                 rows.append(n * moved / nm if nm > 0 else np.zeros_like(moved))
             new[k] = from_units(np.stack(rows), w[k].shape)
         w = new
         trajectory.append({k: v.copy() for k, v in w.items()})
     return trajectory
+
+
+def center(w: np.ndarray) -> np.ndarray:
+    """REQ's construction-time centring, per unit: w_j - mean(w_j), rescaled to |w_j|."""
+    rows = []
+    for r in units_of(w):
+        c = r - r.mean()
+        n = _norm(c)
+        rows.append(_norm(r) * c / n if n > 0 else np.zeros_like(c))
+    return from_units(np.stack(rows), w.shape)
 
 
 # ---------------------------------------------------------------------------- Path-SGD

@@ -379,8 +379,8 @@ register(
     SGD_GRID,
     hparams={"momentum": 0.9, "weight_decay": 5e-4},
     needs=("sgdp",),
-    description="SGDP (Heo et al. 2021; delta 0.1, wd_ratio 0.1), momentum 0.9, weight decay "
-    "5e-4 as sgd+wd",
+    description="SGDP (Heo et al. 2021, the authors' defaults: delta 0.1, wd_ratio 0.1, momentum "
+    "buffer projected), momentum 0.9, weight decay 5e-4 as sgd+wd",
 )
 register(
     "adamp",
@@ -395,7 +395,8 @@ register(
     lambda lr, task: ks("nero")(lr),
     NERO_GRID,
     needs=("nero",),
-    description="Nero (Liu et al. 2021; beta 0.999, balanced units)",
+    description="Nero (Liu et al. 2021, the authors' defaults: beta 0.999, balanced units, "
+    "debiased; kernels balanced by the first update, where the authors balance at creation)",
 )
 register(
     "rotational",
@@ -405,8 +406,9 @@ register(
     SGD_GRID,
     hparams={"weight_decay": 5e-4, "momentum": 0.9},
     needs=("rotational",),
-    description="rotational SGDM (Kosson et al. 2024): frozen unit norms, equilibrium "
-    "angular update sqrt(2 lr 5e-4 / 1.9) per step",
+    description="rotational SGDM (Kosson et al. 2024, REQ's RotationalSGD defaults: per neuron, "
+    "centred, update-norm decay 0.9): frozen unit norms, equilibrium angular update "
+    "sqrt(2 lr 5e-4 / 1.9) per step; kernels centred by the first update",
 )
 register(
     "path_sgd",

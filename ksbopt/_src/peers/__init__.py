@@ -16,6 +16,7 @@ from ksbopt._src.peers.adamp import (
 from ksbopt._src.peers.nero import (
     NeroRetractionState,
     ScaleByNeroState,
+    balance_params,
     balance_units,
     nero,
     nero_retraction,
@@ -29,6 +30,7 @@ from ksbopt._src.peers.path_sgd import (
 )
 from ksbopt._src.peers.rotational import (
     RotationalState,
+    center_params,
     equilibrium_angular_update,
     rotational,
 )
@@ -41,7 +43,9 @@ __all__ = [
     "ScaleByPathNormState",
     "ScaleBySgdpState",
     "adamp",
+    "balance_params",
     "balance_units",
+    "center_params",
     "equilibrium_angular_update",
     "nero",
     "nero_retraction",

@@ -13,8 +13,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = [
+    "check_bool",
     "check_range",
     "compute_dtype",
     "concrete_float",
@@ -81,6 +83,15 @@ def check_range(
         right = ")" if high_open or high is None else "]"
         interval = f"{left}{lo}, {hi}{right}"
         raise ValueError(f"{owner}: {name}={value!r} is outside {interval}. {hint}".rstrip())
+
+
+def check_bool(owner: str, name: str, value: Any) -> None:
+    """Raises ``ValueError`` when a switch is not a Python (or NumPy) bool."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(
+            f"{owner}: {name}={value!r} is not True or False; pass a Python bool (with "
+            f"optax.inject_hyperparams, list {name!r} in static_args)."
+        )
 
 
 def require_params(owner: str, params: Any) -> None:

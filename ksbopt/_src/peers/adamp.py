@@ -47,7 +47,10 @@ def radial_projection(
 ) -> tuple[jax.Array, jax.Array]:
     """Removes the radial part of ``p`` from a kernel that passes the cosine test.
 
-    Math [paper: Heo et al. 2021, Sec. 3]: with ``Pi_w(x) = x - <w_hat, x> w_hat`` and
+    Math [paper: Heo et al. 2021, Sec. 3]: with ``Pi_w(x) = x - <w_hat, x> w_hat``,
+    ``w_hat = w / (|w| + eps)`` (the authors' code adds ``eps`` to the norm here too,
+    https://github.com/clovaai/AdamP/blob/master/adamp/sgdp.py, ``_projection``; the paper
+    writes ``w / |w|``, the same up to ``eps / |w|``) and
     ``cos(a, b) = |<a, b>| / (|a| |b| + eps)``,
 
     1. channel view: if ``max_j cos(g_j, w_j) < delta / sqrt(d_unit)`` over the units
@@ -97,14 +100,14 @@ def _radial_coefficients(
     """The per-unit factor ``c`` (shape ``(units,)``) with ``radial_projection``'s step
     ``q = p - c * w``, and the ``projected`` flag; ``p``, ``g``, ``w`` in the compute dtype.
 
-    ``<w_hat, p> w_hat = (<w, p> / |w|^2) w`` (0 for a zero-norm unit), so the channel view
+    ``<w_hat, p> w_hat = (<w, p> / (|w| + eps)^2) w`` (0 for a zero-norm unit), so the channel view
     needs ``|w_j|^2``, ``|g_j|^2``, ``<g_j, w_j>``, ``<w_j, p_j>`` per unit and the layer view
     the same four sums over the whole leaf, which are the sums of the per-unit ones. All four
     come out of ONE pass over the leaf (``reductions.part_sums``), and ``q = p - c w`` is
     formed inside the caller's elementwise pass that writes its output: no leaf-sized
     ``w_hat`` or ``q`` is stored and no norm is computed twice. Same numbers as the formulas
-    of :func:`radial_projection` up to rounding (order of summation, ``<w, p> / |w|^2``
-    in place of ``<w_hat, p>`` times ``w_hat``).
+    of :func:`radial_projection` up to rounding (order of summation, ``<w, p> / (|w| +
+    eps)^2`` in place of ``<w_hat, p>`` times ``w_hat``).
     """
     if w.size == 0:
         return jnp.zeros(w.shape[-1:], w.dtype), jnp.asarray(False)
@@ -117,12 +120,12 @@ def _radial_coefficients(
     # Channel view: one unit per entry of the last axis.
     cos_unit = safe_div(jnp.abs(gw), jnp.sqrt(gg) * jnp.sqrt(ww) + eps)
     by_unit = jnp.max(cos_unit) < delta / math.sqrt(d_unit)
-    c_unit = safe_div(wp, ww)
+    c_unit = safe_div(wp, jnp.square(jnp.sqrt(ww) + eps))
     # Layer view: the whole leaf is one vector.
     ww_l, gg_l, gw_l, wp_l = jnp.sum(ww), jnp.sum(gg), jnp.sum(gw), jnp.sum(wp)
     cos_layer = safe_div(jnp.abs(gw_l), jnp.sqrt(gg_l) * jnp.sqrt(ww_l) + eps)
     by_layer = cos_layer < delta / math.sqrt(w.size)
-    c_layer = safe_div(wp_l, ww_l)
+    c_layer = safe_div(wp_l, jnp.square(jnp.sqrt(ww_l) + eps))
     c = jnp.where(by_unit, c_unit, jnp.where(by_layer, c_layer, jnp.zeros_like(c_unit)))
     # Hand the leaf-sized pass that applies ``c`` a finished vector, not the selects above
     # to redo per entry.
@@ -190,6 +193,7 @@ def scale_by_sgdp(
     eps: Any = 1e-8,
     delta: Any = 0.1,
     wd_ratio: Any = 0.1,
+    project_momentum: bool | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """SGDP's direction (heavy ball, radial projection, decoupled decay), without the lr.
 
@@ -198,8 +202,19 @@ def scale_by_sgdp(
         b_t = momentum * b_{t-1} + (1 - dampening) * g_t          (b_0 = 0)
         p_t = g_t + momentum * b_t  (nesterov)   or   b_t
         q_t, projected = radial_projection(p_t, g_t, w_t)          (leaves with ndim >= 2)
+        b_t <- q_t  (project_momentum, without nesterov: the buffer is projected too)
         r_t = wd_ratio if projected else 1
         out = q_t + weight_decay * r_t / (1 - momentum) * w_t
+
+    The buffer: in the authors' code (https://github.com/clovaai/AdamP/blob/master/adamp/
+    sgdp.py, ``step``: ``d_p = buf`` then ``_projection`` subtracts from ``d_p`` in place)
+    the step and the momentum buffer are one tensor when ``nesterov=False``, so the
+    projection also removes the radial part of the buffer every step; with Nesterov the
+    step is a new tensor and the buffer is left alone. ``project_momentum=None`` (default)
+    does exactly that, so ``sgdp`` reproduces the code behind the paper's published results.
+    ``project_momentum=False`` projects only the step, as the paper's Algorithm 1 writes it
+    (and as ``pytorch-optimizer``'s SGDP does); ``project_momentum=True`` projects the
+    buffer with Nesterov too (``b_t <- Pi(b_t)`` with the same test).
 
     :func:`sgdp` multiplies ``out`` by ``-learning_rate``. The weight decay is decoupled
     (applied to the weight, outside the momentum) and divided by ``1 - momentum``, so that
@@ -217,6 +232,9 @@ def scale_by_sgdp(
       eps: added to the cosine's denominator (``>= 0``).
       delta: cosine-test threshold ``> 0``.
       wd_ratio: factor in ``[0, 1]`` on the decay of projected leaves.
+      project_momentum: whether the projection also replaces the momentum buffer; ``None``
+        follows the authors' code (``True`` without Nesterov, ``False`` with it), ``False``
+        the paper's Algorithm 1.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is :class:`ScaleBySgdpState`;
@@ -257,6 +275,13 @@ def scale_by_sgdp(
                 f"{momentum=} and {dampening=}; set dampening=0 or nesterov=False."
             )
 
+    if project_momentum not in (None, True, False):
+        raise ValueError(
+            f"{owner}: {project_momentum=} is not None, True or False; leave it None to "
+            "follow the authors' code or pass False for the paper's step-only projection."
+        )
+    project_buffer = (not nesterov) if project_momentum is None else project_momentum
+
     def init_fn(params):
         return ScaleBySgdpState(momentum=optax.tree.zeros_like(params))
 
@@ -271,6 +296,8 @@ def scale_by_sgdp(
             p = gc + momentum * b_new if nesterov else b_new
             if is_kernel(w):
                 q, projected = radial_projection(p, gc, wc, delta, eps)
+                if project_buffer:
+                    b_new = q if not nesterov else radial_projection(b_new, gc, wc, delta, eps)[0]
             else:
                 q, projected = p, jnp.asarray(False)
             ratio = jnp.where(projected, wd_ratio, 1.0)
@@ -293,6 +320,7 @@ def sgdp(
     eps: Any = 1e-8,
     delta: Any = 0.1,
     wd_ratio: Any = 0.1,
+    project_momentum: bool | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """SGDP: heavy-ball SGD that projects out the radial step of scale-invariant kernels.
 
@@ -303,6 +331,10 @@ def sgdp(
     sqrt(d_unit)`` per output unit, else ``|cos(g, w)| < delta / sqrt(d)`` for the whole
     kernel) the radial part ``<w_hat, p> w_hat`` is removed per unit (or per kernel) and
     the decoupled decay ``weight_decay / (1 - momentum) * w`` is multiplied by ``wd_ratio``.
+    By default the projected step also replaces the momentum buffer when ``nesterov=False``,
+    as in the authors' code (https://github.com/clovaai/AdamP/blob/master/adamp/sgdp.py,
+    where step and buffer are one tensor); ``project_momentum=False`` projects only the
+    step, as the paper's Algorithm 1 (see :func:`scale_by_sgdp`).
 
     The unit is the LAST axis (Flax: Dense ``(in, out)``, Conv ``(..., in, out)``); biases
     and other 1-D leaves are never projected. Zero-norm units give no NaN.
@@ -316,6 +348,8 @@ def sgdp(
       eps: added to the cosine's denominator.
       delta: cosine-test threshold ``> 0`` (paper: 0.1).
       wd_ratio: decay factor for projected leaves in ``[0, 1]`` (paper: 0.1).
+      project_momentum: project the momentum buffer as well; ``None`` follows the authors'
+        code (without Nesterov: yes), ``False`` the paper's Algorithm 1.
 
     Returns:
       ``optax.chain(scale_by_sgdp(...), optax.scale_by_learning_rate(learning_rate))``;
@@ -350,6 +384,7 @@ def sgdp(
             eps=eps,
             delta=delta,
             wd_ratio=wd_ratio,
+            project_momentum=project_momentum,
         ),
         optax.scale_by_learning_rate(learning_rate),
     )
@@ -490,7 +525,10 @@ def adamp(
     orthogonal to its weight (``max_j |cos(g_j, w_j)| < delta / sqrt(d_unit)`` over output
     units, else ``|cos(g, w)| < delta / sqrt(d)`` for the whole kernel) the radial part
     ``<w_hat, p> w_hat`` is removed per unit (or per kernel), and the decoupled decay
-    ``weight_decay * w`` is multiplied by ``wd_ratio``.
+    ``weight_decay * w`` is multiplied by ``wd_ratio``. The defaults are those of the
+    authors' code (https://github.com/clovaai/AdamP/blob/master/adamp/adamp.py), which this
+    reproduces step for step; the paper's Algorithm 2 is the same rule written without bias
+    correction and with ``w / |w|`` for ``w / (|w| + eps)``.
 
     The unit is the LAST axis (Flax layout); biases and other 1-D leaves are never
     projected. Zero-norm units give no NaN.

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from ksbopt._src.peers._common import (
+    check_bool,
     check_range,
     compute_dtype,
     is_kernel,
@@ -31,14 +32,18 @@ from ksbopt._src.peers._common import (
 __all__ = [
     "NeroRetractionState",
     "ScaleByNeroState",
+    "balance_params",
     "balance_units",
     "nero",
     "nero_retraction",
     "scale_by_nero",
 ]
 
-#: Step scale of a 1-D leaf whose initial entries are all zero (Flax's default bias init).
-DEFAULT_BIAS_SCALE = 0.01
+#: Step scale of a leaf whose initial scale is zero (Flax's default bias init), as in the
+#: authors' code.
+DEFAULT_SCALE = 0.01
+
+_STEP_SCALES = ("initial_mean", "unit_norm")
 
 
 def balance_units(w: jax.Array) -> jax.Array:
@@ -70,6 +75,52 @@ def balance_units(w: jax.Array) -> jax.Array:
     return safe_div(centred, unit_norm(centred))
 
 
+def balance_params(params: Any) -> Any:
+    """Puts every kernel of a parameter tree on Nero's constraint set, before training.
+
+    Math [paper: Liu et al. 2021, Alg. 1]: each unit ``w_j = w[..., j]`` of every leaf with
+    two or more dimensions becomes ``(w_j - mean(w_j)) / |w_j - mean(w_j)|`` (see
+    :func:`balance_units`); other leaves (biases) are returned unchanged. Every leaf keeps
+    its dtype.
+
+    The authors' optimizer does this to the model's weights when it is created
+    (https://github.com/jxbz/nero/blob/master/nero.py, ``Nero.__init__``), so its first
+    gradient is taken at balanced weights. An optax transformation cannot change the
+    parameters it is initialised with, so call this once on the initial parameters to
+    reproduce the authors' runs with :func:`nero`; without it the first update balances the
+    kernels instead (after a gradient taken at the unbalanced point). A unit that is
+    constant (zero after centring) stays zero, where the authors' code divides by zero.
+
+    Args:
+      params: a tree of arrays (e.g. Flax ``variables["params"]``), kernels with their
+        output units on the LAST axis.
+
+    Returns:
+      A tree like ``params`` with every kernel balanced.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, ksbopt
+      >>> params = {"kernel": jax.random.normal(jax.random.key(0), (4, 3)) + 1.0,
+      ...           "bias": jnp.ones(3)}
+      >>> balanced = ksbopt.balance_params(params)
+      >>> k = balanced["kernel"]
+      >>> norms = jnp.linalg.norm(k, axis=0)
+      >>> bool(jnp.allclose(k.mean(0), 0, atol=1e-6)), bool(jnp.allclose(norms, 1))
+      (True, True)
+      >>> bool(jnp.all(balanced["bias"] == params["bias"]))
+      True
+
+    References:
+      Y. Liu, J. Bernstein, M. Meister, Y. Yue, "Learning by Turning: Neural Architecture
+      Aware Optimisation", ICML 2021, https://arxiv.org/abs/2102.07227
+    """
+
+    def leaf(w):
+        return balance_units(w).astype(w.dtype) if is_kernel(w) and w.size else w
+
+    return jax.tree.map(leaf, params)
+
+
 class ScaleByNeroState(NamedTuple):
     """State of :func:`scale_by_nero`.
 
@@ -77,8 +128,10 @@ class ScaleByNeroState(NamedTuple):
       count: number of updates done so far (int32 scalar).
       nu: running average of squared gradient norms: shape ``(units,)`` for a kernel (one
         number per unit), the leaf's own shape for a 1-D leaf (one per entry).
-      bias_scale: per-leaf scalar ``sigma_b`` that sets the step of 1-D leaves (1 for
-        kernels, where it is not used).
+      scale: per-leaf scalar that multiplies the normalised step, fixed at ``init``: for
+        a 1-D leaf ``sigma_b``, the mean absolute initial entry; for a kernel the mean of
+        its initial unit norms without constraints, 1 with them (the norm of a balanced
+        unit); 0.01 where that mean is 0 (see :func:`scale_by_nero`).
 
     The running average is ``nu_t = beta nu_{t-1} + (1 - beta) |g_j|^2`` per unit j.
 
@@ -95,7 +148,7 @@ class ScaleByNeroState(NamedTuple):
 
     count: jax.Array
     nu: optax.Updates
-    bias_scale: optax.Updates
+    scale: optax.Updates
 
 
 def scale_by_nero(
@@ -103,37 +156,48 @@ def scale_by_nero(
     *,
     constraints: bool = True,
     debias: bool = True,
+    step_scale: str = "initial_mean",
 ) -> optax.GradientTransformationExtraArgs:
     """Nero's per-unit normalised direction, without the learning rate and retraction.
 
     Math [paper: Liu et al. 2021, Alg. 1]. Kernels (``ndim >= 2``), per unit ``j``::
 
         nu_j <- beta nu_j + (1 - beta) |g_j|^2,   g_bar_j = sqrt(nu_j / (1 - beta^t))
-        out_j = s_j * g_j / g_bar_j
+        out_j = s * g_j / g_bar_j
 
-    with ``s_j = 1`` under ``constraints=True`` (the norm of a balanced unit; a unit that
-    is still zero can then leave zero) and ``s_j = |w_j|`` without constraints (the
-    paper's relative step; a zero unit then stays zero). 1-D leaves (biases): Nero treats
-    every entry as its own unit with a scalar gradient, so the average is per entry and
-    the step scale is the leaf's initialisation scale ``sigma_b``, the mean absolute
-    initial entry, or 0.01 when the leaf starts at zero (the rule of the authors'
-    reference implementation); biases are never constrained. A unit whose average is still
-    zero gets a zero step (no NaN).
+    1-D leaves (biases): Nero treats every entry as its own unit with a scalar gradient, so
+    the average is per entry, and biases are never constrained. A unit whose average is
+    still zero gets a zero step (no NaN; the authors' code sets its NaN to 0).
 
-    ``debias=True`` divides the running average by ``1 - beta^t`` as Adam and the
-    authors' reference implementation do; the paper's Algorithm 1 leaves it undebiased,
-    which makes the first steps about ``1 / sqrt(1 - beta)`` (32 at ``beta = 0.999``)
-    times larger; ``debias=False`` gives that literal rule.
+    The scale ``s`` (``step_scale``):
+
+    * ``"initial_mean"`` (default, the authors' code: ``state['scale'] =
+      neuron_norm(p).mean()`` in ``Nero.__init__`` of
+      https://github.com/jxbz/nero/blob/master/nero.py): ONE number per leaf, fixed at
+      ``init``: the mean of the initial unit norms of a kernel, which is 1 with
+      ``constraints`` (the norm of a balanced unit: the authors balance the weights before
+      taking it), and for a 1-D leaf the mean absolute initial entry ``sigma_b``; 0.01 when
+      that mean is 0 (Flax's zero-initialised biases).
+    * ``"unit_norm"``: each kernel unit's CURRENT norm ``|w_j|``, the per-neuron relative
+      step of the paper's Sec. 3 (the same under ``constraints``, where ``|w_j| = 1``; taken
+      as 1 there, so that a still-zero unit can leave zero); 1-D leaves keep ``sigma_b``.
+
+    ``debias=True`` divides the running average by ``1 - beta^t`` as Adam and the authors'
+    code do; the paper's Algorithm 1 leaves it undebiased, which makes the first steps about
+    ``1 / sqrt(1 - beta)`` (32 at ``beta = 0.999``) times larger; ``debias=False`` gives
+    that literal rule.
 
     Args:
       beta: averaging constant in ``[0, 1)``.
-      constraints: whether kernels live on the balanced set (changes ``s_j``; the
-        retraction itself is :func:`nero_retraction`).
+      constraints: whether kernels live on the balanced set (sets ``s = 1`` for kernels;
+        the retraction itself is :func:`nero_retraction`).
       debias: divide the running average by ``1 - beta^t``.
+      step_scale: ``"initial_mean"`` (the authors' code) or ``"unit_norm"`` (the paper's
+        per-unit relative step); only kernels without constraints differ.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with state :class:`ScaleByNeroState`;
-      ``update`` needs ``params`` when ``constraints=False``.
+      ``update`` needs ``params`` with ``constraints=False, step_scale="unit_norm"``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -142,7 +206,7 @@ def scale_by_nero(
       >>> tx = scale_by_nero(0.999)
       >>> state = tx.init(params)
       >>> out, state = tx.update({"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)}, state, params)
-      >>> k, s = out["kernel"][:, 0], state.bias_scale["bias"]
+      >>> k, s = out["kernel"][:, 0], state.scale["bias"]
       >>> round(float(jnp.linalg.norm(k)), 5), round(float(s), 6)
       (1.0, 0.01)
 
@@ -154,6 +218,14 @@ def scale_by_nero(
     check_range(
         owner, "beta", beta, low=0.0, high=1.0, high_open=True, hint="The paper uses 0.999."
     )
+    check_bool(owner, "constraints", constraints)
+    check_bool(owner, "debias", debias)
+    if step_scale not in _STEP_SCALES:
+        raise ValueError(
+            f"{owner}: {step_scale=} is not one of {_STEP_SCALES}; use 'initial_mean' (the "
+            "authors' code) or 'unit_norm' (the paper's per-unit relative step)."
+        )
+    current_norm = step_scale == "unit_norm" and not constraints
 
     def init_fn(params):
         def nu0(w):
@@ -162,20 +234,21 @@ def scale_by_nero(
 
         def scale0(w):
             cd = compute_dtype(w)
-            if is_kernel(w) or jnp.size(w) == 0:
+            w = jnp.asarray(w, cd)
+            if jnp.size(w) == 0 or (is_kernel(w) and constraints):
                 return jnp.ones([], cd)
-            s = jnp.mean(jnp.abs(jnp.asarray(w, cd)))
-            return jnp.where(s > 0, s, jnp.asarray(DEFAULT_BIAS_SCALE, cd))
+            s = jnp.mean(unit_norm(w)) if is_kernel(w) else jnp.mean(jnp.abs(w))
+            return jnp.where(s > 0, s, jnp.asarray(DEFAULT_SCALE, cd))
 
         return ScaleByNeroState(
             count=jnp.zeros([], jnp.int32),
             nu=jax.tree.map(nu0, params),
-            bias_scale=jax.tree.map(scale0, params),
+            scale=jax.tree.map(scale0, params),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
-        if not constraints:
+        if current_norm:
             require_params(owner, params)
         count = optax.safe_increment(state.count)
         leaves_like = params if params is not None else updates
@@ -186,15 +259,15 @@ def scale_by_nero(
             bc = one_minus_power(beta, count, cd) if debias else 1
             if is_kernel(g):
                 nu_new = beta * nu + (1 - beta) * unit_sum(gc * gc)
-                scale = 1 if constraints else unit_norm(w.astype(cd))
+                scale = unit_norm(w.astype(cd)) if current_norm else s
             else:
                 nu_new = beta * nu + (1 - beta) * gc * gc
                 scale = s
             out = scale * safe_div(gc, jnp.sqrt(nu_new / bc))
             return out.astype(g.dtype), nu_new.astype(nu.dtype)
 
-        out, nu = map_leaves(leaf, updates, state.nu, state.bias_scale, leaves_like, n_out=2)
-        return out, ScaleByNeroState(count=count, nu=nu, bias_scale=state.bias_scale)
+        out, nu = map_leaves(leaf, updates, state.nu, state.scale, leaves_like, n_out=2)
+        return out, ScaleByNeroState(count=count, nu=nu, scale=state.scale)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -271,6 +344,7 @@ def nero(
     *,
     constraints: bool = True,
     debias: bool = True,
+    step_scale: str = "initial_mean",
 ) -> optax.GradientTransformationExtraArgs:
     """Nero: per-unit relative steps on balanced units (zero mean, unit norm).
 
@@ -278,15 +352,26 @@ def nero(
     the LAST axis) with gradient ``g_j``::
 
         nu_j <- beta nu_j + (1 - beta) |g_j|^2          (debiased by 1 - beta^t)
-        w_j  <- w_j - lr * |w_j| * g_j / sqrt(nu_j)    (|w_j| = 1 on the balanced set)
+        w_j  <- w_j - lr * s * g_j / sqrt(nu_j)
         w_j  <- w_j - mean(w_j);  w_j <- w_j / |w_j|   (only with constraints=True)
 
-    A 1-D leaf (bias) is updated entry by entry, ``b_i <- b_i - lr * sigma_b * g_i /
-    sqrt(nu_i)``, with ``sigma_b`` its initialisation scale (see :func:`scale_by_nero`).
-    With constraints the first update also balances the initial kernel (the reference
-    implementation does that at construction). Zero-norm units give no NaN: a zero unit
-    with a non-zero gradient leaves zero under ``constraints=True`` and stays zero (its
-    relative step is zero) under ``constraints=False``.
+    with ``s = 1`` under constraints (the norm of a balanced unit) and, without them, one
+    number per kernel: the mean of its initial unit norms, as the authors' code does
+    (https://github.com/jxbz/nero/blob/master/nero.py, ``state['scale']``);
+    ``step_scale="unit_norm"`` uses each unit's current norm ``|w_j|`` instead, the paper's
+    per-neuron relative step. A 1-D leaf (bias) is updated entry by entry,
+    ``b_i <- b_i - lr * sigma_b * g_i / sqrt(nu_i)``, with ``sigma_b`` the mean absolute
+    initial entry, or 0.01 if that is 0 (see :func:`scale_by_nero`).
+
+    Initial balancing: the authors' optimizer balances the model's kernels when it is
+    created, so its first gradient is taken at balanced weights. To reproduce that, call
+    :func:`balance_params` on the initial parameters before training
+    (``params = ksbopt.balance_params(params)``). Without it the first update with
+    constraints balances the kernels itself (:func:`nero_retraction` balances ``w`` before
+    adding the step), after a gradient taken at the unbalanced point.
+
+    Zero-norm units give no NaN: a zero unit with a non-zero gradient leaves zero under
+    ``constraints=True``; without constraints a zero kernel gets the scale 0.01.
 
     Args:
       learning_rate: step size ``>= 0`` (about the angle in radians each unit turns per
@@ -294,6 +379,8 @@ def nero(
       beta: averaging constant in ``[0, 1)`` (paper default 0.999).
       constraints: keep kernels balanced (zero mean, unit norm per unit).
       debias: debias the running average as Adam does (see :func:`scale_by_nero`).
+      step_scale: ``"initial_mean"`` (the authors' code) or ``"unit_norm"`` (the paper's
+        per-unit relative step); only kernels without constraints differ.
 
     Returns:
       ``optax.chain(scale_by_nero(...), optax.scale_by_learning_rate(learning_rate)[,
@@ -302,7 +389,9 @@ def nero(
     Example:
       >>> import jax, jax.numpy as jnp, optax
       >>> from ksbopt import nero
+      >>> from ksbopt import balance_params
       >>> params = {"kernel": jax.random.normal(jax.random.key(0), (4, 3)), "bias": jnp.zeros(3)}
+      >>> params = balance_params(params)  # as the authors' optimizer does when created
       >>> tx = nero(0.01)
       >>> state = tx.init(params)
       >>> grads = jax.tree.map(jnp.ones_like, params)
@@ -324,7 +413,7 @@ def nero(
         hint="Pass the positive step size (paper default 0.01).",
     )
     parts = [
-        scale_by_nero(beta, constraints=constraints, debias=debias),
+        scale_by_nero(beta, constraints=constraints, debias=debias, step_scale=step_scale),
         optax.scale_by_learning_rate(learning_rate),
     ]
     if constraints:

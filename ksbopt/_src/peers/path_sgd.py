@@ -157,6 +157,9 @@ def path_sgd(
     network without its ReLUs run with squared weights on an all-ones input, outputs
     summed) at ``w**2``; see
     :func:`path_preconditioner`. Entries with ``kappa_e = 0`` get a zero step (no NaN).
+    The authors published no implementation; this follows the paper's Algorithm 1 (plain
+    steps, no momentum; a bias is an edge from a constant unit) and is checked against a
+    reference written from the paper's ``gamma_in`` / ``gamma_out`` recursions.
 
     Because ``kappa`` needs the network, the function is given at construction and is
     keyword-only. With ``optax.inject_hyperparams`` name it static, or it will be taken for

@@ -8,8 +8,10 @@ equilibrium value predicted from the base optimizer's learning rate, weight deca
 momentum.
 
 Flax layout: a unit is ``kernel[..., j]`` (the LAST axis) of every leaf with two or more
-dimensions; leaves with fewer dimensions (biases, norm scales) are scale-sensitive and get
-the base update with learning rate and weight decay.
+dimensions (or the whole leaf, per layer); leaves with fewer dimensions (biases, norm
+scales) are scale-sensitive and get the base update with learning rate and weight decay.
+The defaults follow the authors' code, https://github.com/epfml/REQ
+(``shared/optimizers/common.py``, ``rotational_sgd.py``, ``rotational_adamw.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from ksbopt._src.peers._common import (
+    check_bool,
     check_range,
     compute_dtype,
     concrete_float,
@@ -30,11 +33,9 @@ from ksbopt._src.peers._common import (
     one_minus_power,
     require_params,
     safe_div,
-    unit_norm,
-    unit_sum,
 )
 
-__all__ = ["RotationalState", "equilibrium_angular_update", "rotational"]
+__all__ = ["RotationalState", "center_params", "equilibrium_angular_update", "rotational"]
 
 _KINDS = ("sgdm", "adamw")
 
@@ -52,7 +53,7 @@ def equilibrium_angular_update(
 ) -> Any:
     """Expected per-step rotation of a scale-invariant unit in rotational equilibrium.
 
-    Math [paper: Kosson et al. 2024, Table 1; THEORY.md P7a for SGDM]:
+    Math [paper: Kosson et al. 2024, Table 1; Sec. 3 for SGDM]:
 
     * ``kind="sgdm"`` (heavy ball with coupled L2 decay, momentum ``beta``):
       ``eta_r = sqrt(2 eta lambda / (1 + beta))``;
@@ -95,7 +96,7 @@ def equilibrium_angular_update(
 
 def _eta_r_squared(learning_rate, weight_decay, momentum, kind):
     """``eta_r**2`` without checks (used inside ``update``, where values may be traced)."""
-    rate = 2 * learning_rate * weight_decay / (1 + momentum)  # THEORY.md P7a
+    rate = 2 * learning_rate * weight_decay / (1 + momentum)
     return rate * (1 - momentum) if kind == "adamw" else rate
 
 
@@ -130,8 +131,81 @@ def _check_hparams(owner, learning_rate, weight_decay, momentum, rms_decay) -> N
         low=0.0,
         high=1.0,
         high_open=True,
-        hint="Use e.g. 0.99.",
+        hint="Use e.g. 0.9 (the authors' update_norm_decay_factor).",
     )
+
+
+def _axes(x: jax.Array, per_neuron: bool) -> tuple[int, ...]:
+    """The axes a "unit" spans: all but the last (one unit per output), or all (the layer)."""
+    return tuple(range(x.ndim - 1)) if per_neuron else tuple(range(x.ndim))
+
+
+def _sum(x: jax.Array, per_neuron: bool) -> jax.Array:
+    """Sum over each unit: shape ``(units,)`` per neuron, ``()`` per layer; broadcasts."""
+    return jnp.sum(x, axis=_axes(x, per_neuron))
+
+
+def _norm(x: jax.Array, per_neuron: bool) -> jax.Array:
+    """The norm of each unit, computed as ``m |x / m|`` with ``m = max |x|`` over the unit.
+
+    Finite for every finite ``x``: a plain sum of squares overflows float32 once a unit's
+    norm exceeds about 1.8e19, and the frozen norm would then be inf (:doc:`/edge_cases`).
+    """
+    m = jnp.max(jnp.abs(x), axis=_axes(x, per_neuron))
+    return m * jnp.sqrt(_sum(jnp.square(safe_div(x, m)), per_neuron))
+
+
+def _centre(x: jax.Array, per_neuron: bool) -> jax.Array:
+    """``x`` minus the mean of each unit (per neuron) or of the whole leaf (per layer)."""
+    return x - jnp.mean(x, axis=_axes(x, per_neuron))
+
+
+def center_params(params: Any, *, per_neuron: bool = True) -> Any:
+    """Centres every kernel of a parameter tree, keeping each unit's norm, before training.
+
+    Math [code: REQ, ``center_rotational_weights`` in
+    https://github.com/epfml/REQ/blob/main/shared/optimizers/common.py]: each unit
+    ``w_j = w[..., j]`` (Flax: the LAST axis; the whole leaf with ``per_neuron=False``) of
+    every leaf with two or more dimensions becomes ``|w_j| c_j / |c_j|`` with
+    ``c_j = w_j - mean(w_j)``; other leaves are returned unchanged, every leaf in its dtype.
+
+    The authors' rotational optimizers do this to the model's weights when they are created
+    (``zero_mean=True``, for the leaves they treat as rotational: two or more dimensions and
+    ``weight_decay != 0``), so their first gradient is taken at centred weights. An optax
+    transformation cannot change the parameters it is initialised with, so call this once
+    on the initial parameters to reproduce their runs with :func:`rotational` (with a
+    non-zero weight decay); without it the first update centres the kernels itself. A unit
+    that is constant (zero after centring) stays zero, where the authors' code divides by
+    zero.
+
+    Args:
+      params: a tree of arrays, kernels with their output units on the LAST axis.
+      per_neuron: centre each unit (``True``) or each whole kernel (``False``), as the
+        ``per_neuron`` argument of :func:`rotational`.
+
+    Returns:
+      A tree like ``params`` with every kernel centred and its unit norms kept.
+
+    Example:
+      >>> import jax.numpy as jnp, ksbopt
+      >>> params = {"kernel": jnp.array([[3.0, 1.0], [1.0, 1.0]]), "bias": jnp.ones(2)}
+      >>> out = ksbopt.center_params(params)["kernel"]
+      >>> [round(float(x), 4) for x in out[:, 0]], [round(float(x), 4) for x in out[:, 1]]
+      ([2.2361, -2.2361], [0.0, 0.0])
+
+    References:
+      A. Kosson, B. Messmer, M. Jaggi, "Rotational Equilibrium: How Weight Decay Balances
+      Learning Across Neural Networks", ICML 2024, https://arxiv.org/abs/2305.17212
+    """
+
+    def leaf(w):
+        if not is_kernel(w) or not w.size:
+            return w
+        wc = w.astype(compute_dtype(w))
+        c = _centre(wc, per_neuron)
+        return (_norm(wc, per_neuron) * safe_div(c, _norm(c, per_neuron))).astype(w.dtype)
+
+    return jax.tree.map(leaf, params)
 
 
 class RotationalState(NamedTuple):
@@ -140,13 +214,14 @@ class RotationalState(NamedTuple):
     Attributes:
       count: number of updates done so far (int32 scalar).
       base_state: the wrapped base transform's state.
-      rms: per-unit running average of the squared tangential base step, shape
-        ``(units,)`` for kernels (a zero scalar placeholder for other leaves).
-      target_norm: per-unit norm frozen at ``init``, shape ``(units,)`` for kernels (a zero
+      rms: running average of the squared norm of the (centred) tangential base step, one
+        number per unit of a kernel (one per kernel with ``per_neuron=False``; a zero
         scalar placeholder for other leaves).
+      target_norm: the norm of each unit (or kernel) frozen at ``init``, ``n_j = |w_j(0)|``
+        (a zero scalar placeholder for other leaves).
 
     The rotation per step is set to the equilibrium angular update, for ``kind="sgdm"``
-    ``A* = sqrt(2 eta lambda / (1 + beta))`` ([derived] THEORY.md P7a).
+    ``eta_r = sqrt(2 eta lambda / (1 + beta))``.
 
     Example:
       >>> import jax.numpy as jnp, optax, ksbopt
@@ -166,14 +241,11 @@ class RotationalState(NamedTuple):
     target_norm: optax.Updates
 
 
-def _unit_norm(x: jax.Array) -> jax.Array:
-    """The norm of each unit ``x[..., j]``, computed as ``m |x / m|`` with ``m = max |x|``.
-
-    Finite for every finite ``x``: a plain sum of squares overflows float32 once a unit's
-    norm exceeds about 1.8e19, and the frozen norm would then be inf (docs/edge_cases.md).
-    """
-    m = jnp.max(jnp.abs(x), axis=tuple(range(x.ndim - 1)))
-    return m * unit_norm(safe_div(x, m))
+def _pick(flag: Any, a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a`` where ``flag`` else ``b``: a Python choice for a Python bool, else ``where``."""
+    if isinstance(flag, bool):
+        return a if flag else b
+    return jnp.where(flag, a, b)
 
 
 def rotational(
@@ -181,45 +253,65 @@ def rotational(
     learning_rate: optax.ScalarOrSchedule,
     weight_decay: Any,
     momentum: Any = 0.9,
-    rms_decay: Any = 0.99,
+    rms_decay: Any = 0.9,
     *,
     kind: str = "sgdm",
+    eps: Any = 1e-8,
+    zero_mean: bool = True,
+    per_neuron: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     """Rotational wrapper (REQ): frozen unit norms, equilibrium angular update per step.
 
-    Math [paper: Kosson et al. 2024, Sec. 5 "rotational variants"]. Let ``u`` be the
+    Math [paper: Kosson et al. 2024, Sec. 5 "rotational variants"; code: REQ
+    ``perform_rotational_update`` in
+    https://github.com/epfml/REQ/blob/main/shared/optimizers/common.py]. Let ``u`` be the
     base's step direction (``base`` must return a descent *direction* without learning
-    rate and weight decay, e.g. ``optax.trace(momentum)`` or ``optax.scale_by_adam(b1)``)
-    and ``eta_r`` = :func:`equilibrium_angular_update` of ``(learning_rate, weight_decay,
-    momentum, kind)``. For every unit ``w_j = w[..., j]`` of a leaf with ``ndim >= 2``
-    (Flax: the LAST axis) with frozen norm ``n_j = |w_j(0)|``::
+    rate and weight decay, e.g. ``optax.trace(momentum)`` for the authors'
+    ``RotationalSGD`` or ``optax.scale_by_adam(b1, b2, eps)`` for ``RotationalAdamW``) and
+    ``eta_r`` = :func:`equilibrium_angular_update` of ``(learning_rate, weight_decay,
+    momentum, kind)``. Every unit ``w_j = w[..., j]`` (Flax: the LAST axis; the whole leaf
+    with ``per_neuron=False``) of a leaf with ``ndim >= 2``, when ``weight_decay != 0``, is
+    rotational, with frozen norm ``n_j = |w_j(0)|``::
 
-        u_j   <- u_j - <u_j, w_hat_j> w_hat_j                 (tangential part)
+        w_j   <- w_j - mean(w_j)                               (zero_mean)
+        u_j   <- u_j - mean(u_j)                               (zero_mean)
+        u_j   <- u_j - <u_j, w_j> w_j / |w_j|^2                (tangential part)
         nu_j  <- rms_decay nu_j + (1 - rms_decay) |u_j|^2     (debiased by 1 - rms_decay^t)
-        w_j   <- w_j - eta_r * n_j * u_j / sqrt(nu_j)
+        w_j   <- w_j - eta_r * n_j * u_j / (sqrt(nu_j) + eps)
         w_j   <- n_j * w_j / |w_j|
 
     so each unit keeps its initial norm and turns by about ``eta_r`` radians per step on
-    average, whatever the gradient scale. Leaves with ``ndim < 2`` are scale-sensitive and
-    follow the base: ``kind="sgdm"`` adds the coupled decay ``lambda w`` to their gradient
+    average, whatever the gradient scale. The defaults are those of the authors' code:
+    centring (``zero_mean=True``), ``rms_decay=0.9`` (their ``update_norm_decay_factor``),
+    ``eps=1e-8`` (their ``rotational_eps``), per-neuron control. The first line is an
+    identity once the weights are centred: the authors centre them when the optimizer is
+    created, so call :func:`center_params` on the initial parameters to reproduce their
+    runs; without it the first update centres them.
+
+    Other leaves follow the base, as in the authors' code: leaves with ``ndim < 2``
+    (biases, gains) and, at ``weight_decay = 0``, EVERY leaf (the authors treat a leaf as
+    rotational only if ``weight_decay != 0 and dim > 1``: a zero equilibrium angle would
+    freeze it). ``kind="sgdm"`` adds the coupled decay ``lambda w`` to their gradient
     before the base and steps ``-eta u``; ``kind="adamw"`` steps ``-eta (u + lambda w)``
-    (decoupled). Design choices, documented because the paper leaves them open or we could
-    not check them line by line: the RMS average uses its own decay ``rms_decay`` with
-    Adam-style debiasing; it tracks the tangential step (the radial part cannot rotate a
-    unit whose norm is frozen); no centring of the update is done. A zero-norm unit stays
-    zero (its frozen norm is 0) without NaN; initialise units non-zero or mask them out
-    with ``optax.partition``.
+    (decoupled). A zero-norm unit stays zero (its frozen norm is 0) without NaN; the
+    authors' code divides by that zero norm.
 
     Args:
       base: the base direction, an ``optax.GradientTransformation`` without learning rate
         or weight decay (it gets the gradients, with the coupled decay on 1-D leaves when
         ``kind="sgdm"``, and ``params``).
       learning_rate: the base learning rate ``eta >= 0`` (scalar or optax schedule).
-      weight_decay: the weight decay ``lambda >= 0`` whose equilibrium is imposed.
+      weight_decay: the weight decay ``lambda >= 0`` whose equilibrium is imposed; 0 trains
+        every leaf with the base.
       momentum: the base's momentum (``b1`` for Adam) in ``[0, 1)``, used in ``eta_r``.
-      rms_decay: decay in ``[0, 1)`` of the per-unit RMS average of the base step.
+      rms_decay: decay in ``[0, 1)`` of the running average of the squared update norm
+        (the authors' ``update_norm_decay_factor``; 0 holds every step at ``eta_r``).
       kind: ``"sgdm"`` (``eta_r = sqrt(2 eta lambda / (1 + beta))``) or ``"adamw"``
         (``eta_r = sqrt(2 eta lambda (1 - beta) / (1 + beta))``).
+      eps: added to the root of the running average (``>= 0``).
+      zero_mean: centre the rotational weights and their updates (the authors' default).
+      per_neuron: control the norm and rotation of each unit (``True``) or of each whole
+        kernel (``False``, the authors' per-layer mode).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with state :class:`RotationalState`;
@@ -229,8 +321,9 @@ def rotational(
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
-      >>> from ksbopt import rotational
+      >>> from ksbopt import center_params, rotational
       >>> params = {"kernel": jax.random.normal(jax.random.key(0), (8, 4)), "bias": jnp.zeros(4)}
+      >>> params = center_params(params)  # as the authors' optimizer does when created
       >>> tx = rotational(optax.scale_by_adam(b1=0.9), 1e-3, 0.1, momentum=0.9, kind="adamw")
       >>> state = tx.init(params)
       >>> grads = jax.tree.map(lambda x: jnp.cos(x + 1.0), params)
@@ -252,15 +345,22 @@ def rotational(
         )
     _check_kind(owner, kind)
     _check_hparams(owner, learning_rate, weight_decay, momentum, rms_decay)
+    check_range(owner, "eps", eps, low=0.0, hint="Use a small non-negative number, e.g. 1e-8.")
+    check_bool(owner, "zero_mean", zero_mean)
+    check_bool(owner, "per_neuron", per_neuron)
     base = optax.with_extra_args_support(base)
+    wd = concrete_float(weight_decay)
+    # Python bool where the weight decay is known now, a traced flag otherwise.
+    rotating = (wd != 0) if wd is not None else (jnp.asarray(weight_decay) != 0)
 
     def init_fn(params):
         def zeros(w):
             cd = compute_dtype(w)
-            return jnp.zeros(w.shape[-1:], cd) if is_kernel(w) else jnp.zeros([], cd)
+            shape = w.shape[-1:] if per_neuron else ()
+            return jnp.zeros(shape if is_kernel(w) else (), cd)
 
         def norm0(w):
-            return _unit_norm(w.astype(compute_dtype(w))) if is_kernel(w) else zeros(w)
+            return _norm(w.astype(compute_dtype(w)), per_neuron) if is_kernel(w) else zeros(w)
 
         return RotationalState(
             count=jnp.zeros([], jnp.int32),
@@ -275,7 +375,8 @@ def rotational(
         lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
         eta_r = jnp.sqrt(_eta_r_squared(lr, weight_decay, momentum, kind))
         if kind == "sgdm":
-
+            # Coupled decay on the leaves that follow the base; on a kernel it is either not
+            # wanted (rotational) or zero (weight_decay = 0), so kernels get the gradient.
             def coupled(g, w):
                 return g if is_kernel(w) else g + (weight_decay * w).astype(g.dtype)
 
@@ -287,16 +388,21 @@ def rotational(
         def leaf(u, nu, n, w):
             cd = compute_dtype(w)
             uc, wc = u.astype(cd), w.astype(cd)
+            plain = -lr * (uc if kind == "sgdm" else uc + weight_decay * wc)
             if not is_kernel(w):
-                step = uc if kind == "sgdm" else uc + weight_decay * wc
-                return (-lr * step).astype(u.dtype), nu
-            w_hat = safe_div(wc, _unit_norm(wc))
-            tangent = uc - unit_sum(uc * w_hat) * w_hat
-            nu_new = rms_decay * nu + (1 - rms_decay) * unit_sum(tangent * tangent)
-            rms = jnp.sqrt(nu_new / one_minus_power(rms_decay, count, cd))
-            moved = wc - (eta_r * n) * safe_div(tangent, rms)
-            new = n * safe_div(moved, _unit_norm(moved))
-            return (new - wc).astype(u.dtype), nu_new.astype(nu.dtype)
+                return plain.astype(u.dtype), nu
+            if zero_mean:
+                wc, uc = _centre(wc, per_neuron), _centre(uc, per_neuron)
+            tangent = uc - safe_div(_sum(uc * wc, per_neuron), _sum(wc * wc, per_neuron)) * wc
+            nu_new = rms_decay * nu + (1 - rms_decay) * _sum(tangent * tangent, per_neuron)
+            avg = jnp.sqrt(nu_new / one_minus_power(rms_decay, count, cd))
+            moved = wc - (eta_r * n) * safe_div(tangent, avg + eps)
+            new = n * safe_div(moved, _norm(moved, per_neuron))
+            turned = new - w.astype(cd)
+            return (
+                _pick(rotating, turned, plain).astype(u.dtype),
+                _pick(rotating, nu_new, nu).astype(nu.dtype),
+            )
 
         out, rms = map_leaves(leaf, directions, state.rms, state.target_norm, params, n_out=2)
         return out, RotationalState(
