@@ -162,6 +162,40 @@ def _inner(a: Sequence[jax.Array], b: Sequence[jax.Array]) -> jax.Array:
     return sum(jnp.sum(x * y) for x, y in zip(a, b))
 
 
+def _pcg(matvec, solve, b: list[jax.Array], max_iter, stop) -> tuple[list[jax.Array], jax.Array]:
+    """Preconditioned conjugate gradients for A x = b (A symmetric positive semi-definite).
+
+    ``matvec`` applies A, ``solve`` the preconditioner's (pseudo-)inverse M^+; both act on
+    lists of arrays. Iterates while ``stop(r^T M^+ r)`` is false, at most ``max_iter`` times.
+    Rounding-robust choices: the step length is the exact line search <r, p> / <p, A p> for
+    the current residual (equal to r^T M^+ r / <p, A p> in exact arithmetic, and never
+    increasing the A-norm of the error) and beta is Polak-Ribiere's, clipped at 0 (a restart
+    whenever rounding has cost the directions their conjugacy). Returns x and r^T M^+ r.
+    """
+    z = solve(b)
+    rz = jnp.maximum(_inner(b, z), 0)
+
+    def cond(state):
+        it, _, _, _, rz = state
+        return (it < max_iter) & ~stop(rz)
+
+    def body(state):
+        it, x, r, p, rz = state
+        ap = matvec(p)
+        alpha = _safe_div(_inner(r, p), _inner(p, ap))
+        x = [xi + alpha * pi for xi, pi in zip(x, p)]
+        r_new = [ri - alpha * ai for ri, ai in zip(r, ap)]
+        z = solve(r_new)
+        rz_new = jnp.maximum(_inner(r_new, z), 0)
+        beta = jnp.maximum(_safe_div(rz_new - _inner(r, z), rz), 0)
+        p = [zi + beta * pi for zi, pi in zip(z, p)]
+        return it + 1, x, r_new, p, rz_new
+
+    x0 = [jnp.zeros_like(v) for v in b]
+    _, x, _, _, rz = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), x0, b, z, rz))
+    return x, rz
+
+
 def _joint_project(
     syms: Sequence[BoundSymmetry], flat: Flat, u: Flat, max_iter, tol
 ) -> tuple[Moved, list[jax.Array], jax.Array]:
@@ -169,18 +203,18 @@ def _joint_project(
 
     [derived] The coefficients solve the normal equations (J^T J) c = J^T u of
     min_c |u - J c|^2, here by preconditioned conjugate gradients without ever forming
-    J^T J (in the CGLS arrangement: the projected vector s = u - J c is carried along and
-    the residual J^T s of the normal equations is measured from it at every iteration, so
-    the residual reported is the orthogonality actually achieved). The preconditioner is the
+    J^T J: each iteration applies it as J^T (J p), one pass over the component's leaves
+    that reads the parameters and writes nothing leaf-sized. The preconditioner M is the
     block diagonal of J^T J: each symmetry's own Gram operator, solved in closed form
     (diagonal for Scale / Rescale / Translation, a Sylvester equation per head for Linear).
-    Each iteration costs one pass over the component's leaves (J p, then J^T s).
 
-    Iterations stop when the relative residual rho = sqrt(r^T M^+ r) / |u|, r = J^T s,
-    M the block diagonal, is below ``tol`` or after ``max_iter`` iterations. Since
-    r^T M^+ r = sum_k |P_k s|^2 with P_k the orthogonal projection on symmetry k's own
-    generators, rho is the generator component left in s relative to the size of u (a
-    gradient already orthogonal to the generators, up to rounding, stops at once).
+    Iterations stop when the relative residual rho = sqrt(r^T M^+ r) / |u|,
+    r = J^T (u - J c), is below ``tol`` or after ``max_iter`` iterations. Since
+    r^T M^+ r = sum_k |P_k s|^2 for s = u - J c and P_k the orthogonal projection on
+    symmetry k's own generators, rho is the generator component left in the result relative
+    to the size of u (a gradient already orthogonal to the generators stops at once). The
+    rho returned is measured again on the result (not the solver's running estimate), so it
+    is the orthogonality actually achieved.
 
     Returns the projected leaves, the coefficients per symmetry and rho (NaN if ``u`` is not
     finite on the component).
@@ -188,53 +222,33 @@ def _joint_project(
     leaves = _component_leaves(syms)
     precond = [s.gram_solver(flat) for s in syms]
 
-    def as_flat(sub: Moved) -> Flat:
+    def reduce(sub: Moved) -> list[jax.Array]:
         full: Flat = [None] * len(flat)
         for i, v in sub.items():
             full[i] = v
-        return full
-
-    def reduce(sub: Moved) -> list[jax.Array]:
-        full = as_flat(sub)
         return [s.reduce(flat, full) for s in syms]
 
     def solve(r: Sequence[jax.Array]) -> list[jax.Array]:
         return [m(x) for m, x in zip(precond, r)]
 
-    s0 = {i: u[i] for i in leaves}
-    b = reduce(s0)
-    z = solve(b)
-    rz0 = jnp.maximum(_inner(b, z), 0)
-    uu = sum(jnp.sum(jnp.square(x)) for x in s0.values())
-    tol = jnp.asarray(tol, rz0.dtype)
+    def left(r: Sequence[jax.Array]) -> jax.Array:
+        return jnp.maximum(_inner(r, solve(r)), 0)
 
-    def cond(state):
-        it, _, _, _, _, rz = state
-        return (it < max_iter) & (rz > tol * tol * uu)
-
-    def body(state):
-        it, c, s, r, p, rz = state
-        q = _expand_all(syms, flat, p)
-        # The exact line search along p for the current s (<r, p> = <r, z> in exact
-        # arithmetic): |s|^2 never grows, also once rounding dominates the residual.
-        alpha = _safe_div(_inner(r, p), sum(jnp.sum(jnp.square(x)) for x in q.values()))
-        c = [ci + alpha * pi for ci, pi in zip(c, p)]
-        s = {i: s[i] - alpha * q[i] if i in q else s[i] for i in s}
-        r_new = reduce(s)
-        z = solve(r_new)
-        rz_new = jnp.maximum(_inner(r_new, z), 0)
-        # Polak-Ribiere (restarts by itself when rounding makes successive residuals lose
-        # their conjugacy); equal to Fletcher-Reeves in exact arithmetic.
-        beta = jnp.maximum(_safe_div(rz_new - _inner(r, z), rz), 0)
-        p = [zi + beta * pi for zi, pi in zip(z, p)]
-        return it + 1, c, s, r_new, p, rz_new
-
-    c0 = [jnp.zeros_like(x) for x in b]
-    state = (jnp.zeros((), jnp.int32), c0, s0, b, z, rz0)
-    _, c, s, _, _, rz = jax.lax.while_loop(cond, body, state)
-    # NaN when u is not finite: the loop did not run, the NaN reaches the caller's checks.
-    residual = jnp.where(uu > 0, jnp.sqrt(_safe_div(rz, uu)), 0 * rz0)
-    return s, c, residual
+    sub = {i: u[i] for i in leaves}
+    uu = sum(jnp.sum(jnp.square(x)) for x in sub.values())
+    tol = jnp.asarray(tol, uu.dtype)
+    c, _ = _pcg(
+        lambda p: reduce(_expand_all(syms, flat, p)),
+        solve,
+        reduce(sub),
+        max_iter,
+        lambda rz: rz <= tol * tol * uu,
+    )
+    removed = _expand_all(syms, flat, c)
+    out = {i: v - removed[i] if i in removed else v for i, v in sub.items()}
+    # NaN when u is not finite: the NaN reaches the caller's checks.
+    residual = jnp.sqrt(_safe_div(left(reduce(out)), uu)) + 0 * uu
+    return out, c, residual
 
 
 def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
