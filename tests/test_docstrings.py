@@ -50,7 +50,6 @@ MODULES = {name: obj for name, obj in PUBLIC.items() if isinstance(obj, ModuleTy
 # Names whose docstring has no formula, and why. Everything else states its math.
 NO_MATH = {
     "ksbopt.Symmetry": "abstract base class; each subclass states its action and charge",
-    "ksbopt.ProjectState": "empty state container of project, whose docstring has the math",
     "ksbopt.NeroRetractionState": "empty state container of nero_retraction",
     "ksbopt.ScaleByPathNormState": "empty state container of scale_by_path_norm",
     "ksbopt.History": "a table of recorded numbers; NoetherDiagnostics defines them",

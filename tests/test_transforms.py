@@ -131,13 +131,13 @@ def _float64_report(name: str) -> dict:
             moved, _ = tx.update(u_move, tx.init(params), params)
             out["moves"][key] = (case.loss(optax.apply_updates(params, moved)), moved)
         g = jax.grad(case.loss)(params)
-        pu = project.update(u_proj, None, params)[0]
+        pu = project.update(u_proj, project.init(params), params)[0]
         w = jax.tree.leaves(params)
         out["project"] = {
             "g": g,
-            "pg": project.update(g, None, params)[0],
+            "pg": project.update(g, project.init(params), params)[0],
             "pu": pu,
-            "ppu": project.update(pu, None, params)[0],
+            "ppu": project.update(pu, project.init(params), params)[0],
             "xi_pu": [b.reduce(w, jax.tree.leaves(pu)) for b in case.bind(params).bound],
             "xi_u": [b.reduce(w, jax.tree.leaves(u_proj)) for b in case.bind(params).bound],
         }
@@ -210,9 +210,11 @@ def test_project_removes_overlapping_generators_jointly(x64):
 
     @support.jit
     def run(params, u):
-        pu = ksbopt.project(list(case.symmetries)).update(u, None, params)[0]
-        seq = ksbopt.project(rescale).update(u, None, params)[0]
-        seq = ksbopt.project(translation).update(seq, None, params)[0]
+        def apply(tx, v):
+            return tx.update(v, tx.init(params), params)[0]
+
+        pu = apply(ksbopt.project(list(case.symmetries)), u)
+        seq = apply(ksbopt.project(translation), apply(ksbopt.project(rescale), u))
         w, b_rescale = jax.tree.leaves(params), case.bind(params).bound[0]
         return [jnp.max(jnp.abs(b_rescale.reduce(w, jax.tree.leaves(x)))) for x in (pu, seq)]
 

@@ -4,8 +4,10 @@
 structure, cached) and finds which symmetries overlap on the same leaves. Symmetries that
 share no leaf are handled group by group; overlapping ones are solved jointly:
 
-- :func:`project` removes the component of a vector along the span of ALL generators by
-  solving the Gram system (J^T J) c = J^T u, dense over the overlapping symmetries;
+- :func:`project` removes the component of a vector along the span of ALL generators: in
+  closed form for a symmetry alone, by preconditioned conjugate gradients on the normal
+  equations (J^T J) c = J^T u over overlapping symmetries (matrix-free: each iteration is
+  one pass over their leaves, never a dense Gram matrix);
 - :func:`move` applies group actions until every charge equals its target, sweeping over
   overlapping symmetries until the largest relative residual is below 64 eps.
 """
@@ -21,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from ksbopt._src import groups as groups_lib
-from ksbopt._src.symmetry import BoundSymmetry, Flat, Symmetry
+from ksbopt._src.symmetry import BoundSymmetry, Flat, Moved, Symmetry
 
 
 def as_symmetries(symmetries: Any, *, what: str = "symmetries") -> tuple[Symmetry, ...]:
@@ -134,56 +136,167 @@ def _apply(flat: Flat, moved: dict, sign: float = 1.0, add: bool = True) -> Flat
     return out
 
 
-def _cross_gram(flat: Flat, a: BoundSymmetry, b: BoundSymmetry) -> jax.Array:
-    """The block J_a^T J_b of the Gram matrix, by applying J_a^T J_b to each basis vector."""
-    zeros = [jnp.zeros_like(x) for x in flat]
-
-    def column(e):
-        return a.reduce(flat, _apply(zeros, b.expand(flat, e), add=False)).reshape(-1)
-
-    eye = jnp.eye(b.coef_size, dtype=flat[b.leaves[0]].dtype)
-    return jax.lax.map(column, eye, batch_size=min(b.coef_size, 64)).T
+#: Default iteration cap of the joint projection (conjugate gradients).
+PROJECT_MAX_ITER = 64
 
 
-def _pinv_solve(gram: jax.Array, r: jax.Array) -> jax.Array:
-    lam, u = jnp.linalg.eigh(0.5 * (gram + gram.T))
-    cutoff = gram.shape[0] * jnp.finfo(gram.dtype).eps * jnp.max(jnp.abs(lam))
-    inv = jnp.where(lam > cutoff, 1 / jnp.where(lam > cutoff, lam, 1), 0)
-    return u @ (inv * (u.T @ r))
+def default_tol(dtype) -> float:
+    """Default relative residual of the joint projection: 64 eps of the compute dtype."""
+    return float(64 * jnp.finfo(dtype).eps)
 
 
-def tangent_coefficients(binding: Binding, flat: Flat, u: Flat) -> list[jax.Array]:
-    """Coefficients c with J c the orthogonal projection of ``u`` on span of the generators."""
+def _component_leaves(syms: Sequence[BoundSymmetry]) -> list[int]:
+    return sorted({i for s in syms for i in s.leaves})
+
+
+def _expand_all(syms: Sequence[BoundSymmetry], flat: Flat, coefs: Sequence[jax.Array]) -> Moved:
+    """J c = sum over the symmetries of their tangent vectors, as leaf index -> array."""
+    out: Moved = {}
+    for s, c in zip(syms, coefs):
+        for i, t in s.expand(flat, c).items():
+            out[i] = out[i] + t if i in out else t
+    return out
+
+
+def _inner(a: Sequence[jax.Array], b: Sequence[jax.Array]) -> jax.Array:
+    return sum(jnp.sum(x * y) for x, y in zip(a, b))
+
+
+def _pcg(matvec, solve, b: list[jax.Array], max_iter, stop) -> tuple[list[jax.Array], jax.Array]:
+    """Preconditioned conjugate gradients for A x = b (A symmetric positive semi-definite).
+
+    ``matvec`` applies A, ``solve`` the preconditioner's (pseudo-)inverse M^+; both act on
+    lists of arrays. Iterates while ``stop(r^T M^+ r)`` is false, at most ``max_iter`` times.
+    Rounding-robust choices: the step length is the exact line search <r, p> / <p, A p> for
+    the current residual (equal to r^T M^+ r / <p, A p> in exact arithmetic, and never
+    increasing the A-norm of the error) and beta is Polak-Ribiere's, clipped at 0 (a restart
+    whenever rounding has cost the directions their conjugacy). Returns x and r^T M^+ r.
+    """
+    z = solve(b)
+    rz = jnp.maximum(_inner(b, z), 0)
+
+    def cond(state):
+        it, _, _, _, rz = state
+        return (it < max_iter) & ~stop(rz)
+
+    def body(state):
+        it, x, r, p, rz = state
+        ap = matvec(p)
+        alpha = _safe_div(_inner(r, p), _inner(p, ap))
+        x = [xi + alpha * pi for xi, pi in zip(x, p)]
+        r_new = [ri - alpha * ai for ri, ai in zip(r, ap)]
+        z = solve(r_new)
+        rz_new = jnp.maximum(_inner(r_new, z), 0)
+        beta = jnp.maximum(_safe_div(rz_new - _inner(r, z), rz), 0)
+        p = [zi + beta * pi for zi, pi in zip(z, p)]
+        return it + 1, x, r_new, p, rz_new
+
+    x0 = [jnp.zeros_like(v) for v in b]
+    _, x, _, _, rz = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), x0, b, z, rz))
+    return x, rz
+
+
+def _joint_project(
+    syms: Sequence[BoundSymmetry], flat: Flat, u: Flat, max_iter, tol
+) -> tuple[Moved, list[jax.Array], jax.Array]:
+    """Project ``u`` on the orthogonal complement of the span of overlapping symmetries.
+
+    [derived] The coefficients solve the normal equations (J^T J) c = J^T u of
+    min_c |u - J c|^2, here by preconditioned conjugate gradients without ever forming
+    J^T J: each iteration applies it as J^T (J p), one pass over the component's leaves
+    that reads the parameters and writes nothing leaf-sized. The preconditioner M is the
+    block diagonal of J^T J: each symmetry's own Gram operator, solved in closed form
+    (diagonal for Scale / Rescale / Translation, a Sylvester equation per head for Linear).
+
+    Iterations stop when the relative residual rho = sqrt(r^T M^+ r) / |u|,
+    r = J^T (u - J c), is below ``tol`` or after ``max_iter`` iterations. Since
+    r^T M^+ r = sum_k |P_k s|^2 for s = u - J c and P_k the orthogonal projection on
+    symmetry k's own generators, rho is the generator component left in the result relative
+    to the size of u (a gradient already orthogonal to the generators stops at once). The
+    rho returned is measured again on the result (not the solver's running estimate), so it
+    is the orthogonality actually achieved.
+
+    Returns the projected leaves, the coefficients per symmetry and rho (NaN if ``u`` is not
+    finite on the component).
+    """
+    leaves = _component_leaves(syms)
+    precond = [s.gram_solver(flat) for s in syms]
+
+    def reduce(sub: Moved) -> list[jax.Array]:
+        full: Flat = [None] * len(flat)
+        for i, v in sub.items():
+            full[i] = v
+        return [s.reduce(flat, full) for s in syms]
+
+    def solve(r: Sequence[jax.Array]) -> list[jax.Array]:
+        return [m(x) for m, x in zip(precond, r)]
+
+    def left(r: Sequence[jax.Array]) -> jax.Array:
+        return jnp.maximum(_inner(r, solve(r)), 0)
+
+    sub = {i: u[i] for i in leaves}
+    uu = sum(jnp.sum(jnp.square(x)) for x in sub.values())
+    tol = jnp.asarray(tol, uu.dtype)
+    c, _ = _pcg(
+        lambda p: reduce(_expand_all(syms, flat, p)),
+        solve,
+        reduce(sub),
+        max_iter,
+        lambda rz: rz <= tol * tol * uu,
+    )
+    removed = _expand_all(syms, flat, c)
+    out = {i: v - removed[i] if i in removed else v for i, v in sub.items()}
+    # NaN when u is not finite: the NaN reaches the caller's checks.
+    residual = jnp.sqrt(_safe_div(left(reduce(out)), uu)) + 0 * uu
+    return out, c, residual
+
+
+def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
+    ok = den != 0
+    return jnp.where(ok, num / jnp.where(ok, den, 1), 0)
+
+
+def project(
+    binding: Binding,
+    flat: Flat,
+    u: Flat,
+    *,
+    max_iter=PROJECT_MAX_ITER,
+    tol=None,
+) -> tuple[Flat, list[jax.Array], jax.Array]:
+    """u minus its component along every generator of every group (jointly).
+
+    Symmetries that share no leaf with another are projected in closed form, one by one.
+    Each connected component of overlapping symmetries is projected jointly by
+    preconditioned conjugate gradients on its normal equations (see :func:`_joint_project`)
+    with at most ``max_iter`` iterations and relative residual ``tol`` (default: 64 eps of
+    the compute dtype).
+
+    Returns the projected leaves, the coefficients c of the removed component J c (one array
+    per symmetry) and the largest relative residual over the joint components (0 where
+    every symmetry was projected in closed form; NaN for non-finite input).
+    """
+    out = list(u)
     coefs: list[jax.Array] = [None] * len(binding.bound)  # type: ignore[list-item]
+    residuals = [jnp.zeros((), jnp.float32)]
     for comp in binding.components:
         syms = [binding.bound[i] for i in comp]
         if len(syms) == 1:
-            # The fast path: no Gram matrix, a closed form per group (one reduction per leaf
-            # for Scale / Rescale / Translation, besides the norms).
-            coefs[comp[0]] = syms[0].coefficients(flat, u)
+            # The closed form per group: one reduction per leaf for Scale, Rescale and
+            # Translation besides the norms; a Sylvester equation per head for Linear.
+            c = syms[0].coefficients(flat, u)
+            coefs[comp[0]] = c
+            out = _apply(out, syms[0].expand(flat, c), sign=-1.0)
             continue
-        r = jnp.concatenate([s.reduce(flat, u).reshape(-1) for s in syms])
-        gram = jnp.block(
-            [[s.gram(flat) if s is t else _cross_gram(flat, s, t) for t in syms] for s in syms]
+        dtype = flat[syms[0].leaves[0]].dtype
+        projected, cs, res = _joint_project(
+            syms, flat, u, max_iter, default_tol(dtype) if tol is None else tol
         )
-        c = _pinv_solve(gram, r)
-        start = 0
-        for i, s in zip(comp, syms):
-            coefs[i] = c[start : start + s.coef_size].reshape(s.charge_shape)
-            start += s.coef_size
-    return coefs
-
-
-def project(binding: Binding, flat: Flat, u: Flat) -> tuple[Flat, list[jax.Array]]:
-    """u minus its component along every generator of every group (jointly).
-
-    Returns the projected leaves and the coefficients c of the removed component J c.
-    """
-    coefs = tangent_coefficients(binding, flat, u)
-    out = list(u)
-    for b, c in zip(binding.bound, coefs):
-        out = _apply(out, b.expand(flat, c), sign=-1.0)
-    return out, coefs
+        out = _apply(out, projected, add=False)
+        for i, c in zip(comp, cs):
+            coefs[i] = c
+        residuals.append(res.astype(jnp.float32))
+    return out, coefs, jnp.max(jnp.stack(residuals))
 
 
 def move(

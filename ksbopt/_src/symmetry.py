@@ -151,6 +151,11 @@ class BoundSymmetry(abc.ABC):
     def solve_gram(self, flat: Flat, r: jax.Array) -> jax.Array:
         """(J^T J)^+ r for this symmetry's own groups (block diagonal, cheap)."""
 
+    def gram_solver(self, flat: Flat) -> Callable[[jax.Array], jax.Array]:
+        """``r -> solve_gram(flat, r)`` with everything that depends on ``flat`` only (norms,
+        eigendecompositions) computed once: for repeated solves at the same point."""
+        return lambda r: self.solve_gram(flat, r)
+
     def coefficients(self, flat: Flat, v: Flat) -> jax.Array:
         """(J^T J)^+ J^T v: the coefficients of the projection of ``v`` on the generators.
 
@@ -251,6 +256,10 @@ class _BoundAxis(BoundSymmetry):
 
     def solve_gram(self, flat: Flat, r: jax.Array) -> jax.Array:
         return self._solve(self.norms(flat), r)
+
+    def gram_solver(self, flat: Flat) -> Callable[[jax.Array], jax.Array]:
+        norms = self.norms(flat)
+        return lambda r: self._solve(norms, r)
 
     @staticmethod
     def _solve(n: jax.Array, r: jax.Array) -> jax.Array:
@@ -520,16 +529,25 @@ class _BoundLinear(BoundSymmetry):
         return jax.scipy.linalg.block_diag(*blocks)
 
     def solve_gram(self, flat: Flat, r: jax.Array) -> jax.Array:
+        return self.gram_solver(flat)(r)
+
+    def gram_solver(self, flat: Flat) -> Callable[[jax.Array], jax.Array]:
         # Sylvester equation P X + X R = M through the eigenbases of P and R.
         p, rr = self._pr(flat)
         lp, up = jnp.linalg.eigh(p)
         lr, ur = jnp.linalg.eigh(rr)
-        m = jnp.einsum("hai,hab,hbj->hij", up, r.reshape(self.charge_shape), ur)
         den = lp[:, :, None] + lr[:, None, :]
         tol = _finfo_tol(den) * jnp.max(jnp.abs(den), axis=(1, 2), keepdims=True)
-        # 0 * m where the system is singular: 0 for finite m, NaN kept visible otherwise.
-        x = jnp.where(den > tol, m / jnp.where(den > tol, den, 1), 0 * m)
-        return jnp.einsum("hia,hab,hjb->hij", up, x, ur)
+        ok = den > tol
+        inv = jnp.where(ok, 1 / jnp.where(ok, den, 1), 0)
+
+        def solve(r: jax.Array) -> jax.Array:
+            m = jnp.einsum("hai,hab,hbj->hij", up, r.reshape(self.charge_shape), ur)
+            # 0 * m where the system is singular: 0 for finite m, NaN kept visible otherwise.
+            x = jnp.where(ok, m * inv, 0 * m)
+            return jnp.einsum("hia,hab,hjb->hij", up, x, ur)
+
+        return solve
 
     def act(self, flat: Flat, g: jax.Array) -> Moved:
         """(A, B) -> (A G, G^-1 B) with one invertible G per head."""

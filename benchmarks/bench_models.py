@@ -1,0 +1,236 @@
+"""Whole train steps of realistic Flax models with every ksbopt transform, against the base.
+
+Models (each at two sizes, ``small`` and ``large``; the symmetries are those ``ksbopt.detect``
+finds on two batches, so the benchmark sees what a new user would pass):
+
+- ``transformer``: the byte-level pre-LayerNorm Transformer of the harness (flax.nnx
+  ``MultiHeadAttention``, ``LayerNorm``, GELU MLP): per-head Linear query-key and
+  value-output symmetries, LayerNorm-scale Rescales, Translations; 2 blocks of width 64
+  and 3 blocks of width 128, 4 heads, context 32;
+- ``relu_mlp``: a deep ReLU MLP without normalisation and a softmax head (the rescale chain
+  between its layers and the head's translation): width 128 depth 4, width 512 depth 8;
+- ``bn_cnn``: the MNIST-1D CNN with BatchNorm (a per-channel Scale per convolution, the
+  BatchNorm affine Rescales, the head's translation), 32 and 128 channels.
+
+Batches: 16 sequences of 32 bytes for the Transformer, 128 examples for the others.
+
+Rows per model and size, for each base (``adam``, ``sgd`` with momentum): the base alone;
+``chain(base, retract(syms))``; ``chain(base, steer(syms, initial charges, rate 0.5))``;
+``chain(base, project(syms))``; ``monitor(base, syms)``. One row is one jitted train step
+(forward, backward, update, ``optax.apply_updates``; parameters and optimizer state donated).
+``compile_s`` is the time of ``jit(...).lower(...).compile()``; ``step_ms`` the median over
+``--repeats`` timings of ``--inner`` steps each; ratios are to the base of the same model,
+size and run. The load average is recorded: on a shared machine compare ratios.
+
+Run:  python -m benchmarks.bench_models [--models transformer,relu_mlp,bn_cnn]
+      [--sizes small,large] [--bases adam,sgd] [--repeats 5] [--inner 5]
+      [--out benchmarks/results/models-cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import ksbopt
+import ksbopt.flax
+from ksbopt.bench import models as bench_models
+
+SIZES = {
+    "transformer": {"small": dict(d=64, layers=2), "large": dict(d=128, layers=3)},
+    "relu_mlp": {"small": dict(width=128, depth=4), "large": dict(width=512, depth=8)},
+    "bn_cnn": {"small": dict(channels=32), "large": dict(channels=128)},
+}
+BATCH = {"transformer": 16, "relu_mlp": 128, "bn_cnn": 128}  # sequences / examples
+SEQ = 32
+
+
+def build(model: str, size: str, seed: int = 0):
+    """The model, its loss ``loss(model, batch)`` and two batches (numpy, fixed seed)."""
+    cfg = SIZES[model][size]
+    rngs = nnx.Rngs(seed)
+    rng = np.random.default_rng(seed)
+    if model == "transformer":
+        net = bench_models.TransformerLM(
+            d=cfg["d"], layers=cfg["layers"], heads=4, seq_len=SEQ, qk_norm=False, rngs=rngs
+        )
+
+        def loss(m, b):
+            logits = m(b[:, :-1])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, b[:, 1:]).mean()
+
+        batches = [rng.integers(0, 256, (BATCH[model], SEQ + 1)) for _ in range(2)]
+        return net, loss, batches
+    if model == "relu_mlp":
+        net = bench_models.DeepMLP(40, 10, cfg["width"], cfg["depth"], relu=True, rngs=rngs)
+    elif model == "bn_cnn":
+        net = bench_models.CNN1D(cfg["channels"], batchnorm=True, rngs=rngs)
+        net.train()
+    else:
+        raise ValueError(f"model={model!r}; choose from {sorted(SIZES)}")
+
+    def loss(m, b):
+        return optax.softmax_cross_entropy_with_integer_labels(m(b[0]), b[1]).mean()
+
+    batches = [
+        (
+            rng.standard_normal((BATCH[model], 40)).astype(np.float32),
+            rng.integers(0, 10, BATCH[model]),
+        )
+        for _ in range(2)
+    ]
+    return net, loss, batches
+
+
+def bases() -> dict:
+    return {"adam": optax.adam(1e-3), "sgd": optax.sgd(1e-2, momentum=0.9)}
+
+
+def variants(base, syms) -> dict:
+    return {
+        "base": base,
+        "+ retract": optax.chain(base, ksbopt.retract(syms)),
+        "+ steer": optax.chain(base, ksbopt.steer(syms, "initial", rate=0.5)),
+        "+ project": optax.chain(base, ksbopt.project(syms)),
+        "monitor(base)": ksbopt.monitor(base, syms),
+    }
+
+
+def train_step_fn(graphdef, loss, tx):
+    def step(params, rest, opt_state, batch):
+        def f(p):
+            return loss(nnx.merge(graphdef, p, rest), batch)
+
+        value, grads = jax.value_and_grad(f)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    return jax.jit(step, donate_argnums=(0, 2))
+
+
+def time_variant(graphdef, params, rest, loss, tx, batch, repeats: int, inner: int) -> dict:
+    params = jax.tree.map(jnp.copy, params)
+    opt_state = tx.init(params)
+    jitted = train_step_fn(graphdef, loss, tx)
+    t0 = time.perf_counter()
+    compiled = jitted.lower(params, rest, opt_state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    params, opt_state, value = compiled(params, rest, opt_state, batch)
+    jax.block_until_ready(value)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            params, opt_state, value = compiled(params, rest, opt_state, batch)
+        jax.block_until_ready((params, value))
+        times.append((time.perf_counter() - t0) / inner)
+    residual = {}
+    for name in ("residual",):
+        found = [
+            float(jnp.max(x))
+            for x in jax.tree.leaves(optax.tree.get_all_with_path(opt_state, name))
+            if hasattr(x, "dtype")
+        ]
+        if found:
+            residual[name] = max(found)
+    return {
+        "compile_s": round(compile_s, 3),
+        "step_ms": round(1e3 * statistics.median(times), 3),
+        "finite": bool(np.isfinite(float(value))),
+        **residual,
+    }
+
+
+def run_model(model: str, size: str, base_names, repeats: int, inner: int) -> dict:
+    net, loss, batches = build(model, size)
+    loss_fn, params = ksbopt.flax.nnx_loss(net, loss)
+    t0 = time.perf_counter()
+    syms, _ = ksbopt.detect(loss_fn, params, *batches)
+    detect_s = time.perf_counter() - t0
+    graphdef, params, rest = nnx.split(net, nnx.Param, ...)
+    batch = jax.tree.map(jnp.asarray, batches[0])
+    n_params = sum(int(np.size(x)) for x in jax.tree.leaves(params))
+    kinds: dict[str, int] = {}
+    for s in syms:
+        kinds[s.kind] = kinds.get(s.kind, 0) + 1
+    out = {
+        "model": model,
+        "size": size,
+        "config": SIZES[model][size],
+        "batch": BATCH[model],
+        "parameters": n_params,
+        "symmetries": kinds,
+        "detect_s": round(detect_s, 2),
+        "load_before": round(os.getloadavg()[0], 2),
+        "rows": [],
+    }
+    all_bases = bases()
+    for bname in base_names:
+        rows = {}
+        for vname, tx in variants(all_bases[bname], syms).items():
+            rows[vname] = time_variant(graphdef, params, rest, loss, tx, batch, repeats, inner)
+            r = rows[vname]
+            ref = rows["base"]
+            r["step_ratio"] = round(r["step_ms"] / ref["step_ms"], 3)
+            r["compile_ratio"] = round(r["compile_s"] / ref["compile_s"], 3)
+            out["rows"].append({"base": bname, "variant": vname, **r})
+            print(
+                f"{model:11s} {size:5s} {n_params:>9d} {bname:4s} {vname:14s} "
+                f"{r['step_ms']:9.2f} ms x{r['step_ratio']:5.2f}  compile "
+                f"{r['compile_s']:6.2f} s x{r['compile_ratio']:5.2f}"
+                + (f"  residual {r['residual']:.1e}" if "residual" in r else ""),
+                flush=True,
+            )
+    out["load_after"] = round(os.getloadavg()[0], 2)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="transformer,relu_mlp,bn_cnn")
+    parser.add_argument("--sizes", default="small,large")
+    parser.add_argument("--bases", default="adam,sgd")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--inner", type=int, default=5)
+    parser.add_argument("--out", default="benchmarks/results/models-cpu")
+    args = parser.parse_args()
+    models = args.models.split(",")
+    for m in models:
+        if m not in SIZES:
+            raise SystemExit(f"--models: {m!r} is not one of {sorted(SIZES)}")
+    results = []
+    for model in models:
+        for size in args.sizes.split(","):
+            if size not in SIZES[model]:
+                raise SystemExit(f"--sizes: {size!r} is not one of {sorted(SIZES[model])}")
+            results.append(run_model(model, size, args.bases.split(","), args.repeats, args.inner))
+    record = {
+        "command": "python -m benchmarks.bench_models "
+        f"--models {args.models} --sizes {args.sizes} --bases {args.bases} "
+        f"--repeats {args.repeats} --inner {args.inner} --out {args.out}",
+        "cpu_cores": os.cpu_count(),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "devices": [str(d) for d in jax.devices()],
+        "versions": {"jax": jax.__version__, "optax": optax.__version__},
+        "results": results,
+    }
+    os.makedirs(args.out, exist_ok=True)
+    name = "bench_models_" + "_".join(models) + ".json"
+    path = os.path.join(args.out, name)
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
