@@ -186,8 +186,8 @@ def symmetrize_adam(units: Units, lr: float, b1=0.9, b2=0.999, eps=1e-8):
     def update_fn(grads, state, params):
         count, mu, nu, ww0 = state
         count = optax.safe_increment(count)
-        bc1 = 1 - b1 ** count.astype(jnp.float32)
-        bc2 = 1 - b2 ** count.astype(jnp.float32)
+        bc1 = 1 - b1 ** _as_float(count, grads)
+        bc2 = 1 - b2 ** _as_float(count, grads)
 
         def adam(g, m, n):
             m = b1 * m + (1 - b1) * g
@@ -224,6 +224,11 @@ def symmetrize_adam(units: Units, lr: float, b1=0.9, b2=0.999, eps=1e-8):
         return out, (count, new_mu, new_nu, ww0)
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _as_float(count, tree):
+    """The step count in the dtype of the first leaf (bias corrections in float64 there)."""
+    return count.astype(jax.tree.leaves(tree)[0].dtype)
 
 
 def _paths(tree) -> list[str]:
@@ -287,8 +292,8 @@ def adamp(lr: float, b1=0.9, b2=0.999, eps=1e-8) -> optax.GradientTransformation
     def update_fn(grads, state, params):
         count, mu, nu = state
         count = optax.safe_increment(count)
-        bc1 = 1 - b1 ** count.astype(jnp.float32)
-        bc2 = 1 - b2 ** count.astype(jnp.float32)
+        bc1 = 1 - b1 ** _as_float(count, grads)
+        bc2 = 1 - b2 ** _as_float(count, grads)
 
         def leaf(g, m, n, w):
             m = b1 * m + (1 - b1) * g
@@ -330,7 +335,7 @@ def nero(lr: float, beta=0.999, bias_scale=0.01) -> optax.GradientTransformation
     def update_fn(grads, state, params):
         count, nu, scales = state
         count = optax.safe_increment(count)
-        bc = 1 - beta ** count.astype(jnp.float32)
+        bc = 1 - beta ** _as_float(count, grads)
 
         def leaf(g, n, s, w):
             if w.ndim < 2:
@@ -383,7 +388,7 @@ def rotational(lr: float, weight_decay: float, momentum: float, rms_decay=0.99):
     def update_fn(grads, state, params):
         count, trace, rms, norms = state
         count = optax.safe_increment(count)
-        bc = 1 - rms_decay ** count.astype(jnp.float32)
+        bc = 1 - rms_decay ** _as_float(count, grads)
 
         def leaf(g, t, nu, n, w):
             if w.ndim < 2:
