@@ -22,21 +22,37 @@ import optax
 Units = list[tuple[str, ...]]  # each entry: "/"-joined leaf paths that share output units
 
 
+def _blocks(dims: tuple[int, ...]) -> int | None:
+    """How many blocks of rows to sum at once: a number in [6, 12] that follows the leading
+    axes (``3 * 3`` for a 3x3 convolution kernel, a divisor of the first axis), else any
+    divisor of the row count there; ``None`` if there is none. XLA:CPU unrolls a reduction
+    over so few blocks into vector code; blocks that cut across the axes compile to index
+    arithmetic several times slower."""
+    prefixes = [math.prod(dims[: k + 1]) for k in range(len(dims))]
+    rows = math.prod(dims)
+    for fits in (
+        [p for p in prefixes if 6 <= p <= 12],
+        [d for d in range(12, 5, -1) if dims and dims[0] % d == 0],
+        [d for d in range(12, 5, -1) if rows % d == 0],
+    ):
+        if fits:
+            return fits[0]
+    return None
+
+
 def unit_sums(*products: jax.Array) -> list[jax.Array]:
     """Per-unit sums (over all axes but the last) of every product, in one pass.
 
-    One product: ``jnp.sum``. Several: one variadic ``lax.reduce`` over ``s`` blocks of rows
-    (``s`` a divisor of the row count in [6, 12]: XLA:CPU unrolls so short a reduction into
-    vector code, a longer one into a loop per output element), then small sums over the rows
-    of a block. Leaves too small or too oddly shaped for that are summed product by product.
+    One product: ``jnp.sum``. Several: one variadic ``lax.reduce`` over a few blocks of rows
+    (:func:`_blocks`), then small sums over the rows of a block. Leaves too small or too
+    oddly shaped for that are summed product by product.
     """
     x = products[0]
     axes = tuple(range(x.ndim - 1))
-    rows = math.prod(x.shape[:-1])
-    fits = [d for d in range(12, 5, -1) if rows % d == 0]
-    if len(products) == 1 or not fits or x.size < (1 << 16):
+    s = _blocks(x.shape[:-1])
+    if len(products) == 1 or s is None or x.size < (1 << 16):
         return [jnp.sum(p, axis=axes) for p in products]
-    s, units = fits[0], x.shape[-1]
+    rows, units = math.prod(x.shape[:-1]), x.shape[-1]
     blocks = tuple(p.reshape(s, rows // s, units) for p in products)
     zeros = tuple(jnp.zeros((), p.dtype) for p in products)
     partial = jax.lax.reduce(blocks, zeros, lambda a, b: tuple(i + j for i, j in zip(a, b)), (0,))
