@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ksbopt._src import orbit, theory
+from ksbopt._src import orbit, reductions, theory
 from ksbopt._src.symmetry import _safe_div
 
 MODES = ("exact", "nld")
@@ -52,6 +52,27 @@ class NoetherRmspropState(NamedTuple):
     accumulator: tuple
     momentum: Any
     initial: tuple
+
+
+_PRODUCTS = {
+    "ww": ("w", "w"),
+    "wg": ("w", "g"),
+    "gg": ("g", "g"),
+    "wv": ("w", "v"),
+    "gv": ("g", "v"),
+    "vv": ("v", "v"),
+}
+
+
+def _products(names, w, g, v):
+    """Per leaf index, the named products of the flat lists ``w``, ``g``, ``v``."""
+    vectors = {"w": w, "g": g, "v": v}
+
+    def product(name, i):
+        a, b = _PRODUCTS[name]
+        return vectors[a][i] * vectors[b][i]
+
+    return lambda i: [product(n, i) for n in names]
 
 
 def _is_static(x: Any) -> bool:
@@ -221,56 +242,81 @@ def noether_rmsprop(
         buf = jax.tree.unflatten(jax.tree.structure(params), [jnp.zeros_like(x) for x in w])
         return NoetherRmspropState(acc, buf, initial)
 
+    # The step reads the buffer v on the groups in exact mode with momentum (beta = 0: the
+    # terms in v vanish; nld mode keeps no buffer on the groups).
+    with_buffer = mode == "exact" and not (_is_static(beta) and beta == 0)
+
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
         orbit.require_params(params, "noether_rmsprop")
         binding = orbit.bind(syms, params)
-        flat_p = jax.tree.leaves(params)
         flat_u = jax.tree.leaves(updates)
-        w = orbit.promote(flat_p)
+        w = orbit.promote(jax.tree.leaves(params))
         g = orbit.promote(flat_u)
         v = jax.tree.leaves(state.momentum)
+        vc = orbit.promote(v)
         grouped = {i for b in binding.bound for i in b.leaves}
-        new_w, new_v = list(w), list(v)
-        for i in range(len(w)):
-            if i not in grouped:
-                new_v[i] = beta * v[i] + g[i] + lam * w[i]
-                new_w[i] = w[i] - eta * new_v[i]
-        accs, group_scalars = [], []
+        # Ungrouped leaves: heavy ball with coupled weight decay.
+        new_v = [
+            beta * v[i] + g[i] + lam * w[i] if i not in grouped else v[i] for i in range(len(w))
+        ]
+        steps = [-eta * new_v[i] if i not in grouped else None for i in range(len(w))]
+        checks = [jnp.sum(g[i]) for i in range(len(w)) if i not in grouped]
+        accs = []
         for b, acc, q0 in zip(binding.bound, state.accumulator, state.initial):
-            r2 = 2 * b.charge(w)
-            r = jnp.sqrt(r2)
-            radial = b.expand(w, _safe_div(b.reduce(w, g), r2))
-            g_t = orbit._apply(g, radial, sign=-1.0)
+            # [derived] Every vector of the step is a per-group combination of w, g (and the
+            # buffer v), so all it needs of the leaves are the per-group sums of their
+            # products, taken in ONE pass (reductions.group_sums); the step itself is then
+            # written in one elementwise pass: no leaf-sized intermediate is stored.
+            names = ("ww", "wg", "gg") + (("wv", "gv", "vv") if with_buffer else ())
+            sums = dict(zip(names, reductions.group_sums(b, _products(names, w, g, vc))))
+            ww, wg, gg = sums["ww"], sums["wg"], sums["gg"]
+            r = jnp.sqrt(ww)
+            c = _safe_div(wg, ww)  # g's radial part c w: g_t = g - c w
+            zero = jnp.zeros_like(ww)
             if mode == "exact":
-                s = jnp.sqrt(acc)
-                w_v = orbit._apply(w, b.act(w, _safe_div(s, r)), add=False)  # virtual layer
-                g_v = b.act(g_t, _safe_div(r, s))  # its gradient
-                step = {}
-                for i in b.leaves:
-                    new_v[i] = beta * v[i] + g_v[i] + lam * w_v[i]
-                    step[i] = w_v[i] - eta * new_v[i]
-                cand = orbit._apply(w, step, add=False)
-                acc = 2 * b.charge(cand)
+                # virtual layer w_v = (s / r) w, its gradient g_v = (r / s) g_t, buffer
+                # v' = beta v + g_v + lam w_v and step w_v - eta v' = A w + B g + C v.
+                s_over_r, r_over_s = _safe_div(jnp.sqrt(acc), r), _safe_div(r, jnp.sqrt(acc))
+                coef_v = {"w": lam * s_over_r - r_over_s * c, "g": r_over_s}
+                a = s_over_r - eta * coef_v["w"]
+                bg = -eta * r_over_s
+                cv = -eta * beta if with_buffer else zero
             else:
                 rho, eta_rms = theory.rmsprop_analogy(eta, lam, beta)
-                g_hat = orbit._apply(g_t, b.act(g_t, r), add=False)
-                acc = rho * acc + (1 - rho) * 2 * b.charge(g_hat)
+                g_hat_sq = ww * jnp.maximum(gg - c * wg, 0)  # |r g_t|^2
+                acc_new = rho * acc + (1 - rho) * g_hat_sq
                 # direction step -eta_rms g_hat / sqrt(G), i.e. |w| times that on w.
-                coef = _safe_div(eta_rms * r, jnp.sqrt(acc))
-                cand = orbit._apply(
-                    w, {i: w[i] - x for i, x in b.act(g_hat, coef).items()}, add=False
+                step = _safe_div(eta_rms * r, jnp.sqrt(acc_new)) * r
+                a, bg, cv = 1 + step * c, -step, zero
+            cand_sq = a * a * ww + 2 * a * bg * wg + bg * bg * gg
+            if with_buffer:
+                cand_sq = cand_sq + cv * (
+                    2 * a * sums["wv"] + 2 * bg * sums["gv"] + cv * sums["vv"]
                 )
-            norm = jnp.sqrt(2 * b.charge(cand))
-            new_w = orbit._apply(new_w, b.act(cand, _safe_div(jnp.sqrt(2 * q0), norm)), add=False)
+            acc = cand_sq if mode == "exact" else acc_new
+            norm = jnp.sqrt(cand_sq)
+            k = _safe_div(jnp.sqrt(2 * q0), norm)  # back to the initial norm
+            for p in b.parts:
+                i = p.leaf
+
+                def per(x, p=p):
+                    return p.broadcast(x[p.offset : p.offset + p.size])
+
+                out = (per(k * a) - 1) * w[i] + per(k * bg) * g[i]
+                if with_buffer:
+                    out = out + per(k * cv) * vc[i]
+                steps[i] = out
+                if mode == "exact":
+                    new_v[i] = beta * vc[i] + per(coef_v["g"]) * g[i] + per(coef_v["w"]) * w[i]
             accs.append(acc)
-            group_scalars += [r2, acc, norm]
+            checks += [jnp.sum(ww), jnp.sum(gg), jnp.sum(acc), jnp.sum(norm)]
         # A non-finite gradient skips the step: zero updates, state unchanged. So does a group
         # whose squared norm or accumulator is not finite (|w|^2 beyond the compute dtype's
-        # range, e.g. |w| > 1.8e19 in float32): its ratios would be inf / inf = NaN. Both
-        # checks are reductions already at hand (per group scalars, the gradient).
-        ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in g + group_scalars]))
-        new = [jnp.where(ok, n - x, 0).astype(u.dtype) for n, x, u in zip(new_w, w, flat_u)]
+        # range, e.g. |w| > 1.8e19 in float32): its ratios would be inf / inf = NaN. The
+        # per-group sums above already hold every non-finite entry of a grouped gradient.
+        ok = jnp.isfinite(sum(checks))
+        new = [jnp.where(ok, x, 0).astype(u.dtype) for x, u in zip(steps, flat_u)]
         out = jax.tree.unflatten(jax.tree.structure(updates), new)
         buf = jax.tree.unflatten(
             jax.tree.structure(state.momentum),

@@ -93,3 +93,21 @@ def part_sums(
             total = total + jnp.sum(m[s * block :], axis=0)
         sums.append(jnp.sum(total.reshape(part.size, part.block), axis=1))
     return sums
+
+
+def group_sums(bound, products) -> list[jax.Array]:
+    """Per-group sums of several products over the groups of an axis symmetry, one pass per
+    leaf.
+
+    ``bound`` is a bound Scale, Rescale or Translation (its ``parts`` and ``signs``);
+    ``products(i)`` the list of leaf-shaped products of leaf ``i`` (computed on the fly
+    inside the reduction, not stored). Returns one vector per product, of length
+    ``bound.n_groups``: the unsigned sums over every part (a kernel column and its bias
+    entry add into one group), as :meth:`~groups.AxisPart.reduce` would give product by
+    product.
+    """
+    per_part = [part_sums(p, products(p.leaf)) for p in bound.parts]
+    return [
+        groups_lib.scatter_groups(bound.parts, [s[j] for s in per_part], bound.n_groups)
+        for j in range(len(per_part[0]))
+    ]

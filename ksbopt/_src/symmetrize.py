@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ksbopt._src import orbit, transport
+from ksbopt._src import orbit, reductions, transport
 from ksbopt._src.symmetry import _safe_div
 
 SUPPORTED_KINDS = ("scale", "translation")
@@ -106,6 +106,122 @@ def invariant_coordinates(binding: orbit.Binding, w: list, g: list | None = None
     return inv_w, inv_g, radii
 
 
+class _Group:
+    """One declaration's groups inside a :func:`symmetrize` step, in two passes over memory.
+
+    [derived] Every vector of the step is a per-group combination of the leaf-sized ``w``,
+    ``g``, the base's step ``v`` and its first moments ``m``, so what the step needs of them
+    are per-group sums of their products: ``|w|^2``, ``<w, g>`` (scale; ``sum w``, ``sum g``
+    for a translation) before the base runs, ``<v, w>``, ``|v|^2``, ``<m, w>``, ``<m, v>``
+    (``sum v``, ``sum m``) after it, each set in ONE pass (``reductions.group_sums``). The
+    update and the transported moments are then written in one elementwise pass; no
+    leaf-sized intermediate is stored. With ``r = |w|``, ``c = <w, g> / r^2``,
+    ``t = <v, w> / r^2`` (scale):
+
+    - invariant point ``w / r``, gradient there ``r (g - c w)``;
+    - the step's tangent part mapped back, ``cand = w + r (v - t w)``, with
+      ``|cand|^2 = r^2 + r^2 (|v|^2 - t <v, w>)`` (``v - t w`` is orthogonal to ``w``);
+    - retraction ``a cand``, ``a = sqrt(2 Q_0 / |cand|^2)``, the closed form of
+      ``Scale.move_to``; the residual reported is that of this closed form;
+    - a first moment ``m`` projected on the tangent space at ``cand / |cand|``:
+      ``m - (<m, cand> / |cand|^2) cand``.
+
+    Translation: ``w - mean(w)``, ``g - mean(g)``, ``v - mean(v)`` shifted so that the sum
+    returns to ``Q_0``, and ``m - mean(m)``.
+    """
+
+    def __init__(self, b, w: list, g: list):
+        self.b = b
+        self.scale = b.symmetry.kind == "scale"
+        names = (("w", "w"), ("w", "g")) if self.scale else (("w",), ("g",))
+        a, c = reductions.group_sums(b, _products(names, {"w": w, "g": g}))
+        if self.scale:
+            self.ww, self.wg = a, c
+            self.r = jnp.sqrt(a)
+            self.c = _safe_div(c, a)
+        else:
+            self.count = b.norms(w)  # entries per group (static)
+            self.sum_w, self.sum_g = a, c
+
+    def _per(self, i: int, x: jax.Array) -> jax.Array:
+        """Per-group values broadcast onto leaf ``i`` (the sum of its parts: one part per
+        leaf for these declarations)."""
+        (p,) = [p for p in self.b.parts if p.leaf == i]
+        return p.broadcast(x[p.offset : p.offset + p.size])
+
+    def invariant(self, i, w):
+        if self.scale:
+            return self._per(i, _safe_div(jnp.ones_like(self.r), self.r)) * w
+        return w - self._per(i, self.sum_w / self.count)
+
+    def gradient(self, i, w, g):
+        if self.scale:
+            return self._per(i, self.r) * g - self._per(i, self.r * self.c) * w
+        return g - self._per(i, self.sum_g / self.count)
+
+    def measure_step(self, w: list, v: list, firsts: list) -> None:
+        vectors = {"w": w, "v": v} | {f"m{k}": m for k, m in enumerate(firsts)}
+        if self.scale:
+            names = [("v", "w"), ("v", "v")]
+            names += [(f"m{k}", x) for k in range(len(firsts)) for x in ("w", "v")]
+        else:
+            names = [("v",)] + [(f"m{k}",) for k in range(len(firsts))]
+        sums = reductions.group_sums(self.b, _products(names, vectors))
+        if self.scale:
+            vw, vv = sums[0], sums[1]
+            self.t = _safe_div(vw, self.ww)
+            self.cand_sq = self.ww + self.ww * (vv - self.t * vw)
+            self.first_cand = [
+                (1 - self.r * self.t) * mw + self.r * mv
+                for mw, mv in zip(sums[2::2], sums[3::2], strict=True)
+            ]
+        else:
+            self.mean_v = sums[0] / self.count
+            self.mean_first = [s / self.count for s in sums[1:]]
+
+    def retract_to(self, q0: jax.Array) -> None:
+        if self.scale:
+            q = 0.5 * self.cand_sq
+            ok = (q > 0) & (q0 > 0)
+            self.a = jnp.where(ok, jnp.sqrt(jnp.where(ok, q0, 1) / jnp.where(ok, q, 1)), 1)
+            self.residual = _safe_div(jnp.max(jnp.abs(self.a**2 * q - q0)), jnp.max(q0))
+        else:
+            self.shift = (q0 - self.sum_w) / self.count
+            self.residual = jnp.zeros((), q0.dtype)
+
+    def update(self, i, w, v):
+        if self.scale:
+            a, r = self.a, self.r
+            return self._per(i, a * (1 - r * self.t) - 1) * w + self._per(i, a * r) * v
+        return v + self._per(i, self.shift - self.mean_v)
+
+    def transport(self, i, k, w, v, m):
+        if self.scale:
+            d = _safe_div(self.first_cand[k], self.cand_sq)
+            return m - self._per(i, d * (1 - self.r * self.t)) * w - self._per(i, d * self.r) * v
+        return m - self._per(i, self.mean_first[k])
+
+    def checks(self) -> list:
+        if self.scale:
+            return [jnp.sum(self.wg), jnp.sum(self.cand_sq)] + [jnp.sum(x) for x in self.first_cand]
+        return [jnp.sum(self.sum_g), jnp.sum(self.mean_v)] + [jnp.sum(x) for x in self.mean_first]
+
+
+def _products(names, vectors):
+    """``products(i)`` for :func:`reductions.group_sums`: the named products of leaf ``i``."""
+
+    def products(i):
+        out = []
+        for name in names:
+            x = vectors[name[0]][i]
+            for other in name[1:]:
+                x = x * vectors[other][i]
+            out.append(x)
+        return out
+
+    return products
+
+
 def symmetrize(
     base: optax.GradientTransformation,
     symmetries,
@@ -191,43 +307,50 @@ def symmetrize(
         flat_p = jax.tree.leaves(params)
         flat_u = jax.tree.leaves(updates)
         w = orbit.promote(flat_p)
-        inv_w, inv_g, radii = invariant_coordinates(binding, w, orbit.promote(flat_u))
+        g = orbit.promote(flat_u)
+        groups = [_Group(b, w, g) for b in binding.bound]  # first pass: sums of w, g
+        inv_w, inv_g = list(w), list(g)
+        for grp in groups:
+            for i in grp.b.leaves:
+                inv_w[i], inv_g[i] = grp.invariant(i, w[i]), grp.gradient(i, w[i], g[i])
         inv_params = jax.tree.unflatten(treedef, [x.astype(p.dtype) for x, p in zip(inv_w, flat_p)])
         inv_updates = jax.tree.unflatten(
             jax.tree.structure(updates), [x.astype(u.dtype) for x, u in zip(inv_g, flat_u)]
         )
         steps, inner = base.update(inv_updates, state.inner_state, inv_params, **extra_args)
         v = orbit.promote(jax.tree.leaves(steps))
-        v_t = _project(binding, inv_w, v)
-        cand = [x + s for x, s in zip(w, v)]
-        for b, r in zip(binding.bound, radii):
-            mapped = b.act(v_t, r) if r is not None else {i: v_t[i] for i in b.leaves}
-            cand = orbit._apply(cand, {i: w[i] + m for i, m in mapped.items()}, add=False)
-        # retraction onto the initial charges (closed form: the groups are disjoint)
-        moved = cand
-        for b, q0 in zip(binding.bound, state.initial, strict=True):
-            moved = orbit._apply(moved, b.move_to(moved, q0), add=False)
-        residual = jnp.max(
-            jnp.stack(
-                [
-                    b.residual(moved, q0).astype(jnp.float32)
-                    for b, q0 in zip(binding.bound, state.initial, strict=True)
-                ]
-            )
-        )
-        new_inv, _, _ = invariant_coordinates(binding, moved)
+        firsts = []  # the first-moment trees of the new base state, to transport
+        transport.map_moments(inner, params, table, {"first": lambda t: firsts.append(t) or t})
+        first_leaves = [orbit.promote(jax.tree.leaves(t)) for t in firsts]
+        for grp, q0 in zip(groups, state.initial, strict=True):
+            grp.measure_step(w, v, first_leaves)  # second pass: the step, the first moments
+            grp.retract_to(q0)
+        new, checks = list(v), []
+        for grp in groups:
+            for i in grp.b.leaves:
+                new[i] = grp.update(i, w[i], v[i])
+            checks += grp.checks()
+        grouped = {i for grp in groups for i in grp.b.leaves}
+        checks += [jnp.sum(g[i]) + jnp.sum(v[i]) for i in range(len(w)) if i not in grouped]
+        moved = iter(range(len(firsts)))
 
         def project_first(tree):
+            k = next(moved)
+            out = list(first_leaves[k])
+            for grp in groups:
+                for i in grp.b.leaves:
+                    out[i] = grp.transport(i, k, w[i], v[i], out[i])
             leaves = jax.tree.leaves(tree)
-            out = _project(binding, new_inv, orbit.promote(leaves))
             return jax.tree.unflatten(
                 jax.tree.structure(tree), [o.astype(x.dtype) for o, x in zip(out, leaves)]
             )
 
         inner = transport.map_moments(inner, params, table, {"first": project_first})
-        new = [(m - x).astype(u.dtype) for m, x, u in zip(moved, w, flat_u)]
-        ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in new + flat_u]))
-        new = [jnp.where(ok, n, jnp.zeros_like(n)) for n in new]
+        residual = jnp.max(jnp.stack([grp.residual for grp in groups])).astype(jnp.float32)
+        # A non-finite gradient, step or base state skips the step: zero updates, state kept.
+        # Every such value reaches a per-group sum above (or the sums of the ungrouped leaves).
+        ok = jnp.isfinite(sum(checks))
+        new = [jnp.where(ok, n, 0).astype(u.dtype) for n, u in zip(new, flat_u)]
         inner = jax.tree.map(lambda a, b: jnp.where(ok, a, b), inner, state.inner_state)
         residual = jnp.where(ok, residual, state.residual)
         return (
