@@ -58,6 +58,8 @@ MAX_EVAL_INTERVALS = 50  # evaluations per run, at least: every <= 2% of the ste
 
 
 def _finite_or_none(x):
+    if x is None:
+        return None
     x = float(x)
     return x if math.isfinite(x) else None
 

@@ -181,6 +181,9 @@ def _unique(runs: list[RunConfig]) -> list[RunConfig]:
 
 
 def _wd_grid(spec, proto: Protocol) -> tuple[float, ...]:
+    """The weight decays the search may try: a user entry keeps its own (its grid is its own)."""
+    if spec.origin:
+        return ()
     return protocol.wd_grid(float(spec.hparams.get("weight_decay") or 0.0), proto.wd_factors)
 
 
