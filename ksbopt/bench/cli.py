@@ -16,6 +16,7 @@ the rest of that optimizer/task combination; a rerun retries it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import importlib.util
 import os
@@ -66,6 +67,11 @@ def _parser() -> argparse.ArgumentParser:
         "--scale",
         choices=SCALES,
         help="model/data size; default: the suite's (env KSBOPT_BENCH_SCALE too)",
+    )
+    p.add_argument(
+        "--schedules",
+        help="comma list of schedule arms, cosine (warm-up + cosine) and/or constant "
+        "(default: the suite's)",
     )
     p.add_argument("--experiments", help="comma list of grid,nld,baselines (default: the suite's)")
     p.add_argument(
@@ -227,6 +233,13 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--lrs={a.lrs!r}: learning rates must be positive, e.g. --lrs 0.01,0.1")
     if a.steps is not None and a.steps < 1:
         p.error(f"--steps={a.steps}: must be a positive integer")
+    if a.schedules:
+        from ksbopt.bench.protocol import SCHEDULES
+
+        arms = tuple(dict.fromkeys(_csv(a.schedules)))
+        if not arms or (bad := [x for x in arms if x not in SCHEDULES]):
+            p.error(f"--schedules={a.schedules!r}: valid arms are {', '.join(SCHEDULES)}")
+        suite = dataclasses.replace(suite, schedules=arms)
     experiments = tuple(_csv(a.experiments)) if a.experiments else suite.experiments
     bad = [e for e in experiments if e not in EXPERIMENTS]
     if bad or not experiments:
@@ -487,8 +500,6 @@ def _search_notes(suite, session: _Session, grid_args: dict) -> list[str]:
 
 
 def _protocol_meta(suite) -> dict:
-    import dataclasses
-
     from ksbopt.bench.protocol import WARMUP_FRACTION
 
     return {

@@ -179,7 +179,7 @@ def _stack(curves: list[list], n: int) -> np.ndarray:
     return a
 
 
-def _mean_band(ax, steps, runs: list[list], label):
+def _mean_band(ax, steps, runs: list[list], label, style: Mapping | None = None):
     a = _stack(runs, len(steps))
     with np.errstate(all="ignore"):
         import warnings
@@ -187,7 +187,8 @@ def _mean_band(ax, steps, runs: list[list], label):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             m, lo, hi = np.nanmean(a, 0), np.nanmin(a, 0), np.nanmax(a, 0)
-    (line,) = ax.plot(steps, m, label=label)
+    kw = {k: v for k, v in (style or {}).items() if k != "marker"}
+    (line,) = ax.plot(steps, m, label=label, **kw)
     if len(runs) > 1:
         ax.fill_between(steps, lo, hi, alpha=0.2, color=line.get_color())
 
@@ -254,17 +255,20 @@ def _plots(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ksbopt.bench import plots
+
     pdir = out / "plots"
     pdir.mkdir(parents=True, exist_ok=True)
     made: dict[str, list[str]] = defaultdict(list)
     for task, t in summary["grid"].items():
         best = {o: [by_id[i] for i in row["runs"]] for o, row in t["optimizers"].items()}
+        style = plots.styles(t["optimizers"])
         steps = max((r["curves"]["step"] for rs in best.values() for r in rs), key=len)
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        fig, axes = plt.subplots(1, 2, figsize=(13, 4))
         for o, rs in best.items():
             lab = f"{o} (lr={fmt_lr(t['optimizers'][o]['best_lr'])})"
-            _mean_band(axes[0], steps, [r["curves"]["val_metric"] for r in rs], lab)
-            _mean_band(axes[1], steps, [r["curves"]["train_loss"] for r in rs], lab)
+            _mean_band(axes[0], steps, [r["curves"]["val_metric"] for r in rs], lab, style[o])
+            _mean_band(axes[1], steps, [r["curves"]["train_loss"] for r in rs], lab, style[o])
         axes[0].set(xlabel="step", ylabel=f"validation {t['metric']}", title=task)
         if t["target"] is not None:
             axes[0].axhline(t["target"], color="gray", ls=":", lw=1)
@@ -273,28 +277,18 @@ def _plots(
             ylabel="train loss (chunk mean)",
             title="best learning rate per optimizer",
         )
-        axes[0].legend(fontsize=7)
+        plots.legend_outside(axes[1])
         fig.tight_layout()
         name = f"{task}_curves.png"
-        fig.savefig(pdir / name, dpi=90)
+        fig.savefig(pdir / name, dpi=90, bbox_inches="tight")
         plt.close(fig)
         made[task].append(name)
 
-        fig, ax = plt.subplots(figsize=(5.5, 4))
-        for o, row in t["optimizers"].items():
-            lrs = [float(k) for k in row["val_by_lr"]]
-            vals = [np.nan if v is None else v for v in row["val_by_lr"].values()]
-            ax.plot(lrs, vals, marker="o", label=o)
-        ax.set(
-            xscale="log",
-            xlabel="learning rate",
-            ylabel=f"final validation {t['metric']}",
-            title=f"{task}: learning-rate sensitivity",
-        )
-        ax.legend(fontsize=7)
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        plots.sensitivity(ax, task, t, style)
         fig.tight_layout()
         name = f"{task}_lr.png"
-        fig.savefig(pdir / name, dpi=90)
+        fig.savefig(pdir / name, dpi=90, bbox_inches="tight")
         plt.close(fig)
         made[task].append(name)
 
