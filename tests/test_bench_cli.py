@@ -112,7 +112,7 @@ def _records(out: Path) -> list[dict]:
 
 
 def _row(report: str, optimizer: str) -> str:
-    (row,) = [ln for ln in report.splitlines() if ln.startswith(f"| {optimizer} | 0.1 |")]
+    (row,) = [ln for ln in report.splitlines() if ln.startswith(f"| {optimizer} | 0.1 ")]
     return row
 
 
@@ -126,15 +126,18 @@ def test_smoke_writes_json_report_and_plots_with_the_run_numbers(smoke):
     for r in recs:
         opt = r["config"]["optimizer"]
         assert r["config"]["steps"] == 20 and r["config"]["scale"] == "tiny"
-        assert r["curves"]["step"] == [0, 10, 20]
+        # evaluated every step: at least every 2% of the run, at most the task's interval
+        assert r["config"]["eval_every"] == 1 and r["curves"]["step"] == list(range(21))
+        assert r["curves"]["time_s"][0] == 0 and np.all(np.diff(r["curves"]["time_s"]) > 0)
+        assert r["config"]["schedule"] == "cosine"
         f = r["final"]
         assert f["test_metric"] == r["curves"]["test_metric"][-1]
         assert 0.0 <= f["test_metric"] <= 1.0
         # The report shows exactly the recorded final metrics (1 seed: std 0).
         row = _row(report, opt)
         assert f"{fmt(f['test_metric'])} ± {fmt(0.0)}" in row
-        assert f"{fmt(f['val_metric'])} ± {fmt(0.0)}" in row
         s = summary["grid"]["digits_cnn_bn"]["optimizers"][opt]
+        assert s["val_mean"] == pytest.approx(f["val_metric"], rel=0, abs=1e-12)
         assert s["test_mean"] == pytest.approx(f["test_metric"], rel=0, abs=1e-12)
         assert s["best_lr"] == 0.1
         t = r["timing"]
@@ -194,8 +197,8 @@ def test_rerun_skips_finished_runs_and_extends_seeds(smoke, cache, tmp_path, mon
     rc, _, err = _main(args)
     assert rc == 0, err
     assert sorted(calls) == [
-        "grid__digits_cnn_bn__sgd__lr0.1__s0",
-        "grid__digits_cnn_bn__sgd__lr0.1__s1",
+        "grid__digits_cnn_bn__sgd__lr0.1__s0__cosine",
+        "grid__digits_cnn_bn__sgd__lr0.1__s1__cosine",
     ]
     summary = json.loads((out / "summary.json").read_text())
     tests = [r["final"]["test_metric"] for r in _records(out) if r["config"]["optimizer"] == "sgd"]
@@ -227,7 +230,7 @@ def test_interrupted_benchmark_keeps_finished_runs(tmp_path, cache, monkeypatch)
     calls.clear()
     rc, _, err = _main(args)
     assert rc == 0, err
-    assert len(calls) == 1 and calls[0].endswith("lr0.03__s0")
+    assert len(calls) == 1 and calls[0].endswith("lr0.03__s0__cosine")
     assert len(_records(tmp_path)) == 2
 
 

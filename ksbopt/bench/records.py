@@ -74,5 +74,6 @@ def load_record(path: Path, config: Mapping | None = None) -> dict | None:
 def write_atomic(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, allow_nan=True))
+    # compact: a record holds curves evaluated every <= 2% of the run, per symmetry group
+    tmp.write_text(json.dumps(obj, separators=(",", ":"), allow_nan=True))
     os.replace(tmp, path)
