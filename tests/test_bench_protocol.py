@@ -287,3 +287,114 @@ def test_every_applicable_pair_starts_with_the_same_window_in_every_arm():
                     assert {r.seed for r in mine} == set(full.seeds[:2])
                     assert len({r.steps for r in mine}) == 1
     assert len(runs) == len({r.run_id for r in runs})
+
+
+# ---- end to end at the tiny scale ------------------------------------------------------------
+
+
+def _cli(argv):
+    import contextlib
+    import io
+
+    from ksbopt.bench import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = cli.main([str(a) for a in argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    pytest.importorskip("flax")
+    out = tmp_path_factory.mktemp("tuned")
+    argv = ["--suite", "quick", "--scale", "tiny", "--tasks", "teacher_relu", "--steps", "10"]
+    argv += ["--optimizers", "sgd,sgd+wd", "--seeds", "3", "--out", out, "--no-progress"]
+    argv += ["--no-plots", "--cache-dir", tmp_path_factory.mktemp("cache")]
+    rc, stdout, err = _cli(argv)
+    assert rc == 0, err
+    return out, argv, stdout
+
+
+def test_tuned_grid_runs_the_search_and_reports_its_statistics(tuned):
+    import json
+
+    from ksbopt.bench.suites import SUITES, tuning_round
+
+    out, _, stdout = tuned
+    assert "-- tuning round 2" in stdout  # at least one round after the window
+    recs = {p.stem: json.loads(p.read_text()) for p in (out / "runs").glob("*.json")}
+    summary = json.loads((out / "summary.json").read_text())
+    rows = summary["arms"]["cosine"]["teacher_relu"]["optimizers"]
+    assert summary["grid_arm"] == "cosine" and summary["meta"]["protocol"]["tuning_seeds"] == 2
+
+    def result(c):
+        r = recs.get(c.run_id)
+        return MISSING if r is None else r["final"]["val_metric"]
+
+    quick = SUITES["quick"]
+    runs, searches = tuning_round(
+        quick,
+        tasks=("teacher_relu",),
+        optimizers=("sgd", "sgd+wd"),
+        seeds=(0, 1, 2),
+        result=result,
+        higher_is_better=lambda t: False,
+        scale="tiny",
+        steps=10,
+    )
+    assert runs == []  # every search is over and every seed trained
+    for o, row in rows.items():
+        s = searches[("teacher_relu", "cosine", o)]
+        assert row["best_lr"] == lattice_lr(s.best[0]) and row["edge"] == s.edge
+        assert row["seeds"] == 3 and row["tuning_seeds"] == [0, 1]
+        assert row["hparams"].get("weight_decay") == s.best[1] or s.best[1] is None
+        assert row["band"] is not None and row["band"][0] <= row["best_lr"] <= row["band"][1]
+        assert row["reached"] >= 1 and row["steps_to_target"] > 0 and row["time_to_target"] > 0
+    assert len(rows["sgd+wd"]["scores"]) > len(rows["sgd"]["scores"])  # weight decay searched
+    ref = summary["grid"]["teacher_relu"]["reference"]
+    other = next(o for o in rows if o != ref)
+    p = rows[other]["paired"]
+    assert p["vs"] == ref and p["n"] == 3 and p["low"] <= p["mean"] <= p["high"]
+
+
+def test_a_finished_tuned_suite_resumes_without_training(tuned, monkeypatch):
+    from ksbopt.bench import runner
+
+    out, argv, _ = tuned
+
+    def refuse(self, cfg, full, position):
+        raise AssertionError(f"{cfg.run_id} was trained again")
+
+    monkeypatch.setattr(runner.Runner, "_execute", refuse)
+    rc, stdout, err = _cli(argv)
+    assert rc == 0, err
+    assert "-- tuning round" not in stdout and "0 trained now" in (out / "report.md").read_text()
+    rc, stdout, _ = _cli([*argv, "--dry-run"])
+    assert rc == 0 and "dry run: 0 runs next" in stdout and "2 of them over" in stdout
+
+
+def test_dry_run_lists_the_first_round_and_trains_nothing(tmp_path):
+    argv = ["--suite", "quick", "--scale", "tiny", "--tasks", "teacher_relu", "--seeds", "2"]
+    rc, stdout, err = _cli([*argv, "--optimizers", "sgd", "--out", tmp_path, "--dry-run"])
+    assert rc == 0, err
+    ids = [ln for ln in stdout.splitlines() if ln.startswith("grid__")]
+    assert len(ids) == 6 and all(i.endswith("__cosine") for i in ids)  # 3 rates x 2 seeds
+    assert not (tmp_path / "runs").exists()
+
+
+def test_readme_block_is_generated_from_the_summary(tuned, tmp_path):
+    from ksbopt.bench import readme
+
+    out, _, _ = tuned
+    results = tmp_path / "results"
+    (results / "mine").mkdir(parents=True)
+    (results / "mine" / "summary.json").write_text((out / "summary.json").read_text())
+    doc = tmp_path / "README.md"
+    doc.write_text("# x\n<!-- bench-results mine -->\nstale\n<!-- /bench-results -->\nend\n")
+    assert readme.main(["--readme", str(doc), "--results", str(results), "--check"]) == 1
+    assert readme.main(["--readme", str(doc), "--results", str(results)]) == 0
+    text = doc.read_text()
+    assert "stale" not in text and text.endswith("<!-- /bench-results -->\nend\n")
+    assert "| teacher_relu (nmse, 3) |" in text and "results/mine/summary.json" in text
+    assert readme.main(["--readme", str(doc), "--results", str(results), "--check"]) == 0
