@@ -139,7 +139,7 @@ def test_cosine_schedule_warms_up_then_decays_to_zero_and_traces_the_same():
     f = [protocol.schedule_factor("cosine", s, steps) for s in range(steps)]
     w = math.ceil(protocol.WARMUP_FRACTION * steps)
     np.testing.assert_allclose(f[:w], np.arange(1, w + 1) / w)
-    assert f[w] == pytest.approx(1.0) and f[-1] == pytest.approx(0.0, abs=1e-12)
+    assert f[w] == pytest.approx(1.0) and 0 < f[-1] < 1e-3  # every step moves
     assert all(a >= b for a, b in zip(f[w:], f[w + 1 :]))
     traced = [float(protocol.schedule_factor("cosine", s, steps, jnp)) for s in range(steps)]
     np.testing.assert_allclose(traced, f, atol=1e-6)  # float32

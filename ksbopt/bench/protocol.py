@@ -45,6 +45,7 @@ __all__ = [
     "Search",
     "lattice_index",
     "lattice_lr",
+    "schedule_definition",
     "schedule_factor",
     "search",
     "start_window",
@@ -106,17 +107,36 @@ def wd_grid(default: float, factors: Sequence[float]) -> tuple[float, ...]:
     return tuple(float(f"{default * f:.6g}") for f in sorted(factors))
 
 
+def schedule_definition(schedule: str) -> dict | None:
+    """What a run's record stores of its schedule (None for ``constant``): a changed definition
+    changes the record's configuration, so old records of that arm are not reused.
+
+    Example:
+      >>> schedule_definition("cosine")
+      {'warmup_fraction': 0.05, 'decay': 'cosine, (1 + cos(pi (t - w) / (T - w))) / 2'}
+    """
+    if schedule == "constant":
+        return None
+    if schedule != "cosine":
+        raise ValueError(f"schedule={schedule!r} is not one of {SCHEDULES}")
+    return {
+        "warmup_fraction": WARMUP_FRACTION,
+        "decay": "cosine, (1 + cos(pi (t - w) / (T - w))) / 2",
+    }
+
+
 def schedule_factor(schedule: str, step, steps: int, xp=math):
     """Multiplier of the peak learning rate at ``step`` (0-based) of a ``steps``-step run.
 
     ``constant``: 1. ``cosine``: (step + 1) / w for step < w = ceil(WARMUP_FRACTION * steps)
-    (linear warm-up), then (1 + cos(pi (step - w) / (steps - w))) / 2 (cosine decay to 0;
+    (linear warm-up), then (1 + cos(pi (step - w) / (steps - w))) / 2 (cosine decay towards 0,
+    which the step after the last would reach: every step taken has a positive rate;
     Loshchilov & Hutter, arXiv 1608.03983; Goyal et al., arXiv 1706.02677 for the warm-up).
     ``xp``: ``math`` for Python numbers or ``jax.numpy`` for a traced step.
 
     Example:
       >>> [round(schedule_factor("cosine", s, 100), 3) for s in (0, 4, 5, 52, 99)]
-      [0.2, 1.0, 1.0, 0.5, 0.0]
+      [0.2, 1.0, 1.0, 0.508, 0.0]
     """
     if schedule == "constant":
         return 1.0
@@ -126,10 +146,10 @@ def schedule_factor(schedule: str, step, steps: int, xp=math):
     if xp is math:
         if step < w:
             return (step + 1) / w
-        return (1 + math.cos(math.pi * (step - w) / max(1, steps - 1 - w))) / 2
+        return (1 + math.cos(math.pi * (step - w) / max(1, steps - w))) / 2
     step = xp.asarray(step, xp.float32)
     warm = (step + 1) / w
-    decay = (1 + xp.cos(math.pi * (step - w) / max(1, steps - 1 - w))) / 2
+    decay = (1 + xp.cos(math.pi * (step - w) / max(1, steps - w))) / 2
     return xp.where(step < w, warm, decay)
 
 

@@ -681,7 +681,7 @@ def _protocol_lines(proto: Mapping | None, arm: str | None) -> list[str]:
             f"{proto['tuning_seeds']} seeds, then the chosen setting on seeds "
             f"{', '.join(map(str, proto['seeds']))}; schedule arms "
             f"{', '.join(proto['schedules'])} (warm-up {proto['warmup_fraction']:.0%} of the "
-            "steps, then cosine decay to 0)."
+            "steps, then cosine decay towards 0)."
         )
     L.append(
         "Setting (learning rate, weight decay) chosen on the validation split (final value, "

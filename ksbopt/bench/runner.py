@@ -34,7 +34,7 @@ import optax
 from flax import nnx
 
 from ksbopt.bench import profiles, registry
-from ksbopt.bench.protocol import schedule_factor
+from ksbopt.bench.protocol import schedule_definition, schedule_factor
 from ksbopt.bench.records import (
     SCHEMA,
     RunConfig,
@@ -218,6 +218,7 @@ class Runner:
                 "task_config": dict(task.config),
                 "metric": task.metric,
                 "target": task.target,
+                **({"schedule_definition": d} if (d := schedule_definition(cfg.schedule)) else {}),
                 **({"origin": dict(spec.origin)} if spec.origin else {}),
             }
         )
@@ -554,7 +555,8 @@ class Runner:
                     _finite_or_none(a)
                 )
             bar.update(chunk_steps)
-            if not np.all(np.isfinite(losses)):
+            # a non-finite loss, or parameters made non-finite by the chunk's last update
+            if not np.all(np.isfinite(losses)) or not np.isfinite(ev["param_norm"]):
                 diverged = True
                 break
         bar.close()
