@@ -162,6 +162,16 @@ class Protocol:
       window: lattice points of the starting window.
       max_extensions: learning rates outside the starting window, at most.
       wd_factors: the weight-decay grid, as multiples of the entry's positive default.
+
+    Example:
+      >>> Protocol().tuning_seeds, Protocol(window=5).window
+      (2, 5)
+
+    References:
+      The self-extending grid follows the advice of Choi et al., "On Empirical Comparisons of
+      Optimizers for Deep Learning", arXiv 1910.05446 (tune every optimizer's search space
+      until the optimum is inside it), and Schmidt et al., "Descending through a Crowded
+      Valley", arXiv 2007.01547 (one budget for every optimizer).
     """
 
     tuning_seeds: int = 2
@@ -191,6 +201,12 @@ class Search:
       scores: every evaluated point -> its score (None: diverged or non-finite).
       edge: the chosen learning rate lacks a worse evaluated neighbour on some side.
       exhausted: the extension budget stopped the search.
+
+    Example:
+      >>> s = search((0, 1, 2), (), lambda p: -abs(p[0] - 1), higher_is_better=True,
+      ...            max_extensions=4)
+      >>> s.done, s.best, s.edge
+      (True, (1, None), False)
     """
 
     needed: tuple[Point, ...]

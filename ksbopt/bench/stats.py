@@ -32,7 +32,12 @@ BAND_TOLERANCE = {"higher": 0.01, "lower_relative": 0.01}
 
 
 class Paired(tuple):
-    """``(mean, low, high, n)``: mean paired difference, its bootstrap interval, shared seeds."""
+    """``(mean, low, high, n)``: mean paired difference, its bootstrap interval, shared seeds.
+
+    Example:
+      >>> Paired(0.02, 0.01, 0.03, 5).verdict(), Paired(-0.01, -0.03, 0.01, 5).verdict()
+      ('better', 'tie')
+    """
 
     __slots__ = ()
 
