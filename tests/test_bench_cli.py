@@ -312,12 +312,18 @@ def test_gpu_suite_runs_tiny_on_cpu(tmp_path, cache, monkeypatch):
 
 @pytest.mark.slow
 def test_whole_gpu_suite_runs_tiny_on_cpu(tmp_path, cache):
+    """Every task of the gpu suite through the tuning protocol (one optimizer, one seed: the
+    protocol's cost at the tiny scale is tested elsewhere)."""
     rc, _, err = _main(
         [
             "--suite",
             "gpu",
             "--scale",
             "tiny",
+            "--optimizers",
+            "sgd",
+            "--seeds",
+            "1",
             "--no-progress",
             "--out",
             tmp_path,
