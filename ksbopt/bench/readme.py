@@ -150,30 +150,39 @@ def update(text: str, results: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ksbopt.bench.readme", description=__doc__)
-    p.add_argument("--readme", default=str(ROOT / "README.md"), help="the Markdown file")
+    p.add_argument(
+        "--readme",
+        action="append",
+        help="a Markdown file with results blocks (repeatable; default README.md and "
+        "benchmarks/results/README.md)",
+    )
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="results folder")
-    p.add_argument("--check", action="store_true", help="exit 1 if the file is out of date")
+    p.add_argument("--check", action="store_true", help="exit 1 if a file is out of date")
     p.add_argument("--print", metavar="FOLDER", help="print the block of one suite folder")
     a = p.parse_args(argv)
     if a.print:
         folder = Path(a.print)
         print(render(json.loads((folder / "summary.json").read_text()), folder.name))
         return 0
-    path = Path(a.readme)
-    old = path.read_text()
-    if not _BLOCK.search(old):
+    default = (ROOT / "README.md", ROOT / "benchmarks" / "results" / "README.md")
+    texts = {path: path.read_text() for path in map(Path, a.readme or default)}
+    if not any(_BLOCK.search(t) for t in texts.values()):
         p.error(
-            f"{path} has no '<!-- bench-results FOLDER -->' ... '<!-- /bench-results -->' block"
+            f"{', '.join(map(str, texts))}: no '<!-- bench-results FOLDER -->' ... "
+            "'<!-- /bench-results -->' block"
         )
-    new = update(old, Path(a.results))
-    if a.check:
-        if new != old:
+    stale = 0
+    for path, old in texts.items():
+        new = update(old, Path(a.results))
+        if new == old:
+            continue
+        if a.check:
             print(f"{path} is out of date: run python -m ksbopt.bench.readme", file=sys.stderr)
-            return 1
-        return 0
-    path.write_text(new)
-    print(f"updated {path}")
-    return 0
+            stale += 1
+        else:
+            path.write_text(new)
+            print(f"updated {path}")
+    return 1 if stale else 0
 
 
 if __name__ == "__main__":
