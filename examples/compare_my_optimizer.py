@@ -13,13 +13,15 @@ MNIST-1D CNN with BatchNorm; the report (``OUT/report.md``) holds the accuracy t
 it, the symmetry profile of every entry measured over the whole run.
 
 Run:
-    python examples/compare_my_optimizer.py            # quick size: 24 runs of 800 steps
+    python examples/compare_my_optimizer.py            # quick size: runs of 800 steps
     KSBOPT_EXAMPLE_TINY=1 python examples/compare_my_optimizer.py   # tiny (tests, docs gallery)
     python examples/compare_my_optimizer.py --tiny --out /tmp/compare   # the same, flags
 
-Both take about half a minute on 2 CPU cores, mostly compilation. The tiny size (the
-harness's ``tiny`` scale, 20 steps, one seed, no plots) is for smoke tests and the docs
-gallery: its numbers mean nothing.
+Every entry is tuned by the benchmark protocol (a learning-rate search that extends itself
+until the best rate is interior, weight decay where the entry has one): at the quick size that
+is a few dozen runs, a few minutes on 2 CPU cores; the tiny size is about a dozen runs, a minute
+or two, mostly compilation. The tiny size (the harness's ``tiny`` scale, 20 steps, one seed, no
+plots) is for smoke tests and the docs gallery: its numbers mean nothing.
 
 Needs the ``bench`` extra: ``pip install "ksbopt[bench]"``.
 """

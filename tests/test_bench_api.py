@@ -97,9 +97,14 @@ def test_compare_puts_user_entries_beside_the_registry_and_reruns_a_changed_fact
     assert rec["profile"]["labels"] == list(prof)
 
     again = _compare({"mine": _lion(0.9), "sgd": "sgd"}, tmp_path)
-    assert again.summary["meta"]["trained"] == 0 and again.summary["meta"]["reused"] == 6
+    n_mine = sum(r["config"]["optimizer"] == "mine" for r in res.records)
+    assert again.summary["meta"]["trained"] == 0
+    assert again.summary["meta"]["reused"] == len(res.records)
     changed = _compare({"mine": _lion(0.8), "sgd": "sgd"}, tmp_path)  # another closure value
-    assert changed.summary["meta"]["trained"] == 3  # mine's three learning rates, not sgd's
+    # mine's search again from its starting window (the same lattice points), not sgd's runs
+    assert changed.summary["meta"]["trained"] >= 3 and changed.summary["meta"]["reused"] == (
+        len(res.records) - n_mine
+    )
 
 
 def test_bad_factories_are_reported_and_the_rest_completes(tmp_path):
@@ -128,7 +133,9 @@ def test_bad_factories_are_reported_and_the_rest_completes(tmp_path):
     assert set(rows) == {"nan", "sgd"}
     assert rows["nan"]["diverged"] == 1  # the report marks the row "(1 diverged)"
     nan_runs = [r for r in res.records if r["config"]["optimizer"] == "nan"]
-    assert len(nan_runs) == 3 and all(r["status"] == "diverged" for r in nan_runs)
+    # the search walks down the lattice: the starting window, then the 4 extensions
+    assert len(nan_runs) == 3 + 4 and all(r["status"] == "diverged" for r in nan_runs)
+    assert "no finite point: nan on toy" in res.report.read_text()
     assert rows["sgd"]["test_mean"] is not None
     assert "FAILED before training: raises on toy" in res.report.read_text()
 

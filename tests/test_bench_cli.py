@@ -76,8 +76,10 @@ def _smoke_args(out, cache, seeds="1"):
 
 
 def _tiny_args(out, cache, *, tasks: str, optimizers: str, lrs: str, steps: int) -> list:
-    """A one-seed grid run at the tiny scale, without progress bars or plots."""
+    """A one-seed grid run at the tiny scale, constant learning rate, no progress bars or plots."""
     return [
+        "--schedules",
+        "constant",
         "--scale",
         "tiny",
         "--tasks",
@@ -112,7 +114,7 @@ def _records(out: Path) -> list[dict]:
 
 
 def _row(report: str, optimizer: str) -> str:
-    (row,) = [ln for ln in report.splitlines() if ln.startswith(f"| {optimizer} | 0.1 |")]
+    (row,) = [ln for ln in report.splitlines() if ln.startswith(f"| {optimizer} | 0.1 ")]
     return row
 
 
@@ -126,15 +128,18 @@ def test_smoke_writes_json_report_and_plots_with_the_run_numbers(smoke):
     for r in recs:
         opt = r["config"]["optimizer"]
         assert r["config"]["steps"] == 20 and r["config"]["scale"] == "tiny"
-        assert r["curves"]["step"] == [0, 10, 20]
+        # evaluated every step: at least every 2% of the run, at most the task's interval
+        assert r["config"]["eval_every"] == 1 and r["curves"]["step"] == list(range(21))
+        assert r["curves"]["time_s"][0] == 0 and np.all(np.diff(r["curves"]["time_s"]) > 0)
+        assert r["config"]["schedule"] == "cosine"
         f = r["final"]
         assert f["test_metric"] == r["curves"]["test_metric"][-1]
         assert 0.0 <= f["test_metric"] <= 1.0
         # The report shows exactly the recorded final metrics (1 seed: std 0).
         row = _row(report, opt)
         assert f"{fmt(f['test_metric'])} ± {fmt(0.0)}" in row
-        assert f"{fmt(f['val_metric'])} ± {fmt(0.0)}" in row
         s = summary["grid"]["digits_cnn_bn"]["optimizers"][opt]
+        assert s["val_mean"] == pytest.approx(f["val_metric"], rel=0, abs=1e-12)
         assert s["test_mean"] == pytest.approx(f["test_metric"], rel=0, abs=1e-12)
         assert s["best_lr"] == 0.1
         t = r["timing"]
@@ -194,8 +199,8 @@ def test_rerun_skips_finished_runs_and_extends_seeds(smoke, cache, tmp_path, mon
     rc, _, err = _main(args)
     assert rc == 0, err
     assert sorted(calls) == [
-        "grid__digits_cnn_bn__sgd__lr0.1__s0",
-        "grid__digits_cnn_bn__sgd__lr0.1__s1",
+        "grid__digits_cnn_bn__sgd__lr0.1__s0__cosine",
+        "grid__digits_cnn_bn__sgd__lr0.1__s1__cosine",
     ]
     summary = json.loads((out / "summary.json").read_text())
     tests = [r["final"]["test_metric"] for r in _records(out) if r["config"]["optimizer"] == "sgd"]
@@ -286,6 +291,8 @@ def test_gpu_suite_runs_tiny_on_cpu(tmp_path, cache, monkeypatch):
             opt,
             "--lrs",
             "0.03",
+            "--seeds",
+            "1",
             "--no-progress",
             "--no-plots",
             "--out",
@@ -305,12 +312,18 @@ def test_gpu_suite_runs_tiny_on_cpu(tmp_path, cache, monkeypatch):
 
 @pytest.mark.slow
 def test_whole_gpu_suite_runs_tiny_on_cpu(tmp_path, cache):
+    """Every task of the gpu suite through the tuning protocol (one optimizer, one seed: the
+    protocol's cost at the tiny scale is tested elsewhere)."""
     rc, _, err = _main(
         [
             "--suite",
             "gpu",
             "--scale",
             "tiny",
+            "--optimizers",
+            "sgd",
+            "--seeds",
+            "1",
             "--no-progress",
             "--out",
             tmp_path,
@@ -587,33 +600,29 @@ def test_entries_get_extra_args_units_and_path_norm_and_report_not_applicable(tm
     assert "`path_sgd`: needs a ReLU or linear network without normalisation" in report
 
 
-def test_full_suite_plans_every_applicable_pair_with_the_same_budget():
+def test_full_suite_plans_its_fixed_experiments_at_the_published_sizes():
+    """The NLD control and the baselines are planned in advance (the tuned grid is planned
+    round by round; its first round is tested with the protocol)."""
     from ksbopt.bench.suites import SUITES, plan
 
     suite = SUITES["full"]
-    runs = plan(suite, tasks=suite.tasks, optimizers=suite.optimizers, seeds=suite.seeds)
-    grid = [r for r in runs if r.experiment == "grid"]
     assert set(suite.optimizers) == set(registry.REGISTRY)
-    pairs: dict[tuple, list] = {}
-    for r in grid:
-        pairs.setdefault((r.task, r.optimizer), []).append(r)
-    for t in suite.tasks:
-        steps = set()
-        for o, spec in registry.REGISTRY.items():
-            rs = pairs.get((t, o), [])
-            assert bool(rs) == spec.applies_to(TASKS[t]), (t, o)
-            if rs:
-                assert len({r.learning_rate for r in rs}) >= 5 and len({r.seed for r in rs}) >= 3
-                steps |= {r.steps for r in rs}
-        assert len(steps) == 1, (t, steps)  # the same step budget for every optimizer
-    assert {r.experiment for r in runs} == {"grid", "nld", "baselines"}
-    # The reproductions run at the published sizes, the grids at the suite's scale.
-    assert {(r.experiment, r.scale) for r in runs} == {
-        ("grid", suite.scale),
-        ("nld", "base"),
-        ("baselines", "base"),
-    }
+    runs = plan(suite, tasks=suite.tasks, optimizers=suite.optimizers, seeds=suite.seeds)
+    assert {r.experiment for r in runs} == {"nld", "baselines"}
+    assert {(r.experiment, r.scale) for r in runs} == {("nld", "base"), ("baselines", "base")}
     assert len(runs) == len({r.run_id for r in runs})
+    # a fixed learning-rate list trains exactly those rates, in every schedule arm, untuned
+    fixed = plan(
+        suite,
+        tasks=("teacher_relu",),
+        optimizers=("sgd",),
+        seeds=(0,),
+        lrs=(0.1, 0.5),
+        experiments=("grid",),
+    )
+    assert {(r.learning_rate, r.schedule) for r in fixed} == {
+        (lr, arm) for lr in (0.1, 0.5) for arm in suite.schedules
+    }
 
 
 def test_angular_update_from_charges_matches_the_direct_angle():

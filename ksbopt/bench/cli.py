@@ -16,6 +16,7 @@ the rest of that optimizer/task combination; a rerun retries it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import importlib.util
 import os
@@ -67,6 +68,11 @@ def _parser() -> argparse.ArgumentParser:
         choices=SCALES,
         help="model/data size; default: the suite's (env KSBOPT_BENCH_SCALE too)",
     )
+    p.add_argument(
+        "--schedules",
+        help="comma list of schedule arms, cosine (warm-up + cosine) and/or constant "
+        "(default: the suite's)",
+    )
     p.add_argument("--experiments", help="comma list of grid,nld,baselines (default: the suite's)")
     p.add_argument(
         "--optimizer",
@@ -95,6 +101,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no per-run progress bar")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--list", action="store_true", help="list tasks, optimizers, suites; exit")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list the runs the next round would train (from the records under OUT) and "
+        "exit; later rounds of the tuning depend on the results",
+    )
     p.add_argument(
         "--report-only",
         action="store_true",
@@ -221,6 +233,13 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--lrs={a.lrs!r}: learning rates must be positive, e.g. --lrs 0.01,0.1")
     if a.steps is not None and a.steps < 1:
         p.error(f"--steps={a.steps}: must be a positive integer")
+    if a.schedules:
+        from ksbopt.bench.protocol import SCHEDULES
+
+        arms = tuple(dict.fromkeys(_csv(a.schedules)))
+        if not arms or (bad := [x for x in arms if x not in SCHEDULES]):
+            p.error(f"--schedules={a.schedules!r}: valid arms are {', '.join(SCHEDULES)}")
+        suite = dataclasses.replace(suite, schedules=arms)
     experiments = tuple(_csv(a.experiments)) if a.experiments else suite.experiments
     bad = [e for e in experiments if e not in EXPERIMENTS]
     if bad or not experiments:
@@ -230,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     for e, need in (("nld", "sgd+retract"),):
         if e in experiments and (miss := registry.REGISTRY[need].missing()):
             p.error(f"experiment {e!r} needs {', '.join(miss)}, which this ksbopt lacks")
-    runs = plan(
+    fixed = plan(
         suite,
         tasks=tasks,
         optimizers=opts,
@@ -240,14 +259,18 @@ def main(argv: list[str] | None = None) -> int:
         steps=a.steps,
         experiments=experiments,
     )
-    if not runs:
+    tuned = "grid" in experiments and not lrs
+    pairs = [
+        (t, o) for t in tasks for o in opts if registry.get(o, check=False).applies_to(TASKS[t])
+    ]
+    if not fixed and not (tuned and pairs):
         p.error(
             "nothing to run: no optimizer applies to the chosen tasks (e.g. sgd+retract "
             "needs a task with a scale symmetry such as mnist1d_cnn_bn)"
         )
     needed = {"flax", "tqdm"} | ({"matplotlib"} if not a.no_plots else set())
-    for r in runs:
-        needed |= set(TASKS[r.task].requires)
+    for t in {r.task for r in fixed} | ({t for t, _ in pairs} if tuned else set()):
+        needed |= set(TASKS[t].requires)
     for m in sorted(needed):
         if not _installed(m):
             p.error(
@@ -256,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
             )
     out = Path(a.out or f"bench_results/{a.suite}")
     _check_out(p, out)
+    grid_args = dict(tasks=tasks, optimizers=opts, seeds=seeds, scale=scale, steps=a.steps)
+    if a.dry_run:
+        return _dry_run(suite, out, fixed, grid_args if tuned else None)
 
     # ---- run ----
     import jax
@@ -265,55 +291,45 @@ def main(argv: list[str] | None = None) -> int:
     from ksbopt.bench.suites import PUBLISHED
 
     t0 = time.perf_counter()
-    scale = ", ".join(f"{e}={s}" for e, s in dict.fromkeys((r.experiment, r.scale) for r in runs))
-    print(f"ksbopt-bench: suite={a.suite} scale: {scale}; runs={len(runs)} out={out}", flush=True)
+    scales = {r.scale for r in fixed} | ({scale or suite.scale_of("grid")} if tuned else set())
+    print(
+        f"ksbopt-bench: suite={a.suite} scale: {', '.join(sorted(scales))}; "
+        f"{len(fixed)} fixed runs{', tuned grid in rounds' if tuned else ''}; out={out}",
+        flush=True,
+    )
     print(f"jax devices: {jax.devices()}", flush=True)
     for n in notes:
         print(f"note: {n}", flush=True)
     cache = Path(a.cache_dir) if a.cache_dir else out / "cache"
     runner = Runner(out, cache_dir=cache, progress=not a.no_progress)
-    runs, user_failed = user.preflight(runs, runner)
-    notes += user_failed
-    for n in user_failed:
-        print(n, file=sys.stderr, flush=True)
-    records, trained, failed = [], 0, {}
+    session = _Session(runner)
     try:
-        for i, cfg in enumerate(runs, 1):
-            pos = f"[{i}/{len(runs)}] "
-            combo = (cfg.experiment, cfg.task, cfg.scale, cfg.optimizer, cfg.hparams)
-            if combo in failed:  # the same error again: do not pay its compilation 15 times
-                print(f"{pos}{cfg.run_id}: skipped, {failed[combo]}", flush=True)
-                continue
-            try:
-                rec, new = runner.run(cfg, position=pos)
-            except Exception as e:  # one broken optimizer must not stop a long suite
-                failed[combo] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-                print(f"{pos}{cfg.run_id}: FAILED, {failed[combo]}", file=sys.stderr, flush=True)
-                traceback.print_exc()
-                continue
-            trained += new
-            records.append(rec)
-            f = rec["final"]
-            how = (
-                f"{rec['timing']['total_s']:.1f}s, {rec['timing']['step_ms_median']:.2f} ms/step"
-                if new
-                else "kept from an earlier run"
-            )
-            print(
-                f"{pos}{cfg.experiment} {cfg.task} {cfg.optimizer}"
-                f"{''.join(f' {k}={v:g}' for k, v in cfg.hparams)} lr={cfg.learning_rate:g} "
-                f"seed={cfg.seed}: val {rec['task']['metric']} {_f(f['val_metric'])}, test "
-                f"{_f(f['test_metric'])}{' DIVERGED' if rec['status'] == 'diverged' else ''} "
-                f"({how})",
-                flush=True,
-            )
+        first = _round(suite, session, grid_args) if tuned else []
+        checked, user_failed = user.preflight([*first, *fixed], runner)
+        notes += user_failed
+        for n in user_failed:
+            print(n, file=sys.stderr, flush=True)
+        session.excluded |= {(r.optimizer, r.task) for r in [*first, *fixed]} - {
+            (r.optimizer, r.task) for r in checked
+        }
+        session.train([r for r in fixed if r in checked], "fixed runs")
+        rnd = 1
+        while tuned:
+            todo = _round(suite, session, grid_args)
+            if not todo:
+                break
+            session.train(todo, f"tuning round {rnd}")
+            rnd += 1
     except KeyboardInterrupt:
         print(
-            f"\ninterrupted: {len(records)} finished runs are saved under {out / 'runs'}; "
-            "rerun the same command to resume.",
+            f"\ninterrupted: {len(session.records)} finished runs are saved under "
+            f"{out / 'runs'}; rerun the same command to resume.",
             file=sys.stderr,
         )
         return 130
+    records, trained, failed = list(session.records.values()), session.trained, session.failed
+    if tuned:
+        notes += _search_notes(suite, session, grid_args)
     meta = {
         "suite": a.suite,
         "scale": scale,
@@ -322,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         "devices": str(jax.devices()),
         "trained": trained,
         "reused": len(records) - trained,
+        "protocol": _protocol_meta(suite) if tuned else None,
         "wall_s": time.perf_counter() - t0,
         "notes": notes
         + [
@@ -372,6 +389,169 @@ def _report_only(p, a, argv) -> int:
 
 def _f(x) -> str:
     return "-" if x is None else f"{x:.4f}"
+
+
+class _Session:
+    """The records of one invocation, the runs that failed, and training with progress lines."""
+
+    def __init__(self, runner):
+        self.runner = runner
+        self.records: dict[str, dict] = {}
+        self.trained = 0
+        self.failed: dict[tuple, str] = {}
+        self.excluded: set[tuple[str, str]] = set()  # (optimizer, task) that cannot start
+
+    def blocked(self, cfg) -> bool:
+        combo = (cfg.experiment, cfg.task, cfg.scale, cfg.optimizer, cfg.hparams, cfg.schedule)
+        return combo in self.failed or (cfg.optimizer, cfg.task) in self.excluded
+
+    def result(self, cfg):
+        """Final validation metric of ``cfg`` (None: diverged or cannot run; MISSING: not yet)."""
+        from ksbopt.bench.protocol import MISSING
+        from ksbopt.bench.records import load_record, record_path
+
+        rec = self.records.get(cfg.run_id)
+        if rec is None:
+            rec = load_record(record_path(self.runner.out, cfg), self.runner.full_config(cfg))
+            if rec is not None:
+                self.records[cfg.run_id] = rec
+        if rec is None:
+            return None if self.blocked(cfg) else MISSING
+        return None if rec["status"] == "diverged" else rec["final"]["val_metric"]
+
+    def train(self, runs, what: str) -> None:
+        runs = [r for r in runs if r.run_id not in self.records]
+        if runs:
+            print(f"-- {what}: {len(runs)} runs", flush=True)
+        for i, cfg in enumerate(runs, 1):
+            pos = f"[{i}/{len(runs)}] "
+            combo = (cfg.experiment, cfg.task, cfg.scale, cfg.optimizer, cfg.hparams, cfg.schedule)
+            if self.blocked(cfg):  # the same error again: do not pay its compilation 15 times
+                why = self.failed.get(combo, "cannot start")
+                print(f"{pos}{cfg.run_id}: skipped, {why}", flush=True)
+                continue
+            try:
+                rec, new = self.runner.run(cfg, position=pos)
+            except Exception as e:  # one broken optimizer must not stop a long suite
+                self.failed[combo] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+                print(
+                    f"{pos}{cfg.run_id}: FAILED, {self.failed[combo]}", file=sys.stderr, flush=True
+                )
+                traceback.print_exc()
+                continue
+            self.trained += new
+            self.records[cfg.run_id] = rec
+            f = rec["final"]
+            how = (
+                f"{rec['timing']['total_s']:.1f}s, {rec['timing']['step_ms_median']:.2f} ms/step"
+                if new
+                else "kept from an earlier run"
+            )
+            print(
+                f"{pos}{cfg.experiment} {cfg.task} {cfg.optimizer}"
+                f"{''.join(f' {k}={v:g}' for k, v in cfg.hparams)} lr={cfg.learning_rate:g} "
+                f"{cfg.schedule} seed={cfg.seed}: val {rec['task']['metric']} "
+                f"{_f(f['val_metric'])}, test {_f(f['test_metric'])}"
+                f"{' DIVERGED' if rec['status'] == 'diverged' else ''} ({how})",
+                flush=True,
+            )
+
+
+def _round(suite, session: _Session, grid_args: dict) -> list:
+    from ksbopt.bench.suites import tuning_round
+
+    runs, _ = tuning_round(
+        suite,
+        **grid_args,
+        result=session.result,
+        higher_is_better=lambda t: (
+            session.runner.task(t, grid_args["scale"] or suite.scale_of("grid")).higher_is_better
+        ),
+    )
+    return [r for r in runs if not session.blocked(r)]
+
+
+def _search_notes(suite, session: _Session, grid_args: dict) -> list[str]:
+    """Report notes: every search stopped by the extension budget or with no finite point."""
+    from ksbopt.bench.protocol import lattice_lr
+    from ksbopt.bench.suites import tuning_round
+
+    _, searches = tuning_round(
+        suite,
+        **grid_args,
+        result=session.result,
+        higher_is_better=lambda t: (
+            session.runner.task(t, grid_args["scale"] or suite.scale_of("grid")).higher_is_better
+        ),
+    )
+    out = []
+    for (t, arm, o), s in searches.items():
+        if s.best is None or s.needed:
+            continue
+        if s.scores.get(s.best) is None:
+            out.append(f"no finite point: {o} on {t} ({arm}) diverged at every learning rate tried")
+        elif s.edge:
+            why = " (extension budget spent)" if s.exhausted else ""
+            out.append(
+                f"edge: {o} on {t} ({arm}) chose lr {lattice_lr(s.best[0]):g} at the edge of "
+                f"its searched range{why}"
+            )
+    return out
+
+
+def _protocol_meta(suite) -> dict:
+    from ksbopt.bench.protocol import WARMUP_FRACTION
+
+    return {
+        **dataclasses.asdict(suite.protocol),
+        "schedules": list(suite.schedules),
+        "warmup_fraction": WARMUP_FRACTION,
+        "seeds": list(suite.seeds),
+    }
+
+
+def _direction(out: Path, task: str) -> bool:
+    """Whether ``task``'s metric is higher-is-better, from a record (True if none yet: the
+    direction only matters once results exist)."""
+    from ksbopt.bench.records import load_record
+
+    for path in (out / "runs").glob(f"grid__{task}__*.json"):
+        if (rec := load_record(path)) is not None:
+            return rec["task"]["higher_is_better"]
+    return True
+
+
+def _dry_run(suite, out: Path, fixed: list, grid_args: dict | None) -> int:
+    """Prints the runs the next invocation would train first; trains nothing."""
+    from ksbopt.bench.protocol import MISSING
+    from ksbopt.bench.records import load_record, record_path
+    from ksbopt.bench.suites import tuning_round
+
+    def result(cfg):
+        rec = load_record(record_path(out, cfg))
+        if rec is None:
+            return MISSING
+        return None if rec["status"] == "diverged" else rec["final"]["val_metric"]
+
+    todo = [r for r in fixed if load_record(record_path(out, r)) is None]
+    searches = {}
+    if grid_args is not None:
+        runs, searches = tuning_round(
+            suite,
+            **grid_args,
+            result=result,
+            higher_is_better=lambda t: _direction(out, t),
+        )
+        todo += runs
+    for r in todo:
+        print(r.run_id)
+    over = sum(1 for s in searches.values() if s.done)
+    print(
+        f"dry run: {len(todo)} runs next ({len(fixed)} fixed, {len(searches)} searches, "
+        f"{over} of them over); later rounds depend on the results",
+        flush=True,
+    )
+    return 0
 
 
 if __name__ == "__main__":

@@ -21,7 +21,9 @@ SCHEMA = 1
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """What identifies a run. ``hparams`` are overrides of the registry defaults."""
+    """What identifies a run. ``hparams`` are overrides of the registry defaults; ``schedule``
+    the learning-rate schedule arm (``constant`` or ``cosine``, see :mod:`ksbopt.bench.protocol`).
+    """
 
     experiment: str
     task: str
@@ -31,13 +33,15 @@ class RunConfig:
     scale: str
     hparams: tuple[tuple[str, Any], ...] = ()
     steps: int | None = None  # None: the task's default at this scale
+    schedule: str = "constant"
 
     @property
     def run_id(self) -> str:
         hp = "".join(f"_{k}{v:g}" for k, v in self.hparams)
+        arm = "" if self.schedule == "constant" else f"__{self.schedule}"
         return (
             f"{self.experiment}__{self.task}__{self.optimizer}{hp}"
-            f"__lr{self.learning_rate:g}__s{self.seed}"
+            f"__lr{self.learning_rate:g}__s{self.seed}{arm}"
         )
 
     def as_dict(self) -> dict:
@@ -70,5 +74,6 @@ def load_record(path: Path, config: Mapping | None = None) -> dict | None:
 def write_atomic(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, allow_nan=True))
+    # compact: a record holds curves evaluated every <= 2% of the run, per symmetry group
+    tmp.write_text(json.dumps(obj, separators=(",", ":"), allow_nan=True))
     os.replace(tmp, path)

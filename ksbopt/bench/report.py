@@ -48,62 +48,19 @@ def _hp_key(rec) -> tuple:
     return tuple(sorted(rec["config"]["hparams"].items()))
 
 
-def _grid_summary(recs: list[dict]) -> dict:
-    by_task: dict[str, dict[str, dict[float, list]]] = defaultdict(
-        lambda: defaultdict(lambda: defaultdict(list))
-    )
-    for r in recs:
-        c = r["config"]
-        by_task[c["task"]][c["optimizer"]][c["learning_rate"]].append(r)
-    out = {}
-    for task, opts in by_task.items():
-        any_rec = next(iter(next(iter(opts.values())).values()))[0]
-        higher = any_rec["task"]["higher_is_better"]
-        rows = {}
-        for opt, lrs in opts.items():
-            scores = {}
-            for lr, rs in lrs.items():
-                m, _, _ = _mean_std([x["final"]["val_metric"] for x in rs])
-                # a learning rate at which any seed diverged is never chosen
-                scores[lr] = None if any(x["status"] == "diverged" for x in rs) else m
-            finite = {lr: s for lr, s in scores.items() if s is not None}
-            if finite:
-                best = (max if higher else min)(finite, key=finite.get)
-            else:
-                best = min(lrs)
-            rs = lrs[best]
-            tm, ts, n = _mean_std([x["final"]["test_metric"] for x in rs])
-            vm, vs, _ = _mean_std([x["final"]["val_metric"] for x in rs])
-            reached = [x["steps_to_target"] for x in rs if x["steps_to_target"] is not None]
-            rows[opt] = {
-                **_diag_stats(rs),
-                "best_lr": best,
-                "test_mean": tm,
-                "test_std": ts,
-                "val_mean": vm,
-                "val_std": vs,
-                "seeds": len(rs),
-                "finite_seeds": n,
-                "diverged": sum(x["status"] == "diverged" for x in rs),
-                "steps_to_target": float(np.median(reached)) if reached else None,
-                "reached": len(reached),
-                "step_ms": float(np.median([x["timing"]["step_ms_median"] for x in rs])),
-                "compile_s": max(x["timing"]["compile_s"] for x in rs),
-                "val_by_lr": {str(lr): s for lr, s in sorted(scores.items())},
-                "runs": [x["id"] for x in rs],
-                "hparams": rs[0]["config"]["hparams"],
-            }
-        out[task] = {
-            "data": _data_line(any_rec["task"].get("data", {})),
-            "metric": any_rec["task"]["metric"],
-            "higher_is_better": higher,
-            "target": any_rec["task"]["target"],
-            "description": any_rec["task"]["description"],
-            "n_params": any_rec["task"]["n_params"],
-            "steps": any_rec["config"]["steps"],
-            "optimizers": dict(sorted(rows.items(), key=lambda kv: _sort_key(kv[1], higher))),
-        }
-    return out
+def _grid_summary(recs: list[dict]) -> dict[str, dict]:
+    """Schedule arm -> task -> rows (:func:`ksbopt.bench.summary.grid_summary`), with the data
+    line and the symmetry diagnostics of the chosen runs added."""
+    from ksbopt.bench.summary import grid_summary
+
+    by_id = {r["id"]: r for r in recs}
+    arms = grid_summary(recs)
+    for tasks in arms.values():
+        for t in tasks.values():
+            t["data"] = _data_line(t["data"])
+            for row in t["optimizers"].values():
+                row.update(_diag_stats([by_id[i] for i in row["runs"]]))
+    return arms
 
 
 def _diag_stats(rs: list[dict]) -> dict:
@@ -199,8 +156,12 @@ def summarize(records: Sequence[dict], published: Mapping[str, float] | None = N
     by_exp: dict[str, list] = defaultdict(list)
     for r in records:
         by_exp[r["config"]["experiment"]].append(r)
+    arms = _grid_summary(by_exp["grid"]) if by_exp["grid"] else {}
     return {
-        "grid": _grid_summary(by_exp["grid"]) if by_exp["grid"] else {},
+        # the first arm (warm-up + cosine when it ran) answers the questions; all arms in "arms"
+        "grid": next(iter(arms.values())) if arms else {},
+        "grid_arm": next(iter(arms), None),
+        "arms": arms,
         "nld": _nld_summary(by_exp["nld"]) if by_exp["nld"] else [],
         "baselines": (
             _baseline_summary(by_exp["baselines"], published or {}) if by_exp["baselines"] else []
@@ -218,7 +179,7 @@ def _stack(curves: list[list], n: int) -> np.ndarray:
     return a
 
 
-def _mean_band(ax, steps, runs: list[list], label):
+def _mean_band(ax, steps, runs: list[list], label, style: Mapping | None = None):
     a = _stack(runs, len(steps))
     with np.errstate(all="ignore"):
         import warnings
@@ -226,7 +187,8 @@ def _mean_band(ax, steps, runs: list[list], label):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             m, lo, hi = np.nanmean(a, 0), np.nanmin(a, 0), np.nanmax(a, 0)
-    (line,) = ax.plot(steps, m, label=label)
+    kw = {k: v for k, v in (style or {}).items() if k != "marker"}
+    (line,) = ax.plot(steps, m, label=label, **kw)
     if len(runs) > 1:
         ax.fill_between(steps, lo, hi, alpha=0.2, color=line.get_color())
 
@@ -293,17 +255,20 @@ def _plots(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ksbopt.bench import plots
+
     pdir = out / "plots"
     pdir.mkdir(parents=True, exist_ok=True)
     made: dict[str, list[str]] = defaultdict(list)
     for task, t in summary["grid"].items():
         best = {o: [by_id[i] for i in row["runs"]] for o, row in t["optimizers"].items()}
+        style = plots.styles(t["optimizers"])
         steps = max((r["curves"]["step"] for rs in best.values() for r in rs), key=len)
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        fig, axes = plt.subplots(1, 2, figsize=(13, 4))
         for o, rs in best.items():
             lab = f"{o} (lr={fmt_lr(t['optimizers'][o]['best_lr'])})"
-            _mean_band(axes[0], steps, [r["curves"]["val_metric"] for r in rs], lab)
-            _mean_band(axes[1], steps, [r["curves"]["train_loss"] for r in rs], lab)
+            _mean_band(axes[0], steps, [r["curves"]["val_metric"] for r in rs], lab, style[o])
+            _mean_band(axes[1], steps, [r["curves"]["train_loss"] for r in rs], lab, style[o])
         axes[0].set(xlabel="step", ylabel=f"validation {t['metric']}", title=task)
         if t["target"] is not None:
             axes[0].axhline(t["target"], color="gray", ls=":", lw=1)
@@ -312,28 +277,18 @@ def _plots(
             ylabel="train loss (chunk mean)",
             title="best learning rate per optimizer",
         )
-        axes[0].legend(fontsize=7)
+        plots.legend_outside(axes[1])
         fig.tight_layout()
         name = f"{task}_curves.png"
-        fig.savefig(pdir / name, dpi=90)
+        fig.savefig(pdir / name, dpi=90, bbox_inches="tight")
         plt.close(fig)
         made[task].append(name)
 
-        fig, ax = plt.subplots(figsize=(5.5, 4))
-        for o, row in t["optimizers"].items():
-            lrs = [float(k) for k in row["val_by_lr"]]
-            vals = [np.nan if v is None else v for v in row["val_by_lr"].values()]
-            ax.plot(lrs, vals, marker="o", label=o)
-        ax.set(
-            xscale="log",
-            xlabel="learning rate",
-            ylabel=f"final validation {t['metric']}",
-            title=f"{task}: learning-rate sensitivity",
-        )
-        ax.legend(fontsize=7)
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        plots.sensitivity(ax, task, t, style)
         fig.tight_layout()
         name = f"{task}_lr.png"
-        fig.savefig(pdir / name, dpi=90)
+        fig.savefig(pdir / name, dpi=90, bbox_inches="tight")
         plt.close(fig)
         made[task].append(name)
 
@@ -514,18 +469,23 @@ def _row(grid: Mapping, task: str, opt: str) -> Mapping | None:
 def _verdict(t: Mapping, a: Mapping | None, b: Mapping | None, names: tuple[str, str]) -> str:
     """``names[0]`` better / worse / tie against ``names[1]`` on the test metric.
 
-    A difference counts only when it exceeds the sum of the two standard deviations over
-    seeds (a conservative rule for 3 seeds); otherwise it is a tie.
+    A paired bootstrap over the shared seeds (:func:`ksbopt.bench.stats.paired_bootstrap`):
+    better or worse only when the 95% interval of the mean difference excludes 0.
     """
+    from ksbopt.bench.stats import paired_bootstrap
+
     if a is None or b is None:
         return "-"
     ma, mb = a["test_mean"], b["test_mean"]
     if ma is None or mb is None:
         return f"{names[0] if ma is None else names[1]} diverged"
-    d = (ma - mb) if t["higher_is_better"] else (mb - ma)
-    if abs(d) <= (a["test_std"] or 0) + (b["test_std"] or 0):
-        return "tie"
-    return f"{names[0]} better" if d > 0 else f"{names[1]} better"
+    p = paired_bootstrap(*({int(k): v for k, v in r["test_by_seed"].items()} for r in (a, b)))
+    v = p.verdict(t["higher_is_better"])
+    if v == "better":
+        return f"{names[0]} better"
+    if v == "worse":
+        return f"{names[1]} better"
+    return "tie" if v == "tie" else "too few seeds"
 
 
 def _cell(r: Mapping | None) -> str:
@@ -580,9 +540,9 @@ def _questions(summary: Mapping) -> list[str]:
     L = [
         "## The four questions",
         "",
-        "Each answer uses the test metric at the learning rate chosen on validation (mean ± std "
-        "over seeds). A difference counts only when it exceeds the sum of the two standard "
-        "deviations; otherwise it is called a tie.",
+        "Each answer uses the test metric at the setting chosen on validation (mean ± std "
+        "over seeds). A difference counts only when the 95% paired-bootstrap interval of the "
+        "mean per-seed difference excludes 0; otherwise it is called a tie.",
         "",
         "### 1. Does the implicit adaptivity of normalisation + SGD matter?",
         "",
@@ -705,6 +665,103 @@ def _pm(m, s, digits=4):
     return f"{fmt(m, digits)} ± {fmt(s, digits)}"
 
 
+def _protocol_lines(proto: Mapping | None, arm: str | None) -> list[str]:
+    """How the numbers were made (the protocol of :mod:`ksbopt.bench.protocol`)."""
+    from ksbopt.bench.stats import TARGET_FRACTION
+
+    L = []
+    if proto:
+        _factors = ", ".join(f"{f:g}" for f in proto["wd_factors"])
+        L.append(
+            f"Protocol: learning rates on the half-decade lattice (…, 0.01, 0.03, 0.1, …), "
+            f"a starting window of {proto['window']} points around the entry's grid, extended "
+            f"(at most {proto['max_extensions']} more rates) until the best has a worse "
+            f"neighbour on each side; weight decay x{{{_factors}}} "
+            f"of the entry's default where that is positive; tuned on the first "
+            f"{proto['tuning_seeds']} seeds, then the chosen setting on seeds "
+            f"{', '.join(map(str, proto['seeds']))}; schedule arms "
+            f"{', '.join(proto['schedules'])} (warm-up {proto['warmup_fraction']:.0%} of the "
+            "steps, then cosine decay towards 0)."
+        )
+    L.append(
+        "Setting (learning rate, weight decay) chosen on the validation split (final value, "
+        "mean over the tuning seeds); test metric at that setting, mean ± std over all its "
+        "seeds. Δ vs reference: mean paired test difference against the best baseline (an "
+        "entry using no ksbopt feature) with its 95% bootstrap interval; better / worse only "
+        "when the interval excludes 0. Good band: learning rates whose validation metric is "
+        "within 1 point (accuracy) or 1% (loss) of the best, width in decades. Edge: the "
+        "chosen learning rate lacks a worse neighbour. Target: "
+        f"{TARGET_FRACTION:g} x the best final validation metric of the task (1/{TARGET_FRACTION:g}"
+        " x for a loss); steps and training seconds (compilation and evaluation excluded) to "
+        "reach it, median over the seeds that did (k/n)."
+        + (f" Main tables: schedule arm `{arm}`." if arm else "")
+    )
+    return L
+
+
+def _delta(r: Mapping) -> str:
+    p = r.get("paired")
+    if not p or p["n"] == 0:
+        return "reference" if p is None else "-"
+    return f"{p['mean']:+.4f} [{p['low']:+.4f}, {p['high']:+.4f}] {p['verdict']}"
+
+
+def _task_section(task: str, t: Mapping, arm: str | None, level: str = "##") -> list[str]:
+    arrow = "higher is better" if t["higher_is_better"] else "lower is better"
+    se = [r["sampling_error"] for r in t["optimizers"].values() if r.get("sampling_error")]
+    L = [
+        f"{level} {task}" + (f" ({arm})" if level != "##" else ""),
+        "",
+        f"{t['description']}. Data: {t['data'] or 'see the run records'}. Metric: "
+        f"{t['metric']} ({arrow}); target {fmt(t['target'])}; {t['steps']} steps, evaluated "
+        f"every {t.get('eval_every') or '?'}; {t['n_params']:,} parameters."
+        + (
+            f" Sampling error of the test metric: at most {max(se):.4f} "
+            f"({t['n_test']:,} test examples)."
+            if se
+            else ""
+        ),
+        "",
+        f"| optimizer | lr | wd | test {t['metric']} | Δ vs {t.get('reference') or '-'} "
+        f"[95% CI] | good band (decades) | steps to target | s to target | ms/step |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for o, r in t["optimizers"].items():
+        stt = "-" if r["steps_to_target"] is None else f"{r['steps_to_target']:.0f}"
+        tt = "-" if r.get("time_to_target") is None else f"{r['time_to_target']:.1f}"
+        div = f" ({r['diverged']} diverged)" if r["diverged"] else ""
+        band = r.get("band")
+        bw = "-" if band is None else f"{band[2]:.1f} ({fmt_lr(band[0])}–{fmt_lr(band[1])})"
+        wd = r["hparams"].get("weight_decay")
+        L.append(
+            f"| {o} | {fmt_lr(r['best_lr'])}{' **edge**' if r.get('edge') else ''} | "
+            f"{'-' if wd is None else f'{wd:g}'} | {_pm(r['test_mean'], r['test_std'])}{div} "
+            f"({r['seeds']} seeds) | {_delta(r)} | {bw} | {stt} ({r['reached']}/{r['seeds']}) "
+            f"| {tt} | {r['step_ms']:.2f} |"
+        )
+    lrs = sorted({float(k) for r in t["optimizers"].values() for k in r["val_by_lr"]})
+    L += [
+        "",
+        f"Validation {t['metric']} by learning rate at the chosen weight decay (mean over the "
+        "tuning seeds):",
+        "",
+        "| optimizer | " + " | ".join(fmt_lr(x) for x in lrs) + " |",
+        "|---|" + "---|" * len(lrs),
+    ]
+    for o, r in t["optimizers"].items():
+        cells = {float(k): v for k, v in r["val_by_lr"].items()}
+        L.append(
+            f"| {o} | "
+            + " | ".join(
+                (fmt(cells[x]) if cells[x] is not None else "diverged") if x in cells else " "
+                for x in lrs
+            )
+            + " |"
+        )
+    L.append("")
+    return L
+
+
 def write_report(
     out: str | os.PathLike,
     records: Sequence[dict],
@@ -736,67 +793,11 @@ def write_report(
         L.append(f"- wall time of this invocation: {meta['wall_s']:.1f} s")
     for note in meta.get("notes", []):
         L.append(f"- note: {note}")
-    L += [
-        "",
-        "Learning rate chosen on the validation split (final value, mean over seeds); "
-        "test metric at that learning rate, mean ± std over seeds. Steps to target: median "
-        "over the seeds whose validation metric reached the task's target (k/n reached). "
-        "Time per step: median over chunks after the first, compile time excluded. Charge "
-        "plots show the Noether charge 1/2|w|^2 of the scale groups and lr/|w|^2, the "
-        "effective learning rate of SGD on a scale-invariant group (THEORY.md P2; not the "
-        "effective step of Adam or RMSProp), and the angle each unit turns per step (mean "
-        "over a chunk of steps; for any optimizer, the step a normalised unit actually "
-        "takes). Every run's record holds these curves and a summary (first, last, mean).",
-        "",
-    ]
+    L += ["", *_protocol_lines(meta.get("protocol"), summary.get("grid_arm")), ""]
     L += _questions(summary)
     L += _overview(summary["grid"])
     for task, t in summary["grid"].items():
-        arrow = "higher is better" if t["higher_is_better"] else "lower is better"
-        L += [
-            f"## {task}",
-            "",
-            f"{t['description']}. Data: {t['data'] or 'see the run records'}. Metric: "
-            f"{t['metric']} ({arrow}); validation target {fmt(t['target'])}; {t['steps']} "
-            f"steps; {t['n_params']:,} parameters.",
-            "",
-        ]
-        L += [
-            "| optimizer | best lr | test "
-            + t["metric"]
-            + " | val "
-            + t["metric"]
-            + " | steps to target | ms/step | compile s |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for o, r in t["optimizers"].items():
-            stt = "-" if r["steps_to_target"] is None else f"{r['steps_to_target']:.0f}"
-            div = f" ({r['diverged']} diverged)" if r["diverged"] else ""
-            L.append(
-                f"| {o} | {fmt_lr(r['best_lr'])} | {_pm(r['test_mean'], r['test_std'])}"
-                f"{div} | {_pm(r['val_mean'], r['val_std'])} | {stt} "
-                f"({r['reached']}/{r['seeds']}) | {r['step_ms']:.2f} | "
-                f"{r['compile_s']:.1f} |"
-            )
-        lrs = sorted({float(k) for r in t["optimizers"].values() for k in r["val_by_lr"]})
-        L += [
-            "",
-            "Validation " + t["metric"] + " by learning rate (mean over seeds):",
-            "",
-            "| optimizer | " + " | ".join(fmt_lr(x) for x in lrs) + " |",
-            "|---|" + "---|" * len(lrs),
-        ]
-        for o, r in t["optimizers"].items():
-            cells = {float(k): v for k, v in r["val_by_lr"].items()}
-            L.append(
-                f"| {o} | "
-                + " | ".join(
-                    (fmt(cells[x]) if cells[x] is not None else "diverged") if x in cells else " "
-                    for x in lrs
-                )
-                + " |"
-            )
-        L.append("")
+        L += _task_section(task, t, summary.get("grid_arm"))
         L += profiles.report_lines(
             task,
             {
@@ -806,6 +807,10 @@ def write_report(
         )
         for name in made.get(task, []):
             L += [f"![{name}](plots/{name})", ""]
+    for arm, tasks in list(summary.get("arms", {}).items())[1:]:
+        L += [f"## Schedule arm `{arm}`", ""]
+        for task, t in tasks.items():
+            L += _task_section(task, t, arm, level="###")
     if summary["nld"]:
         L += [
             "## NLD control: constrained vs free filter norm",

@@ -34,6 +34,7 @@ import optax
 from flax import nnx
 
 from ksbopt.bench import profiles, registry
+from ksbopt.bench.protocol import schedule_definition, schedule_factor
 from ksbopt.bench.records import (
     SCHEMA,
     RunConfig,
@@ -44,10 +45,21 @@ from ksbopt.bench.records import (
 )
 from ksbopt.bench.tasks import Task
 
-__all__ = ["RunConfig", "Runner", "clear_caches", "load_record", "record_path"]
+__all__ = [
+    "MAX_EVAL_INTERVALS",
+    "RunConfig",
+    "Runner",
+    "clear_caches",
+    "load_record",
+    "record_path",
+]
+
+MAX_EVAL_INTERVALS = 50  # evaluations per run, at least: every <= 2% of the steps
 
 
 def _finite_or_none(x):
+    if x is None:
+        return None
     x = float(x)
     return x if math.isfinite(x) else None
 
@@ -90,7 +102,9 @@ def clear_caches() -> None:
 
 def _train_key(cfg: RunConfig) -> tuple:
     spec = registry.get(cfg.optimizer, check=False)
-    return cfg.task, cfg.scale, cfg.optimizer, id(spec.factory), cfg.hparams
+    # the schedule and the step budget are compiled in (the cosine decays over the run)
+    arm = () if cfg.schedule == "constant" else (cfg.schedule, cfg.steps)
+    return cfg.task, cfg.scale, cfg.optimizer, id(spec.factory), cfg.hparams, *arm
 
 
 def _tkey(task: Task) -> tuple[str, str]:
@@ -193,25 +207,29 @@ class Runner:
         """Everything that determines a run's result (what a record must match to be reused)."""
         task = self.task(cfg.task, cfg.scale)
         spec = registry.get(cfg.optimizer, check=False)
-        steps = self._steps(cfg, task)
+        steps, every = self._steps(cfg, task)
         return jsonable(
             {
                 **cfg.as_dict(),
                 "steps": steps,
                 "hparams": {**spec.hparams, **dict(cfg.hparams)},
                 "batch_size": task.batch_size,
-                "eval_every": task.eval_every,
+                "eval_every": every,
                 "task_config": dict(task.config),
                 "metric": task.metric,
                 "target": task.target,
+                **({"schedule_definition": d} if (d := schedule_definition(cfg.schedule)) else {}),
                 **({"origin": dict(spec.origin)} if spec.origin else {}),
             }
         )
 
     @staticmethod
-    def _steps(cfg: RunConfig, task: Task) -> int:
+    def _steps(cfg: RunConfig, task: Task) -> tuple[int, int]:
+        """(steps, evaluation interval): an evaluation at least every 2% of the run (at most
+        the task's ``eval_every``); the steps rounded up to whole intervals."""
         steps = cfg.steps or task.steps
-        return -(-steps // task.eval_every) * task.eval_every  # whole chunks
+        every = max(1, min(task.eval_every, -(-steps // MAX_EVAL_INTERVALS)))
+        return -(-steps // every) * every, every
 
     def _train_arrays(self, task: Task) -> dict:
         key = (task.name, task.config.get("scale"))
@@ -336,8 +354,8 @@ class Runner:
         d_c = jax.jit(diagnostics).lower(params).compile(compiler_options=opts)
         self._eval_compile_s[_tkey(task)] = time.perf_counter() - t0
 
-        def evaluate(params, rest):
-            out = {s: m_c(params, rest, *sets[s]) for s in ("val", "test")}
+        def evaluate(params, rest, test=True):
+            out = {s: m_c(params, rest, *sets[s]) for s in (("val", "test") if test else ("val",))}
             return {**out, **d_c(params)}
 
         self._eval[_tkey(task)] = evaluate
@@ -376,7 +394,14 @@ class Runner:
         value_fn = self._value_fn(task, graph_train) if "value_fn" in spec.extra_args else None
         profile_syms = [sym for _, sym in self._diagnostics(task, params)[0]]
 
-        def step(params, rest, opt_state, arrays, idx):
+        steps, _ = self._steps(cfg, task)
+
+        def step(params, rest, opt_state, arrays, idx, peak_lr):
+            if cfg.schedule != "constant":  # the learning rate of this step, in the state
+                hp = opt_state.hyperparams
+                lr = peak_lr * schedule_factor(cfg.schedule, opt_state.count, steps, jnp)
+                hp = {**hp, "learning_rate": jnp.asarray(lr, hp["learning_rate"].dtype)}
+                opt_state = opt_state._replace(hyperparams=hp)
             batch = task.batch(arrays, idx)
             (loss, new_rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, batch)
             supply = {"grad": grads, "batch": batch, "value_fn": value_fn, "model_state": rest}
@@ -390,7 +415,7 @@ class Runner:
         t0, c0 = time.perf_counter(), time.process_time()
         compiled = (
             jax.jit(step, donate_argnums=(0, 1, 2))
-            .lower(params, rest, opt_state, arrays, idx)
+            .lower(params, rest, opt_state, arrays, idx, jnp.float32(cfg.learning_rate))
             .compile(compiler_options=_compiler_options(task))
         )
         compile_s = time.perf_counter() - t0
@@ -439,7 +464,8 @@ class Runner:
         params, rest, opt_state = _distinct_buffers((params, rest, opt_state))
         arrays = self._train_arrays(task)
         sampler = task.sampler(cfg.seed)
-        chunk_steps = task.eval_every
+        chunk_steps = full["eval_every"]
+        peak_lr = jnp.float32(cfg.learning_rate)
         idx = sampler.next(chunk_steps)
 
         was_compiled = _train_key(cfg) in self._train
@@ -447,7 +473,7 @@ class Runner:
         eval_compiled_here = _tkey(task) not in self._eval
         eval_fn = self._eval_fn(task, graph_eval, params, rest)
         t_eval_c = time.perf_counter()
-        first_eval = jax.device_get(eval_fn(params, rest))
+        first_eval = jax.device_get(eval_fn(params, rest, test=True))
         first_eval_s = time.perf_counter() - t_eval_c
 
         curves: dict[str, list] = {
@@ -460,28 +486,30 @@ class Runner:
                 "test_loss",
                 "test_metric",
                 "param_norm",
+                "time_s",
             )
         }
         diag_curves: dict[str, dict[str, list]] = {}
 
-        def log(step, train_loss, ev):
+        def log(step, train_loss, ev, train_s):
             curves["step"].append(step)
+            curves["time_s"].append(train_s)
             curves["train_loss"].append(_finite_or_none(train_loss))
-            for s in ("val", "test"):
-                curves[f"{s}_loss"].append(_finite_or_none(ev[s]["loss"]))
-                curves[f"{s}_metric"].append(_finite_or_none(ev[s]["metric"]))
+            for s in ("val", "test"):  # the test split only at the start and the end
+                got = ev.get(s, {"loss": None, "metric": None})
+                curves[f"{s}_loss"].append(_finite_or_none(got["loss"]))
+                curves[f"{s}_metric"].append(_finite_or_none(got["metric"]))
             curves["param_norm"].append(_finite_or_none(ev["param_norm"]))
+            lr_now = cfg.learning_rate * schedule_factor(cfg.schedule, max(step - 1, 0), steps)
             for label, vals in ev["diag"].items():
                 dc = diag_curves.setdefault(label, {})
                 for k, v in vals.items():
                     if k == "inv_sqnorm":
-                        dc.setdefault("eff_lr", []).append(
-                            _finite_or_none(cfg.learning_rate * float(v))
-                        )
+                        dc.setdefault("eff_lr", []).append(_finite_or_none(lr_now * float(v)))
                     else:
                         dc.setdefault(k, []).append(_finite_or_none(v))
 
-        log(0, float("nan"), first_eval)
+        log(0, float("nan"), first_eval, 0.0)
         _, unit_labels = self._unit_syms(task, params)
         step_times, eval_s, diverged, step_ratios = [], 0.0, False, []
         desc = f"{position}{cfg.task} {cfg.optimizer} lr={cfg.learning_rate:g} s{cfg.seed}"
@@ -500,7 +528,7 @@ class Runner:
             losses, angles, ratios = [], [], []
             for i in range(chunk_steps):  # dispatched asynchronously; no host sync per step
                 params, rest, opt_state, loss, ang, rat = train.fn(
-                    params, rest, opt_state, arrays, idx[i]
+                    params, rest, opt_state, arrays, idx[i], peak_lr
                 )
                 losses.append(loss)
                 angles.append(ang)
@@ -514,10 +542,12 @@ class Runner:
             step += chunk_steps
             if step < steps:
                 idx = sampler.next(chunk_steps)
+            last = step >= steps or not np.all(np.isfinite(losses))
             t1 = time.perf_counter()
-            ev = jax.device_get(eval_fn(params, rest))
+            ev = jax.device_get(eval_fn(params, rest, test=last))
             eval_s += time.perf_counter() - t1
-            log(step, float(losses.mean()), ev)
+            train_s = float(np.sum(step_times) * chunk_steps)
+            log(step, float(losses.mean()), ev, train_s)
             with np.errstate(all="ignore"):
                 chunk_angles = angles.mean(0)
             for label, a in zip(unit_labels, chunk_angles):
@@ -525,7 +555,8 @@ class Runner:
                     _finite_or_none(a)
                 )
             bar.update(chunk_steps)
-            if not np.all(np.isfinite(losses)):
+            # a non-finite loss, or parameters made non-finite by the chunk's last update
+            if not np.all(np.isfinite(losses)) or not np.isfinite(ev["param_norm"]):
                 diverged = True
                 break
         bar.close()

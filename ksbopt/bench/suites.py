@@ -1,31 +1,34 @@
-"""Suites: which tasks, optimizers, learning rates, seeds and experiments a run of the CLI plans.
+"""Suites: which tasks, optimizers, seeds, schedule arms and experiments a run of the CLI plans.
 
-- ``quick`` (the README's main command): MNIST-1D CNN with and without BatchNorm at the
-  ``small`` scale (800 steps); SGD with momentum (with and without weight decay), RMSProp,
-  Adam, AdamW, AdamP, the constrained-norm control ``sgd+retract``, ``sgd+steer_eq``,
-  ``adam+symmetrize`` and ``noether_rmsprop``, so that its report answers the four questions;
-  three learning rates per optimizer, two seeds; about 5 minutes on 2 idle CPU cores.
-- ``full``: every task except the larger-set variants (those are the gpu suite's), at the
-  ``small`` scale, and every optimizer of the registry where it applies, on its whole
-  learning-rate grid (5 log-spaced points), 3 seeds; plus, at the published sizes (``base``),
-  the NLD control experiment (constrained vs free filter norm at a low and a high constant
-  learning rate, a momentum sweep and a weight-decay sweep) and the MNIST-1D published
-  baselines. About 70 minutes on 2 idle CPU cores (measured per-run costs; see
-  ``benchmarks/results/README.md``).
-- ``gpu``: the ``large`` scale (widths, batches, data; the language model at ~25M parameters)
-  for about 10 minutes on one modern GPU.
+Every suite tunes with the same protocol (:mod:`ksbopt.bench.protocol`: the half-decade
+learning-rate lattice extended until the optimum is interior, weight decay where the entry has
+one, the first two seeds for tuning and every seed at the chosen setting), so a smaller suite
+is an exact subset of a larger one (:func:`subset_problems`): the quick suite trains the same
+configurations as the full suite on the tasks they share and cannot contradict it.
+
+- ``quick`` (the README's main command, a few minutes on 2 CPU cores): the MNIST-1D CNN with
+  and without BatchNorm at the ``small`` scale, the warm-up + cosine arm, two seeds (the
+  tuning seeds), and six optimizers: ``sgd`` and ``sgd+retract`` (is the norm's implicit
+  adaptivity useful?), ``sgd+wd`` and ``noether_rmsprop`` (does the explicit version help?),
+  ``adamw`` and ``adam+symmetrize`` (does a symmetric kinetic energy beat Adam?).
+- ``full``: the headline tasks and the quick suite's tasks at the ``small`` scale, every
+  optimizer of the registry where it applies, both schedule arms, five seeds; plus, at the
+  published sizes (``base``), the NLD control experiment and the MNIST-1D published baselines.
+- ``gpu``: the ``large`` scale (only an accelerator runs it) with the same protocol.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
-from ksbopt.bench import registry
+from ksbopt.bench import protocol, registry
+from ksbopt.bench import tasks as _tasks
+from ksbopt.bench.protocol import MISSING, Protocol
 from ksbopt.bench.records import RunConfig
 from ksbopt.bench.tasks import TASKS
 
-__all__ = ["EXPERIMENTS", "SUITES", "Suite", "plan"]
+__all__ = ["EXPERIMENTS", "SUITES", "Suite", "plan", "subset_problems", "tuning_round"]
 
 EXPERIMENTS = ("grid", "nld", "baselines")
 
@@ -37,10 +40,10 @@ class Suite:
     tasks: tuple[str, ...]
     optimizers: tuple[str, ...]
     seeds: tuple[int, ...]
-    lr_grid: str  # "quick": the registry's quick_lrs; "full": its lr_grid
     experiments: tuple[str, ...]
     description: str
-    max_lrs: int | None = None  # keep only the first max_lrs learning rates of the grid
+    schedules: tuple[str, ...] = ("cosine",)
+    protocol: Protocol = dataclasses.field(default_factory=Protocol)
     # Scales of experiments that do not run at ``scale`` (the reproductions run at the sizes of
     # the papers they reproduce); ``--scale`` overrides every experiment's.
     experiment_scales: Mapping[str, str] = dataclasses.field(default_factory=dict)
@@ -49,55 +52,44 @@ class Suite:
         return self.experiment_scales.get(experiment, self.scale)
 
 
-_GRID_TASKS = tuple(t for t in TASKS if not t.endswith("_published"))
-# The larger generated MNIST-1D set belongs to the gpu suite: on 2 CPU cores the full suite's
-# time goes to the learning-rate grids of the standard tasks.
-_FULL_TASKS = tuple(t for t in _GRID_TASKS if "_large_" not in t)
+_QUICK_TASKS = ("mnist1d_cnn_bn", "mnist1d_cnn")
+# The headline tasks (declared by the task registry), then the quick suite's smoke tasks.
+_FULL_TASKS = tuple(dict.fromkeys((*getattr(_tasks, "HEADLINE_TASKS", ()), *_QUICK_TASKS)))
 
 SUITES = {
     "quick": Suite(
         "quick",
         "small",
-        ("mnist1d_cnn_bn", "mnist1d_cnn"),
-        (
-            "sgd",
-            "sgd+wd",
-            "rmsprop",
-            "adam",
-            "adamw",
-            "adamp",
-            "sgd+retract",
-            "sgd+steer_eq",
-            "adam+symmetrize",
-            "noether_rmsprop",
-        ),
+        _QUICK_TASKS,
+        ("sgd", "sgd+wd", "adamw", "sgd+retract", "noether_rmsprop", "adam+symmetrize"),
         (0, 1),
-        "quick",
         ("grid",),
-        "MNIST-1D CNN with vs without BatchNorm; 10 optimizers x 3 learning rates x 2 seeds",
+        "MNIST-1D CNN with vs without BatchNorm; normalisation + SGD with and without "
+        "weight decay, AdamW, the constrained-norm control, noether_rmsprop and "
+        "adam+symmetrize, tuned on the lattice, warm-up + cosine, 2 seeds",
     ),
     "full": Suite(
         "full",
         "small",
         _FULL_TASKS,
         tuple(registry.REGISTRY),
-        (0, 1, 2),
-        "full",
+        (0, 1, 2, 3, 4),
         EXPERIMENTS,
-        "every task (small scale) and optimizer, 5 learning rates, 3 seeds; NLD control and "
-        "MNIST-1D baselines at the published sizes",
+        "headline and quick tasks (small scale), every optimizer tuned on the lattice, "
+        "warm-up + cosine and constant arms, 5 seeds; NLD control and MNIST-1D baselines at "
+        "the published sizes",
+        schedules=("cosine", "constant"),
         experiment_scales={"nld": "base", "baselines": "base"},
     ),
     "gpu": Suite(
         "gpu",
         "large",
         ("mnist1d_large_cnn_bn", "mnist1d_large_cnn", "lm_stdlib_qknorm", "lm_stdlib"),
-        ("sgd", "adam", "sgd+retract"),
-        (0,),
-        "quick",
+        tuple(registry.REGISTRY),
+        (0, 1, 2),
         ("grid",),
-        "large scale: MNIST-1D CNNs on a 40k generated set, ~25M-parameter byte LM",
-        max_lrs=2,
+        "large scale: MNIST-1D CNNs on a 40k generated set, ~25M-parameter byte LM; every "
+        "optimizer tuned on the lattice, warm-up + cosine, 3 seeds",
     ),
 }
 
@@ -131,10 +123,13 @@ def plan(
     steps: int | None = None,
     experiments: tuple[str, ...] | None = None,
 ) -> list[RunConfig]:
-    """The runs to do, in order, without duplicates. Inapplicable pairs are left out.
+    """The runs fixed in advance, in order, without duplicates; inapplicable pairs left out.
 
-    ``scale`` (when given) replaces the scale of every experiment; ``steps`` the step budget of
-    every run (default: the task's at the experiment's scale).
+    These are the NLD control and baseline experiments and, only when ``lrs`` is given (a
+    user's fixed grid, no tuning), the grid experiment on those learning rates in every
+    schedule arm. The tuned grid experiment is planned round by round by :func:`tuning_round`.
+    ``scale`` (when given) replaces the scale of every experiment; ``steps`` the step budget
+    of every run (default: the task's at the experiment's scale).
     """
     experiments = suite.experiments if experiments is None else experiments
 
@@ -142,18 +137,15 @@ def plan(
         return scale or suite.scale_of(experiment)
 
     runs: list[RunConfig] = []
-    if "grid" in experiments:
+    if "grid" in experiments and lrs:
         for t in tasks:
             for o in optimizers:
-                spec = registry.get(o, check=False)
-                if not spec.applies_to(TASKS[t]):
+                if not registry.get(o, check=False).applies_to(TASKS[t]):
                     continue
-                grid = lrs or (spec.quick_lrs if suite.lr_grid == "quick" else spec.lr_grid)
-                if suite.max_lrs and not lrs:
-                    grid = grid[: suite.max_lrs]
                 runs += [
-                    RunConfig("grid", t, o, float(lr), s, scale_of("grid"), steps=steps)
-                    for lr in grid
+                    RunConfig("grid", t, o, float(lr), s, scale_of("grid"), (), steps, arm)
+                    for arm in suite.schedules
+                    for lr in lrs
                     for s in seeds
                 ]
     if "nld" in experiments:
@@ -168,9 +160,113 @@ def plan(
             for t in BASELINE_TASKS
             for s in seeds
         ]
+    return _unique(runs)
+
+
+def _unique(runs: list[RunConfig]) -> list[RunConfig]:
     seen, out = set(), []
     for r in runs:
         if r.run_id not in seen:
             seen.add(r.run_id)
             out.append(r)
+    return out
+
+
+def _wd_grid(spec, proto: Protocol) -> tuple[float, ...]:
+    """The weight decays the search may try: a user entry keeps its own (its grid is its own)."""
+    if spec.origin:
+        return ()
+    return protocol.wd_grid(float(spec.hparams.get("weight_decay") or 0.0), proto.wd_factors)
+
+
+def tuning_round(
+    suite: Suite,
+    *,
+    tasks: tuple[str, ...],
+    optimizers: tuple[str, ...],
+    seeds: tuple[int, ...],
+    result: Callable[[RunConfig], float | object | None],
+    higher_is_better: Callable[[str], bool],
+    scale: str | None = None,
+    steps: int | None = None,
+) -> tuple[list[RunConfig], dict[tuple[str, str, str], protocol.Search]]:
+    """The tuned grid runs to train next, and where each search stands.
+
+    For every (task, schedule arm, optimizer) that applies, :func:`ksbopt.bench.protocol.search`
+    is replayed on the known results; the runs it still needs (on the tuning seeds), or once
+    it is over the chosen point on the remaining seeds, make the round. Called again after
+    the round has trained, it goes on; it returns no runs when every search is over and every
+    seed has trained (or failed: ``result`` answers None for a run that cannot train).
+
+    Args:
+      result: a run's final validation metric, None if it diverged, or
+        :data:`ksbopt.bench.protocol.MISSING` if it has not run.
+      higher_is_better: task name -> the direction of its metric.
+
+    Returns:
+      (runs, searches) with searches keyed by (task, schedule, optimizer).
+    """
+    proto = suite.protocol
+    tuning = seeds[: proto.tuning_seeds]
+    sc = scale or suite.scale_of("grid")
+    runs: list[RunConfig] = []
+    searches = {}
+    for t in tasks:
+        for o in optimizers:
+            spec = registry.get(o, check=False)
+            if not spec.applies_to(TASKS[t]):
+                continue
+            window = protocol.start_window(spec.lr_grid, proto.window)
+            wds = _wd_grid(spec, proto)
+            wd0 = wds[list(sorted(proto.wd_factors)).index(1.0)] if wds else None
+            for arm in suite.schedules:
+
+                def cfg(point, seed, t=t, o=o, arm=arm):
+                    k, wd = point
+                    hp = (("weight_decay", wd),) if wd is not None else ()
+                    return RunConfig("grid", t, o, protocol.lattice_lr(k), seed, sc, hp, steps, arm)
+
+                def score(point, cfg=cfg):
+                    vals = [result(cfg(point, s)) for s in tuning]
+                    if any(v is MISSING for v in vals):
+                        return MISSING
+                    if any(v is None for v in vals):
+                        return None
+                    return sum(vals) / len(vals)
+
+                found = protocol.search(
+                    window,
+                    wds,
+                    score,
+                    higher_is_better=higher_is_better(t),
+                    max_extensions=proto.max_extensions,
+                    wd0=wd0,
+                )
+                searches[(t, arm, o)] = found
+                if found.needed:
+                    runs += [cfg(p, s) for p in found.needed for s in tuning]
+                else:
+                    todo = [cfg(found.best, s) for s in seeds[len(tuning) :]]
+                    runs += [r for r in todo if result(r) is MISSING]
+    return _unique(runs), searches
+
+
+def subset_problems(small: Suite, big: Suite) -> list[str]:
+    """Why ``small``'s tuned grid runs are not an exact subset of ``big``'s ([] if they are).
+
+    The searches are deterministic functions of the results, so the same protocol, scale,
+    tuning seeds and arms on a subset of tasks and optimizers train the same configurations
+    and choose the same settings.
+    """
+    out = []
+    if small.protocol != big.protocol:
+        out.append(f"protocol {small.protocol} != {big.protocol}")
+    if small.scale_of("grid") != big.scale_of("grid"):
+        out.append(f"scale {small.scale_of('grid')} != {big.scale_of('grid')}")
+    n = small.protocol.tuning_seeds
+    if small.seeds[:n] != big.seeds[:n]:
+        out.append(f"tuning seeds {small.seeds[:n]} != {big.seeds[:n]}")
+    for what in ("tasks", "optimizers", "seeds", "schedules"):
+        if extra := set(getattr(small, what)) - set(getattr(big, what)):
+            out.append(f"{what} {sorted(extra)} not in {big.name}")
     return out

@@ -1,0 +1,199 @@
+"""Statistics of the benchmark report: paired bootstrap, good-band width, targets, sampling error.
+
+Everything here is plain NumPy on lists of numbers (no JAX), so the report's verdicts can be
+recomputed from the committed records alone. See :doc:`/howto/protocol` for how the report
+uses them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+__all__ = [
+    "BAND_TOLERANCE",
+    "TARGET_FRACTION",
+    "Paired",
+    "band",
+    "first_reach",
+    "paired_bootstrap",
+    "sampling_error",
+    "target_value",
+]
+
+# The target of steps-/wall-clock-to-target: this fraction of the best final validation metric
+# of the task (any optimizer, same schedule arm); for a lower-is-better metric, best / fraction.
+TARGET_FRACTION = 0.95
+# A learning rate is in the "good band" when its validation metric is within 1 point (0.01,
+# an accuracy) of the best, or within 1% of it for a lower-is-better metric (a loss).
+BAND_TOLERANCE = {"higher": 0.01, "lower_relative": 0.01}
+
+
+class Paired(tuple):
+    """``(mean, low, high, n)``: mean paired difference, its bootstrap interval, shared seeds.
+
+    Example:
+      >>> Paired(0.02, 0.01, 0.03, 5).verdict(), Paired(-0.01, -0.03, 0.01, 5).verdict()
+      ('better', 'tie')
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, mean, low, high, n):
+        return super().__new__(cls, (mean, low, high, n))
+
+    mean = property(lambda self: self[0])
+    low = property(lambda self: self[1])
+    high = property(lambda self: self[2])
+    n = property(lambda self: self[3])
+
+    def verdict(self, higher_is_better: bool = True) -> str:
+        """``better`` / ``worse`` when the interval excludes 0, else ``tie``; ``-`` with fewer
+        than two shared seeds (no spread is known).
+
+        ``better`` means the first sample of :func:`paired_bootstrap` beats the second.
+        """
+        if self.n < 2 or self.low is None:
+            return "-"
+        if self.low > 0:
+            return "better" if higher_is_better else "worse"
+        if self.high < 0:
+            return "worse" if higher_is_better else "better"
+        return "tie"
+
+
+def paired_bootstrap(
+    a: Mapping[int, float],
+    b: Mapping[int, float],
+    *,
+    level: float = 0.95,
+    resamples: int = 10_000,
+    seed: int = 0,
+) -> Paired:
+    """Mean of ``a[s] - b[s]`` over the seeds ``s`` both hold, with a percentile bootstrap interval.
+
+    The differences d_s = a_s - b_s of the shared seeds are resampled with replacement
+    ``resamples`` times; the interval is the (1-level)/2 and (1+level)/2 quantiles of the
+    resampled means (Efron & Tibshirani, *An Introduction to the Bootstrap*, 1993, ch. 13).
+    Pairing removes what the seed does to both optimizers alike (initialisation, batch order).
+    A seed missing or non-finite (diverged) in either sample is left out; with one shared seed
+    the interval is that single difference and :meth:`Paired.verdict` gives no verdict.
+
+    Args:
+      a, b: seed -> metric.
+      level: coverage of the interval.
+      resamples: bootstrap resamples.
+      seed: NumPy seed of the resampling (fixed: the report is reproducible).
+
+    Returns:
+      :class:`Paired` ``(mean, low, high, n)``; ``(None, None, None, 0)`` with no shared seed.
+
+    Example:
+      >>> p = paired_bootstrap({0: 0.9, 1: 0.8, 2: 0.85}, {0: 0.8, 1: 0.7, 2: 0.75})
+      >>> round(p.mean, 6), round(p.low, 6), round(p.high, 6), p.n, p.verdict()
+      (0.1, 0.1, 0.1, 3, 'better')
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"level={level!r} must be in (0, 1), e.g. 0.95")
+    if resamples < 1:
+        raise ValueError(f"resamples={resamples!r} must be a positive integer, e.g. 10000")
+    shared = sorted(s for s in set(a) & set(b) if _finite(a[s]) and _finite(b[s]))
+    if not shared:
+        return Paired(None, None, None, 0)
+    d = np.array([a[s] - b[s] for s in shared], dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, d.size, size=(resamples, d.size))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return Paired(float(d.mean()), float(lo), float(hi), len(shared))
+
+
+def _finite(x) -> bool:
+    return x is not None and math.isfinite(x)
+
+
+def band(
+    scores: Mapping[float, float | None], higher_is_better: bool = True
+) -> tuple[float, float, float] | None:
+    """The good band of a learning-rate sensitivity curve: ``(low lr, high lr, width in decades)``.
+
+    ``scores``: learning rate -> validation metric (None: diverged). The band is the contiguous
+    run of grid points around the best whose metric is within :data:`BAND_TOLERANCE` of the
+    best (1 point for a higher-is-better metric, 1% for a lower-is-better one); its width is
+    log10(high / low), 0 when only the best point qualifies. A wide band is an optimizer that
+    forgives a mistuned learning rate.
+
+    Example:
+      >>> band({0.01: 0.80, 0.03: 0.895, 0.1: 0.90, 0.3: 0.893, 1.0: 0.5})
+      (0.03, 0.3, 1.0)
+      >>> band({0.01: None, 0.1: None}) is None
+      True
+    """
+    lrs = sorted(scores)
+    ok = [lr for lr in lrs if _finite(scores[lr])]
+    if not ok:
+        return None
+    best = (max if higher_is_better else min)(ok, key=lambda lr: scores[lr])
+    top = scores[best]
+
+    def good(lr):
+        v = scores[lr]
+        if not _finite(v):
+            return False
+        if higher_is_better:
+            return v >= top - BAND_TOLERANCE["higher"]
+        return v <= top * (1 + BAND_TOLERANCE["lower_relative"]) if top >= 0 else v <= top
+
+    i = j = lrs.index(best)
+    while i > 0 and good(lrs[i - 1]):
+        i -= 1
+    while j < len(lrs) - 1 and good(lrs[j + 1]):
+        j += 1
+    lo, hi = lrs[i], lrs[j]
+    return lo, hi, round(math.log10(hi / lo), 6)
+
+
+def target_value(best: float, higher_is_better: bool, fraction: float = TARGET_FRACTION) -> float:
+    """The target of steps-/wall-clock-to-target: ``fraction * best`` (``best / fraction`` when
+    lower is better).
+
+    Example:
+      >>> target_value(0.9, True), round(target_value(1.9, False), 4)
+      (0.855, 2.0)
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction={fraction!r} must be in (0, 1], e.g. 0.95")
+    return fraction * best if higher_is_better else best / fraction
+
+
+def first_reach(
+    xs: Sequence[float], values: Sequence[float | None], target: float, higher_is_better: bool
+) -> float | None:
+    """The first ``xs[i]`` (a step or a time) at which ``values[i]`` reaches ``target``.
+
+    Example:
+      >>> first_reach([0, 10, 20], [0.1, 0.86, 0.9], 0.855, True)
+      10
+      >>> first_reach([0, 10], [3.0, 2.5], 2.0, False) is None
+      True
+    """
+    for x, v in zip(xs, values):
+        if _finite(v) and (v >= target if higher_is_better else v <= target):
+            return x
+    return None
+
+
+def sampling_error(accuracy: float | None, n: int | None) -> float | None:
+    """Standard error sqrt(p (1 - p) / n) of an accuracy ``p`` measured on ``n`` examples.
+
+    The binomial error of the test set alone (a fixed model evaluated on a random test sample);
+    differences smaller than about twice this cannot be told apart by that test set.
+
+    Example:
+      >>> round(sampling_error(0.9, 10000), 4)
+      0.003
+    """
+    if accuracy is None or not n or not 0 <= accuracy <= 1:
+        return None
+    return math.sqrt(accuracy * (1 - accuracy) / n)

@@ -1,0 +1,242 @@
+"""The grid experiment's numbers: chosen settings, sensitivity, targets and paired verdicts.
+
+Per schedule arm, task and optimizer (the protocol is :mod:`ksbopt.bench.protocol`; the
+statistics :mod:`ksbopt.bench.stats`):
+
+- **setting**: the (learning rate, hyperparameters) with the best mean final validation metric
+  over the seeds every setting of the optimizer shares (the tuning seeds); a setting where any
+  of those seeds diverged is never chosen. Test metrics are reported at that setting over all
+  its seeds (mean ± std, ddof 0).
+- **sensitivity**: validation metric by learning rate at the chosen hyperparameters (mean,
+  min and max over the tuning seeds), the good band (:func:`ksbopt.bench.stats.band`) and
+  ``edge`` (the chosen learning rate lacks an evaluated worse neighbour on some side).
+- **targets**: one target per task and arm, :data:`~ksbopt.bench.stats.TARGET_FRACTION` of
+  the best mean final validation metric of any optimizer; steps and training seconds
+  (compilation and evaluation excluded) to reach it, median over the seeds that did.
+- **paired verdicts**: the reference is the best *baseline* (an entry that uses no ksbopt
+  feature) on validation; every other optimizer's test metric minus the reference's, paired by
+  seed, with a 95% bootstrap interval (:func:`ksbopt.bench.stats.paired_bootstrap`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from ksbopt.bench import stats
+
+__all__ = ["ARMS_ORDER", "grid_summary", "is_baseline"]
+
+ARMS_ORDER = ("cosine", "constant")
+
+
+def is_baseline(optimizer: str) -> bool:
+    """A registry entry that uses no ksbopt feature (a user entry or unknown name: False)."""
+    from ksbopt.bench.registry import REGISTRY
+
+    spec = REGISTRY.get(optimizer)
+    return spec is not None and not spec.needs and not spec.origin
+
+
+def _setting(rec) -> tuple:
+    c = rec["config"]
+    return c["learning_rate"], tuple(sorted((c.get("hparams") or {}).items()))
+
+
+def _val(rec):
+    return None if rec["status"] == "diverged" else rec["final"]["val_metric"]
+
+
+def _mean(vals):
+    if not vals or any(v is None or not math.isfinite(v) for v in vals):
+        return None
+    return float(np.mean(vals))
+
+
+def _n_test(info: Mapping) -> int | None:
+    sizes = info.get("sizes")
+    if isinstance(sizes, Mapping):
+        return sizes.get("test")
+    if isinstance(sizes, list) and len(sizes) == 3:
+        return sizes[2]
+    return None
+
+
+def _choose(settings: Mapping[tuple, list[dict]], higher: bool):
+    """(chosen setting, selection seeds, score per setting)."""
+    seed_sets = [{r["config"]["seed"] for r in rs} for rs in settings.values()]
+    shared = set.intersection(*seed_sets) if seed_sets else set()
+    scores = {}
+    for key, rs in settings.items():
+        use = [r for r in rs if r["config"]["seed"] in shared] or rs
+        scores[key] = _mean([_val(r) for r in use])
+    finite = {k: v for k, v in scores.items() if v is not None}
+    if finite:
+        # ties: the lower learning rate (the lattice search breaks them the same way)
+        best = max(finite, key=lambda k: ((finite[k] if higher else -finite[k]), -k[0]))
+    else:
+        best = min(settings)
+    return best, shared, scores
+
+
+def _sensitivity(settings, best, shared, higher):
+    """Validation by learning rate at the chosen hyperparameters: mean, min, max; band; edge."""
+    curve, spread = {}, {}
+    for (lr, hp), rs in sorted(settings.items()):
+        if hp != best[1]:
+            continue
+        use = [r for r in rs if r["config"]["seed"] in shared] or rs
+        vals = [_val(r) for r in use]
+        curve[lr] = _mean(vals)
+        ok = [v for v in vals if v is not None]
+        spread[lr] = (curve[lr], min(ok), max(ok)) if curve[lr] is not None else (None,) * 3
+    lrs = sorted(curve)
+    i = lrs.index(best[0])
+    top = curve[best[0]]
+
+    def worse(j):
+        if not 0 <= j < len(lrs):
+            return False
+        v = curve[lrs[j]]
+        return v is None or (v < top if higher else v > top)
+
+    edge = top is None or not (worse(i - 1) and worse(i + 1))
+    return curve, spread, stats.band(curve, higher), edge
+
+
+def _arm_summary(recs: list[dict]) -> dict:
+    by_task: dict[str, dict[str, dict[tuple, list]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(list))
+    )
+    for r in recs:
+        by_task[r["config"]["task"]][r["config"]["optimizer"]][_setting(r)].append(r)
+    out = {}
+    for task, opts in by_task.items():
+        any_rec = next(iter(next(iter(opts.values())).values()))[0]
+        higher = any_rec["task"]["higher_is_better"]
+        rows = {}
+        for opt, settings in opts.items():
+            best, shared, scores = _choose(settings, higher)
+            rs = sorted(settings[best], key=lambda r: r["config"]["seed"])
+            curve, spread, band, edge = _sensitivity(settings, best, shared, higher)
+            test = {r["config"]["seed"]: r["final"]["test_metric"] for r in rs}
+            tm = _mean(list(test.values()))
+            vm = _mean([_val(r) for r in rs])
+            finite_test = [v for v in test.values() if v is not None and math.isfinite(v)]
+            rows[opt] = {
+                "best_lr": best[0],
+                "hparams": {**rs[0]["config"]["hparams"]},
+                "val_mean": vm,
+                "val_std": None if vm is None else float(np.std([_val(r) for r in rs])),
+                "test_mean": tm,
+                "test_std": float(np.std(finite_test)) if tm is not None else None,
+                "test_by_seed": {str(s): v for s, v in test.items()},
+                "seeds": len(rs),
+                "finite_seeds": len(finite_test),
+                "diverged": sum(r["status"] == "diverged" for r in rs),
+                "tuning_seeds": sorted(shared),
+                "settings_tried": len(settings),
+                "val_by_lr": {str(lr): v for lr, v in curve.items()},
+                "val_spread_by_lr": {str(lr): list(v) for lr, v in spread.items()},
+                "band": None if band is None else list(band),
+                "edge": edge,
+                "step_ms": float(np.median([r["timing"]["step_ms_median"] for r in rs])),
+                "compile_s": max(r["timing"]["compile_s"] for r in rs),
+                "runs": [r["id"] for r in rs],
+                "scores": {f"{k[0]:g}{_hp_text(k[1])}": v for k, v in sorted(scores.items())},
+            }
+        _targets(rows, {o: settings for o, settings in opts.items()}, higher)
+        n_test = _n_test(any_rec["task"].get("data", {}))
+        for row in rows.values():
+            row["sampling_error"] = (
+                stats.sampling_error(row["test_mean"], n_test)
+                if any_rec["task"]["metric"] == "accuracy"
+                else None
+            )
+        ref = _paired(rows, higher)
+        out[task] = {
+            "metric": any_rec["task"]["metric"],
+            "higher_is_better": higher,
+            "description": any_rec["task"]["description"],
+            "data": any_rec["task"].get("data", {}),
+            "n_params": any_rec["task"]["n_params"],
+            "n_test": n_test,
+            "steps": any_rec["config"]["steps"],
+            "eval_every": any_rec["config"].get("eval_every"),
+            "target": rows and next(iter(rows.values())).get("target"),
+            "reference": ref,
+            "optimizers": dict(sorted(rows.items(), key=lambda kv: _sort_key(kv[1], higher))),
+        }
+    return out
+
+
+def _hp_text(hp) -> str:
+    return "".join(f" {k}={v:g}" if isinstance(v, float) else f" {k}={v}" for k, v in hp)
+
+
+def _targets(rows: dict, opts: Mapping, higher: bool) -> None:
+    """Steps and training seconds to the task's target, per row (median over seeds)."""
+    vals = [r["val_mean"] for r in rows.values() if r["val_mean"] is not None]
+    target = stats.target_value((max if higher else min)(vals), higher) if vals else None
+    for opt, row in rows.items():
+        row["target"] = target
+        steps, secs = [], []
+        if target is not None:
+            for r in opts[opt][(row["best_lr"], tuple(sorted(row["hparams"].items())))]:
+                c = r["curves"]
+                s = stats.first_reach(c["step"], c["val_metric"], target, higher)
+                if s is not None:
+                    steps.append(s)
+                    if "time_s" in c:
+                        secs.append(c["time_s"][c["step"].index(s)])
+        row["steps_to_target"] = float(np.median(steps)) if steps else None
+        row["time_to_target"] = float(np.median(secs)) if secs else None
+        row["reached"] = len(steps)
+
+
+def _paired(rows: dict, higher: bool) -> str | None:
+    """Adds each row's paired test difference against the best baseline; returns its name."""
+    base = {o: r for o, r in rows.items() if is_baseline(o) and r["val_mean"] is not None}
+    if not base:
+        return None
+    ref = max(base, key=lambda o: base[o]["val_mean"] if higher else -base[o]["val_mean"])
+
+    def by_seed(row):
+        return {int(s): v for s, v in row["test_by_seed"].items()}
+
+    for o, row in rows.items():
+        if o == ref:
+            row["paired"] = None
+            continue
+        p = stats.paired_bootstrap(by_seed(row), by_seed(rows[ref]))
+        row["paired"] = {
+            "vs": ref,
+            "mean": p.mean,
+            "low": p.low,
+            "high": p.high,
+            "n": p.n,
+            "verdict": p.verdict(higher),
+        }
+    return ref
+
+
+def _sort_key(row, higher):
+    m = row["test_mean"]
+    if m is None:
+        return math.inf
+    return -m if higher else m
+
+
+def grid_summary(records: Sequence[dict]) -> dict[str, dict]:
+    """Schedule arm -> task -> the numbers above, for the grid experiment's records."""
+    by_arm: dict[str, list] = defaultdict(list)
+    for r in records:
+        by_arm[r["config"].get("schedule", "constant")].append(r)
+    order = {a: i for i, a in enumerate(ARMS_ORDER)}
+    return {
+        arm: _arm_summary(rs)
+        for arm, rs in sorted(by_arm.items(), key=lambda kv: (order.get(kv[0], 99), kv[0]))
+    }

@@ -1,0 +1,400 @@
+"""The tuning protocol, its statistics and the quick-suite subset property (no training).
+
+The search is checked on synthetic score functions whose optimum is known; the statistics on
+cases with a known answer; the suites by replaying the search with a deterministic fake result
+for every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+
+from ksbopt.bench import protocol, stats
+from ksbopt.bench.protocol import MISSING, Protocol, lattice_index, lattice_lr, search
+
+
+def _peak(at: int, width: float = 1.0):
+    """A score with its maximum at lattice index ``at``."""
+    return lambda p: -abs(p[0] - at) / width
+
+
+# ---- lattice -------------------------------------------------------------------------------
+
+
+def test_lattice_is_half_decades_with_the_3_points_and_round_trips():
+    ks = range(-12, 4)
+    lrs = [lattice_lr(k) for k in ks]
+    assert 0.03 in lrs and 0.003 in lrs and 0.1 in lrs and 1.0 in lrs
+    ratios = np.diff(np.log10(lrs))
+    np.testing.assert_allclose(ratios[:-1] + ratios[1:], 1.0, atol=1e-12)  # two steps: 10x
+    assert all(math.log10(3) - 1e-9 <= r <= 1 - math.log10(3) + 1e-9 for r in ratios)
+    assert [lattice_index(x) for x in lrs] == list(ks)
+    assert lattice_index(0.0316) == lattice_index(0.03)  # sqrt(10) rounded to the 3-point
+    with pytest.raises(ValueError, match="positive finite"):
+        lattice_index(0.0)
+
+
+def test_start_window_centres_on_the_registry_grid():
+    assert protocol.start_window((1e-3, 3e-3, 1e-2, 3e-2, 1e-1), 3) == (-5, -4, -3)
+    assert [lattice_lr(k) for k in protocol.start_window((0.01, 0.1, 1.0), 3)] == [
+        0.03,
+        0.1,
+        0.3,
+    ]
+    with pytest.raises(ValueError, match="empty"):
+        protocol.start_window((), 3)
+
+
+# ---- the search ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("at", [-8, -6, -5, -4, -2, 0])  # below, at the edges, inside, above
+def test_search_extends_until_the_optimum_is_interior(at):
+    s = search((-5, -4, -3), (), _peak(at), higher_is_better=True, max_extensions=4)
+    assert s.done and s.best == (at, None) and not s.edge and not s.exhausted
+    ks = sorted(k for k, _ in s.scores)
+    assert ks == list(range(min(at - 1, -5), max(at + 1, -3) + 1))  # no gaps, one beyond
+
+
+def test_search_stops_at_the_extension_budget_and_flags_the_edge():
+    s = search((-5, -4, -3), (), _peak(10), higher_is_better=True, max_extensions=4)
+    assert s.best == (1, None) and s.edge and s.exhausted
+    assert sorted(k for k, _ in s.scores) == list(range(-5, 2))
+
+
+def test_search_lower_is_better_and_divergence_counts_as_worst():
+    # a loss: best at index -4; above -2 the run diverges (None)
+    def loss(p):
+        return None if p[0] > -2 else 1 + abs(p[0] + 4)
+
+    s = search((-3, -2, -1), (), loss, higher_is_better=False, max_extensions=4)
+    assert s.best == (-4, None) and not s.edge
+
+
+def test_search_with_every_point_diverged_walks_down_and_reports_it():
+    s = search((-3, -2, -1), (), lambda p: None, higher_is_better=True, max_extensions=2)
+    assert s.done and s.edge and s.exhausted and s.scores[s.best] is None
+    assert sorted(k for k, _ in s.scores) == [-5, -4, -3, -2, -1]  # two extensions, downward
+
+
+def test_search_tunes_weight_decay_and_follows_the_learning_rate():
+    wds = (5e-5, 5e-4, 5e-3)
+
+    def score(p):  # optimum at (index -3, wd 5e-3); the best lr moves with the decay
+        k, wd = p
+        best_k = -3 if wd == 5e-3 else -4
+        return -0.5 * abs(k - best_k) - 0.6 * abs(math.log10(wd / 5e-3))
+
+    s = search((-5, -4, -3), wds, score, higher_is_better=True, max_extensions=4, wd0=5e-4)
+    assert s.best == (-3, 5e-3) and not s.edge
+    assert {(-4, 5e-3), (-2, 5e-3)} <= set(s.scores)  # its lr neighbours at the new decay
+    with pytest.raises(ValueError, match="not on the weight-decay grid"):
+        search((-1,), wds, score, higher_is_better=True, max_extensions=0, wd0=1.0)
+
+
+def test_search_resumes_round_by_round_to_the_one_shot_answer():
+    """Replaying with the results known so far asks only for new points, each once."""
+    score = _peak(-8)
+    one_shot = search((-5, -4, -3), (), score, higher_is_better=True, max_extensions=4)
+    known: dict = {}
+    rounds = 0
+    while True:
+        s = search(
+            (-5, -4, -3),
+            (),
+            lambda p: known.get(p, MISSING),
+            higher_is_better=True,
+            max_extensions=4,
+        )
+        if s.done:
+            break
+        assert not set(s.needed) & set(known)
+        known.update({p: score(p) for p in s.needed})
+        rounds += 1
+    assert s == one_shot and rounds == 5  # the window, then -6, -7, -8, -9 one per round
+
+
+def test_protocol_rejects_bad_knobs():
+    with pytest.raises(ValueError, match="tuning_seeds"):
+        Protocol(tuning_seeds=0)
+    with pytest.raises(ValueError, match=r"must contain 1\.0"):
+        Protocol(wd_factors=(0.1, 10.0))
+
+
+def test_weight_decay_grid_only_for_a_positive_default():
+    assert protocol.wd_grid(1e-2, (0.1, 1.0, 10.0)) == (1e-3, 1e-2, 1e-1)
+    assert protocol.wd_grid(0.0, (0.1, 1.0, 10.0)) == ()
+
+
+# ---- schedules -------------------------------------------------------------------------------
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero_and_traces_the_same():
+    jnp = pytest.importorskip("jax.numpy")
+    steps = 200
+    f = [protocol.schedule_factor("cosine", s, steps) for s in range(steps)]
+    w = math.ceil(protocol.WARMUP_FRACTION * steps)
+    np.testing.assert_allclose(f[:w], np.arange(1, w + 1) / w)
+    assert f[w] == pytest.approx(1.0) and 0 < f[-1] < 1e-3  # every step moves
+    assert all(a >= b for a, b in zip(f[w:], f[w + 1 :]))
+    traced = [float(protocol.schedule_factor("cosine", s, steps, jnp)) for s in range(steps)]
+    np.testing.assert_allclose(traced, f, atol=1e-6)  # float32
+    assert protocol.schedule_factor("constant", 7, steps) == 1.0
+    with pytest.raises(ValueError, match="not one of"):
+        protocol.schedule_factor("linear", 0, steps)
+
+
+# ---- statistics ------------------------------------------------------------------------------
+
+
+def test_paired_bootstrap_known_cases():
+    # identical differences: the interval is that difference; pairing removes the seed effect
+    a = {0: 0.90, 1: 0.70, 2: 0.80}
+    b = {s: v - 0.01 for s, v in a.items()}
+    p = stats.paired_bootstrap(a, b)
+    assert p.mean == pytest.approx(0.01) and p.low == pytest.approx(0.01)
+    assert p.high == pytest.approx(0.01) and p.n == 3
+    assert p.verdict(True) == "better" and p.verdict(False) == "worse"
+    # unpaired spread (0.1) dwarfs the difference; paired it is resolved
+    assert np.std(list(a.values())) > 5 * 0.01
+    # differences of both signs: a tie
+    t = stats.paired_bootstrap({0: 1.0, 1: 0.0, 2: 0.5}, {0: 0.0, 1: 1.0, 2: 0.5})
+    assert t.low < 0 < t.high and t.verdict() == "tie" and t.mean == pytest.approx(0.0)
+    # missing or diverged seeds drop out; one shared seed gives no verdict
+    q = stats.paired_bootstrap({0: 1.0, 1: None, 2: 3.0}, {0: 0.5, 2: 2.0, 5: 1.0})
+    assert q.n == 2 and q.mean == pytest.approx(0.75)
+    one = stats.paired_bootstrap({0: 1.0}, {0: 0.0})
+    assert one.n == 1 and one.verdict() == "-"
+    assert stats.paired_bootstrap({0: 1.0}, {1: 1.0}) == (None, None, None, 0)
+
+
+def test_paired_bootstrap_interval_matches_the_normal_interval():
+    rng = np.random.default_rng(1)
+    d = rng.normal(0.02, 0.01, size=400)
+    p = stats.paired_bootstrap(dict(enumerate(d)), dict.fromkeys(range(400), 0.0))
+    half = 1.96 * d.std() / math.sqrt(d.size)
+    assert p.low == pytest.approx(d.mean() - half, abs=0.15 * half)
+    assert p.high == pytest.approx(d.mean() + half, abs=0.15 * half)
+    with pytest.raises(ValueError, match="level"):
+        stats.paired_bootstrap({0: 1.0}, {0: 1.0}, level=1.5)
+
+
+def test_good_band_width():
+    acc = {0.01: 0.80, 0.03: 0.895, 0.1: 0.90, 0.3: 0.893, 1.0: 0.5}
+    assert stats.band(acc) == (0.03, 0.3, 1.0)
+    # not contiguous: a point within tolerance beyond a bad one does not widen the band
+    assert stats.band({0.01: 0.9, 0.03: 0.5, 0.1: 0.901}) == (0.1, 0.1, 0.0)
+    # a loss: within 1% of the best (2.0 -> up to 2.02)
+    assert stats.band({0.01: 2.03, 0.03: 2.01, 0.1: 2.0, 0.3: None}, False) == (
+        0.03,
+        0.1,
+        round(math.log10(0.1 / 0.03), 6),
+    )
+    assert stats.band({0.1: None}) is None
+
+
+def test_targets_and_sampling_error():
+    assert stats.target_value(0.9, True) == pytest.approx(0.855)
+    assert stats.target_value(2.0, False) == pytest.approx(2.0 / 0.95)
+    assert stats.first_reach([0, 5, 10], [0.1, 0.86, 0.95], 0.855, True) == 5
+    assert stats.first_reach([0, 5], [None, 3.0], 2.0, False) is None
+    assert stats.sampling_error(0.9, 8000) == pytest.approx(math.sqrt(0.09 / 8000))
+    assert stats.sampling_error(None, 10) is None
+
+
+# ---- suites: quick is a faithful subset of full ----------------------------------------------
+
+
+def _fake_result(cfg):
+    """A deterministic validation accuracy per run: peaked in lr, per optimizer and seed."""
+    h = sum(map(ord, cfg.optimizer + cfg.task + cfg.schedule)) % 7
+    k = lattice_index(cfg.learning_rate)
+    wd = dict(cfg.hparams).get("weight_decay", 1.0)
+    return 0.9 - 0.02 * abs(k + h) - 0.001 * cfg.seed - 0.001 * abs(math.log10(wd) + 3)
+
+
+def _replay(suite, tasks=None):
+    from ksbopt.bench.suites import tuning_round
+
+    done: dict = {}
+    rounds = []
+    while True:
+        runs, searches = tuning_round(
+            suite,
+            tasks=tasks or suite.tasks,
+            optimizers=suite.optimizers,
+            seeds=suite.seeds,
+            result=lambda c: done.get(c.run_id, MISSING),
+            higher_is_better=lambda t: True,
+        )
+        if not runs:
+            return done, searches, rounds
+        rounds.append(runs)
+        done.update({r.run_id: _fake_result(r) for r in runs})
+
+
+def test_quick_suite_is_a_subset_of_the_full_suite_and_agrees_with_it():
+    from ksbopt.bench.suites import SUITES, subset_problems
+
+    quick, full = SUITES["quick"], SUITES["full"]
+    assert subset_problems(quick, full) == []
+    shared = tuple(t for t in quick.tasks if t in full.tasks)
+    q_done, q_search, _ = _replay(quick)
+    f_done, f_search, _ = _replay(dataclasses.replace(full, tasks=shared))
+    assert set(q_done) <= set(f_done)  # every quick run is a full run, same id
+    for key, s in q_search.items():
+        assert f_search[key].best == s.best  # hence the same chosen setting
+    # the full suite's extra seeds run only at the chosen settings
+    extra = {r for r in f_done if not r.endswith(("__s0__cosine", "__s1__cosine"))}
+    assert extra and all("__s0__" not in r and "__s1__" not in r for r in extra)
+
+
+def test_subset_problems_names_what_differs():
+    from ksbopt.bench.suites import SUITES, subset_problems
+
+    quick, full = SUITES["quick"], SUITES["full"]
+    bad = dataclasses.replace(quick, protocol=Protocol(window=5), seeds=(1, 2), scale="tiny")
+    problems = " ".join(subset_problems(bad, full))
+    assert "protocol" in problems and "tuning seeds" in problems and "scale" in problems
+    assert subset_problems(full, quick)  # the full suite is not a subset of the quick one
+
+
+def test_every_applicable_pair_starts_with_the_same_window_in_every_arm():
+    from ksbopt.bench import registry
+    from ksbopt.bench.suites import SUITES, tuning_round
+    from ksbopt.bench.tasks import TASKS
+
+    full = SUITES["full"]
+    runs, _ = tuning_round(
+        full,
+        tasks=full.tasks,
+        optimizers=full.optimizers,
+        seeds=full.seeds,
+        result=lambda c: MISSING,
+        higher_is_better=lambda t: True,
+    )
+    for t in full.tasks:
+        for o, spec in registry.REGISTRY.items():
+            for arm in full.schedules:
+                mine = [r for r in runs if (r.task, r.optimizer, r.schedule) == (t, o, arm)]
+                assert bool(mine) == spec.applies_to(TASKS[t]), (t, o, arm)
+                if mine:
+                    assert len({r.learning_rate for r in mine}) == full.protocol.window
+                    assert {r.seed for r in mine} == set(full.seeds[:2])
+                    assert len({r.steps for r in mine}) == 1
+    assert len(runs) == len({r.run_id for r in runs})
+
+
+# ---- end to end at the tiny scale ------------------------------------------------------------
+
+
+def _cli(argv):
+    import contextlib
+    import io
+
+    from ksbopt.bench import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = cli.main([str(a) for a in argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    pytest.importorskip("flax")
+    out = tmp_path_factory.mktemp("tuned")
+    argv = ["--suite", "quick", "--scale", "tiny", "--tasks", "teacher_relu", "--steps", "10"]
+    argv += ["--optimizers", "sgd,sgd+wd", "--seeds", "3", "--out", out, "--no-progress"]
+    argv += ["--no-plots", "--cache-dir", tmp_path_factory.mktemp("cache")]
+    rc, stdout, err = _cli(argv)
+    assert rc == 0, err
+    return out, argv, stdout
+
+
+def test_tuned_grid_runs_the_search_and_reports_its_statistics(tuned):
+    import json
+
+    from ksbopt.bench.suites import SUITES, tuning_round
+
+    out, _, stdout = tuned
+    assert "-- tuning round 2" in stdout  # at least one round after the window
+    recs = {p.stem: json.loads(p.read_text()) for p in (out / "runs").glob("*.json")}
+    summary = json.loads((out / "summary.json").read_text())
+    rows = summary["arms"]["cosine"]["teacher_relu"]["optimizers"]
+    assert summary["grid_arm"] == "cosine" and summary["meta"]["protocol"]["tuning_seeds"] == 2
+
+    def result(c):
+        r = recs.get(c.run_id)
+        return MISSING if r is None else r["final"]["val_metric"]
+
+    quick = SUITES["quick"]
+    runs, searches = tuning_round(
+        quick,
+        tasks=("teacher_relu",),
+        optimizers=("sgd", "sgd+wd"),
+        seeds=(0, 1, 2),
+        result=result,
+        higher_is_better=lambda t: False,
+        scale="tiny",
+        steps=10,
+    )
+    assert runs == []  # every search is over and every seed trained
+    for o, row in rows.items():
+        s = searches[("teacher_relu", "cosine", o)]
+        assert row["best_lr"] == lattice_lr(s.best[0]) and row["edge"] == s.edge
+        assert row["seeds"] == 3 and row["tuning_seeds"] == [0, 1]
+        assert row["hparams"].get("weight_decay") == s.best[1] or s.best[1] is None
+        assert row["band"] is not None and row["band"][0] <= row["best_lr"] <= row["band"][1]
+        assert row["reached"] >= 1 and row["steps_to_target"] > 0 and row["time_to_target"] > 0
+    assert len(rows["sgd+wd"]["scores"]) > len(rows["sgd"]["scores"])  # weight decay searched
+    ref = summary["grid"]["teacher_relu"]["reference"]
+    other = next(o for o in rows if o != ref)
+    p = rows[other]["paired"]
+    assert p["vs"] == ref and p["n"] == 3 and p["low"] <= p["mean"] <= p["high"]
+
+
+def test_a_finished_tuned_suite_resumes_without_training(tuned, monkeypatch):
+    from ksbopt.bench import runner
+
+    out, argv, _ = tuned
+
+    def refuse(self, cfg, full, position):
+        raise AssertionError(f"{cfg.run_id} was trained again")
+
+    monkeypatch.setattr(runner.Runner, "_execute", refuse)
+    rc, stdout, err = _cli(argv)
+    assert rc == 0, err
+    assert "-- tuning round" not in stdout and "0 trained now" in (out / "report.md").read_text()
+    rc, stdout, _ = _cli([*argv, "--dry-run"])
+    assert rc == 0 and "dry run: 0 runs next" in stdout and "2 of them over" in stdout
+
+
+def test_dry_run_lists_the_first_round_and_trains_nothing(tmp_path):
+    argv = ["--suite", "quick", "--scale", "tiny", "--tasks", "teacher_relu", "--seeds", "2"]
+    rc, stdout, err = _cli([*argv, "--optimizers", "sgd", "--out", tmp_path, "--dry-run"])
+    assert rc == 0, err
+    ids = [ln for ln in stdout.splitlines() if ln.startswith("grid__")]
+    assert len(ids) == 6 and all(i.endswith("__cosine") for i in ids)  # 3 rates x 2 seeds
+    assert not (tmp_path / "runs").exists()
+
+
+def test_readme_block_is_generated_from_the_summary(tuned, tmp_path):
+    from ksbopt.bench import readme
+
+    out, _, _ = tuned
+    results = tmp_path / "results"
+    (results / "mine").mkdir(parents=True)
+    (results / "mine" / "summary.json").write_text((out / "summary.json").read_text())
+    doc = tmp_path / "README.md"
+    doc.write_text("# x\n<!-- bench-results mine -->\nstale\n<!-- /bench-results -->\nend\n")
+    assert readme.main(["--readme", str(doc), "--results", str(results), "--check"]) == 1
+    assert readme.main(["--readme", str(doc), "--results", str(results)]) == 0
+    text = doc.read_text()
+    assert "stale" not in text and text.endswith("<!-- /bench-results -->\nend\n")
+    assert "| teacher_relu (nmse, 3) |" in text and "results/mine/summary.json" in text
+    assert readme.main(["--readme", str(doc), "--results", str(results), "--check"]) == 0
