@@ -83,9 +83,10 @@ MNIST1D_STANDARD = {
 }
 
 
-# A harder MNIST-1D for the headline tasks: stronger correlated and i.i.d. noise and shear, so
-# that a large training set does not saturate the test accuracy.
-MNIST1D_HARD = {"corr_noise_scale": 0.5, "iid_noise_scale": 0.1, "shear_scale": 1.0}
+# A harder MNIST-1D for the headline tasks: 1.4x the correlated and 2.5x the i.i.d. noise of the
+# standard set, so that 40k training examples do not saturate the test accuracy (a BatchNorm
+# ResNet with SGD reaches about 0.96 on the standard noise, 0.60 at twice these, 0.87 here).
+MNIST1D_HARD = {"corr_noise_scale": 0.35, "iid_noise_scale": 0.05}
 
 
 _MNIST1D_NOISE_KEYS = frozenset(

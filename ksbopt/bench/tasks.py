@@ -484,6 +484,8 @@ _RESNET_SIZES = {
     ),
 }  # fmt: skip
 _RESNET_SIZES["base"] = _RESNET_SIZES["small"]
+# Steps-to-target thresholds: a little below what a tuned optimizer reaches at the CPU scale.
+_HEADLINE_TARGETS = {"resnet": 0.85, "mlp": 0.65}
 
 
 def _mnist1d_headline(name: str, model: str, norm: bool):
@@ -553,7 +555,7 @@ def _mnist1d_headline(name: str, model: str, norm: bool):
             description=TASKS[name].description,
             metric="accuracy",
             higher_is_better=True,
-            target=0.8,
+            target=_HEADLINE_TARGETS[model],
             steps=s["steps"],
             batch_size=s["batch"],
             eval_every=s["eval_every"],
@@ -891,10 +893,10 @@ _add(
     (_N, _L, _T),
     _U,
 )
-_HARD = "harder MNIST-1D, 40k/4k/8k train/val/test"
+_HARD = "harder MNIST-1D (40k/4k/8k train/val/test on CPU)"
 _add(
     "mnist1d_resnet_bn",
-    f"ResNet-1D (3 stages x 2 blocks, 32-64-128 channels) with BatchNorm; {_HARD}",
+    f"ResNet-1D (3 stages x 2 basic blocks) with BatchNorm; {_HARD}",
     _MNIST,
     _mnist1d_headline("mnist1d_resnet_bn", "resnet", True),
     (_N, _T),
@@ -902,7 +904,7 @@ _add(
 )
 _add(
     "mnist1d_resnet",
-    f"ResNet-1D (3 stages x 2 blocks, 32-64-128 channels), no normalisation; {_HARD}",
+    f"ResNet-1D (3 stages x 2 basic blocks), no normalisation; {_HARD}",
     _MNIST,
     _mnist1d_headline("mnist1d_resnet", "resnet", False),
     (_R, _T),
@@ -910,7 +912,7 @@ _add(
 )
 _add(
     "mnist1d_deep_mlp_ln",
-    f"deep MLP (5 hidden layers of 256) with LayerNorm; {_HARD}",
+    f"deep MLP (5 hidden layers) with LayerNorm; {_HARD}",
     _MNIST,
     _mnist1d_headline("mnist1d_deep_mlp_ln", "mlp", True),
     (_N, _T),
@@ -918,7 +920,7 @@ _add(
 )
 _add(
     "mnist1d_deep_mlp",
-    f"deep ReLU MLP (5 hidden layers of 256), no normalisation; {_HARD}",
+    f"deep ReLU MLP (5 hidden layers), no normalisation; {_HARD}",
     _MNIST,
     _mnist1d_headline("mnist1d_deep_mlp", "mlp", False),
     (_R, _T),
@@ -926,8 +928,7 @@ _add(
 )
 _add(
     "lm_stdlib_long",
-    "pre-LN byte Transformer with QK-norm (d 64, 2 layers), context 128; stdlib source split "
-    "by file; bits/byte",
+    "pre-LN byte Transformer with QK-norm, context >= 128; stdlib source split by file; bits/byte",
     _BASE,
     _lm("lm_stdlib_long", True, _LM_LONG),
     (_N, _L, _T),
