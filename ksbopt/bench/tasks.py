@@ -480,7 +480,7 @@ _RESNET_SIZES = {
     ),
     "large": dict(
         num_samples=110000, val_size=8000, test_size=16000, widths=(256, 512, 1024), blocks=2,
-        mlp_width=2048, mlp_depth=5, batch=256, steps=3000, eval_every=60,
+        mlp_width=2048, mlp_depth=5, batch=256, steps=2000, eval_every=40,
     ),
 }  # fmt: skip
 _RESNET_SIZES["base"] = _RESNET_SIZES["small"]
