@@ -78,7 +78,7 @@ def test_headline_task_is_deterministic_per_seed_and_offline(name, cache, no_net
 
 def test_headline_mnist1d_splits_are_disjoint_and_sized(cache):
     task = build_task("mnist1d_resnet_bn", "tiny", cache)
-    s = tasks._RESNET_SIZES["tiny"]
+    s = tasks._MNIST1D_HEADLINE_SIZES["tiny"]
     n_train = int(s["num_samples"] * 0.8) - s["val_size"]
     assert task.arrays["train_x"].shape == (n_train, 40)
     assert task.arrays["val_x"].shape == (s["val_size"], 40)
@@ -117,7 +117,7 @@ def test_scales_have_the_promised_sizes(scale):
     from ksbopt.bench.models import MLP, ResNet1D, TransformerLM
 
     floor = 100_000 if scale == "small" else 10_000_000
-    s = tasks._RESNET_SIZES[scale]
+    s = tasks._MNIST1D_HEADLINE_SIZES[scale]
     for bn in (True, False):
         n = _n_params(
             _abstract(
@@ -153,7 +153,7 @@ def test_scales_have_the_promised_sizes(scale):
         assert s["val_size"] >= 4000 and s["test_size"] >= 8000
         assert math.sqrt(0.9 * 0.1 / s["test_size"]) <= 0.005  # sampling error <= 0.5 points
         assert int(s["num_samples"] * 0.8) - s["val_size"] >= 40_000
-    assert tasks._RESNET_SIZES["base"] is tasks._RESNET_SIZES["small"]
+    assert tasks._MNIST1D_HEADLINE_SIZES["base"] is tasks._MNIST1D_HEADLINE_SIZES["small"]
     assert tasks._LM_LONG["base"] is tasks._LM_LONG["small"]
 
 
@@ -253,7 +253,8 @@ def _records(out: Path) -> list[dict]:
 def test_tasks_train_at_the_tiny_scale(suite, names, optimizers, tmp_path, cache, no_network):
     rc, err = _main(
         [
-            "--suite", suite, "--experiments", "grid", "--scale", "tiny", "--tasks", ",".join(names),
+            "--suite", suite, "--experiments", "grid", "--scale", "tiny",
+            "--tasks", ",".join(names),
             "--optimizers", optimizers, "--lrs", "0.001", "--seeds", "1", "--steps", "4",
             "--no-progress", "--no-plots", "--out", tmp_path, "--cache-dir", cache,
         ]

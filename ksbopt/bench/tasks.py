@@ -11,8 +11,9 @@ Flax import, no data) whose ``build(scale)`` makes the :class:`Task`. Scales (:d
   ``small``);
 - ``large``: the gpu suite's accelerator size (at least 10M parameters).
 
-Each family of tasks has one table of sizes per scale (``_RESNET_SIZES``, ``_LM_SIZES``, ...):
-that table alone decides a task's model, data, steps, batch and evaluation interval.
+Each family of tasks has one table of sizes per scale (``_MNIST1D_HEADLINE_SIZES``,
+``_LM_LONG``, ...): that table alone decides a task's model, data, steps, batch and evaluation
+interval.
 :data:`HEADLINE_TASKS` names the tasks whose results the report leads with; the others are
 small smoke and reproduction tasks. :data:`GPU_TASKS` names the tasks of the gpu suite.
 
@@ -469,7 +470,7 @@ def _digits(norm: bool):
 # 40000 training, 4000 validation and 8000 test examples (sampling error of an accuracy near 0.9:
 # sqrt(0.9 * 0.1 / 8000) = 0.34 points), evaluated every 2% of the run.
 _HEADLINE_DATA = dict(num_samples=55000, val_size=4000, test_size=8000)
-_RESNET_SIZES = {
+_MNIST1D_HEADLINE_SIZES = {
     "tiny": dict(
         num_samples=1500, val_size=200, test_size=200, widths=(4, 8), blocks=1, mlp_width=16,
         mlp_depth=3, batch=32, steps=20, eval_every=10,
@@ -483,7 +484,7 @@ _RESNET_SIZES = {
         mlp_width=2048, mlp_depth=5, batch=256, steps=2000, eval_every=40,
     ),
 }  # fmt: skip
-_RESNET_SIZES["base"] = _RESNET_SIZES["small"]
+_MNIST1D_HEADLINE_SIZES["base"] = _MNIST1D_HEADLINE_SIZES["small"]
 # Steps-to-target thresholds: a little below what a tuned optimizer reaches at the CPU scale.
 _HEADLINE_TARGETS = {"resnet": 0.85, "mlp": 0.65}
 
@@ -494,7 +495,7 @@ def _mnist1d_headline(name: str, model: str, norm: bool):
     def build(scale: str, cache_dir) -> Task:
         from ksbopt.bench import data
 
-        s = _RESNET_SIZES[scale]
+        s = _MNIST1D_HEADLINE_SIZES[scale]
         split = data.mnist1d(
             s["num_samples"],
             val_size=s["val_size"],
