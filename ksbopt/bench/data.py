@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
+    "MNIST1D_HARD",
+    "MNIST1D_STANDARD",
     "Split",
     "digits",
     "mnist1d",
@@ -81,11 +83,24 @@ MNIST1D_STANDARD = {
 }
 
 
+# A harder MNIST-1D for the headline tasks: 1.4x the correlated and 2.5x the i.i.d. noise of the
+# standard set, so that 40k training examples do not saturate the test accuracy (a BatchNorm
+# ResNet with SGD reaches about 0.96 on the standard noise, 0.60 at twice these, 0.87 here).
+MNIST1D_HARD = {"corr_noise_scale": 0.35, "iid_noise_scale": 0.05}
+
+
+_MNIST1D_NOISE_KEYS = frozenset(
+    {"corr_noise_scale", "iid_noise_scale", "shear_scale", "scale_coeff", "max_translation"}
+)
+
+
 def mnist1d(
     num_samples: int = 5000,
     *,
     val_size: int = 500,
+    test_size: int | None = None,
     seed: int = 42,
+    noise: Mapping[str, float] | None = None,
     cache_dir: str | os.PathLike | None = None,
 ) -> Split:
     """MNIST-1D generated offline; ``num_samples=5000`` is the published 4000/1000 split.
@@ -96,7 +111,11 @@ def mnist1d(
       val_size: examples taken from the END of the training part as the validation split
         (``0`` keeps all training examples and makes ``val`` equal to ``test``, as the published
         baselines, which train on all 4000, need).
+      test_size: keep only the first ``test_size`` test examples (default: all 20%).
       seed: the generator's seed (42 is the standard one).
+      noise: overrides of the generator's noise settings (keys of :data:`MNIST1D_STANDARD`
+        among ``corr_noise_scale``, ``iid_noise_scale``, ``shear_scale``, ``scale_coeff``,
+        ``max_translation``), e.g. :data:`MNIST1D_HARD`.
       cache_dir: optional folder for an ``.npz`` cache of the generated arrays.
 
     Returns:
@@ -104,7 +123,12 @@ def mnist1d(
     """
     if num_samples < 100:
         raise ValueError(f"{num_samples=} is too small for MNIST-1D: use at least 100.")
-    cfg = dict(MNIST1D_STANDARD, num_samples=int(num_samples), seed=int(seed))
+    noise = dict(noise or {})
+    if bad := sorted(set(noise) - _MNIST1D_NOISE_KEYS):
+        raise ValueError(
+            f"noise keys {bad} are not MNIST-1D noise settings; use {sorted(_MNIST1D_NOISE_KEYS)}."
+        )
+    cfg = dict(MNIST1D_STANDARD, **noise, num_samples=int(num_samples), seed=int(seed))
 
     def build():
         try:
@@ -133,7 +157,10 @@ def mnist1d(
         raise ValueError(f"{val_size=} must be in [0, {n_train}) for {num_samples=}.")
     cut = n_train - val_size
     train = {"x": a["x"][:cut], "y": a["y"][:cut]}
-    test = {"x": a["x_test"], "y": a["y_test"]}
+    n_test = len(a["y_test"])
+    if test_size is not None and not 0 < test_size <= n_test:
+        raise ValueError(f"{test_size=} must be in (0, {n_test}] for {num_samples=}.")
+    test = {"x": a["x_test"][:test_size], "y": a["y_test"][:test_size]}
     val = {"x": a["x"][cut:], "y": a["y"][cut:]} if val_size else dict(test)
     info = {
         "source": "mnist1d.data.make_dataset (generated offline)",

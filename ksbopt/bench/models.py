@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-__all__ = ["CNN1D", "MLP", "DeepMLP", "DigitsCNN", "TransformerLM"]
+__all__ = ["CNN1D", "MLP", "DeepMLP", "DigitsCNN", "ResNet1D", "TransformerLM"]
 
 # PyTorch's BatchNorm momentum 0.1 (the convention of the NLD and MNIST-1D code) is Flax's 0.9.
 BN_MOMENTUM = 0.9
@@ -63,6 +63,94 @@ class CNN1D(nnx.Module):
                 h = getattr(self, f"bn{i}")(h)
             h = act(h)
         return self.head(h.reshape(h.shape[0], -1))
+
+
+class ResNet1D(nnx.Module):
+    r"""A ResNet for 1-D signals, with BatchNorm or without normalisation.
+
+    A stride-2 stem convolution, then ``len(widths)`` stages of ``blocks`` basic blocks
+    (two width-3 convolutions) at half the length each, a global average pool and a linear head.
+    A stage that changes the width pools by two and zero-pads the new channels of the shortcut
+    (He et al. 2016, option A, https://arxiv.org/abs/1512.03385), so the network has no
+    projection shortcuts and its symmetries are those of the convolutions:
+
+    - ``batchnorm=True``: every convolution has no bias and is followed by BatchNorm,
+      :math:`y = \mathrm{relu}(x + \mathrm{BN}(W_b * \mathrm{relu}(\mathrm{BN}(W_a * x))))`,
+      so each output channel of every kernel is a scale group.
+    - ``batchnorm=False``: :math:`y = \mathrm{relu}(x + W_b * \mathrm{relu}(W_a * x + a) + b)`;
+      each hidden channel of a block (output ``c`` of ``W_a``, ``a``; input ``c`` of ``W_b``)
+      has a positive rescale symmetry. The residual stream has none (the identity shortcut
+      breaks it). ``W_b`` starts at He variance divided by the number of blocks, so the signal
+      stays O(1) through the identity shortcuts at initialisation (the rule of Fixup, Zhang et
+      al. 2019, https://arxiv.org/abs/1901.09321, with a Gaussian instead of zeros).
+
+    Submodule paths: ``stem``, ``s{i}b{j}a`` / ``s{i}b{j}b`` (convolutions; ``..._bn`` their
+    BatchNorms), ``head``.
+
+    Example:
+      >>> from flax import nnx
+      >>> net = ResNet1D((8, 16), blocks=1, batchnorm=True, rngs=nnx.Rngs(0))
+      >>> net(jnp.ones((2, 40))).shape
+      (2, 10)
+    """
+
+    def __init__(
+        self,
+        widths: tuple[int, ...] = (32, 64, 128),
+        *,
+        blocks: int = 2,
+        batchnorm: bool,
+        n_out: int = 10,
+        rngs: nnx.Rngs,
+    ):
+        self.batchnorm = batchnorm
+        self.widths = tuple(widths)
+        self.blocks = blocks
+        he = nnx.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
+        last = nnx.initializers.variance_scaling(
+            2.0 / (len(widths) * blocks), "fan_in", "truncated_normal"
+        )
+
+        def conv(name, cin, cout, k, stride, init):
+            setattr(
+                self,
+                name,
+                nnx.Conv(
+                    cin,
+                    cout,
+                    kernel_size=(k,),
+                    strides=stride,
+                    padding="SAME",
+                    use_bias=not batchnorm,
+                    kernel_init=init,
+                    rngs=rngs,
+                ),
+            )
+            if batchnorm:
+                setattr(self, f"{name}_bn", nnx.BatchNorm(cout, momentum=BN_MOMENTUM, rngs=rngs))
+
+        conv("stem", 1, widths[0], 5, 2, he)
+        for i, w in enumerate(widths):  # the shortcut is padded to w channels before block 0
+            for j in range(blocks):
+                conv(f"s{i}b{j}a", w, w, 3, 1, he)
+                conv(f"s{i}b{j}b", w, w, 3, 1, he if batchnorm else last)
+        self.head = nnx.Linear(widths[-1], n_out, rngs=rngs)
+
+    def _conv(self, name, h):
+        h = getattr(self, name)(h)
+        return getattr(self, f"{name}_bn")(h) if self.batchnorm else h
+
+    def __call__(self, x):
+        h = jax.nn.relu(self._conv("stem", x[..., None]))
+        for i, w in enumerate(self.widths):
+            if i:  # halve the length; zero-pad the shortcut's new channels
+                n, t, c = h.shape
+                h = h.reshape(n, t // 2, 2, c).mean(axis=2)
+                h = jnp.pad(h, ((0, 0), (0, 0), (0, w - c)))
+            for j in range(self.blocks):
+                r = jax.nn.relu(self._conv(f"s{i}b{j}a", h))
+                h = jax.nn.relu(h + self._conv(f"s{i}b{j}b", r))
+        return self.head(h.mean(axis=1))
 
 
 class MLP(nnx.Module):

@@ -10,6 +10,13 @@ runner: ``grad`` the loss gradient, ``batch`` the minibatch, ``value_fn`` the lo
 ``value_fn(params, batch, model_state)``, ``model_state`` the model's non-parameter state).
 A task that lacks what an entry needs is reported as "not applicable" for it, never run.
 
+Tuning: ``tune`` names the hyperparameters besides the learning rate that the tuning protocol
+tunes (by default ``weight_decay`` wherever an entry has one; the value in ``hparams`` is the
+published default the grid is centred on). ``own_schedule`` marks entries that bring their own
+learning-rate schedule (schedule-free AdamW), which must not be given the warm-up + cosine
+schedule; ``eval_params(opt_state, params)`` maps the training iterate to the parameters to
+evaluate (schedule-free AdamW evaluates its averaged sequence), ``None`` for the others.
+
 Adding an optimizer is one line::
 
     register("nero", lambda lr, task: ks("nero")(lr), NERO_GRID, needs=("nero",))
@@ -25,13 +32,16 @@ import importlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import optax
+import optax.contrib
 
 __all__ = [
     "ADAPTIVE_GRID",
     "EXTRA_ARGS",
     "LARS_GRID",
+    "LION_GRID",
     "NERO_GRID",
     "REGISTRY",
     "SGD_GRID",
@@ -75,6 +85,8 @@ SGD_GRID = (0.003, 0.01, 0.03, 0.1, 0.3)
 ADAPTIVE_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 LARS_GRID = (0.3, 1.0, 3.0, 10.0, 30.0)  # LARS's relative step is lr * trust coefficient 1e-3
 NERO_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)  # Nero's lr is about the angle turned per step
+# Lion's sign update has unit size per coordinate: its lr is 3-10x smaller than AdamW's.
+LION_GRID = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3)
 
 # The extra arguments of ``update`` that the runner can supply (see the module docstring).
 EXTRA_ARGS = ("grad", "batch", "value_fn", "model_state")
@@ -103,6 +115,9 @@ class OptimizerSpec:
     # user entries: {"factory": "module:qualname", "source_sha256": ...} (part of a run's
     # identity, so that a changed factory is re-run; see ksbopt/bench/user.py)
     origin: Mapping[str, Any] | None = None
+    tune: tuple[str, ...] = ()  # hyperparameters the tuning protocol tunes besides the lr
+    own_schedule: bool = False  # True: never wrap the lr in the suite's schedule
+    eval_params: Callable[[Any, Any], Any] | None = None  # (opt_state, params) -> params
 
     def missing(self) -> list[str]:
         """The ``ksbopt`` features this entry needs and that are not importable."""
@@ -156,8 +171,18 @@ def register(
     extra_args: tuple[str, ...] = (),
     description: str = "",
     origin: Mapping[str, Any] | None = None,
+    tune: tuple[str, ...] | None = None,
+    own_schedule: bool = False,
+    eval_params: Callable[[Any, Any], Any] | None = None,
 ) -> OptimizerSpec:
-    """Adds (or replaces) a registry entry; ``quick`` defaults to grid points 2, 4 and 5."""
+    """Adds (or replaces) a registry entry; ``quick`` defaults to grid points 2, 4 and 5.
+
+    ``tune`` defaults to ``("weight_decay",)`` when ``hparams`` has a weight decay, else ``()``.
+    """
+    hparams = dict(hparams or {})
+    tune = tuple(tune) if tune is not None else tuple(k for k in ("weight_decay",) if k in hparams)
+    if bad := [k for k in tune if k not in hparams]:
+        raise ValueError(f"{name}: tune={tune} names {bad}, which are not in {sorted(hparams)}")
     if len(grid) < 5:
         raise ValueError(f"{name}: {grid=} needs at least 5 learning rates (equal tuning budget).")
     if bad := [a for a in extra_args if a not in EXTRA_ARGS]:
@@ -170,13 +195,16 @@ def register(
         factory,
         tuple(grid),
         quick,
-        dict(hparams or {}),
+        hparams,
         tuple(needs),
         symmetry,
         description,
         tuple(task_features),
         tuple(extra_args),
         dict(origin) if origin else None,
+        tune,
+        own_schedule,
+        eval_params,
     )
     REGISTRY[name] = spec
     return spec
@@ -244,20 +272,32 @@ register(
     lambda lr, task, momentum, weight_decay: _sgd(lr, momentum, weight_decay),
     SGD_GRID,
     hparams={"momentum": 0.9, "weight_decay": 0.0},
-    description="SGD, heavy-ball momentum 0.9",
+    tune=(),  # the baseline without weight decay; sgd+wd tunes it
+    description="SGD, heavy-ball momentum 0.9, no weight decay",
 )
 register(
     "sgd+wd",
     lambda lr, task, momentum, weight_decay: _sgd(lr, momentum, weight_decay),
     SGD_GRID,
     hparams={"momentum": 0.9, "weight_decay": 5e-4},
-    description="SGD, momentum 0.9, coupled weight decay 5e-4",
+    description="SGD, momentum 0.9, coupled weight decay (default 5e-4, tuned)",
 )
+
+
+def _decoupled(tx, lr, weight_decay):
+    """``tx`` followed by decoupled weight decay ``-lr * weight_decay * w`` (AdamW's form)."""
+    return optax.chain(tx, optax.add_decayed_weights(-lr * weight_decay)) if weight_decay else tx
+
+
 register(
     "rmsprop",
-    lambda lr, task: optax.rmsprop(lr),
+    lambda lr, task, momentum, weight_decay: _decoupled(
+        optax.rmsprop(lr, momentum=momentum or None), lr, weight_decay
+    ),
     ADAPTIVE_GRID,
-    description="RMSProp (optax defaults: decay 0.9, eps 1e-8)",
+    hparams={"momentum": 0.9, "weight_decay": 1e-2},
+    description="RMSProp (decay 0.9, eps 1e-8) with heavy-ball momentum 0.9 as the SGD family, "
+    "decoupled weight decay (default 1e-2 as AdamW, tuned)",
 )
 register(
     "adam",
@@ -270,8 +310,77 @@ register(
     lambda lr, task, weight_decay: optax.adamw(lr, weight_decay=weight_decay),
     ADAPTIVE_GRID,
     hparams={"weight_decay": 1e-2},
-    description="AdamW, decoupled weight decay 1e-2 (PyTorch's default)",
+    description="AdamW, decoupled weight decay (default 1e-2, PyTorch's; tuned)",
 )
+
+
+def _muon_dims(params):
+    """Which axes Muon orthogonalises: every hidden weight matrix, as ``(inputs, outputs)``.
+
+    A kernel's last axis is its output (Flax's layout), all other axes are its inputs (a
+    convolution is a ``(width * in) x out`` matrix), except attention's query/key/value
+    kernels ``(d, heads, head_dim)``, whose outputs are the last two axes. The head, the
+    embeddings and every vector (biases, normalisation scales) go to Muon's AdamW (``None``),
+    as in Jordan et al.'s recipe.
+    """
+    from optax.contrib import MuonDimensionNumbers
+
+    def dims(path, x):
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        if x.ndim < 2 or name.startswith(("head/", "embed/", "pos/")):
+            return None
+        if name.rsplit("/", 2)[-2] in ("query", "key", "value"):
+            return MuonDimensionNumbers(reduction_axis=0, output_axis=(1, 2))
+        return MuonDimensionNumbers(tuple(range(x.ndim - 1)), x.ndim - 1)
+
+    return jax.tree_util.tree_map_with_path(dims, params)
+
+
+def _schedule_free_x(opt_state, params):
+    """The averaged iterate ``x`` of schedule-free AdamW, found in an injected state."""
+    inner = getattr(opt_state, "inner_state", opt_state)
+    return optax.contrib.schedule_free_eval_params(inner, params)
+
+
+register(
+    "lion",
+    lambda lr, task, weight_decay: optax.lion(lr, weight_decay=weight_decay),
+    LION_GRID,
+    hparams={"weight_decay": 1e-1},
+    description="Lion (Chen et al. 2023, https://arxiv.org/abs/2302.06675; b1 0.9, b2 0.99), "
+    "decoupled weight decay (default 0.1: 10x AdamW's for a 10x smaller lr; tuned)",
+)
+if hasattr(optax.contrib, "muon"):
+    register(
+        "muon",
+        lambda lr, task, weight_decay: optax.contrib.muon(
+            lr,
+            weight_decay=weight_decay,
+            adam_weight_decay=weight_decay,
+            consistent_rms=0.2,
+            muon_weight_dimension_numbers=_muon_dims,
+        ),
+        ADAPTIVE_GRID,
+        hparams={"weight_decay": 1e-2},
+        description="Muon (optax.contrib; Jordan et al. 2024, https://kellerjordan.github.io/"
+        "posts/muon/) on the hidden weight matrices, AdamW on the rest; updates scaled to "
+        "RMS 0.2 (Liu et al. 2025, https://arxiv.org/abs/2502.16982) so that it shares "
+        "AdamW's learning rate and decoupled weight decay (default 1e-2; tuned)",
+    )
+if hasattr(optax.contrib, "schedule_free_adamw"):
+    register(
+        "sf_adamw",
+        lambda lr, task, weight_decay: optax.contrib.schedule_free_adamw(
+            lr, weight_decay=weight_decay
+        ),
+        ADAPTIVE_GRID,
+        hparams={"weight_decay": 1e-2},
+        own_schedule=True,
+        eval_params=_schedule_free_x,
+        description="schedule-free AdamW (optax.contrib; Defazio et al. 2024, "
+        "https://arxiv.org/abs/2405.15682), constant learning rate, evaluated at its "
+        "averaged iterate; decoupled weight decay (default 1e-2; tuned)",
+    )
 register(
     "lars",
     lambda lr, task: optax.lars(lr),
@@ -285,6 +394,7 @@ register(
     ),
     SGD_GRID,
     hparams={"momentum": 0.9, "weight_decay": 0.0},
+    tune=(),  # the constrained-norm control of NLD: no weight decay
     needs=("retract", "Scale"),
     symmetry="scale",
     description="SGD momentum 0.9 + ksbopt.retract on the scale groups: the NLD "
@@ -301,7 +411,8 @@ register(
     needs=("steer", "targets.equilibrium", "Scale"),
     symmetry="scale",
     description="sgd+wd with every scale group steered to the rotational equilibrium of its "
-    "own heavy ball from the first step (THEORY.md P7a): no warm-up transient",
+    "own heavy ball from the first step: no warm-up transient (see "
+    ":doc:`/concepts/implicit_rmsprop`)",
 )
 register(
     "adam+steer_nld",
@@ -313,12 +424,13 @@ register(
     ),
     ADAPTIVE_GRID,
     hparams={"nld_learning_rate": 0.1, "weight_decay": 5e-4, "momentum": 0.9},
+    tune=(),  # the weight decay is the steered-to trajectory's, not a decay of this optimizer
     needs=("steer", "targets.nld", "Scale"),
     symmetry="scale",
     extra_args=("grad",),
     description="Adam with the scale-group norms steered to the trajectory that SGD (lr 0.1, "
     "momentum 0.9, weight decay 5e-4) on a normalised layer would give them (NLD's implicit "
-    "RMSProp, THEORY.md section 5)",
+    "RMSProp, :doc:`/concepts/implicit_rmsprop`)",
 )
 register(
     "adam+project",

@@ -1,14 +1,26 @@
 """Benchmark tasks: data + Flax NNX model + loss + metric + symmetry declarations.
 
 A task is looked up by name in :data:`TASKS`, which maps to a :class:`TaskSpec` (cheap: no
-Flax import, no data) whose ``build(scale)`` makes the :class:`Task`. Scales: ``tiny`` (a few
-seconds on CPU, for tests), ``small`` (the quick suite), ``base`` (the full suite), ``large``
-(the gpu suite).
+Flax import, no data) whose ``build(scale)`` makes the :class:`Task`. Scales (:data:`SCALES`):
+
+- ``tiny``: a few seconds on CPU, for tests;
+- ``small``: the CPU size of the quick and full suites (for the headline tasks, the size at
+  which optimizers differ: at least 100k parameters, 2000 steps, thousands of held-out
+  examples);
+- ``base``: the published sizes of the reproductions (for the headline tasks, equal to
+  ``small``);
+- ``large``: the gpu suite's accelerator size (at least 10M parameters).
+
+Each family of tasks has one table of sizes per scale (``_MNIST1D_HEADLINE_SIZES``,
+``_LM_LONG``, ...): that table alone decides a task's model, data, steps, batch and evaluation
+interval.
+:data:`HEADLINE_TASKS` names the tasks whose results the report leads with; the others are
+small smoke and reproduction tasks. :data:`GPU_TASKS` names the tasks of the gpu suite.
 
 Each task declares its parameter symmetries as plain data (:class:`SymDecl`); they turn into
 ``ksbopt`` objects only when an optimizer or a diagnostic asks for them, so tasks work while a
-``ksbopt`` feature is still missing. Grouping follows THEORY.md section 1 with Flax's layout
-(the output unit is the last axis).
+``ksbopt`` feature is still missing. Grouping follows :doc:`/concepts/symmetries` with Flax's
+layout (the output unit is the last axis).
 """
 
 from __future__ import annotations
@@ -22,6 +34,8 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "GPU_TASKS",
+    "HEADLINE_TASKS",
     "SCALES",
     "TASKS",
     "SymDecl",
@@ -142,9 +156,9 @@ class Task:
         """
         if self.path_input_shape is None:
             raise ValueError(
-                f"task {self.name!r} has no path norm (it has normalisation layers or "
-                "non-ReLU activations); Path-SGD applies to ReLU networks without "
-                "normalisation, e.g. mnist1d_cnn or teacher_relu."
+                f"task {self.name!r} has no path norm (it has normalisation layers, non-ReLU "
+                "activations or average pooling); Path-SGD applies to plain ReLU networks "
+                "without normalisation, e.g. mnist1d_deep_mlp, mnist1d_cnn or teacher_relu."
             )
         if self._path_fn is None:
             import jax
@@ -271,7 +285,7 @@ def unit_decls(decls: Sequence[SymDecl]) -> list[SymDecl]:
     group, the left factor of each plain linear pair: the diagonal of GL(k)), per output unit
     (axis -1). These are not symmetries of the loss on their own: an optimizer that holds
     their norms fixed loses nothing, because the rescale symmetry moves the norm to the next
-    layer (THEORY.md section 1).
+    layer (:doc:`/concepts/symmetries`).
     """
     scale = [d for d in decls if d.kind == "scale"]
     if scale:
@@ -452,6 +466,112 @@ def _digits(norm: bool):
     return build
 
 
+# The headline MNIST-1D tasks: a large generated set with harder noise (data.MNIST1D_HARD),
+# 40000 training, 4000 validation and 8000 test examples (sampling error of an accuracy near 0.9:
+# sqrt(0.9 * 0.1 / 8000) = 0.34 points), evaluated every 2% of the run.
+_HEADLINE_DATA = dict(num_samples=55000, val_size=4000, test_size=8000)
+_MNIST1D_HEADLINE_SIZES = {
+    "tiny": dict(
+        num_samples=1500, val_size=200, test_size=200, widths=(4, 8), blocks=1, mlp_width=16,
+        mlp_depth=3, batch=32, steps=20, eval_every=10,
+    ),
+    "small": dict(
+        **_HEADLINE_DATA, widths=(32, 64, 128), blocks=2, mlp_width=256, mlp_depth=5,
+        batch=128, steps=2000, eval_every=40,
+    ),
+    "large": dict(
+        num_samples=110000, val_size=8000, test_size=16000, widths=(256, 512, 1024), blocks=2,
+        mlp_width=2048, mlp_depth=5, batch=256, steps=2000, eval_every=40,
+    ),
+}  # fmt: skip
+_MNIST1D_HEADLINE_SIZES["base"] = _MNIST1D_HEADLINE_SIZES["small"]
+# Steps-to-target thresholds: a little below what a tuned optimizer reaches at the CPU scale.
+_HEADLINE_TARGETS = {"resnet": 0.85, "mlp": 0.65}
+
+
+def _mnist1d_headline(name: str, model: str, norm: bool):
+    """A ResNet (``model="resnet"``) or deep MLP (``"mlp"``) on the harder, larger MNIST-1D."""
+
+    def build(scale: str, cache_dir) -> Task:
+        from ksbopt.bench import data
+
+        s = _MNIST1D_HEADLINE_SIZES[scale]
+        split = data.mnist1d(
+            s["num_samples"],
+            val_size=s["val_size"],
+            test_size=s["test_size"],
+            noise=data.MNIST1D_HARD,
+            cache_dir=cache_dir,
+        )
+        if model == "resnet":
+            widths, blocks = tuple(s["widths"]), s["blocks"]
+
+            def make(seed):
+                from flax import nnx
+
+                from ksbopt.bench.models import ResNet1D
+
+                return ResNet1D(widths, blocks=blocks, batchnorm=norm, rngs=nnx.Rngs(seed))
+
+            convs = [f"s{i}b{j}" for i in range(len(widths)) for j in range(blocks)]
+            if norm:
+                decls = [
+                    SymDecl("scale", (f"{c}/kernel",), {"axis": -1}, c)
+                    for c in ["stem", *(f"{b}{ab}" for b in convs for ab in "ab")]
+                ]
+            else:  # the hidden channels of each residual branch
+                decls = [
+                    SymDecl(
+                        "rescale",
+                        (),
+                        {"incoming": [f"{b}a/kernel", f"{b}a/bias"], "outgoing": f"{b}b/kernel"},
+                        f"{b}a>{b}b",
+                    )
+                    for b in convs
+                ]
+            cfg = {"widths": widths, "blocks": blocks}
+            path_shape = None  # average pooling: the path norm is not the net on squared weights
+        else:
+            width, depth = s["mlp_width"], s["mlp_depth"]
+
+            def make(seed):
+                from flax import nnx
+
+                from ksbopt.bench.models import MLP
+
+                return MLP(40, width, depth, layernorm=norm, rngs=nnx.Rngs(seed))
+
+            layers = [f"fc{i}" for i in range(1, depth + 1)]
+            if norm:  # LayerNorm after each hidden layer: the whole layer is one scale group
+                decls = [
+                    SymDecl("scale", ([f"{a}/kernel", f"{a}/bias"],), {"axis": None}, a)
+                    for a in layers
+                ]
+            else:
+                decls = _rescale_chain([*layers, "head"])
+            cfg = {"width": width, "depth": depth}
+            path_shape = None if norm else (1, 40)
+        return Task(
+            name=name,
+            description=TASKS[name].description,
+            metric="accuracy",
+            higher_is_better=True,
+            target=_HEADLINE_TARGETS[model],
+            steps=s["steps"],
+            batch_size=s["batch"],
+            eval_every=s["eval_every"],
+            make_model=make,
+            arrays=_classif_arrays(split),
+            kind="classification",
+            decls=[*decls, _head_translation()],
+            config={**cfg, "scale": scale, **s},
+            data_info=split.info,
+            path_input_shape=path_shape,
+        )
+
+    return build
+
+
 _LM_SCALES = {
     "tiny": dict(
         d=32,
@@ -514,11 +634,42 @@ def _eval_windows(b: np.ndarray, seq_len: int, count: int) -> np.ndarray:
     return np.stack([b[s : s + seq_len + 1] for s in starts])
 
 
-def _lm(qk_norm: bool):
+# The headline language model: context 128 and 2000 steps on CPU, ~25M parameters on a GPU.
+_LM_LONG = {
+    "tiny": _LM_SCALES["tiny"],
+    "small": dict(
+        d=64,
+        layers=2,
+        heads=4,
+        seq_len=128,
+        batch=8,
+        steps=2000,
+        eval_every=40,
+        eval_windows=256,
+        max_train_bytes=None,
+        target=3.0,
+    ),
+    "large": dict(
+        d=512,
+        layers=8,
+        heads=8,
+        seq_len=256,
+        batch=64,
+        steps=2000,
+        eval_every=40,
+        eval_windows=2048,
+        max_train_bytes=None,
+        target=2.0,
+    ),
+}
+_LM_LONG["base"] = _LM_LONG["small"]
+
+
+def _lm(name: str, qk_norm: bool, sizes: Mapping[str, Mapping[str, Any]]):
     def build(scale: str, cache_dir) -> Task:
         from ksbopt.bench import data
 
-        s = _LM_SCALES[scale]
+        s = sizes[scale]
         split = data.stdlib_bytes(max_train_bytes=s["max_train_bytes"])
         arrays = {"train_bytes": split.train["bytes"]}
         for sp in ("val", "test"):
@@ -561,7 +712,6 @@ def _lm(qk_norm: bool):
                     "Linear.value_output",
                 )
             )
-        name = "lm_stdlib_qknorm" if qk_norm else "lm_stdlib"
         return Task(
             name=name,
             description=TASKS[name].description,
@@ -729,12 +879,59 @@ _add(
     (_R, _T),
     _P,
 )
-_add("lm_stdlib", "pre-LN byte Transformer; stdlib source; bits/byte", _BASE, _lm(False), (_L, _T))
+_add(
+    "lm_stdlib",
+    "pre-LN byte Transformer; stdlib source; bits/byte",
+    _BASE,
+    _lm("lm_stdlib", False, _LM_SCALES),
+    (_L, _T),
+)
 _add(
     "lm_stdlib_qknorm",
     "pre-LN byte Transformer with QK-norm; stdlib source; bits/byte",
     _BASE,
-    _lm(True),
+    _lm("lm_stdlib_qknorm", True, _LM_SCALES),
+    (_N, _L, _T),
+    _U,
+)
+_HARD = "harder MNIST-1D (40k/4k/8k train/val/test on CPU)"
+_add(
+    "mnist1d_resnet_bn",
+    f"ResNet-1D (3 stages x 2 basic blocks) with BatchNorm; {_HARD}",
+    _MNIST,
+    _mnist1d_headline("mnist1d_resnet_bn", "resnet", True),
+    (_N, _T),
+    _U,
+)
+_add(
+    "mnist1d_resnet",
+    f"ResNet-1D (3 stages x 2 basic blocks), no normalisation; {_HARD}",
+    _MNIST,
+    _mnist1d_headline("mnist1d_resnet", "resnet", False),
+    (_R, _T),
+    _U,
+)
+_add(
+    "mnist1d_deep_mlp_ln",
+    f"deep MLP (5 hidden layers) with LayerNorm; {_HARD}",
+    _MNIST,
+    _mnist1d_headline("mnist1d_deep_mlp_ln", "mlp", True),
+    (_N, _T),
+    _U,
+)
+_add(
+    "mnist1d_deep_mlp",
+    f"deep ReLU MLP (5 hidden layers), no normalisation; {_HARD}",
+    _MNIST,
+    _mnist1d_headline("mnist1d_deep_mlp", "mlp", False),
+    (_R, _T),
+    _P,
+)
+_add(
+    "lm_stdlib_long",
+    "pre-LN byte Transformer with QK-norm, context >= 128; stdlib source split by file; bits/byte",
+    _BASE,
+    _lm("lm_stdlib_long", True, _LM_LONG),
     (_N, _L, _T),
     _U,
 )
@@ -754,6 +951,18 @@ _add(
     (_L,),
     _P,
 )
+
+
+# The tasks the report leads with (sizes above: every one at least 100k parameters and 2000
+# steps at the CPU scale), and the tasks of the gpu suite (run at the ``large`` scale).
+HEADLINE_TASKS = (
+    "mnist1d_resnet_bn",
+    "mnist1d_resnet",
+    "mnist1d_deep_mlp_ln",
+    "mnist1d_deep_mlp",
+    "lm_stdlib_long",
+)
+GPU_TASKS = ("mnist1d_resnet_bn", "mnist1d_resnet", "lm_stdlib_long")
 
 
 def task_names() -> list[str]:
