@@ -16,7 +16,12 @@ import ksbopt
 from benchmarks import bench_transforms as bench
 from benchmarks import floors
 
-jax.config.update("jax_enable_x64", True)
+
+@pytest.fixture(autouse=True)
+def _float64(x64):
+    """Every test of this file in float64 (scoped: the rest of the run stays in float32)."""
+    yield
+
 
 RTOL = 1e-9
 
