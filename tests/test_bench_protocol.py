@@ -167,8 +167,8 @@ def test_paired_bootstrap_known_cases():
     # missing or diverged seeds drop out; one shared seed gives no verdict
     q = stats.paired_bootstrap({0: 1.0, 1: None, 2: 3.0}, {0: 0.5, 2: 2.0, 5: 1.0})
     assert q.n == 2 and q.mean == pytest.approx(0.75)
-    one = stats.paired_bootstrap({0: 1.0}, {0: 0.0})
-    assert one.n == 1 and one.verdict() == "-"
+    two = stats.paired_bootstrap({0: 1.0, 1: 2.0}, {0: 0.0, 1: 0.5})
+    assert two.n == 2 and two.low > 0 and two.verdict() == "-"  # fewer than MIN_PAIRS
     assert stats.paired_bootstrap({0: 1.0}, {1: 1.0}) == (None, None, None, 0)
 
 

@@ -7,8 +7,8 @@ is an exact subset of a larger one (:func:`subset_problems`): the quick suite tr
 configurations as the full suite on the tasks they share and cannot contradict it.
 
 - ``quick`` (the README's main command, a few minutes on 2 CPU cores): the MNIST-1D CNN with
-  and without BatchNorm at the ``small`` scale, the warm-up + cosine arm, two seeds (the
-  tuning seeds), and six optimizers: ``sgd`` and ``sgd+retract`` (is the norm's implicit
+  and without BatchNorm at the ``small`` scale, the warm-up + cosine arm, three seeds (two
+  for tuning), and six optimizers: ``sgd`` and ``sgd+retract`` (is the norm's implicit
   adaptivity useful?), ``sgd+wd`` and ``noether_rmsprop`` (does the explicit version help?),
   ``adamw`` and ``adam+symmetrize`` (does a symmetric kinetic energy beat Adam?).
 - ``full``: the headline tasks and the quick suite's tasks at the ``small`` scale, every
@@ -62,11 +62,11 @@ SUITES = {
         "small",
         _QUICK_TASKS,
         ("sgd", "sgd+wd", "adamw", "sgd+retract", "noether_rmsprop", "adam+symmetrize"),
-        (0, 1),
+        (0, 1, 2),
         ("grid",),
         "MNIST-1D CNN with vs without BatchNorm; normalisation + SGD with and without "
         "weight decay, AdamW, the constrained-norm control, noether_rmsprop and "
-        "adam+symmetrize, tuned on the lattice, warm-up + cosine, 2 seeds",
+        "adam+symmetrize, tuned on the lattice, warm-up + cosine, 3 seeds",
     ),
     "full": Suite(
         "full",
