@@ -1,10 +1,10 @@
 """Markdown report, summary JSON and PNG plots from the per-run records.
 
-Learning rates are chosen per (task, optimizer) on the VALIDATION split (the mean over seeds of
-the final validation metric; a run that diverged counts as the worst) and results are reported
-on the TEST split at that learning rate: mean +- standard deviation over seeds (ddof 0),
-steps to the task's validation target (median over the seeds that reached it), the final
-metric, time per step and compile time.
+The grid experiment's numbers (per schedule arm, task and optimizer: the setting chosen on the
+VALIDATION split, TEST metric at that setting over its seeds, sensitivity, good band, targets,
+paired-bootstrap verdicts) come from :mod:`ksbopt.bench.summary`; this module adds the NLD
+control and the published baselines, writes ``summary.json`` and ``report.md`` (protocol,
+the four questions, overview, one section per task and arm) and the plots.
 """
 
 from __future__ import annotations
