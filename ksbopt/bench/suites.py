@@ -55,6 +55,12 @@ class Suite:
 _QUICK_TASKS = ("mnist1d_cnn_bn", "mnist1d_cnn")
 # The headline tasks (declared by the task registry), then the quick suite's smoke tasks.
 _FULL_TASKS = tuple(dict.fromkeys((*getattr(_tasks, "HEADLINE_TASKS", ()), *_QUICK_TASKS)))
+# The gpu suite's tasks, as the task registry declares them (at the ``large`` scale).
+_GPU_TASKS = getattr(
+    _tasks,
+    "GPU_TASKS",
+    ("mnist1d_large_cnn_bn", "mnist1d_large_cnn", "lm_stdlib_qknorm", "lm_stdlib"),
+)
 
 SUITES = {
     "quick": Suite(
@@ -84,7 +90,7 @@ SUITES = {
     "gpu": Suite(
         "gpu",
         "large",
-        ("mnist1d_large_cnn_bn", "mnist1d_large_cnn", "lm_stdlib_qknorm", "lm_stdlib"),
+        _GPU_TASKS,
         tuple(registry.REGISTRY),
         (0, 1, 2),
         ("grid",),
