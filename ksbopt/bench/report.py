@@ -699,10 +699,12 @@ def _protocol_lines(proto: Mapping | None, arm: str | None) -> list[str]:
     return L
 
 
-def _delta(r: Mapping) -> str:
+def _delta(optimizer: str, r: Mapping, reference: str | None) -> str:
+    if optimizer == reference:
+        return "reference"
     p = r.get("paired")
     if not p or p["n"] == 0:
-        return "reference" if p is None else "-"
+        return "-"
     return f"{p['mean']:+.4f} [{p['low']:+.4f}, {p['high']:+.4f}] {p['verdict']}"
 
 
@@ -736,8 +738,8 @@ def _task_section(task: str, t: Mapping, arm: str | None, level: str = "##") -> 
         L.append(
             f"| {o} | {fmt_lr(r['best_lr'])}{' **edge**' if r.get('edge') else ''} | "
             f"{'-' if wd is None else f'{wd:g}'} | {_pm(r['test_mean'], r['test_std'])}{div} "
-            f"({r['seeds']} seeds) | {_delta(r)} | {bw} | {stt} ({r['reached']}/{r['seeds']}) "
-            f"| {tt} | {r['step_ms']:.2f} |"
+            f"({r['seeds']} seeds) | {_delta(o, r, t.get('reference'))} | {bw} | "
+            f"{stt} ({r['reached']}/{r['seeds']}) | {tt} | {r['step_ms']:.2f} |"
         )
     lrs = sorted({float(k) for r in t["optimizers"].values() for k in r["val_by_lr"]})
     L += [
