@@ -332,12 +332,9 @@ def test_whole_gpu_suite_runs_tiny_on_cpu(tmp_path, cache):
         ]
     )
     assert rc == 0, err
-    assert {r["config"]["task"] for r in _records(tmp_path)} == {
-        "mnist1d_large_cnn_bn",
-        "mnist1d_large_cnn",
-        "lm_stdlib_qknorm",
-        "lm_stdlib",
-    }
+    from ksbopt.bench.suites import SUITES
+
+    assert {r["config"]["task"] for r in _records(tmp_path)} == set(SUITES["gpu"].tasks)
 
 
 @pytest.mark.parametrize(

@@ -167,8 +167,8 @@ def test_paired_bootstrap_known_cases():
     # missing or diverged seeds drop out; one shared seed gives no verdict
     q = stats.paired_bootstrap({0: 1.0, 1: None, 2: 3.0}, {0: 0.5, 2: 2.0, 5: 1.0})
     assert q.n == 2 and q.mean == pytest.approx(0.75)
-    one = stats.paired_bootstrap({0: 1.0}, {0: 0.0})
-    assert one.n == 1 and one.verdict() == "-"
+    two = stats.paired_bootstrap({0: 1.0, 1: 2.0}, {0: 0.0, 1: 0.5})
+    assert two.n == 2 and two.low > 0 and two.verdict() == "-"  # fewer than MIN_PAIRS
     assert stats.paired_bootstrap({0: 1.0}, {1: 1.0}) == (None, None, None, 0)
 
 
@@ -398,3 +398,82 @@ def test_readme_block_is_generated_from_the_summary(tuned, tmp_path):
     assert "stale" not in text and text.endswith("<!-- /bench-results -->\nend\n")
     assert "| teacher_relu (nmse, 3) |" in text and "results/mine/summary.json" in text
     assert readme.main(["--readme", str(doc), "--results", str(results), "--check"]) == 0
+
+
+# ---- the summary on synthetic records ---------------------------------------------------------
+
+
+def _rec(opt, lr, seed, val, test, *, wd=None, status="ok"):
+    hp = {} if wd is None else {"weight_decay": wd}
+    return {
+        "id": f"{opt}_{lr}_{wd}_{seed}",
+        "config": {
+            "task": "t",
+            "optimizer": opt,
+            "learning_rate": lr,
+            "seed": seed,
+            "hparams": hp,
+            "schedule": "cosine",
+            "steps": 100,
+            "eval_every": 2,
+        },
+        "task": {
+            "higher_is_better": True,
+            "metric": "accuracy",
+            "description": "synthetic",
+            "data": {"sizes": {"train": 10, "val": 10, "test": 400}},
+            "n_params": 1,
+        },
+        "status": status,
+        "final": {"val_metric": val, "test_metric": test},
+        "curves": {
+            "step": [0, 50, 100],
+            "val_metric": [0.1, val and val * 0.97, val],
+            "time_s": [0, 1, 2],
+        },
+        "timing": {"step_ms_median": 1.0, "compile_s": 1.0},
+    }
+
+
+def test_summary_chooses_on_tuning_seeds_and_pairs_against_the_best_baseline():
+    from ksbopt.bench.summary import grid_summary
+
+    recs = []
+    for lr, v in ((0.01, 0.80), (0.03, 0.90), (0.1, 0.85)):  # sgd: best 0.03
+        recs += [_rec("sgd", lr, s, v, v - 0.01 * s) for s in (0, 1)]
+    recs += [_rec("sgd", 0.03, s, 0.9, 0.9 - 0.01 * s) for s in (2, 3)]  # final seeds
+    for lr, v in ((0.01, 0.7), (0.03, 0.95), (0.1, None)):  # adamw at two decays
+        for wd in (1e-3, 1e-2):
+            st = "diverged" if v is None else "ok"
+            recs += [_rec("adamw", lr, s, v, v and v - 0.02, wd=wd, status=st) for s in (0, 1)]
+    recs += [_rec("sgd+retract", 0.03, s, 0.88, 0.88 - 0.01 * s) for s in range(4)]
+    (arm,) = grid_summary(recs).values()
+    t = arm["t"]
+    rows = t["optimizers"]
+    assert rows["sgd"]["best_lr"] == 0.03 and rows["sgd"]["seeds"] == 4
+    assert rows["sgd"]["tuning_seeds"] == [0, 1] and not rows["sgd"]["edge"]
+    assert rows["sgd"]["val_by_lr"] == {"0.01": 0.80, "0.03": 0.90, "0.1": 0.85}
+    assert rows["sgd"]["test_mean"] == pytest.approx(np.mean([0.9, 0.89, 0.88, 0.87]))
+    # adamw: ties on the decay go to the lower one; a diverged rate is never chosen
+    assert rows["adamw"]["best_lr"] == 0.03 and rows["adamw"]["hparams"] == {"weight_decay": 1e-3}
+    assert rows["adamw"]["val_by_lr"]["0.1"] is None and not rows["adamw"]["edge"]
+    # the reference is the best baseline on validation (adamw; sgd+retract uses ksbopt)
+    assert t["reference"] == "adamw" and rows["adamw"]["paired"] is None
+    p = rows["sgd+retract"]["paired"]
+    assert p["vs"] == "adamw" and p["n"] == 2 and p["verdict"] == "-"  # two shared seeds
+    assert p["mean"] == pytest.approx(np.mean([0.88 - 0.93, 0.87 - 0.93]))
+    # one target: 0.95 x the best validation mean; reached at the first point above it
+    assert t["target"] == pytest.approx(0.95 * 0.95)
+    assert rows["adamw"]["steps_to_target"] == 50 and rows["adamw"]["time_to_target"] == 1
+    assert rows["sgd"]["reached"] == 0 and rows["sgd"]["steps_to_target"] is None
+    assert rows["sgd"]["sampling_error"] == pytest.approx(
+        math.sqrt(rows["sgd"]["test_mean"] * (1 - rows["sgd"]["test_mean"]) / 400)
+    )
+
+
+def test_summary_without_a_baseline_has_no_reference():
+    from ksbopt.bench.summary import grid_summary
+
+    recs = [_rec("sgd+retract", lr, s, 0.8 + lr, 0.8) for lr in (0.01, 0.03) for s in (0, 1)]
+    (arm,) = grid_summary(recs).values()
+    assert arm["t"]["reference"] is None and arm["t"]["optimizers"]["sgd+retract"]["edge"]

@@ -1,10 +1,10 @@
 """Markdown report, summary JSON and PNG plots from the per-run records.
 
-Learning rates are chosen per (task, optimizer) on the VALIDATION split (the mean over seeds of
-the final validation metric; a run that diverged counts as the worst) and results are reported
-on the TEST split at that learning rate: mean +- standard deviation over seeds (ddof 0),
-steps to the task's validation target (median over the seeds that reached it), the final
-metric, time per step and compile time.
+The grid experiment's numbers (per schedule arm, task and optimizer: the setting chosen on the
+VALIDATION split, TEST metric at that setting over its seeds, sensitivity, good band, targets,
+paired-bootstrap verdicts) come from :mod:`ksbopt.bench.summary`; this module adds the NLD
+control and the published baselines, writes ``summary.json`` and ``report.md`` (protocol,
+the four questions, overview, one section per task and arm) and the plots.
 """
 
 from __future__ import annotations
@@ -699,10 +699,12 @@ def _protocol_lines(proto: Mapping | None, arm: str | None) -> list[str]:
     return L
 
 
-def _delta(r: Mapping) -> str:
+def _delta(optimizer: str, r: Mapping, reference: str | None) -> str:
+    if optimizer == reference:
+        return "reference"
     p = r.get("paired")
     if not p or p["n"] == 0:
-        return "reference" if p is None else "-"
+        return "-"
     return f"{p['mean']:+.4f} [{p['low']:+.4f}, {p['high']:+.4f}] {p['verdict']}"
 
 
@@ -736,8 +738,8 @@ def _task_section(task: str, t: Mapping, arm: str | None, level: str = "##") -> 
         L.append(
             f"| {o} | {fmt_lr(r['best_lr'])}{' **edge**' if r.get('edge') else ''} | "
             f"{'-' if wd is None else f'{wd:g}'} | {_pm(r['test_mean'], r['test_std'])}{div} "
-            f"({r['seeds']} seeds) | {_delta(r)} | {bw} | {stt} ({r['reached']}/{r['seeds']}) "
-            f"| {tt} | {r['step_ms']:.2f} |"
+            f"({r['seeds']} seeds) | {_delta(o, r, t.get('reference'))} | {bw} | "
+            f"{stt} ({r['reached']}/{r['seeds']}) | {tt} | {r['step_ms']:.2f} |"
         )
     lrs = sorted({float(k) for r in t["optimizers"].values() for k in r["val_by_lr"]})
     L += [

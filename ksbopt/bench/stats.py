@@ -14,6 +14,7 @@ import numpy as np
 
 __all__ = [
     "BAND_TOLERANCE",
+    "MIN_PAIRS",
     "TARGET_FRACTION",
     "Paired",
     "band",
@@ -29,6 +30,9 @@ TARGET_FRACTION = 0.95
 # A learning rate is in the "good band" when its validation metric is within 1 point (0.01,
 # an accuracy) of the best, or within 1% of it for a lower-is-better metric (a loss).
 BAND_TOLERANCE = {"higher": 0.01, "lower_relative": 0.01}
+# Fewest shared seeds for a verdict: with two, the bootstrap interval is the range of two
+# differences, far too narrow to be a 95% interval.
+MIN_PAIRS = 3
 
 
 class Paired(tuple):
@@ -51,11 +55,11 @@ class Paired(tuple):
 
     def verdict(self, higher_is_better: bool = True) -> str:
         """``better`` / ``worse`` when the interval excludes 0, else ``tie``; ``-`` with fewer
-        than two shared seeds (no spread is known).
+        than :data:`MIN_PAIRS` shared seeds.
 
         ``better`` means the first sample of :func:`paired_bootstrap` beats the second.
         """
-        if self.n < 2 or self.low is None:
+        if self.n < MIN_PAIRS or self.low is None:
             return "-"
         if self.low > 0:
             return "better" if higher_is_better else "worse"
@@ -78,8 +82,9 @@ def paired_bootstrap(
     ``resamples`` times; the interval is the (1-level)/2 and (1+level)/2 quantiles of the
     resampled means (Efron & Tibshirani, *An Introduction to the Bootstrap*, 1993, ch. 13).
     Pairing removes what the seed does to both optimizers alike (initialisation, batch order).
-    A seed missing or non-finite (diverged) in either sample is left out; with one shared seed
-    the interval is that single difference and :meth:`Paired.verdict` gives no verdict.
+    A seed missing or non-finite (diverged) in either sample is left out; with fewer than
+    :data:`MIN_PAIRS` shared seeds :meth:`Paired.verdict` gives no verdict (a percentile
+    interval from one or two differences is their range, not a 95% interval).
 
     Args:
       a, b: seed -> metric.

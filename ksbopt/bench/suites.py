@@ -7,8 +7,8 @@ is an exact subset of a larger one (:func:`subset_problems`): the quick suite tr
 configurations as the full suite on the tasks they share and cannot contradict it.
 
 - ``quick`` (the README's main command, a few minutes on 2 CPU cores): the MNIST-1D CNN with
-  and without BatchNorm at the ``small`` scale, the warm-up + cosine arm, two seeds (the
-  tuning seeds), and six optimizers: ``sgd`` and ``sgd+retract`` (is the norm's implicit
+  and without BatchNorm at the ``small`` scale, the warm-up + cosine arm, three seeds (two
+  for tuning), and six optimizers: ``sgd`` and ``sgd+retract`` (is the norm's implicit
   adaptivity useful?), ``sgd+wd`` and ``noether_rmsprop`` (does the explicit version help?),
   ``adamw`` and ``adam+symmetrize`` (does a symmetric kinetic energy beat Adam?).
 - ``full``: the headline tasks and the quick suite's tasks at the ``small`` scale, every
@@ -55,6 +55,12 @@ class Suite:
 _QUICK_TASKS = ("mnist1d_cnn_bn", "mnist1d_cnn")
 # The headline tasks (declared by the task registry), then the quick suite's smoke tasks.
 _FULL_TASKS = tuple(dict.fromkeys((*getattr(_tasks, "HEADLINE_TASKS", ()), *_QUICK_TASKS)))
+# The gpu suite's tasks, as the task registry declares them (at the ``large`` scale).
+_GPU_TASKS = getattr(
+    _tasks,
+    "GPU_TASKS",
+    ("mnist1d_large_cnn_bn", "mnist1d_large_cnn", "lm_stdlib_qknorm", "lm_stdlib"),
+)
 
 SUITES = {
     "quick": Suite(
@@ -62,11 +68,11 @@ SUITES = {
         "small",
         _QUICK_TASKS,
         ("sgd", "sgd+wd", "adamw", "sgd+retract", "noether_rmsprop", "adam+symmetrize"),
-        (0, 1),
+        (0, 1, 2),
         ("grid",),
         "MNIST-1D CNN with vs without BatchNorm; normalisation + SGD with and without "
         "weight decay, AdamW, the constrained-norm control, noether_rmsprop and "
-        "adam+symmetrize, tuned on the lattice, warm-up + cosine, 2 seeds",
+        "adam+symmetrize, tuned on the lattice, warm-up + cosine, 3 seeds",
     ),
     "full": Suite(
         "full",
@@ -84,7 +90,7 @@ SUITES = {
     "gpu": Suite(
         "gpu",
         "large",
-        ("mnist1d_large_cnn_bn", "mnist1d_large_cnn", "lm_stdlib_qknorm", "lm_stdlib"),
+        _GPU_TASKS,
         tuple(registry.REGISTRY),
         (0, 1, 2),
         ("grid",),

@@ -75,8 +75,15 @@ def _choose(settings: Mapping[tuple, list[dict]], higher: bool):
         scores[key] = _mean([_val(r) for r in use])
     finite = {k: v for k, v in scores.items() if v is not None}
     if finite:
-        # ties: the lower learning rate (the lattice search breaks them the same way)
-        best = max(finite, key=lambda k: ((finite[k] if higher else -finite[k]), -k[0]))
+        # ties: the lower learning rate, then the lower weight decay (as the lattice search)
+        best = max(
+            finite,
+            key=lambda k: (
+                finite[k] if higher else -finite[k],
+                -k[0],
+                -dict(k[1]).get("weight_decay", 0.0),
+            ),
+        )
     else:
         best = min(settings)
     return best, shared, scores
