@@ -157,8 +157,8 @@ class Task:
         if self.path_input_shape is None:
             raise ValueError(
                 f"task {self.name!r} has no path norm (it has normalisation layers, non-ReLU "
-                "activations or average pooling); Path-SGD applies to plain ReLU networks "
-                "without normalisation, e.g. mnist1d_deep_mlp, mnist1d_cnn or teacher_relu."
+                "activations or average pooling); Path-SGD applies to ReLU networks without "
+                "normalisation or pooling, e.g. mnist1d_deep_mlp, mnist1d_cnn or teacher_relu."
             )
         if self._path_fn is None:
             import jax
