@@ -267,3 +267,20 @@ def test_tasks_train_at_the_tiny_scale(suite, names, optimizers, tmp_path, cache
         assert r["status"] == "ok", (r["config"], r["status"])
         assert r["config"]["scale"] == "tiny" and r["steps_done"] >= 4
         assert math.isfinite(r["final"]["test_metric"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", GPU_TASKS)
+def test_gpu_tasks_build_at_the_large_scale(name, cache):
+    """Everything but the training of a gpu-suite task, on CPU: data, shapes, an abstract loss."""
+    task = build_task(name, "large", cache)
+    model = _abstract(task.make_model)
+    assert _n_params(model) >= (25_000_000 if task.kind == "lm" else 10_000_000)
+    arrays = {k: jnp.asarray(v) for k, v in task.arrays.items() if k.startswith("train_")}
+    idx = task.sampler(0).next(1)[0]
+    assert idx.shape == (task.batch_size,)
+    batch = task.batch(arrays, jnp.asarray(idx))
+    loss = jax.eval_shape(lambda: task.loss(task.make_model(0), batch))
+    assert loss.shape == () and loss.dtype == jnp.float32
+    for split, (*_, mask) in task.eval_sets().items():
+        assert mask.sum() >= (2000 if task.kind == "lm" else 8000), split
