@@ -89,7 +89,7 @@ def profile_demo() -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.partition("\n")[0])
     p.add_argument("--tiny", action="store_true", help="tiny size (also KSBOPT_EXAMPLE_TINY=1)")
     p.add_argument("--out", default=None, help="output folder")
     a = p.parse_args()
