@@ -71,7 +71,8 @@ NO_MATH = {
 DATA = {name for name, obj in OBJECTS.items() if not (inspect.isclass(obj) or callable(obj))}
 
 SECTION = re.compile(r"^(\w[\w ]*):\s*$")
-ARXIV = re.compile(r"https://arxiv\.org/abs/\d{4}\.\d{4,5}")
+# A paper is cited by a resolvable link: arXiv, or a DOI for work that predates arXiv.
+PAPER_LINK = re.compile(r"https://arxiv\.org/abs/\d{4}\.\d{4,5}|https://doi\.org/10\.\d{4,9}/\S+")
 
 
 LITERAL = re.compile(r"``([^`]+)``")
@@ -223,7 +224,10 @@ def test_references(name):
     if body.startswith("None:"):
         assert len(body.split()) >= 6, f"{name}: state why no paper applies, in a sentence"
         return
-    assert ARXIV.search(body), f"{name}: references need an arXiv link (https://arxiv.org/abs/...)"
+    assert PAPER_LINK.search(body), (
+        f"{name}: references need an arXiv link (https://arxiv.org/abs/...) or a DOI "
+        "(https://doi.org/...)"
+    )
     assert re.search(r'"[^"]{8,}"', body), f"{name}: give the paper's title in quotes"
 
 

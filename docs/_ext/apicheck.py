@@ -43,9 +43,11 @@ def public_names() -> dict[str, object]:
             obj = getattr(module, name)
             dotted = f"{modname}.{name}"
             if isinstance(obj, ModuleType):
-                # a public module re-exported by name, e.g. ``ksbopt.theory``
-                out[obj.__name__] = obj
+                # a public module re-exported by name, e.g. ``ksbopt.theory`` or
+                # ``ksbopt.bench.protocol``: its own ``__all__`` is public too
                 dotted = obj.__name__
+                for member in getattr(obj, "__all__", ()):
+                    out[f"{dotted}.{member}"] = getattr(obj, member)
             out[dotted] = obj
     return out
 

@@ -5,10 +5,11 @@ tuning protocol, the runner, and the report. The command line is ``ksbopt-bench`
 ``python -m ksbopt.bench``); see ``docs/howto/benchmarks.md``. The library: :func:`compare`
 your optimizers (factories ``lr -> optax transformation``) with the registry's on built-in
 tasks or your own (:func:`make_task`), and read the :class:`Results`; see
-``docs/howto/compare.md``.
+``docs/howto/compare.md``. The tuning rules and statistics every suite uses are the public
+modules :mod:`ksbopt.bench.protocol` and :mod:`ksbopt.bench.stats`.
 """
 
-__all__ = ["Results", "compare", "make_task"]
+__all__ = ["Results", "compare", "make_task", "protocol", "stats"]
 
 
 def __getattr__(name: str):
@@ -21,4 +22,8 @@ def __getattr__(name: str):
         from ksbopt.bench.user import make_task
 
         return make_task
+    if name in ("protocol", "stats"):  # the tuning protocol and its statistics, public modules
+        import importlib
+
+        return importlib.import_module(f"ksbopt.bench.{name}")
     raise AttributeError(f"module 'ksbopt.bench' has no attribute {name!r}")

@@ -36,21 +36,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 
-__all__ = [
-    "MISSING",
-    "SCHEDULES",
-    "WARMUP_FRACTION",
-    "Point",
-    "Protocol",
-    "Search",
-    "lattice_index",
-    "lattice_lr",
-    "schedule_definition",
-    "schedule_factor",
-    "search",
-    "start_window",
-    "wd_grid",
-]
+__all__ = ["Protocol", "Search", "lattice_lr", "schedule_factor", "search"]
 
 SCHEDULES = ("cosine", "constant")
 WARMUP_FRACTION = 0.05

@@ -12,17 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = [
-    "BAND_TOLERANCE",
-    "MIN_PAIRS",
-    "TARGET_FRACTION",
-    "Paired",
-    "band",
-    "first_reach",
-    "paired_bootstrap",
-    "sampling_error",
-    "target_value",
-]
+__all__ = ["band", "paired_bootstrap", "sampling_error", "target_value"]
 
 # The target of steps-/wall-clock-to-target: this fraction of the best final validation metric
 # of the task (any optimizer, same schedule arm); for a lower-is-better metric, best / fraction.
