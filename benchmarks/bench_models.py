@@ -19,8 +19,11 @@ Rows per model and size, for each base (``adam``, ``sgd`` with momentum): the ba
 ``chain(base, project(syms))``; ``monitor(base, syms)``. One row is one jitted train step
 (forward, backward, update, ``optax.apply_updates``; parameters and optimizer state donated).
 ``compile_s`` is the time of ``jit(...).lower(...).compile()``; ``step_ms`` the median over
-``--repeats`` timings of ``--inner`` steps each; ratios are to the base of the same model,
-size and run. The load average is recorded: on a shared machine compare ratios.
+``--repeats`` timings of ``--inner`` steps each, the variants of one model interleaved
+(each once per repeat, order rotated); ratios are to the base of the same model, size and
+run. ``residual`` is the largest residual a ksbopt state reports after the last step (the
+exactness of the joint solves). The load average is recorded: on a shared machine compare
+ratios.
 
 Run:  python -m benchmarks.bench_models [--models transformer,relu_mlp,bn_cnn]
       [--sizes small,large] [--bases adam,sgd] [--repeats 5] [--inner 5]
@@ -118,37 +121,59 @@ def train_step_fn(graphdef, loss, tx):
     return jax.jit(step, donate_argnums=(0, 2))
 
 
-def time_variant(graphdef, params, rest, loss, tx, batch, repeats: int, inner: int) -> dict:
-    params = jax.tree.map(jnp.copy, params)
-    opt_state = tx.init(params)
-    jitted = train_step_fn(graphdef, loss, tx)
-    t0 = time.perf_counter()
-    compiled = jitted.lower(params, rest, opt_state, batch).compile()
-    compile_s = time.perf_counter() - t0
-    params, opt_state, value = compiled(params, rest, opt_state, batch)
-    jax.block_until_ready(value)
-    times = []
-    for _ in range(repeats):
+class _Compiled:
+    """One variant's compiled train step and its running parameters and state."""
+
+    def __init__(self, graphdef, params, rest, loss, tx, batch):
+        self.params = jax.tree.map(jnp.copy, params)
+        self.opt_state = tx.init(self.params)
+        self.rest, self.batch = rest, batch
+        jitted = train_step_fn(graphdef, loss, tx)
         t0 = time.perf_counter()
-        for _ in range(inner):
-            params, opt_state, value = compiled(params, rest, opt_state, batch)
-        jax.block_until_ready((params, value))
-        times.append((time.perf_counter() - t0) / inner)
-    residual = {}
-    for name in ("residual",):
+        self.step = jitted.lower(self.params, rest, self.opt_state, batch).compile()
+        self.compile_s = time.perf_counter() - t0
+        self.run(1)
+
+    def run(self, n: int) -> float:
+        """Seconds per step over ``n`` steps."""
+        t0 = time.perf_counter()
+        for _ in range(n):
+            self.params, self.opt_state, self.value = self.step(
+                self.params, self.rest, self.opt_state, self.batch
+            )
+        jax.block_until_ready((self.params, self.value))
+        return (time.perf_counter() - t0) / n
+
+    def residual(self) -> float | None:
+        """The largest ``residual`` field of a ksbopt state inside the optimizer state."""
         found = [
             float(jnp.max(x))
-            for x in jax.tree.leaves(optax.tree.get_all_with_path(opt_state, name))
+            for x in jax.tree.leaves(optax.tree.get_all_with_path(self.opt_state, "residual"))
             if hasattr(x, "dtype")
         ]
-        if found:
-            residual[name] = max(found)
-    return {
-        "compile_s": round(compile_s, 3),
-        "step_ms": round(1e3 * statistics.median(times), 3),
-        "finite": bool(np.isfinite(float(value))),
-        **residual,
-    }
+        return max(found) if found else None
+
+
+def time_variants(graphdef, params, rest, loss, txs: dict, batch, repeats, inner) -> dict:
+    """Compile every variant, then time them interleaved (every variant once per repeat,
+    the order rotated) so that machine noise hits all alike; medians per variant."""
+    compiled = {k: _Compiled(graphdef, params, rest, loss, tx, batch) for k, tx in txs.items()}
+    times: dict[str, list[float]] = {k: [] for k in compiled}
+    names = list(compiled)
+    for r in range(repeats):
+        for k in names[r % len(names) :] + names[: r % len(names)]:
+            times[k].append(compiled[k].run(inner))
+    out = {}
+    for k, c in compiled.items():
+        row = {
+            "compile_s": round(c.compile_s, 3),
+            "step_ms": round(1e3 * statistics.median(times[k]), 3),
+            "finite": bool(np.isfinite(float(c.value))),
+        }
+        if c.residual() is not None:
+            row["residual"] = c.residual()
+        out[k] = row
+    return out
 
 
 def run_model(model: str, size: str, base_names, repeats: int, inner: int) -> dict:
@@ -176,11 +201,10 @@ def run_model(model: str, size: str, base_names, repeats: int, inner: int) -> di
     }
     all_bases = bases()
     for bname in base_names:
-        rows = {}
-        for vname, tx in variants(all_bases[bname], syms).items():
-            rows[vname] = time_variant(graphdef, params, rest, loss, tx, batch, repeats, inner)
-            r = rows[vname]
-            ref = rows["base"]
+        txs = variants(all_bases[bname], syms)
+        rows = time_variants(graphdef, params, rest, loss, txs, batch, repeats, inner)
+        ref = rows["base"]
+        for vname, r in rows.items():
             r["step_ratio"] = round(r["step_ms"] / ref["step_ms"], 3)
             r["compile_ratio"] = round(r["compile_s"] / ref["compile_s"], 3)
             out["rows"].append({"base": bname, "variant": vname, **r})
