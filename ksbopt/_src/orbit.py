@@ -349,7 +349,7 @@ def move(
             it, sub = state
             return (it == 0) | (
                 (it < max_sweeps)
-                & jax.lax.cond(it == 0, lambda s: False, lambda s: worst(s) > tol, sub)
+                & jax.lax.cond(it == 0, lambda x: False, lambda x: worst(x) > tol, sub)
             )
 
         def body(state, sweep=sweep):
