@@ -113,13 +113,18 @@ def variants(base, syms) -> dict:
 
 
 def train_step_fn(graphdef, loss, tx):
+    """One train step on pure arrays: the non-parameter state (BatchNorm's running
+    averages) comes back updated, as ``nnx.Optimizer`` with a BatchNorm model does."""
+
     def step(params, rest, opt_state, batch):
         def f(p):
-            return loss(nnx.merge(graphdef, p, rest), batch)
+            model = nnx.merge(graphdef, p, rest)
+            value = loss(model, batch)
+            return value, nnx.as_pure(nnx.split(model, nnx.Param, ...)[2])
 
-        value, grads = jax.value_and_grad(f)(params)
+        (value, rest), grads = jax.value_and_grad(f, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, value
+        return optax.apply_updates(params, updates), rest, opt_state, value
 
     return jax.jit(step, donate_argnums=(0, 2))
 
@@ -141,7 +146,7 @@ class _Compiled:
         """Seconds per step over ``n`` steps."""
         t0 = time.perf_counter()
         for _ in range(n):
-            self.params, self.opt_state, self.value = self.step(
+            self.params, self.rest, self.opt_state, self.value = self.step(
                 self.params, self.rest, self.opt_state, self.batch
             )
         jax.block_until_ready((self.params, self.value))
@@ -186,6 +191,7 @@ def run_model(model: str, size: str, base_names, repeats: int, inner: int) -> di
     syms, _ = ksbopt.detect(loss_fn, params, *batches)
     detect_s = time.perf_counter() - t0
     graphdef, params, rest = nnx.split(net, nnx.Param, ...)
+    params, rest = nnx.as_pure(params), nnx.as_pure(rest)
     batch = jax.tree.map(jnp.asarray, batches[0])
     n_params = sum(int(np.size(x)) for x in jax.tree.leaves(params))
     kinds: dict[str, int] = {}
