@@ -1,14 +1,18 @@
-"""Wall time of ``ksbopt.detect`` on a ~10M-parameter Flax CNN with two batches.
+"""Wall time of ``ksbopt.detect`` on a ~10M-parameter Flax model with two batches.
 
-The model is a VGG-style NNX CNN (3x3 convolutions without bias, each followed by
+``--model cnn`` (default) is a VGG-style NNX CNN (3x3 convolutions without bias, each followed by
 BatchNorm and ReLU; stride 2 every other layer; global average pooling; a softmax head).
 Its expected symmetries: one per-unit Scale per convolution (BatchNorm), one Rescale between
 each BatchNorm's affine parameters and the next convolution (or the head), and the head's
 Translation. The benchmark times one call of ``detect`` on two batches (the first call:
 trace, graph analysis, compiles, one gradient per batch and the finite actions), checks that
 the declarations found are the expected ones, and counts the gradient evaluations.
+``--model transformer`` is the harness's byte-level pre-LayerNorm Transformer at width 512,
+3 blocks, 8 heads (about 9.7M parameters; per-head Linear, LayerNorm Rescales and
+Translations expected), on two batches of ``--batch`` sequences of ``--size`` bytes.
 
-Run:  python -m benchmarks.bench_detect [--batch 8] [--size 32] [--repeats 1] [--json out]
+Run:  python -m benchmarks.bench_detect [--model cnn|transformer] [--batch 8] [--size 32]
+      [--repeats 1] [--json out]
 """
 
 from __future__ import annotations
@@ -81,6 +85,22 @@ def build(batch: int, size: int, seed: int = 0):
     return loss_fn, params, batches
 
 
+def build_transformer(batch: int, size: int, seed: int = 0):
+    """The ~9.7M-parameter Transformer of the harness, its loss and two batches of bytes."""
+    from ksbopt.bench.models import TransformerLM
+
+    model = TransformerLM(d=512, layers=3, heads=8, seq_len=size, qk_norm=False, rngs=nnx.Rngs(0))
+
+    def loss(m, b):
+        logits = m(b[:, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, b[:, 1:]).mean()
+
+    loss_fn, params = ksbopt.flax.nnx_loss(model, loss)
+    rng = np.random.default_rng(seed)
+    batches = [rng.integers(0, 256, (batch, size + 1)) for _ in range(2)]
+    return loss_fn, params, batches
+
+
 def expected(n: int) -> list:
     out = [ksbopt.Scale(f"convs/{i}/kernel") for i in range(n)]
     out += [
@@ -96,6 +116,7 @@ def expected(n: int) -> list:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("cnn", "transformer"), default="cnn")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument(
@@ -107,7 +128,8 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write the figures to this file")
     args = parser.parse_args()
 
-    loss_fn, params, batches = build(args.batch, args.size)
+    make = build if args.model == "cnn" else build_transformer
+    loss_fn, params, batches = make(args.batch, args.size)
     n_params = sum(int(np.size(x)) for x in jax.tree.leaves(params))
     calls = {"gradient": 0, "loss": 0}
     originals = (detect_lib._value_and_grad, detect_lib._loss_value)
@@ -133,14 +155,22 @@ def main() -> None:
         detect_lib.detect(loss_fn, params, *batches)
         again.append(time.perf_counter() - t0)
 
-    same = _same_groups(syms, params)
+    same = _same_groups(syms, params) if args.model == "cnn" else None
     print(report)
     result = {
+        "model": args.model,
         "parameters": n_params,
-        "batches": f"2 x {args.batch} x {args.size}x{args.size}x3",
+        "batches": (
+            f"2 x {args.batch} x {args.size}x{args.size}x3"
+            if args.model == "cnn"
+            else f"2 x {args.batch} x {args.size + 1} bytes"
+        ),
+        "declarations by kind": {
+            k: sum(s.kind == k for s in syms) for k in sorted({s.kind for s in syms})
+        },
         "declarations": len(syms),
         "groups": sum(c.n_groups for c in report.checks),
-        "expected groups found": bool(same),
+        "expected groups found": same,
         "gradient evaluations": counted["gradient"],
         "forward evaluations (finite actions)": counted["loss"],
         "detect, first call (s)": round(first, 2),

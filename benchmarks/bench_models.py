@@ -19,12 +19,18 @@ Rows per model and size, for each base (``adam``, ``sgd`` with momentum): the ba
 ``chain(base, project(syms))``; ``monitor(base, syms)``. One row is one jitted train step
 (forward, backward, update, ``optax.apply_updates``; parameters and optimizer state donated).
 ``compile_s`` is the time of ``jit(...).lower(...).compile()``; ``step_ms`` the median over
-``--repeats`` timings of ``--inner`` steps each; ratios are to the base of the same model,
-size and run. The load average is recorded: on a shared machine compare ratios.
+``--repeats`` timings of ``--inner`` steps each, the variants of one model interleaved
+(each once per repeat, order rotated); ratios are to the base of the same model, size and
+run. ``residual`` is the largest residual a ksbopt state reports after the last step (the
+exactness of the joint solves). The load average is recorded: on a shared machine compare
+ratios.
 
 Run:  python -m benchmarks.bench_models [--models transformer,relu_mlp,bn_cnn]
       [--sizes small,large] [--bases adam,sgd] [--repeats 5] [--inner 5]
       [--out benchmarks/results/models-cpu]
+
+Writes ``bench_models_<models>.json`` and the same figures as markdown tables (``.md``);
+``--report FILE.json`` rewrites the tables of a record without running anything.
 """
 
 from __future__ import annotations
@@ -107,48 +113,75 @@ def variants(base, syms) -> dict:
 
 
 def train_step_fn(graphdef, loss, tx):
+    """One train step on pure arrays: the non-parameter state (BatchNorm's running
+    averages) comes back updated, as ``nnx.Optimizer`` with a BatchNorm model does."""
+
     def step(params, rest, opt_state, batch):
         def f(p):
-            return loss(nnx.merge(graphdef, p, rest), batch)
+            model = nnx.merge(graphdef, p, rest)
+            value = loss(model, batch)
+            return value, nnx.as_pure(nnx.split(model, nnx.Param, ...)[2])
 
-        value, grads = jax.value_and_grad(f)(params)
+        (value, rest), grads = jax.value_and_grad(f, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, value
+        return optax.apply_updates(params, updates), rest, opt_state, value
 
     return jax.jit(step, donate_argnums=(0, 2))
 
 
-def time_variant(graphdef, params, rest, loss, tx, batch, repeats: int, inner: int) -> dict:
-    params = jax.tree.map(jnp.copy, params)
-    opt_state = tx.init(params)
-    jitted = train_step_fn(graphdef, loss, tx)
-    t0 = time.perf_counter()
-    compiled = jitted.lower(params, rest, opt_state, batch).compile()
-    compile_s = time.perf_counter() - t0
-    params, opt_state, value = compiled(params, rest, opt_state, batch)
-    jax.block_until_ready(value)
-    times = []
-    for _ in range(repeats):
+class _Compiled:
+    """One variant's compiled train step and its running parameters and state."""
+
+    def __init__(self, graphdef, params, rest, loss, tx, batch):
+        self.params = jax.tree.map(jnp.copy, params)
+        self.opt_state = tx.init(self.params)
+        self.rest, self.batch = rest, batch
+        jitted = train_step_fn(graphdef, loss, tx)
         t0 = time.perf_counter()
-        for _ in range(inner):
-            params, opt_state, value = compiled(params, rest, opt_state, batch)
-        jax.block_until_ready((params, value))
-        times.append((time.perf_counter() - t0) / inner)
-    residual = {}
-    for name in ("residual",):
+        self.step = jitted.lower(self.params, rest, self.opt_state, batch).compile()
+        self.compile_s = time.perf_counter() - t0
+        self.run(1)
+
+    def run(self, n: int) -> float:
+        """Seconds per step over ``n`` steps."""
+        t0 = time.perf_counter()
+        for _ in range(n):
+            self.params, self.rest, self.opt_state, self.value = self.step(
+                self.params, self.rest, self.opt_state, self.batch
+            )
+        jax.block_until_ready((self.params, self.value))
+        return (time.perf_counter() - t0) / n
+
+    def residual(self) -> float | None:
+        """The largest ``residual`` field of a ksbopt state inside the optimizer state."""
         found = [
             float(jnp.max(x))
-            for x in jax.tree.leaves(optax.tree.get_all_with_path(opt_state, name))
+            for x in jax.tree.leaves(optax.tree.get_all_with_path(self.opt_state, "residual"))
             if hasattr(x, "dtype")
         ]
-        if found:
-            residual[name] = max(found)
-    return {
-        "compile_s": round(compile_s, 3),
-        "step_ms": round(1e3 * statistics.median(times), 3),
-        "finite": bool(np.isfinite(float(value))),
-        **residual,
-    }
+        return max(found) if found else None
+
+
+def time_variants(graphdef, params, rest, loss, txs: dict, batch, repeats, inner) -> dict:
+    """Compile every variant, then time them interleaved (every variant once per repeat,
+    the order rotated) so that machine noise hits all alike; medians per variant."""
+    compiled = {k: _Compiled(graphdef, params, rest, loss, tx, batch) for k, tx in txs.items()}
+    times: dict[str, list[float]] = {k: [] for k in compiled}
+    names = list(compiled)
+    for r in range(repeats):
+        for k in names[r % len(names) :] + names[: r % len(names)]:
+            times[k].append(compiled[k].run(inner))
+    out = {}
+    for k, c in compiled.items():
+        row = {
+            "compile_s": round(c.compile_s, 3),
+            "step_ms": round(1e3 * statistics.median(times[k]), 3),
+            "finite": bool(np.isfinite(float(c.value))),
+        }
+        if c.residual() is not None:
+            row["residual"] = c.residual()
+        out[k] = row
+    return out
 
 
 def run_model(model: str, size: str, base_names, repeats: int, inner: int) -> dict:
@@ -158,6 +191,7 @@ def run_model(model: str, size: str, base_names, repeats: int, inner: int) -> di
     syms, _ = ksbopt.detect(loss_fn, params, *batches)
     detect_s = time.perf_counter() - t0
     graphdef, params, rest = nnx.split(net, nnx.Param, ...)
+    params, rest = nnx.as_pure(params), nnx.as_pure(rest)
     batch = jax.tree.map(jnp.asarray, batches[0])
     n_params = sum(int(np.size(x)) for x in jax.tree.leaves(params))
     kinds: dict[str, int] = {}
@@ -176,11 +210,10 @@ def run_model(model: str, size: str, base_names, repeats: int, inner: int) -> di
     }
     all_bases = bases()
     for bname in base_names:
-        rows = {}
-        for vname, tx in variants(all_bases[bname], syms).items():
-            rows[vname] = time_variant(graphdef, params, rest, loss, tx, batch, repeats, inner)
-            r = rows[vname]
-            ref = rows["base"]
+        txs = variants(all_bases[bname], syms)
+        rows = time_variants(graphdef, params, rest, loss, txs, batch, repeats, inner)
+        ref = rows["base"]
+        for vname, r in rows.items():
             r["step_ratio"] = round(r["step_ms"] / ref["step_ms"], 3)
             r["compile_ratio"] = round(r["compile_s"] / ref["compile_s"], 3)
             out["rows"].append({"base": bname, "variant": vname, **r})
@@ -195,6 +228,35 @@ def run_model(model: str, size: str, base_names, repeats: int, inner: int) -> di
     return out
 
 
+def markdown(record: dict, json_path: str) -> str:
+    """The tables of a run, generated from its record (nothing copied by hand)."""
+    lines = [
+        f"Generated by `{record['command']}` from `{json_path}`; {record['cpu_cores']} CPU "
+        f"cores ({record['machine']}), jax {record['versions']['jax']}. Ratios are to the base "
+        "optimizer's whole train step in the same run (variants interleaved).",
+        "",
+    ]
+    for res in record["results"]:
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(res["symmetries"].items()))
+        lines += [
+            f"**{res['model']} {res['size']}** ({res['config']}, batch {res['batch']}): "
+            f"{res['parameters']:,} parameters; symmetries found by `detect` in "
+            f"{res['detect_s']} s: {kinds}; load average {res['load_before']} before, "
+            f"{res['load_after']} after.",
+            "",
+            "| base | variant | step ms | ratio | compile s | compile ratio | residual |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in res["rows"]:
+            residual = f"{r['residual']:.1e}" if "residual" in r else ""
+            lines.append(
+                f"| {r['base']} | {r['variant']} | {r['step_ms']:.2f} | {r['step_ratio']:.2f} | "
+                f"{r['compile_s']:.2f} | {r['compile_ratio']:.2f} | {residual} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="transformer,relu_mlp,bn_cnn")
@@ -203,7 +265,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--inner", type=int, default=5)
     parser.add_argument("--out", default="benchmarks/results/models-cpu")
+    parser.add_argument(
+        "--report", default=None, help="only rewrite the .md tables of this JSON record"
+    )
     args = parser.parse_args()
+    if args.report:
+        with open(args.report) as f:
+            record = json.load(f)
+        with open(args.report[: -len(".json")] + ".md", "w") as f:
+            f.write(markdown(record, args.report))
+        return
     models = args.models.split(",")
     for m in models:
         if m not in SIZES:
@@ -229,7 +300,9 @@ def main() -> None:
     path = os.path.join(args.out, name)
     with open(path, "w") as f:
         json.dump(record, f, indent=2)
-    print(f"wrote {path}")
+    with open(path[: -len(".json")] + ".md", "w") as f:
+        f.write(markdown(record, path))
+    print(f"wrote {path} and its .md tables")
 
 
 if __name__ == "__main__":

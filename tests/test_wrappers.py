@@ -340,14 +340,15 @@ def test_inject_hyperparams_steer_schedule_runs_on_outer_steps():
         support.assert_close(CASE.charges(p)[0], jnp.full((4,), schedule(i)), rtol=RTOL_CHARGE)
 
 
-def test_inject_hyperparams_project_retract_have_none():
-    """project and retract take no numeric hyperparameters: injected, their state holds an
-    empty ``hyperparams`` dict and the steps are the plain ones."""
+def test_inject_hyperparams_project_retract():
+    """retract takes no numeric hyperparameters and project only its solver's iteration cap
+    (``tol`` defaults to None, which is not injected): injected, the steps are the plain
+    ones."""
     sym = list(CASE.symmetries)
-    for factory in (ksbopt.project, ksbopt.retract):
+    for factory, injected in ((ksbopt.project, {"max_iter"}), (ksbopt.retract, set())):
         tx = optax.inject_hyperparams(factory)(sym)
         state = tx.init(CASE.params())
-        assert state.hyperparams == {}
+        assert set(state.hyperparams) == injected
         got, _ = _run(optax.chain(_heavy_ball(), tx), CASE, CASE.params(), 2)
         want, _ = _run(optax.chain(_heavy_ball(), factory(sym)), CASE, CASE.params(), 2)
         support.assert_close(got[-1], want[-1], rtol=RTOL_SAME, atol=1e-6)

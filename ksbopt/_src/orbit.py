@@ -344,15 +344,20 @@ def move(
             return jnp.max(jnp.stack([s.residual(cur, t) for s, t in zip(syms, tgts)]))
 
         def cond(state, worst=worst, tol=tol):
+            # At least one sweep (the candidate is not measured); the sweep is traced once,
+            # in the loop body, which halves the compile time of this loop.
             it, sub = state
-            return (it < max_sweeps) & (worst(sub) > tol)
+            return (it == 0) | (
+                (it < max_sweeps)
+                & jax.lax.cond(it == 0, lambda x: False, lambda x: worst(x) > tol, sub)
+            )
 
         def body(state, sweep=sweep):
             it, sub = state
             return it + 1, sweep(sub)
 
         _, sub = jax.lax.while_loop(
-            cond, body, (jnp.zeros((), jnp.int32), sweep([cand[i] for i in leaves]))
+            cond, body, (jnp.zeros((), jnp.int32), [cand[i] for i in leaves])
         )
         out = _apply(out, {i: v - w[i] for i, v in zip(leaves, sub)}, add=False)
     new_w = [w[i] + out[i] for i in range(len(w))] if measured else w

@@ -80,6 +80,8 @@ class ProjectState(NamedTuple):
       ProjectState(residual=Array(0., dtype=float32))
 
     References:
+      Kunin et al., "Neural Mechanics: Symmetry and Broken Conservation Laws in Deep
+      Learning Dynamics", ICLR 2021, https://arxiv.org/abs/2012.04728 (the generators);
       Hestenes, Stiefel, "Methods of Conjugate Gradients for Solving Linear Systems", J. Res.
       Nat. Bur. Standards 49 (1952), https://doi.org/10.6028/jres.049.044 (the solver whose
       residual this is).
