@@ -105,7 +105,7 @@ def test_project_is_the_orthogonal_projection_off_the_generators(x64, case):
     binding = case.bind(params)
     w = _flat(params)
     u = _flat(support.random_like(params, seed=7))
-    pu, coefs = orbit.project(binding, w, u)
+    pu, coefs, _ = orbit.project(binding, w, u)
     # 1. nothing left along any generator
     before = np.max(np.abs(_reduce_all(binding, w, u)))
     after = np.max(np.abs(_reduce_all(binding, w, pu)))
@@ -118,7 +118,7 @@ def test_project_is_the_orthogonal_projection_off_the_generators(x64, case):
     # (inf-norm relative over the tree: a few eps of the largest entry; measured <= 4e-16)
     support.assert_rel_close([a - b for a, b in zip(u, pu)], removed, 1e-13, "J c")
     # 3. a projection: applying it again changes nothing (to rounding)
-    ppu, _ = orbit.project(binding, w, pu)
+    ppu, _, _ = orbit.project(binding, w, pu)
     # (what the second pass removes is the first one's rounding, cond(J^T J) eps |u|: the
     # Linear Gram matrices here have cond up to ~4e4 and the joint one of linear3 is worse,
     # so 1e-9 |u| as for ksbopt.project; measured <= 1e-11 |u|)
@@ -142,7 +142,7 @@ def test_tangent_coefficients_of_a_generator_are_its_coefficients(x64):
     for b, c in zip(binding.bound, c0):
         for i, v in b.expand(w, c).items():
             u[i] = u[i] + v
-    pu, coefs = orbit.project(binding, w, u)
+    pu, coefs, _ = orbit.project(binding, w, u)
     scale = max(float(jnp.max(jnp.abs(x))) for x in u)
     support.assert_close(pu, [jnp.zeros_like(x) for x in u], rtol=0.0, atol=1e-12 * scale)
     # The span is what is determined; the coefficients are when the generators are independent.
