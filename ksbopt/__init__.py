@@ -8,10 +8,11 @@ the optimiser does with them (:func:`project`, :func:`retract`, :func:`steer`).
 """
 
 from ksbopt import dynamics, targets, theory
-from ksbopt._src.api import charges
-from ksbopt._src.detect import SymmetryCheck, SymmetryReport, detect, verify
-from ksbopt._src.diagnostics import MonitorState, NoetherDiagnostics, monitor
-from ksbopt._src.implicit import NoetherRmspropState, noether_rmsprop
+from ksbopt._src.detection.detect import SymmetryCheck, SymmetryReport, detect, verify
+from ksbopt._src.diagnostics.charges import charges
+from ksbopt._src.diagnostics.monitor import MonitorState, NoetherDiagnostics, monitor
+from ksbopt._src.diagnostics.recorder import History, Recorder, summarize
+from ksbopt._src.diagnostics.symmetry_profile import SymmetryProfile, profile
 from ksbopt._src.peers import (
     NeroRetractionState,
     RotationalState,
@@ -34,12 +35,8 @@ from ksbopt._src.peers import (
     scale_by_sgdp,
     sgdp,
 )
-from ksbopt._src.recorder import History, Recorder, summarize
-from ksbopt._src.symmetrize import SymmetrizeState, symmetrize
-from ksbopt._src.symmetry import Linear, Rescale, Scale, Symmetry, Translation
-from ksbopt._src.symmetry_profile import SymmetryProfile, profile
-from ksbopt._src.teleport import TeleportState, teleport
-from ksbopt._src.transforms import (
+from ksbopt._src.symmetries.declarations import Linear, Rescale, Scale, Symmetry, Translation
+from ksbopt._src.transforms.charge_control import (
     ProjectState,
     RetractState,
     SteerState,
@@ -47,6 +44,9 @@ from ksbopt._src.transforms import (
     retract,
     steer,
 )
+from ksbopt._src.transforms.noether_rmsprop import NoetherRmspropState, noether_rmsprop
+from ksbopt._src.transforms.symmetrize import SymmetrizeState, symmetrize
+from ksbopt._src.transforms.teleport import TeleportState, teleport
 
 __version__ = "0.1.0"
 

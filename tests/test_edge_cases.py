@@ -37,7 +37,7 @@ import support
 from support import registry
 
 import ksbopt
-from ksbopt._src import orbit
+from ksbopt._src.symmetries import orbit
 
 # --------------------------------------------------------------------------- problems
 

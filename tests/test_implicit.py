@@ -11,7 +11,7 @@ import support
 
 import ksbopt
 from ksbopt._src import theory
-from ksbopt._src.implicit import NoetherRmspropState, noether_rmsprop
+from ksbopt._src.transforms.noether_rmsprop import NoetherRmspropState, noether_rmsprop
 
 
 def _directions(case: support.Case, params):

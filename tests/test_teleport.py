@@ -12,7 +12,7 @@ import pytest
 import support
 
 import ksbopt
-from ksbopt._src.teleport import TeleportState, teleport
+from ksbopt._src.transforms.teleport import TeleportState, teleport
 
 
 def _grad_sq(case, params):

@@ -17,8 +17,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ksbopt._src import orbit, reductions, theory
-from ksbopt._src.symmetry import _safe_div
+from ksbopt._src import reductions, theory
+from ksbopt._src.symmetries import orbit
+from ksbopt._src.symmetries.declarations import _safe_div
 
 MODES = ("exact", "nld")
 

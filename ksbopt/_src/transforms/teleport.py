@@ -19,9 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ksbopt._src import checks, orbit, transport
+from ksbopt._src import checks
 from ksbopt._src.numerics import all_finite
-from ksbopt._src.symmetry import BoundSymmetry
+from ksbopt._src.symmetries import orbit
+from ksbopt._src.symmetries.declarations import BoundSymmetry
+from ksbopt._src.transforms import transport
 
 OBJECTIVES = ("grad_norm", "sharpness")
 _RESERVED = ("value_fn", "value", "grad")

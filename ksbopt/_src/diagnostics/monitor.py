@@ -11,8 +11,8 @@ with ``optax.tree.get(state, name)``):
 - ``violation``: the cosine between the gradient and the generator, 0 for a true symmetry;
 - ``angular_update`` (the angle between w and w + u), ``relative_update`` |u| / |w| and, for
   scale groups, ``effective_learning_rate`` eta / ((1 - eta lam) |w|^2) (THEORY.md P2);
-- with a :class:`~ksbopt._src.dynamics.Dynamics`: ``weight_decay_term``, the charge the exact
-  recursions predict (``predicted_charges``) and the normalised residual
+- with a :class:`~ksbopt._src.diagnostics.dynamics.Dynamics`: ``weight_decay_term``, the charge
+  the exact recursions predict (``predicted_charges``) and the normalised residual
   (``prediction_error``); for RMSProp/Adam the metric-weighted charges of P6 and their
   prediction; the equilibrium angular update of P7a.
 
@@ -38,10 +38,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ksbopt._src import dynamics as dynamics_lib
 from ksbopt._src import groups as groups_lib
-from ksbopt._src import orbit, reductions, theory
-from ksbopt._src.symmetry import BoundSymmetry
+from ksbopt._src import reductions, theory
+from ksbopt._src.diagnostics import dynamics as dynamics_lib
+from ksbopt._src.symmetries import orbit
+from ksbopt._src.symmetries.declarations import BoundSymmetry
 
 __all__ = ["MonitorState", "NoetherDiagnostics", "RecursionState", "monitor", "symmetry_labels"]
 
