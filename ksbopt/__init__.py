@@ -7,34 +7,17 @@ ksbopt lets you declare the symmetries (:class:`Scale`, :class:`Rescale`,
 the optimiser does with them (:func:`project`, :func:`retract`, :func:`steer`).
 """
 
-from ksbopt import dynamics, targets, theory
+from ksbopt import dynamics, peers, targets, theory
 from ksbopt._src.detection.detect import SymmetryCheck, SymmetryReport, detect, verify
 from ksbopt._src.diagnostics.charges import charges
-from ksbopt._src.diagnostics.monitor import MonitorState, NoetherDiagnostics, monitor
+from ksbopt._src.diagnostics.monitor import (
+    MonitorState,
+    NoetherDiagnostics,
+    RecursionState,
+    monitor,
+)
 from ksbopt._src.diagnostics.recorder import History, Recorder, summarize
 from ksbopt._src.diagnostics.symmetry_profile import SymmetryProfile, profile
-from ksbopt._src.peers import (
-    NeroRetractionState,
-    RotationalState,
-    ScaleByAdampState,
-    ScaleByNeroState,
-    ScaleByPathNormState,
-    ScaleBySgdpState,
-    adamp,
-    balance_params,
-    center_params,
-    nero,
-    nero_retraction,
-    path_preconditioner,
-    path_sgd,
-    radial_projection,
-    rotational,
-    scale_by_adamp,
-    scale_by_nero,
-    scale_by_path_norm,
-    scale_by_sgdp,
-    sgdp,
-)
 from ksbopt._src.symmetries.declarations import Linear, Rescale, Scale, Symmetry, Translation
 from ksbopt._src.transforms.charge_control import (
     ProjectState,
@@ -54,19 +37,14 @@ __all__ = [
     "History",
     "Linear",
     "MonitorState",
-    "NeroRetractionState",
     "NoetherDiagnostics",
     "NoetherRmspropState",
     "ProjectState",
     "Recorder",
+    "RecursionState",
     "Rescale",
     "RetractState",
-    "RotationalState",
     "Scale",
-    "ScaleByAdampState",
-    "ScaleByNeroState",
-    "ScaleByPathNormState",
-    "ScaleBySgdpState",
     "SteerState",
     "SymmetrizeState",
     "Symmetry",
@@ -75,28 +53,15 @@ __all__ = [
     "SymmetryReport",
     "TeleportState",
     "Translation",
-    "adamp",
-    "balance_params",
-    "center_params",
     "charges",
     "detect",
     "dynamics",
     "monitor",
-    "nero",
-    "nero_retraction",
     "noether_rmsprop",
-    "path_preconditioner",
-    "path_sgd",
+    "peers",
     "profile",
     "project",
-    "radial_projection",
     "retract",
-    "rotational",
-    "scale_by_adamp",
-    "scale_by_nero",
-    "scale_by_path_norm",
-    "scale_by_sgdp",
-    "sgdp",
     "steer",
     "summarize",
     "symmetrize",

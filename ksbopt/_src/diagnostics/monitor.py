@@ -132,12 +132,27 @@ class NoetherDiagnostics(NamedTuple):
 class RecursionState(NamedTuple):
     """What the exact recursions carry from step to step (one entry per symmetry or None).
 
+    The ``recursion`` field of :class:`MonitorState`. For heavy ball on a scale group the
+    prediction needs the charge, the overlap and the buffer's kinetic term of the step before,
+    e.g. ``x_{k+1} = x_k - 2 eta <w_k, v_{k+1}> + eta^2 |v_{k+1}|^2`` (:ref:`exact-identities`).
+
     Attributes:
       predicted_carry: the predicted charge after the last step (open loop).
       overlap_carry: P3's overlap ``<xi(w_k), v_{k+1}>`` in charge units.
       velocity_carry: ``Q(v_k)`` of the momentum buffer of the last step.
       previous_carry: the predicted charge one step earlier (P4 heavy ball).
       learning_rate_carry: eta of the last step (exact recursions under a schedule).
+
+    Example:
+      >>> import jax.numpy as jnp, optax, ksbopt
+      >>> tx = ksbopt.monitor(optax.sgd(0.1, momentum=0.9), ksbopt.Scale("w"))
+      >>> state = tx.init({"w": jnp.ones((3, 2))})
+      >>> isinstance(state.recursion, ksbopt.RecursionState)
+      True
+
+    References:
+      Tanaka, Kunin, "Noether's Learning Dynamics: Role of Symmetry Breaking in Neural
+      Networks", NeurIPS 2021, https://arxiv.org/abs/2105.02716
     """
 
     predicted_carry: tuple

@@ -21,7 +21,7 @@ import optax
 
 from ksbopt._src.diagnostics.monitor import symmetry_labels
 from ksbopt._src.symmetries import orbit
-from ksbopt._src.symmetries.declarations import BoundSymmetry, Flat
+from ksbopt._src.symmetries.bound import BoundSymmetry, Flat
 
 __all__ = [
     "CLASSES",

@@ -189,7 +189,7 @@ def center_params(params: Any, *, per_neuron: bool = True) -> Any:
     Example:
       >>> import jax.numpy as jnp, ksbopt
       >>> params = {"kernel": jnp.array([[3.0, 1.0], [1.0, 1.0]]), "bias": jnp.ones(2)}
-      >>> out = ksbopt.center_params(params)["kernel"]
+      >>> out = ksbopt.peers.center_params(params)["kernel"]
       >>> [round(float(x), 4) for x in out[:, 0]], [round(float(x), 4) for x in out[:, 1]]
       ([2.2361, -2.2361], [0.0, 0.0])
 
@@ -225,7 +225,7 @@ class RotationalState(NamedTuple):
 
     Example:
       >>> import jax.numpy as jnp, optax, ksbopt
-      >>> tx = ksbopt.rotational(optax.trace(0.9), learning_rate=0.1, weight_decay=5e-4)
+      >>> tx = ksbopt.peers.rotational(optax.trace(0.9), learning_rate=0.1, weight_decay=5e-4)
       >>> state = tx.init({"kernel": jnp.array([[3.0, 0.0], [4.0, 2.0]])})
       >>> state.target_norm["kernel"]
       Array([5., 2.], dtype=float32)
@@ -321,7 +321,7 @@ def rotational(
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
-      >>> from ksbopt import center_params, rotational
+      >>> from ksbopt.peers import center_params, rotational
       >>> params = {"kernel": jax.random.normal(jax.random.key(0), (8, 4)), "bias": jnp.zeros(4)}
       >>> params = center_params(params)  # as the authors' optimizer does when created
       >>> tx = rotational(optax.scale_by_adam(b1=0.9), 1e-3, 0.1, momentum=0.9, kind="adamw")

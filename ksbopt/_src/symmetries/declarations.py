@@ -1,76 +1,28 @@
-"""The symmetry vocabulary: Scale, Rescale, Translation, Linear.
+"""The symmetry declarations: Scale, Rescale, Translation, Linear.
 
 A declaration (the public classes) is a hashable description: which leaves, which axes.
-:meth:`Symmetry.bind` resolves it against a parameter tree into a *bound* symmetry, which
-knows the groups and implements, on the flat list of leaves, the mathematics of
-:doc:`/concepts/symmetries` for every group at once:
-
-- ``charge``: the Noether charge Q per group;
-- ``reduce`` / ``expand``: the generator as a linear map J from group coefficients to the
-  parameter space (``expand`` is J c, ``reduce`` is J^T v, i.e. <xi_g, v> per group);
-- ``gram``: the Gram operator J^T J of the symmetry's own groups (dense, for joint solves)
-  and ``solve_gram``, its (pseudo-)inverse applied to a vector;
-- ``coefficients``: the projection coefficients (J^T J)^+ J^T v in one step (for Scale,
-  Rescale and Translation a closed form per group, no Gram matrix);
-- ``act``: the finite group action psi(theta, a);
-- ``move_to``: the group element whose action takes the charge to a target, and its result;
-  ``step_to`` the same expressed as a replacement of the step u (one fused pass).
-
-All arithmetic happens in the dtype of the leaves passed in; callers pass leaves already
-promoted to at least float32 (see :func:`ksbopt._src.numerics.compute_dtype`).
-
-Cost (every per-group reduction is a pass over the leaf): the leaf-sized arrays only ever
-appear inside elementwise expressions that XLA fuses into the reductions and into the final
-update; the generator's sign (Rescale's outgoing weights) and the per-group factors are
-applied to the small per-group vectors, never to a leaf.
+:meth:`Symmetry.bind` resolves it against a parameter tree into a bound symmetry
+(:class:`~ksbopt._src.symmetries.bound.BoundSymmetry`), which knows the groups and
+implements the mathematics of :doc:`/concepts/symmetries` for every group at once.
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
-import math
-from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ksbopt._src import groups as groups_lib
-from ksbopt._src import reductions
 from ksbopt._src.groups import AxisPart
-from ksbopt._src.numerics import safe_div as _safe_div  # (also imported by implicit, symmetrize)
 
-Flat = list  # the leaves of a parameter tree, in jax.tree.leaves order
-Moved = dict  # leaf index -> new leaf value
-
-
-def _finfo_tol(x: jax.Array) -> float:
-    return float(64 * jnp.finfo(x.dtype).eps)
-
-
-def _without_overflow(charge: Callable[[Flat], jax.Array], flat: Flat, leaves) -> jax.Array:
-    """``charge(flat)`` of a mixed-sign charge, with overflowing squared norms resolved.
-
-    A Rescale or Linear charge is a difference of squared norms; in float32 entries of size
-    ~1e20 overflow both to inf and their difference to NaN. The charge is homogeneous of
-    degree 2, Q(w) = m^2 Q(w / m), so where it came out NaN it is computed again from the
-    leaves divided by a power of two m (an exact division), giving a finite value or +-inf.
-    The rescaled branch only runs (``lax.cond``) when a NaN appeared.
-    """
-    q = charge(flat)
-
-    def rescaled(_):
-        top = jnp.max(jnp.stack([jnp.max(jnp.abs(flat[i]), initial=0) for i in leaves]))
-        ok = jnp.isfinite(top) & (top > 0)
-        m = jnp.where(ok, jnp.exp2(jnp.floor(jnp.log2(jnp.where(ok, top, 1)))), 1).astype(q.dtype)
-        scaled = list(flat)
-        for i in leaves:
-            scaled[i] = flat[i] / m
-        return (charge(scaled) * m) * m
-
-    return jax.lax.cond(jnp.any(jnp.isnan(q)), rescaled, lambda _: q, None)
+# Re-exported for modules that still import them from here.
+from ksbopt._src.numerics import safe_div as _safe_div  # noqa: F401
+from ksbopt._src.symmetries.axis_groups import BoundRescale, BoundScale, BoundTranslation
+from ksbopt._src.symmetries.bound import BoundSymmetry, Flat, Moved  # noqa: F401
+from ksbopt._src.symmetries.linear_groups import BoundLinear, LinearPart
 
 
 class Symmetry(abc.ABC):
@@ -99,538 +51,6 @@ class Symmetry(abc.ABC):
     @abc.abstractmethod
     def bind(self, params: Any) -> BoundSymmetry:
         """Resolve the declaration against ``params``; ``ValueError`` if it does not fit."""
-
-
-class BoundSymmetry(abc.ABC):
-    """A symmetry resolved against one parameter tree structure."""
-
-    symmetry: Symmetry
-    #: Whether :meth:`move_to` is a closed form (exact up to rounding) or an iterative solve
-    #: whose residual must be measured and reported.
-    closed_form_move: bool = True
-
-    @property
-    @abc.abstractmethod
-    def leaves(self) -> tuple[int, ...]:
-        """Indices of the leaves the symmetry acts on."""
-
-    @property
-    @abc.abstractmethod
-    def charge_shape(self) -> tuple[int, ...]:
-        """Shape of the charge array: ``(n_groups,)`` or ``(heads, k, k)``."""
-
-    @property
-    def n_groups(self) -> int:
-        return self.charge_shape[0]
-
-    @property
-    def coef_size(self) -> int:
-        """Dimension of the generator space (all groups together)."""
-        return math.prod(self.charge_shape)
-
-    @abc.abstractmethod
-    def charge(self, flat: Flat) -> jax.Array: ...
-
-    @abc.abstractmethod
-    def quadratic(self, flat: Flat) -> jax.Array:
-        """The second-order part Q(u) of Q(w + u) = Q(w) + <xi(w), u> + Q(u) (section 3)."""
-
-    @abc.abstractmethod
-    def reduce(self, flat: Flat, v: Flat) -> jax.Array:
-        """J^T v: the inner products of ``v`` with every generator, shaped like the charge."""
-
-    @abc.abstractmethod
-    def expand(self, flat: Flat, c: jax.Array) -> Moved:
-        """J c: the tangent vector sum_g c_g xi_g, as leaf index -> array."""
-
-    @abc.abstractmethod
-    def gram(self, flat: Flat) -> jax.Array:
-        """J^T J as a dense (coef_size, coef_size) matrix."""
-
-    @abc.abstractmethod
-    def solve_gram(self, flat: Flat, r: jax.Array) -> jax.Array:
-        """(J^T J)^+ r for this symmetry's own groups (block diagonal, cheap)."""
-
-    def gram_solver(self, flat: Flat) -> Callable[[jax.Array], jax.Array]:
-        """``r -> solve_gram(flat, r)`` with everything that depends on ``flat`` only (norms,
-        eigendecompositions) computed once: for repeated solves at the same point."""
-        return lambda r: self.solve_gram(flat, r)
-
-    def coefficients(self, flat: Flat, v: Flat) -> jax.Array:
-        """(J^T J)^+ J^T v: the coefficients of the projection of ``v`` on the generators.
-
-        Equal to ``solve_gram(flat, reduce(flat, v))``; subclasses may fuse the two.
-        """
-        return self.solve_gram(flat, self.reduce(flat, v))
-
-    @abc.abstractmethod
-    def act(self, flat: Flat, a: jax.Array) -> Moved:
-        """The group action psi(theta, a), one group element per group."""
-
-    @abc.abstractmethod
-    def move_to(self, flat: Flat, target: jax.Array) -> Moved:
-        """Move along the orbit so that the charge equals ``target`` (where reachable)."""
-
-    def step_to(
-        self, w: Flat, u: Flat, target: jax.Array, charge: jax.Array | None = None
-    ) -> Moved:
-        """The update u' with Q(w + u') = target and w + u' on the orbit of w + u.
-
-        ``charge``, if given, is Q(w + u) already computed by the caller (not recomputed).
-        """
-        del charge  # the generic move measures what it needs itself
-        cand = [w[i] + u[i] if i in self.leaves else w[i] for i in range(len(w))]
-        return {i: v - w[i] for i, v in self.move_to(cand, target).items()}
-
-    def residual(self, flat: Flat, target: jax.Array) -> jax.Array:
-        """Largest relative distance of the charge from ``target``, a scalar."""
-        q = self.charge(flat)
-        scale = jnp.maximum(jnp.max(jnp.abs(target)), self.charge_scale(flat))
-        return _safe_div(jnp.max(jnp.abs(q - target)), scale)
-
-    def charge_scale(self, flat: Flat) -> jax.Array:
-        """A natural size for the charge (for relative residuals): max of the squared norms."""
-        return 0.5 * jnp.max(self.norms(flat))
-
-    def norms(self, flat: Flat) -> jax.Array:
-        """|xi_g|^2 per group (or its analogue): the scale of the charge per group."""
-        return jnp.diagonal(self.gram(flat)).reshape(-1)
-
-
-# --------------------------------------------------------------------------- axis symmetries
-
-
-class _BoundAxis(BoundSymmetry):
-    """Scale, Rescale and Translation: every entry belongs to exactly one group."""
-
-    def __init__(self, symmetry: Symmetry, parts: tuple[AxisPart, ...], signs: tuple[int, ...]):
-        self.symmetry = symmetry
-        self.parts = parts
-        self.signs = signs
-        self._n = max(p.offset + p.size for p in parts)
-
-    @property
-    def leaves(self) -> tuple[int, ...]:
-        return tuple(sorted({p.leaf for p in self.parts}))
-
-    @property
-    def charge_shape(self) -> tuple[int, ...]:
-        return (self._n,)
-
-    def _sum(self, per_part) -> jax.Array:
-        return groups_lib.scatter_groups(self.parts, per_part, self._n)
-
-    def _base(self, flat: Flat, part: AxisPart) -> jax.Array:
-        """The generator's values on the part's leaf, up to the part's sign (xi = sign * base).
-
-        The sign is applied to the small per-group vectors, never to the leaf, so that no
-        extra leaf-sized array (such as -w) is formed.
-        """
-        return flat[part.leaf]
-
-    def charge(self, flat: Flat) -> jax.Array:
-        return 0.5 * self._sum(
-            [s * p.reduce(jnp.square(flat[p.leaf])) for p, s in zip(self.parts, self.signs)]
-        )
-
-    def quadratic(self, flat: Flat) -> jax.Array:
-        return self.charge(flat)
-
-    def reduce(self, flat: Flat, v: Flat) -> jax.Array:
-        return self._sum(
-            [s * p.reduce(self._base(flat, p) * v[p.leaf]) for p, s in zip(self.parts, self.signs)]
-        )
-
-    def expand(self, flat: Flat, c: jax.Array) -> Moved:
-        out: Moved = {}
-        for p, s in zip(self.parts, self.signs):
-            term = self._base(flat, p) * p.broadcast(s * self._slice(c, p))
-            out[p.leaf] = out[p.leaf] + term if p.leaf in out else term
-        return out
-
-    def norms(self, flat: Flat) -> jax.Array:
-        return self._sum([p.reduce(jnp.square(self._base(flat, p))) for p in self.parts])
-
-    def gram(self, flat: Flat) -> jax.Array:
-        return jnp.diag(self.norms(flat))
-
-    def solve_gram(self, flat: Flat, r: jax.Array) -> jax.Array:
-        return self._solve(self.norms(flat), r)
-
-    def gram_solver(self, flat: Flat) -> Callable[[jax.Array], jax.Array]:
-        norms = self.norms(flat)
-        return lambda r: self._solve(norms, r)
-
-    @staticmethod
-    def _solve(n: jax.Array, r: jax.Array) -> jax.Array:
-        # A zero-norm group has no generator: coefficient 0 * r, which is 0 for a finite r
-        # but keeps a NaN / inf of r visible to the non-finite checks of the transforms.
-        return jnp.where(n != 0, r / jnp.where(n != 0, n, 1), 0 * r)
-
-    def coefficients(self, flat: Flat, v: Flat) -> jax.Array:
-        # [derived] The groups of one symmetry are disjoint, so J^T J is diagonal and
-        # c_g = <xi_g, v> / |xi_g|^2. Both sums of a large leaf come out of ONE pass over it
-        # (reductions.part_sums: XLA:CPU reads a leaf once per reduction otherwise), with the
-        # producer of ``v`` (e.g. -lr * momentum) fused into that pass instead of storing v.
-        norms, inner = [], []
-        for p, s in zip(self.parts, self.signs):
-            base = self._base(flat, p)
-            n, r = reductions.part_sums(p, [jnp.square(base), base * v[p.leaf]])
-            norms.append(n)
-            inner.append(s * r)
-        return self._solve(self._sum(norms), self._sum(inner))
-
-    @staticmethod
-    def _slice(c: jax.Array, p: AxisPart) -> jax.Array:
-        """The part's share of a per-group vector."""
-        return c[p.offset : p.offset + p.size]
-
-    def _map(self, flat: Flat, fn) -> Moved:
-        out: Moved = {}
-        for p, s in zip(self.parts, self.signs):
-            out[p.leaf] = fn(flat[p.leaf], p, s)
-        return out
-
-
-class _BoundMultiplicative(_BoundAxis):
-    """Scale and Rescale: the action multiplies each part by a per-group factor a^sign."""
-
-    def _factors(self, flat: Flat, target: jax.Array, charge: jax.Array | None = None) -> jax.Array:
-        """The group element a (one per group) that takes the charge to ``target``.
-
-        ``charge`` is Q(flat) when the caller has it already (it is then not recomputed).
-        """
-        raise NotImplementedError
-
-    def _part_factor(self, p: AxisPart, s: int, a: jax.Array) -> jax.Array:
-        return p.broadcast(a[p.offset : p.offset + p.size]) ** s
-
-    def act(self, flat: Flat, a: jax.Array) -> Moved:
-        return self._map(flat, lambda w, p, s: w * self._part_factor(p, s, a))
-
-    def move_to(self, flat: Flat, target: jax.Array) -> Moved:
-        return self.act(flat, self._factors(flat, target))
-
-    def step_to(
-        self, w: Flat, u: Flat, target: jax.Array, charge: jax.Array | None = None
-    ) -> Moved:
-        # psi(w + u, a) - w = (f - 1) w + f u with f = a^sign: written so that w + u is never
-        # stored (one fused pass), and exact where f = 1.
-        cand = [w[i] + u[i] if i in self.leaves else None for i in range(len(w))]
-        a = self._factors(cand, target, charge)
-        out: Moved = {}
-        for p, s in zip(self.parts, self.signs):
-            f = self._part_factor(p, s, a)
-            out[p.leaf] = (f - 1) * w[p.leaf] + f * u[p.leaf]
-        return out
-
-
-class _BoundScale(_BoundMultiplicative):
-    def _factors(self, flat: Flat, target: jax.Array, charge: jax.Array | None = None) -> jax.Array:
-        # [derived] psi(w, a) = a w multiplies the charge by a^2; a zero group has no orbit to
-        # move along and stays where it is, as does a group asked for a non-positive charge.
-        q = self.charge(flat) if charge is None else charge
-        ok = (q > 0) & (target > 0)
-        return jnp.where(ok, jnp.sqrt(jnp.where(ok, target, 1) / jnp.where(ok, q, 1)), 1)
-
-
-class _BoundRescale(_BoundMultiplicative):
-    def charge(self, flat: Flat) -> jax.Array:
-        return _without_overflow(super().charge, flat, self.leaves)
-
-    def _squared_norms(self, flat: Flat, sign: int) -> jax.Array:
-        """Per-group squared norm of the incoming (sign 1) or outgoing (sign -1) parts."""
-        parts = [p for p, s in zip(self.parts, self.signs) if s == sign]
-        return groups_lib.scatter_groups(
-            parts, [p.reduce(jnp.square(flat[p.leaf])) for p in parts], self._n
-        )
-
-    def _factors(self, flat: Flat, target: jax.Array, charge: jax.Array | None = None) -> jax.Array:
-        # [derived] with t = a^2: t^2 x_in - 2 q t - x_out = 0 (x = squared norms); take the
-        # positive root in the form that avoids cancellation for either sign of q. (The
-        # charge itself is not needed: x_in and x_out are, one reduction each per leaf.)
-        del charge
-        x_in = self._squared_norms(flat, 1)
-        x_out = self._squared_norms(flat, -1)
-        q = target
-        disc = jnp.sqrt(q * q + x_in * x_out)
-        t = jnp.where(q >= 0, _safe_div(q + disc, x_in), _safe_div(x_out, disc - q))
-        return jnp.sqrt(jnp.where(t > 0, t, 1))
-
-
-class _BoundTranslation(_BoundAxis):
-    def _base(self, flat: Flat, part: AxisPart) -> jax.Array:
-        return jnp.ones_like(flat[part.leaf])
-
-    def charge(self, flat: Flat) -> jax.Array:
-        return self._sum([p.reduce(flat[p.leaf]) for p in self.parts])
-
-    def quadratic(self, flat: Flat) -> jax.Array:
-        return jnp.zeros(self.charge_shape, flat[self.parts[0].leaf].dtype)
-
-    def norms(self, flat: Flat) -> jax.Array:
-        dtype = flat[self.parts[0].leaf].dtype
-        counts = np.zeros(self._n)
-        for p in self.parts:
-            counts[p.offset : p.offset + p.size] += p.count
-        return jnp.asarray(counts, dtype)
-
-    def charge_scale(self, flat: Flat) -> jax.Array:
-        return jnp.max(jnp.abs(self.charge(flat))) + jnp.sqrt(
-            sum(jnp.sum(jnp.square(flat[i])) for i in self.leaves)
-        )
-
-    def act(self, flat: Flat, a: jax.Array) -> Moved:
-        return self._map(flat, lambda w, p, s: w + p.broadcast(a[p.offset : p.offset + p.size]))
-
-    def coefficients(self, flat: Flat, v: Flat) -> jax.Array:
-        # |xi_g|^2 is the (static) number of entries of the group: the sum divided by it.
-        return self.solve_gram(flat, self.reduce(flat, v))
-
-    def _shift(self, flat: Flat, target: jax.Array, charge: jax.Array | None = None) -> jax.Array:
-        # Shifting a group by a changes <1, w> by a * (number of entries): solve for a.
-        q = self.charge(flat) if charge is None else charge
-        return (target - q) / self.norms(flat)
-
-    def move_to(self, flat: Flat, target: jax.Array) -> Moved:
-        return self.act(flat, self._shift(flat, target))
-
-    def step_to(
-        self, w: Flat, u: Flat, target: jax.Array, charge: jax.Array | None = None
-    ) -> Moved:
-        cand = [w[i] + u[i] if i in self.leaves else None for i in range(len(w))]
-        return self.act(u, self._shift(cand, target, charge))
-
-
-# --------------------------------------------------------------------------- linear symmetry
-
-
-@dataclasses.dataclass(frozen=True)
-class _LinearPart:
-    leaf: int
-    path: str
-    shape: tuple[int, ...]
-    k_axis: int
-    head_axis: int | None
-    left: bool  # left factor A (A -> A G) or right factor B (B -> G^-1 B)
-
-    @property
-    def perm(self) -> tuple[int, ...]:
-        """Axis order (head, rest..., k) for left, (head, k, rest...) for right."""
-        rest = [a for a in range(len(self.shape)) if a not in (self.k_axis, self.head_axis)]
-        head = [] if self.head_axis is None else [self.head_axis]
-        return tuple(head + rest + [self.k_axis] if self.left else [*head, self.k_axis, *rest])
-
-    def to_matrix(self, x: jax.Array) -> jax.Array:
-        """The leaf as a batch of matrices: (H, rest, k) for left, (H, k, rest) for right."""
-        y = jnp.transpose(x, self.perm)
-        heads = 1 if self.head_axis is None else self.shape[self.head_axis]
-        k = self.shape[self.k_axis]
-        return y.reshape((heads, -1, k) if self.left else (heads, k, -1))
-
-    def from_matrix(self, m: jax.Array) -> jax.Array:
-        y = m.reshape(tuple(self.shape[a] for a in self.perm))
-        return jnp.transpose(y, np.argsort(self.perm))
-
-
-def _sym(m: jax.Array) -> jax.Array:
-    return 0.5 * (m + jnp.swapaxes(m, -1, -2))
-
-
-def _eigh_fn(m: jax.Array, fn) -> jax.Array:
-    """fn applied to the eigenvalues of a batch of symmetric matrices."""
-    lam, u = jnp.linalg.eigh(_sym(m))
-    return jnp.einsum("...ij,...j,...kj->...ik", u, fn(lam), u)
-
-
-class _BoundLinear(BoundSymmetry):
-    """GL(k) acting on x A B: (A, B) -> (A G, G^-1 B), per head."""
-
-    closed_form_move = False
-
-    def __init__(
-        self, symmetry: Symmetry, parts: tuple[_LinearPart, ...], heads: int, k: int, max_iter: int
-    ):
-        self.symmetry = symmetry
-        self.parts = parts
-        self.heads = heads
-        self.k = k
-        self.max_iter = max_iter
-
-    @property
-    def leaves(self) -> tuple[int, ...]:
-        return tuple(sorted({p.leaf for p in self.parts}))
-
-    @property
-    def charge_shape(self) -> tuple[int, ...]:
-        return (self.heads, self.k, self.k)
-
-    def _pr(self, flat: Flat) -> tuple[jax.Array, jax.Array]:
-        """P = sum A^T A over left parts and R = sum B B^T over right parts, per head."""
-        dtype = flat[self.parts[0].leaf].dtype
-        p = jnp.zeros(self.charge_shape, dtype)
-        r = jnp.zeros(self.charge_shape, dtype)
-        for part in self.parts:
-            m = part.to_matrix(flat[part.leaf])
-            pin = groups_lib.explicit_sharding(m)  # k x k: replicated under Explicit axes
-            if part.left:
-                p = p + jnp.einsum("hri,hrj->hij", m, m, out_sharding=pin)
-            else:
-                r = r + jnp.einsum("hir,hjr->hij", m, m, out_sharding=pin)
-        return p, r
-
-    def charge(self, flat: Flat) -> jax.Array:
-        def difference(f: Flat) -> jax.Array:
-            p, r = self._pr(f)
-            return p - r
-
-        return _without_overflow(difference, flat, self.leaves)
-
-    def quadratic(self, flat: Flat) -> jax.Array:
-        return self.charge(flat)
-
-    def norms(self, flat: Flat) -> jax.Array:
-        p, r = self._pr(flat)
-        return jnp.trace(p, axis1=-2, axis2=-1) + jnp.trace(r, axis1=-2, axis2=-1)
-
-    def charge_scale(self, flat: Flat) -> jax.Array:
-        return jnp.max(self.norms(flat))
-
-    def reduce(self, flat: Flat, v: Flat) -> jax.Array:
-        # <(A X, -X B), (vA, vB)> = <X, A^T vA - vB B^T>.
-        out = jnp.zeros(self.charge_shape, flat[self.parts[0].leaf].dtype)
-        for part in self.parts:
-            m, dv = part.to_matrix(flat[part.leaf]), part.to_matrix(v[part.leaf])
-            pin = groups_lib.explicit_sharding(m)  # k x k: replicated under Explicit axes
-            if part.left:
-                out = out + jnp.einsum("hri,hrj->hij", m, dv, out_sharding=pin)
-            else:
-                out = out - jnp.einsum("hir,hjr->hij", dv, m, out_sharding=pin)
-        return out
-
-    def expand(self, flat: Flat, c: jax.Array) -> Moved:
-        c = c.reshape(self.charge_shape)
-        out: Moved = {}
-        for part in self.parts:
-            m = part.to_matrix(flat[part.leaf])
-            pin = groups_lib.explicit_sharding(m, own=True)  # laid out like the leaf
-            if part.left:
-                term = part.from_matrix(jnp.einsum("hri,hij->hrj", m, c, out_sharding=pin))
-            else:
-                term = part.from_matrix(-jnp.einsum("hij,hjr->hir", c, m, out_sharding=pin))
-            out[part.leaf] = out[part.leaf] + term if part.leaf in out else term
-        return out
-
-    def gram(self, flat: Flat) -> jax.Array:
-        # J^T J X = P X + X R; in row-major vec: (P kron I + I kron R^T).
-        p, r = self._pr(flat)
-        eye = jnp.eye(self.k, dtype=p.dtype)
-        blocks = jax.vmap(lambda ph, rh: jnp.kron(ph, eye) + jnp.kron(eye, rh.T))(p, r)
-        return jax.scipy.linalg.block_diag(*blocks)
-
-    def solve_gram(self, flat: Flat, r: jax.Array) -> jax.Array:
-        return self.gram_solver(flat)(r)
-
-    def gram_solver(self, flat: Flat) -> Callable[[jax.Array], jax.Array]:
-        # Sylvester equation P X + X R = M through the eigenbases of P and R.
-        p, rr = self._pr(flat)
-        lp, up = jnp.linalg.eigh(p)
-        lr, ur = jnp.linalg.eigh(rr)
-        den = lp[:, :, None] + lr[:, None, :]
-        tol = _finfo_tol(den) * jnp.max(jnp.abs(den), axis=(1, 2), keepdims=True)
-        ok = den > tol
-        inv = jnp.where(ok, 1 / jnp.where(ok, den, 1), 0)
-
-        def solve(r: jax.Array) -> jax.Array:
-            m = jnp.einsum("hai,hab,hbj->hij", up, r.reshape(self.charge_shape), ur)
-            # 0 * m where the system is singular: 0 for finite m, NaN kept visible otherwise.
-            x = jnp.where(ok, m * inv, 0 * m)
-            return jnp.einsum("hia,hab,hjb->hij", up, x, ur)
-
-        return solve
-
-    def act(self, flat: Flat, g: jax.Array) -> Moved:
-        """(A, B) -> (A G, G^-1 B) with one invertible G per head."""
-        g_inv = jnp.linalg.inv(g)
-        return self._act_pair(flat, g, g_inv)
-
-    def _act_pair(self, flat: Flat, g: jax.Array, g_inv: jax.Array) -> Moved:
-        out: Moved = {}
-        for part in self.parts:
-            m = part.to_matrix(flat[part.leaf])
-            pin = groups_lib.explicit_sharding(m, own=True)  # laid out like the leaf
-            if part.left:
-                out[part.leaf] = part.from_matrix(
-                    jnp.einsum("hri,hij->hrj", m, g, out_sharding=pin)
-                )
-            else:
-                out[part.leaf] = part.from_matrix(
-                    jnp.einsum("hij,hjr->hir", g_inv, m, out_sharding=pin)
-                )
-        return out
-
-    def move_to(self, flat: Flat, target: jax.Array) -> Moved:
-        """Newton's method on symmetric G = exp(X), starting from the identity.
-
-        [derived] With G = exp(X), X symmetric, the charge C = G P G - G^-1 R G^-1 changes to
-        first order by X S + S X with S = P + R: each step solves that Lyapunov equation in
-        the eigenbasis of S and applies exp(X) (exactly invertible: exp(-X)). It stops when the
-        relative residual is below 64 eps or after ``max_iter`` steps; callers report the
-        residual (a retraction that did not converge is visible, never silent).
-        """
-        target = target.reshape(self.charge_shape)
-        dtype = flat[self.parts[0].leaf].dtype
-        tol = _finfo_tol(jnp.zeros((), dtype))
-        sub = {i: flat[i] for i in self.leaves}
-
-        def view(s):
-            full = list(flat)
-            for i, v in s.items():
-                full[i] = v
-            return full
-
-        def cond(state):
-            it, s = state
-            return (it < self.max_iter) & (self.residual(view(s), target) > tol)
-
-        def body(state):
-            it, s = state
-            cur = view(s)
-            p, r = self._pr(cur)
-            e = target - (p - r)
-            lam, u = jnp.linalg.eigh(p + r)
-            et = jnp.einsum("hai,hab,hbj->hij", u, e, u)
-            den = lam[:, :, None] + lam[:, None, :]
-            ok = den > _finfo_tol(den) * jnp.max(jnp.abs(den), axis=(1, 2), keepdims=True)
-            xt = jnp.where(ok, et / jnp.where(ok, den, 1), 0)
-            # Trust region: a Newton step never rotates by more than exp(+-1) at once.
-            scale = jnp.minimum(1.0, 1.0 / jnp.maximum(jnp.max(jnp.abs(xt)), 1e-30))
-            xt = xt * scale
-            x = jnp.einsum("hia,hab,hjb->hij", u, xt, u)
-            g = _eigh_fn(x, jnp.exp)
-            g_inv = _eigh_fn(x, lambda v: jnp.exp(-v))
-            return it + 1, self._act_pair(cur, g, g_inv)
-
-        _, sub = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), sub))
-        return sub
-
-    def balance(self, flat: Flat) -> Moved:
-        """The closed-form balancing move to C = 0 (:ref:`orbit-moves`; the balancing of ENorm).
-
-        [derived] With P = A^T A and R = B B^T (P positive definite), G = M^(1/2) for
-        M = P^-1/2 (P^1/2 R P^1/2)^1/2 P^-1/2 gives G P G = G^-1 R G^-1, i.e. C = 0.
-        """
-        p, r = self._pr(flat)
-        ph = _eigh_fn(p, jnp.sqrt)
-        pih = _eigh_fn(p, lambda v: jnp.where(v > 0, 1 / jnp.sqrt(jnp.where(v > 0, v, 1)), 0))
-        m = pih @ _eigh_fn(ph @ r @ ph, lambda v: jnp.sqrt(jnp.maximum(v, 0))) @ pih
-        # G = M^(1/2) (G^2 P G^2 = M P M = R), not M^(1/4).
-        g = _eigh_fn(m, lambda v: jnp.sqrt(jnp.maximum(v, 0)))
-        g_inv = _eigh_fn(m, lambda v: jnp.where(v > 0, 1 / jnp.sqrt(jnp.where(v > 0, v, 1)), 0))
-        return self._act_pair(flat, g, g_inv)
-
-
-# --------------------------------------------------------------------------- declarations
 
 
 def _leaves_with_paths(params: Any) -> tuple[list[str], list[Any]]:
@@ -772,7 +192,7 @@ class Scale(Symmetry):
             params, self.selection, self.axis, what="Scale selection", groups=self.groups
         )
         _check_units(parts, what=f"Scale({self.selection!r}, axis={self.axis})")
-        return _BoundScale(self, tuple(parts), tuple(signs))
+        return BoundScale(self, tuple(parts), tuple(signs))
 
 
 @dataclasses.dataclass(frozen=True, init=False)
@@ -837,7 +257,7 @@ class Rescale(Symmetry):
         what = f"Rescale(incoming={self.incoming!r}, outgoing={self.outgoing!r})"
         _check_disjoint(p_in, p_out, what=what)
         _check_units(p_in + p_out, what=what)
-        return _BoundRescale(self, tuple(p_in + p_out), tuple(s_in + s_out))
+        return BoundRescale(self, tuple(p_in + p_out), tuple(s_in + s_out))
 
 
 @dataclasses.dataclass(frozen=True, init=False)
@@ -898,7 +318,7 @@ class Translation(Symmetry):
             )
             parts.append(part)
             offset += part.size
-        return _BoundTranslation(self, tuple(parts), (1,) * len(parts))
+        return BoundTranslation(self, tuple(parts), (1,) * len(parts))
 
 
 @dataclasses.dataclass(frozen=True, init=False)
@@ -1030,7 +450,7 @@ class Linear(Symmetry):
                         f"{side}_head_axis={head} and {side}_axis={axis} name the "
                         f"same axis of {paths[i]!r} with shape {shape}."
                     )
-                parts.append(_LinearPart(i, paths[i], shape, k_ax, h_ax, side == "left"))
+                parts.append(LinearPart(i, paths[i], shape, k_ax, h_ax, side == "left"))
         what = f"Linear(left={self.left!r}, right={self.right!r})"
         _check_disjoint([p for p in parts if p.left], [p for p in parts if not p.left], what=what)
         ks = {p.path: p.shape[p.k_axis] for p in parts}
@@ -1046,7 +466,7 @@ class Linear(Symmetry):
                 f"{what}: the number of heads differs between leaves ({hs}); set "
                 "left_head_axis / right_head_axis to the heads axis of every leaf."
             )
-        return _BoundLinear(
+        return BoundLinear(
             self, tuple(parts), next(iter(hs.values())), next(iter(ks.values())), self.max_iter
         )
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from ksbopt._src import checks, theory
 from ksbopt._src.numerics import safe_div
 from ksbopt._src.symmetries import orbit
-from ksbopt._src.symmetries.declarations import BoundSymmetry
+from ksbopt._src.symmetries.bound import BoundSymmetry
 from ksbopt._src.targets.prescribed import Target
 
 
