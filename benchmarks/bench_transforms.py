@@ -240,7 +240,7 @@ def groups(layout: Layout) -> dict[str, dict[str, tuple]]:
         )
         out["adam"]["floor: symmetrize(adam)"] = (floors.symmetrize_adam(units, ADAM_LR), None)
         out["rmsprop"]["ksbopt.noether_rmsprop"] = (
-            ksbopt.noether_rmsprop(ADAM_LR, symmetries=syms),
+            ksbopt.noether_rmsprop(syms, ADAM_LR),
             "floor: noether_rmsprop",
         )
         out["rmsprop"]["floor: noether_rmsprop"] = (floors.noether_rmsprop(units, ADAM_LR), None)

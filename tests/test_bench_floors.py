@@ -58,7 +58,7 @@ CASES = {
         lambda lay: optax.chain(optax.sgd(0.1, 0.9), floors.exact_retraction(lay.units)),
     ),
     "noether_rmsprop": (
-        lambda lay: ksbopt.noether_rmsprop(1e-3, symmetries=lay.symmetries),
+        lambda lay: ksbopt.noether_rmsprop(lay.symmetries, 1e-3),
         lambda lay: floors.noether_rmsprop(lay.units, 1e-3),
     ),
     "symmetrize_adam": (

@@ -456,7 +456,7 @@ register(
 register(
     "noether_rmsprop",
     lambda lr, task, weight_decay, momentum: ks("noether_rmsprop")(
-        lr, weight_decay, momentum, symmetries=task.unit_symmetries()
+        task.unit_symmetries(), lr, weight_decay, momentum
     ),
     SGD_GRID,
     hparams={"weight_decay": 5e-4, "momentum": 0.9},

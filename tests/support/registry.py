@@ -249,7 +249,7 @@ TRANSFORMS: tuple[Spec, ...] = (
     Spec(
         "noether_rmsprop",
         lambda sym, learning_rate=0.1, weight_decay=1e-2, momentum=0.9: ksbopt.noether_rmsprop(
-            learning_rate, weight_decay, momentum, symmetries=sym
+            sym, learning_rate, weight_decay, momentum
         ),
         hyperparams={"learning_rate": 0.1, "weight_decay": 1e-2, "momentum": 0.9},
         schedules={"learning_rate": optax.linear_schedule(0.1, 0.05, 3)},
@@ -262,7 +262,7 @@ TRANSFORMS: tuple[Spec, ...] = (
     Spec(
         "noether_rmsprop_nld",
         lambda sym, learning_rate=0.1, weight_decay=1e-2, momentum=0.9: ksbopt.noether_rmsprop(
-            learning_rate, weight_decay, momentum, symmetries=sym, mode="nld"
+            sym, learning_rate, weight_decay, momentum, mode="nld"
         ),
         hyperparams={"learning_rate": 0.1, "weight_decay": 1e-2, "momentum": 0.9},
         role="optimizer",

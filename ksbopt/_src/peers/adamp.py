@@ -18,17 +18,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ksbopt._src import checks, reductions
 from ksbopt._src import groups as groups_lib
-from ksbopt._src import reductions
+from ksbopt._src.numerics import compute_dtype, safe_div
 from ksbopt._src.peers._common import (
     check_range,
-    compute_dtype,
     concrete_float,
     is_kernel,
     map_leaves,
     one_minus_power,
-    require_params,
-    safe_div,
 )
 
 __all__ = [
@@ -287,7 +285,7 @@ def scale_by_sgdp(
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
-        require_params(owner, params)
+        checks.require_params(params, owner)
 
         def leaf(g, b, w):
             cd = compute_dtype(g)
@@ -482,7 +480,7 @@ def scale_by_adamp(
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
-        require_params(owner, params)
+        checks.require_params(params, owner)
         count = optax.safe_increment(state.count)
 
         def leaf(g, m, v, w):

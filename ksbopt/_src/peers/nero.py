@@ -16,15 +16,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ksbopt._src import checks
+from ksbopt._src.numerics import compute_dtype, safe_div
 from ksbopt._src.peers._common import (
     check_bool,
     check_range,
-    compute_dtype,
     is_kernel,
     map_leaves,
     one_minus_power,
-    require_params,
-    safe_div,
     unit_norm,
     unit_sum,
 )
@@ -250,7 +249,7 @@ def scale_by_nero(
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
         if current_norm:
-            require_params(owner, params)
+            checks.require_params(params, owner)
         count = optax.safe_increment(state.count)
         leaves_like = params if params is not None else updates
 
@@ -324,7 +323,7 @@ def nero_retraction() -> optax.GradientTransformationExtraArgs:
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
-        require_params(owner, params)
+        checks.require_params(params, owner)
 
         def leaf(u, w):
             if not is_kernel(w):

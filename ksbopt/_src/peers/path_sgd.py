@@ -15,7 +15,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ksbopt._src.peers._common import check_range, compute_dtype, require_params, safe_div
+from ksbopt._src import checks
+from ksbopt._src.numerics import compute_dtype, safe_div
+from ksbopt._src.peers._common import check_range
 
 __all__ = ["ScaleByPathNormState", "path_preconditioner", "path_sgd", "scale_by_path_norm"]
 
@@ -135,7 +137,7 @@ def scale_by_path_norm(path_norm_fn: PathNormFn) -> optax.GradientTransformation
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
-        require_params(owner, params)
+        checks.require_params(params, owner)
         kappa = path_preconditioner(path_norm_fn, params)
         out = jax.tree.map(
             lambda g, k: safe_div(g.astype(k.dtype), k).astype(g.dtype), updates, kappa

@@ -23,16 +23,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ksbopt._src import checks
+from ksbopt._src.numerics import compute_dtype, safe_div
 from ksbopt._src.peers._common import (
     check_bool,
     check_range,
-    compute_dtype,
     concrete_float,
     is_kernel,
     map_leaves,
     one_minus_power,
-    require_params,
-    safe_div,
 )
 
 __all__ = ["RotationalState", "center_params", "equilibrium_angular_update", "rotational"]
@@ -370,7 +369,7 @@ def rotational(
         )
 
     def update_fn(updates, state, params=None, **extra_args):
-        require_params(owner, params)
+        checks.require_params(params, owner)
         count = optax.safe_increment(state.count)
         lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
         eta_r = jnp.sqrt(_eta_r_squared(lr, weight_decay, momentum, kind))
