@@ -4,8 +4,9 @@ Every ``every`` steps the parameters jump along the declared orbits (which never
 loss) to a point chosen by an objective: the largest squared gradient norm (Zhao et al.
 2022: faster descent from there) or the smallest sharpness proxy. The group elements are
 optimised in log coordinates by a few jitted, monotone (trust-region) ascent steps, and the
-state of the wrapped optimizer is carried along with the parameters (:ref:`state-transport`),
-so that training continues as if the coordinates had always been the new ones.
+state of the wrapped optimizer is carried along with the parameters
+(:ref:`state transport <state-transport>`), so that training continues as if the coordinates
+had always been the new ones.
 """
 
 from __future__ import annotations
@@ -333,9 +334,9 @@ def teleport(
     the length is halved; after a success it doubles again up to ``step_size``. So J never
     decreases and one teleport moves s by at most ``steps * step_size``.
 
-    Transport (:ref:`state-transport`, [derived]): the incoming gradient and the wrapped
-    optimizer's first moments (state fields ``mu``, ``trace``, ...) become M^-T g (scale:
-    g / a; rescale: (g_in / a, g_out a); linear: G_A G^-T, G^T G_B; translation: unchanged),
+    Transport (:ref:`state transport <state-transport>`, [derived]): the incoming gradient and
+    the wrapped optimizer's first moments (state fields ``mu``, ``trace``, ...) become M^-T g
+    (scale: g / a; rescale: (g_in / a, g_out a); linear: G_A G^-T, G^T G_B; translation: unchanged),
     its second moments (``nu``, ...) nu / a^2 (rescale: nu_in / a^2, nu_out a^2). Then
     ``base`` takes its step from the new point. For a true symmetry the transported gradient
     is the gradient at the new point exactly, so training continues as the base optimizer

@@ -3,8 +3,9 @@
 A wrapped optimizer keeps trees shaped like the parameters in its state: first moments (a
 momentum buffer, Adam's ``mu``: sums of gradients) and second moments (Adam's ``nu``,
 RMSProp's ``nu``, Adagrad's ``sum_of_squares``: sums of squared gradients). When the
-parameters move along a symmetry orbit these trees must move with them (:ref:`state-transport`):
-a first moment transforms like a gradient, a second moment like its elementwise square.
+parameters move along a symmetry orbit these trees must move with them
+(:ref:`state transport <state-transport>`): a first moment transforms like a gradient, a
+second moment like its elementwise square.
 
 Which tree is which cannot be read off its values, so it is read off its field name in the
 state, with the names optax uses; other names are declared by the caller
