@@ -31,7 +31,7 @@ from flax import nnx
 
 import ksbopt
 import ksbopt.flax
-from ksbopt._src import detect as detect_lib
+from ksbopt._src.detection import detect as detect_lib
 
 WIDTHS = (64, 128, 256, 256, 384, 512, 512, 512, 512)
 
@@ -189,7 +189,7 @@ def main() -> None:
 
 def _same_groups(syms, params) -> bool:
     """Compare the groups of what was found with the expected declarations, group by group."""
-    from ksbopt._src import orbit
+    from ksbopt._src.symmetries import orbit
 
     def canon(decls):
         binding = orbit.bind(tuple(decls), params)

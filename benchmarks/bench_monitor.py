@@ -38,8 +38,8 @@ import optax
 
 import ksbopt
 from benchmarks.bench_transforms import cnn_tree
-from ksbopt._src import dynamics as dynamics_lib
-from ksbopt._src.diagnostics import monitor
+from ksbopt._src.diagnostics import dynamics as dynamics_lib
+from ksbopt._src.diagnostics.monitor import monitor
 
 LR, MOMENTUM, WD = 0.01, 0.9, 5e-4
 

@@ -208,13 +208,13 @@ def groups(layout: Layout) -> dict[str, dict[str, tuple]]:
                 ksbopt.monitor(sgd, syms, learning_rate=LR),
                 None if units is None else "floor: monitor(sgd) sums",
             ),
-            "ksbopt.sgdp": (ksbopt.sgdp(LR, MOMENTUM), "floor: sgdp"),
+            "ksbopt.peers.sgdp": (ksbopt.peers.sgdp(LR, MOMENTUM), "floor: sgdp"),
             "floor: sgdp": (floors.sgdp(LR, MOMENTUM), None),
         },
         "adam": {
             "optax.adam": (optax.adam(ADAM_LR), None),
-            "ksbopt.adamp": (ksbopt.adamp(ADAM_LR), "floor: adamp"),
-            "ksbopt.nero": (ksbopt.nero(ADAM_LR), "floor: nero"),
+            "ksbopt.peers.adamp": (ksbopt.peers.adamp(ADAM_LR), "floor: adamp"),
+            "ksbopt.peers.nero": (ksbopt.peers.nero(ADAM_LR), "floor: nero"),
             "floor: adamp": (floors.adamp(ADAM_LR), None),
             "floor: nero": (floors.nero(ADAM_LR), None),
         },
@@ -224,8 +224,8 @@ def groups(layout: Layout) -> dict[str, dict[str, tuple]]:
                 optax.chain(optax.add_decayed_weights(WEIGHT_DECAY), sgd),
                 None,
             ),
-            "ksbopt.rotational(trace)": (
-                ksbopt.rotational(optax.trace(MOMENTUM), LR, WEIGHT_DECAY, MOMENTUM),
+            "ksbopt.peers.rotational(trace)": (
+                ksbopt.peers.rotational(optax.trace(MOMENTUM), LR, WEIGHT_DECAY, MOMENTUM),
                 "floor: rotational",
             ),
             "floor: rotational": (floors.rotational(LR, WEIGHT_DECAY, MOMENTUM), None),
@@ -240,7 +240,7 @@ def groups(layout: Layout) -> dict[str, dict[str, tuple]]:
         )
         out["adam"]["floor: symmetrize(adam)"] = (floors.symmetrize_adam(units, ADAM_LR), None)
         out["rmsprop"]["ksbopt.noether_rmsprop"] = (
-            ksbopt.noether_rmsprop(ADAM_LR, symmetries=syms),
+            ksbopt.noether_rmsprop(syms, ADAM_LR),
             "floor: noether_rmsprop",
         )
         out["rmsprop"]["floor: noether_rmsprop"] = (floors.noether_rmsprop(units, ADAM_LR), None)

@@ -168,7 +168,7 @@ def part1(data, steps: int, eta: float = 0.3, lam: float = 5e-3):
         )
         xs, ys = batches(x_tr.astype(np.float64), y_tr, steps, 128, seed=1)
         sgd = optax.chain(optax.add_decayed_weights(lam), optax.sgd(eta))
-        nr = ksbopt.noether_rmsprop(eta, lam, symmetries=SYMMETRIES)
+        nr = ksbopt.noether_rmsprop(SYMMETRIES, eta, lam)
         value_and_grad = make_loss(graphdef)
 
         @jax.jit
@@ -208,7 +208,7 @@ def part2(data, steps: int, every: int = 100):
     lam = 5e-4
     families = {
         "noether_rmsprop": (
-            lambda lr: ksbopt.noether_rmsprop(lr, lam, 0.9, symmetries=SYMMETRIES),
+            lambda lr: ksbopt.noether_rmsprop(SYMMETRIES, lr, lam, 0.9),
             (0.03, 0.1, 0.3),
         ),
         "rmsprop": (lambda lr: optax.rmsprop(lr), (1e-3, 3e-3, 1e-2)),

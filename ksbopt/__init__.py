@@ -7,39 +7,19 @@ ksbopt lets you declare the symmetries (:class:`Scale`, :class:`Rescale`,
 the optimiser does with them (:func:`project`, :func:`retract`, :func:`steer`).
 """
 
-from ksbopt import dynamics, targets, theory
-from ksbopt._src.api import charges
-from ksbopt._src.detect import SymmetryCheck, SymmetryReport, detect, verify
-from ksbopt._src.diagnostics import MonitorState, NoetherDiagnostics, monitor
-from ksbopt._src.implicit import NoetherRmspropState, noether_rmsprop
-from ksbopt._src.peers import (
-    NeroRetractionState,
-    RotationalState,
-    ScaleByAdampState,
-    ScaleByNeroState,
-    ScaleByPathNormState,
-    ScaleBySgdpState,
-    adamp,
-    balance_params,
-    center_params,
-    nero,
-    nero_retraction,
-    path_preconditioner,
-    path_sgd,
-    radial_projection,
-    rotational,
-    scale_by_adamp,
-    scale_by_nero,
-    scale_by_path_norm,
-    scale_by_sgdp,
-    sgdp,
+from ksbopt import dynamics, peers, targets, theory
+from ksbopt._src.detection.detect import SymmetryCheck, SymmetryReport, detect, verify
+from ksbopt._src.diagnostics.charges import charges
+from ksbopt._src.diagnostics.monitor import (
+    MonitorState,
+    NoetherDiagnostics,
+    RecursionState,
+    monitor,
 )
-from ksbopt._src.recorder import History, Recorder, summarize
-from ksbopt._src.symmetrize import SymmetrizeState, symmetrize
-from ksbopt._src.symmetry import Linear, Rescale, Scale, Symmetry, Translation
-from ksbopt._src.symmetry_profile import SymmetryProfile, profile
-from ksbopt._src.teleport import TeleportState, teleport
-from ksbopt._src.transforms import (
+from ksbopt._src.diagnostics.recorder import History, Recorder, summarize
+from ksbopt._src.diagnostics.symmetry_profile import SymmetryProfile, profile
+from ksbopt._src.symmetries.declarations import Linear, Rescale, Scale, Symmetry, Translation
+from ksbopt._src.transforms.charge_control import (
     ProjectState,
     RetractState,
     SteerState,
@@ -47,6 +27,9 @@ from ksbopt._src.transforms import (
     retract,
     steer,
 )
+from ksbopt._src.transforms.noether_rmsprop import NoetherRmspropState, noether_rmsprop
+from ksbopt._src.transforms.symmetrize import SymmetrizeState, symmetrize
+from ksbopt._src.transforms.teleport import TeleportState, teleport
 
 __version__ = "0.1.0"
 
@@ -54,19 +37,14 @@ __all__ = [
     "History",
     "Linear",
     "MonitorState",
-    "NeroRetractionState",
     "NoetherDiagnostics",
     "NoetherRmspropState",
     "ProjectState",
     "Recorder",
+    "RecursionState",
     "Rescale",
     "RetractState",
-    "RotationalState",
     "Scale",
-    "ScaleByAdampState",
-    "ScaleByNeroState",
-    "ScaleByPathNormState",
-    "ScaleBySgdpState",
     "SteerState",
     "SymmetrizeState",
     "Symmetry",
@@ -75,28 +53,15 @@ __all__ = [
     "SymmetryReport",
     "TeleportState",
     "Translation",
-    "adamp",
-    "balance_params",
-    "center_params",
     "charges",
     "detect",
     "dynamics",
     "monitor",
-    "nero",
-    "nero_retraction",
     "noether_rmsprop",
-    "path_preconditioner",
-    "path_sgd",
+    "peers",
     "profile",
     "project",
-    "radial_projection",
     "retract",
-    "rotational",
-    "scale_by_adamp",
-    "scale_by_nero",
-    "scale_by_path_norm",
-    "scale_by_sgdp",
-    "sgdp",
     "steer",
     "summarize",
     "symmetrize",

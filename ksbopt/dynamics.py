@@ -5,6 +5,6 @@
 optimizer so that the monitor can predict every charge and report the residual.
 """
 
-from ksbopt._src.dynamics import Dynamics, adam, rmsprop, sgd
+from ksbopt._src.diagnostics.dynamics import Dynamics, adam, rmsprop, sgd
 
 __all__ = ["Dynamics", "adam", "rmsprop", "sgd"]

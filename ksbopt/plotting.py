@@ -4,7 +4,7 @@ Importing this module does not import matplotlib; each function does, and raises
 ``ImportError`` naming ``pip install ksbopt[plot]`` when it is missing.
 """
 
-from ksbopt._src.plotting import (
+from ksbopt._src.diagnostics.plotting import (
     plot_angular_update,
     plot_charges,
     plot_decomposition,

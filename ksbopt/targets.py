@@ -1,6 +1,6 @@
 """Charge targets for :func:`ksbopt.steer`."""
 
-from ksbopt._src.targets import Target, balanced, constant, schedule
-from ksbopt._src.targets_dynamic import equilibrium, nld
+from ksbopt._src.targets.predicted import equilibrium, nld
+from ksbopt._src.targets.prescribed import Target, balanced, constant, schedule
 
 __all__ = ["Target", "balanced", "constant", "equilibrium", "nld", "schedule"]

@@ -63,18 +63,18 @@ CASES = {
         lambda lay: optax.chain(optax.sgd(0.1, 0.9), floors.exact_retraction(lay.units)),
     ),
     "noether_rmsprop": (
-        lambda lay: ksbopt.noether_rmsprop(1e-3, symmetries=lay.symmetries),
+        lambda lay: ksbopt.noether_rmsprop(lay.symmetries, 1e-3),
         lambda lay: floors.noether_rmsprop(lay.units, 1e-3),
     ),
     "symmetrize_adam": (
         lambda lay: ksbopt.symmetrize(optax.adam(1e-3), lay.symmetries),
         lambda lay: floors.symmetrize_adam(lay.units, 1e-3),
     ),
-    "sgdp": (lambda lay: ksbopt.sgdp(0.1, 0.9), lambda lay: floors.sgdp(0.1, 0.9)),
-    "adamp": (lambda lay: ksbopt.adamp(1e-3), lambda lay: floors.adamp(1e-3)),
-    "nero": (lambda lay: ksbopt.nero(1e-3), lambda lay: floors.nero(1e-3)),
+    "sgdp": (lambda lay: ksbopt.peers.sgdp(0.1, 0.9), lambda lay: floors.sgdp(0.1, 0.9)),
+    "adamp": (lambda lay: ksbopt.peers.adamp(1e-3), lambda lay: floors.adamp(1e-3)),
+    "nero": (lambda lay: ksbopt.peers.nero(1e-3), lambda lay: floors.nero(1e-3)),
     "rotational": (
-        lambda lay: ksbopt.rotational(optax.trace(0.9), 0.1, 5e-4, 0.9),
+        lambda lay: ksbopt.peers.rotational(optax.trace(0.9), 0.1, 5e-4, 0.9),
         lambda lay: floors.rotational(0.1, 5e-4, 0.9),
     ),
 }

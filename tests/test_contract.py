@@ -35,14 +35,16 @@ def test_contract(spec, check):
 
 
 def _public_transform_factories() -> set[str]:
-    """Names in ``ksbopt.__all__`` of functions annotated to return a GradientTransformation."""
+    """Names in ``ksbopt.__all__`` and ``ksbopt.peers.__all__`` of functions annotated to
+    return a GradientTransformation."""
     names = set()
-    for name in ksbopt.__all__:
-        obj = getattr(ksbopt, name)
-        if inspect.isfunction(obj):
-            ret = inspect.signature(obj).return_annotation
-            if "GradientTransformation" in str(ret):
-                names.add(name)
+    for module in (ksbopt, ksbopt.peers):
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if inspect.isfunction(obj):
+                ret = inspect.signature(obj).return_annotation
+                if "GradientTransformation" in str(ret):
+                    names.add(name)
     return names
 
 

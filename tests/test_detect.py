@@ -22,9 +22,9 @@ from flax import nnx
 
 import ksbopt
 import ksbopt.flax as kflax
-from ksbopt._src import jaxpr_analysis as ja
-from ksbopt._src import orbit
-from ksbopt._src.detect import detect, verify
+from ksbopt._src.detection import jaxpr_analysis as ja
+from ksbopt._src.detection.detect import detect, verify
+from ksbopt._src.symmetries import orbit
 
 # --------------------------------------------------------------------------- helpers
 

@@ -26,7 +26,7 @@ import support
 import ksbopt
 from ksbopt import MonitorState, NoetherDiagnostics, Recorder, monitor, summarize
 from ksbopt import dynamics as D
-from ksbopt._src.recorder import find_diagnostics
+from ksbopt._src.diagnostics.recorder import find_diagnostics
 
 RTOL_DECOMPOSITION = 1e-12
 RTOL_PREDICTION = 1e-9
@@ -305,7 +305,7 @@ def test_one_pass_reduction_matches_direct_sums(x64, monkeypatch):
     per group, errors of a few ulp per term): 1e-12 relative to the largest entry of each
     field; the identities as in ``check_exact`` (decomposition 1e-12, prediction 1e-9).
     """
-    from ksbopt._src import diagnostics
+    from ksbopt._src.diagnostics import monitor as diagnostics
 
     case = _fused_case()
     opt = optax.chain(optax.add_decayed_weights(LAM), optax.sgd(LR, momentum=BETA))
@@ -340,7 +340,7 @@ def test_one_pass_reduction_matches_direct_sums(x64, monkeypatch):
 def test_updates_are_passed_through_bit_for_bit(monkeypatch):
     """The monitor returns the wrapped optimizer's updates exactly (signed zeros too), also
     where it orders the parameter update after its reductions (large leaves, forced here)."""
-    from ksbopt._src import diagnostics
+    from ksbopt._src.diagnostics import monitor as diagnostics
 
     monkeypatch.setattr(diagnostics, "_FUSED_MIN_SIZE", 0)
     params = {"w": jnp.array([[1.0, -2.0], [0.5, 3.0]]), "b": jnp.array([0.0, 1.0])}

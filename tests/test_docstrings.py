@@ -50,8 +50,8 @@ MODULES = {name: obj for name, obj in PUBLIC.items() if isinstance(obj, ModuleTy
 # Names whose docstring has no formula, and why. Everything else states its math.
 NO_MATH = {
     "ksbopt.Symmetry": "abstract base class; each subclass states its action and charge",
-    "ksbopt.NeroRetractionState": "empty state container of nero_retraction",
-    "ksbopt.ScaleByPathNormState": "empty state container of scale_by_path_norm",
+    "ksbopt.peers.NeroRetractionState": "empty state container of nero_retraction",
+    "ksbopt.peers.ScaleByPathNormState": "empty state container of scale_by_path_norm",
     "ksbopt.History": "a table of recorded numbers; NoetherDiagnostics defines them",
     "ksbopt.Recorder": "host-side bookkeeping; NoetherDiagnostics defines what it records",
     "ksbopt.summarize": "flattens recorded numbers into a dict; no formula of its own",

@@ -115,7 +115,7 @@ def test_bad_numbers_fail_when_the_description_is_made(make, error, match):
 
 
 def test_as_dynamics_takes_descriptions_only():
-    from ksbopt._src.dynamics import as_dynamics
+    from ksbopt._src.diagnostics.dynamics import as_dynamics
 
     assert as_dynamics(None) is None
     d = D.adam(1e-3)

@@ -37,7 +37,7 @@ import support
 from support import registry
 
 import ksbopt
-from ksbopt._src import orbit
+from ksbopt._src.symmetries import orbit
 
 # --------------------------------------------------------------------------- problems
 
@@ -438,7 +438,8 @@ def test_float64_has_room_where_float32_overflows(x64):
 def test_overflowing_charges_are_inf_not_nan():
     """|w| = 1e30 in float32: a Rescale or Linear charge is a difference of two overflowing
     squared norms. Computed directly it is inf - inf = NaN; ksbopt recomputes it from the
-    leaves scaled by a power of two (symmetry._without_overflow): +-inf or finite, never NaN.
+    leaves scaled by a power of two (``without_overflow`` of the bound symmetries): +-inf or
+    finite, never NaN.
     """
     params = scenarios(MIXED_SHAPES, MIXED_SYMS)["huge_params"][0]
     charges = support.jit(lambda p: ksbopt.charges(p, list(MIXED_SYMS)))(params)

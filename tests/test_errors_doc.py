@@ -28,8 +28,8 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PAGE = ROOT / "docs" / "errors.md"
 SOURCES = ("ksbopt", "benchmarks")
-# Exceptions raised and caught inside ksbopt/_src/jaxpr_analysis.py to steer the analysis.
-INTERNAL = {"ksbopt/_src/jaxpr_analysis.py": ("Broken", "Ambiguous", "NeedUniform")}
+# Exceptions raised and caught inside ksbopt/_src/detection/jaxpr_analysis.py to steer the analysis.
+INTERNAL = {"ksbopt/_src/detection/jaxpr_analysis.py": ("Broken", "Ambiguous", "NeedUniform")}
 # A message must carry at least this much fixed text to be findable on the page.
 MIN_FIXED = 12
 
@@ -194,7 +194,7 @@ def test_sites_are_found():
     # The scan sees the errors it must (a broken scanner would pass everything below).
     where = {(s.path, s.error) for s in SITES}
     assert ("ksbopt/_src/groups.py", "ValueError") in where
-    assert ("ksbopt/_src/symmetry.py", "TypeError") in where
+    assert ("ksbopt/_src/symmetries/declarations.py", "TypeError") in where
     assert ("ksbopt/bench/cli.py", "parser.error") in where
     assert len(SITES) > 100, len(SITES)
 

@@ -13,7 +13,7 @@ from flax.training import train_state
 
 import ksbopt
 import ksbopt.flax as kflax
-from ksbopt._src.detect import detect, verify
+from ksbopt._src.detection.detect import detect, verify
 
 
 def ce(logits, y):

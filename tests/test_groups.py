@@ -16,8 +16,9 @@ import pytest
 import support
 
 import ksbopt
-from ksbopt._src import groups, orbit
+from ksbopt._src import groups
 from ksbopt._src.groups import AxisPart
+from ksbopt._src.symmetries import orbit
 
 
 def _tree():

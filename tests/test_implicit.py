@@ -11,7 +11,7 @@ import support
 
 import ksbopt
 from ksbopt._src import theory
-from ksbopt._src.implicit import NoetherRmspropState, noether_rmsprop
+from ksbopt._src.transforms.noether_rmsprop import NoetherRmspropState, noether_rmsprop
 
 
 def _directions(case: support.Case, params):
@@ -59,7 +59,7 @@ def test_exact_mode_is_sgd_with_weight_decay_on_a_normalised_layer(x64, name, mo
     (p_sgd, _, loss_sgd), (p_nr, s_nr, loss_nr) = _train_both(
         case,
         _sgd(eta, lam, momentum),
-        noether_rmsprop(eta, lam, momentum, symmetries=list(case.symmetries)),
+        noether_rmsprop(list(case.symmetries), eta, lam, momentum),
         100,
     )
     # 1e-10 relative in float64 (the issue's bar). Measured: ~1e-15 at momentum 0, ~1e-12 at
@@ -77,7 +77,7 @@ def test_exact_accumulator_follows_p1(x64):
     """x_{k+1} = (1 - eta lam)^2 x_k + eta^2 |g_hat_k|^2 / x_k (theory.scale_sgd_step)."""
     case = support.CASES_BY_NAME["scale_layernorm"]
     eta, lam = 1.0, 0.02
-    tx = noether_rmsprop(eta, lam, symmetries=list(case.symmetries))
+    tx = noether_rmsprop(list(case.symmetries), eta, lam)
     b = case.bind(case.params()).bound[0]
 
     def probe(p, g, s):
@@ -130,7 +130,7 @@ def test_nld_mode_measured_error(x64):
     ratios = {}
     for beta in (0.0, 0.9):
         ref = _angles(_sgd(eta, lam, beta), steps)
-        got = _angles(noether_rmsprop(eta, lam, beta, symmetries=sym, mode="nld"), steps)
+        got = _angles(noether_rmsprop(sym, eta, lam, beta, mode="nld"), steps)
         per_window = got.reshape(-1, window, _U).mean(1) / ref.reshape(-1, window, _U).mean(1)
         ratios[beta] = per_window
     # beta = 0: the NLD RMSProp is the first-order form of the exact recursion; measured
@@ -156,7 +156,7 @@ def test_trains_a_network_without_normalisation():
     sym = [ksbopt.Scale(["Dense_0/kernel", "Dense_0/bias"], axis=-1)]
     params = case.params()
     for mode, beta in (("exact", 0.9), ("nld", 0.9)):
-        tx = noether_rmsprop(0.05, 1e-3, beta, symmetries=sym, mode=mode)
+        tx = noether_rmsprop(sym, 0.05, 1e-3, beta, mode=mode)
         end, state, losses = support.train(case, tx, params, 60)
         support.assert_finite((end, state))
         assert float(losses[-1]) < 0.7 * float(losses[0]), (mode, losses[0], losses[-1])
@@ -174,7 +174,7 @@ def test_zero_norm_unit_stays_zero_without_nan():
     sym = ksbopt.Scale("w", axis=-1)
     g = {"w": jnp.ones((3, 3))}
     for mode in ("exact", "nld"):
-        tx = noether_rmsprop(0.1, 1e-2, 0.9, symmetries=sym, mode=mode)
+        tx = noether_rmsprop(sym, 0.1, 1e-2, 0.9, mode=mode)
         step = support.jit(tx.update)
         p, s = params, tx.init(params)
         for _ in range(2):
@@ -187,7 +187,7 @@ def test_zero_norm_unit_stays_zero_without_nan():
 def test_nonfinite_gradient_skips_the_step():
     case = support.CASES_BY_NAME["scale_batchnorm"]
     params = case.params()
-    tx = noether_rmsprop(0.1, 1e-2, 0.9, symmetries=list(case.symmetries))
+    tx = noether_rmsprop(list(case.symmetries), 0.1, 1e-2, 0.9)
     step = support.jit(tx.update)
     u, state = step(jax.grad(case.loss)(params), tx.init(params), params)
     params = optax.apply_updates(params, u)

@@ -21,7 +21,7 @@ import pytest
 import support
 
 import ksbopt
-from ksbopt._src import orbit
+from ksbopt._src.symmetries import orbit
 
 EPS64 = float(np.finfo(np.float64).eps)
 # Orthogonality after a Gram solve in float64: the residual J^T P u is rounding of a sum over

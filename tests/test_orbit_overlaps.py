@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import ksbopt
-from ksbopt._src import orbit
+from ksbopt._src.symmetries import orbit
 
 
 def _relu_chain(rng) -> tuple[dict, list]:

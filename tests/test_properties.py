@@ -40,7 +40,7 @@ from hypothesis import strategies as st
 
 import ksbopt
 from ksbopt._src import groups as groups_lib
-from ksbopt._src import orbit
+from ksbopt._src.symmetries import orbit
 
 _COMMON = {
     "deadline": None,

@@ -16,7 +16,7 @@ import support
 
 import ksbopt
 from ksbopt import MonitorState, NoetherDiagnostics, Recorder, summarize
-from ksbopt._src.recorder import PER_GROUP_FIELDS, find_diagnostics
+from ksbopt._src.diagnostics.recorder import PER_GROUP_FIELDS, find_diagnostics
 
 CASE = support.CASES_BY_NAME["relu_softmax"]  # a Rescale and a Translation (overlapping)
 SYM = list(CASE.symmetries)

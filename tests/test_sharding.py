@@ -45,9 +45,9 @@ EPS = float(np.finfo(np.float32).eps)
 # more; a wrong sharded reduction (a partial sum that is never combined) is an O(1) error.
 RTOL = 1e-6
 # Linear orbit moves are Newton solves that stop once the relative charge residual is below
-# 64 eps (ksbopt/_src/symmetry.py, _BoundLinear.move_to): two runs that round differently
-# may stop at different iterates anywhere inside that tolerance, so their Linear leaves and
-# charges can differ by up to 2 x 64 eps (measured: 1.6e-6). This is the solver's stated
+# 64 eps (BoundLinear.move_to in ksbopt/_src/symmetries/linear_groups.py): two runs that round
+# differently may stop at different iterates anywhere inside that tolerance, so their Linear
+# leaves and charges can differ by up to 2 x 64 eps (measured: 1.6e-6). This is the solver's stated
 # accuracy, the same between two single-device runs with another reduction order.
 RTOL_NEWTON = 2 * 64 * EPS
 

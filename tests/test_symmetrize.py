@@ -11,7 +11,7 @@ import support
 from support import contract
 
 import ksbopt
-from ksbopt._src.symmetrize import SymmetrizeState, symmetrize
+from ksbopt._src.transforms.symmetrize import SymmetrizeState, symmetrize
 
 STEPS = 40
 

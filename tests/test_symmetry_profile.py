@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import ksbopt
-from ksbopt._src.symmetry_profile import classify, step_ratios, tolerance
+from ksbopt._src.diagnostics.symmetry_profile import classify, step_ratios, tolerance
 
 
 def _net(dtype=jnp.float64):

@@ -13,7 +13,7 @@ import support
 
 import ksbopt
 from ksbopt import targets
-from ksbopt._src.targets import as_target
+from ksbopt._src.targets.prescribed import as_target
 
 # float64, closed-form moves (and Newton to 64 eps for Linear): charges land on their goals
 # to ~1e-15 relative; 1e-12 leaves a margin of ~1e3.

@@ -11,7 +11,7 @@ import support
 
 import ksbopt
 from ksbopt._src import theory
-from ksbopt._src.targets_dynamic import equilibrium, nld
+from ksbopt._src.targets.predicted import equilibrium, nld
 
 SYM = [ksbopt.Scale("w", axis=-1)]
 _SCALES = np.array([0.1, 1.0, 10.0, 100.0])  # initial norms 1000x apart

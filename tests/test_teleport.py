@@ -12,7 +12,7 @@ import pytest
 import support
 
 import ksbopt
-from ksbopt._src.teleport import TeleportState, teleport
+from ksbopt._src.transforms.teleport import TeleportState, teleport
 
 
 def _grad_sq(case, params):
@@ -28,7 +28,7 @@ def _sharpness(case, params, rho):
 def _move(case, objective, **kw):
     """One teleport (base step zero): the params after it and the state."""
     tx = teleport(
-        list(case.symmetries), optax.set_to_zero(), objective=objective, value_fn=case.loss, **kw
+        optax.set_to_zero(), list(case.symmetries), objective=objective, value_fn=case.loss, **kw
     )
     params = case.params()
     u, state = support.jit(tx.update)(jax.grad(case.loss)(params), tx.init(params), params)
@@ -132,7 +132,7 @@ def test_training_continues_as_in_the_transformed_coordinates(x64, name, base):
     case = support.CASES_BY_NAME[name]
     make = (lambda: optax.sgd(0.05, momentum=0.9)) if base == "sgd" else (lambda: optax.adam(0.02))
     tx = teleport(
-        list(case.symmetries), make(), every=3, steps=4, step_size=0.3, value_fn=case.loss
+        make(), list(case.symmetries), every=3, steps=4, step_size=0.3, value_fn=case.loss
     )
     ref = make()
 
@@ -181,8 +181,8 @@ def test_loss_with_a_batch_as_extra_argument(x64):
         return scale * jnp.mean(jnp.square(h @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"]))
 
     g = jax.grad(value_fn)(params, x)
-    at_init = teleport(list(case.symmetries), optax.set_to_zero(), value_fn=value_fn)
-    as_arg = teleport(list(case.symmetries), optax.set_to_zero())
+    at_init = teleport(optax.set_to_zero(), list(case.symmetries), value_fn=value_fn)
+    as_arg = teleport(optax.set_to_zero(), list(case.symmetries))
     u1, _ = at_init.update(g, at_init.init(params), params, batch=x, other=1)
     u2, _ = as_arg.update(g, as_arg.init(params), params, value_fn=value_fn, batch=x)
     support.assert_close(u1, u2, rtol=0.0)
@@ -197,7 +197,7 @@ def test_loss_with_a_batch_as_extra_argument(x64):
 def test_missing_or_misnamed_loss_is_a_clear_error():
     case = support.CASES_BY_NAME["rescale_mlp"]
     params = case.params()
-    tx = teleport(list(case.symmetries), optax.sgd(0.1))
+    tx = teleport(optax.sgd(0.1), list(case.symmetries))
     g = jax.grad(case.loss)(params)
     missing = r"needs the loss.*value_fn=loss.*got extra arguments \[\]"
     with pytest.raises(ValueError, match=missing):
@@ -226,12 +226,13 @@ def test_missing_or_misnamed_loss_is_a_clear_error():
         ({"objective": "hessian"}, ValueError, "objective='hessian' is not one of"),
         ({"value_fn": "loss"}, TypeError, "value_fn='loss' must be a callable"),
         ({"base": "sgd"}, TypeError, "base='sgd' is not an optax"),
+        ({"base": ksbopt.Scale("w"), "symmetries": optax.sgd(0.1)}, TypeError, "comes first"),
         ({"moments": {"mu": "third"}}, ValueError, "moments entry"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
-        teleport(ksbopt.Scale("w"), **kwargs)
+        teleport(**{"base": optax.sgd(0.1), "symmetries": ksbopt.Scale("w"), **kwargs})
 
 
 class _BufferState(NamedTuple):
@@ -249,15 +250,15 @@ def test_unknown_state_fields_must_be_declared():
     case = support.CASES_BY_NAME["rescale_mlp"]
     params = case.params()
     with pytest.raises(ValueError, match=r"\['0/buffer'\].*moments="):
-        teleport(list(case.symmetries), optax.chain(_with_buffer())).init(params)
-    tx = teleport(list(case.symmetries), optax.chain(_with_buffer()), moments={"buffer": "first"})
+        teleport(optax.chain(_with_buffer()), list(case.symmetries)).init(params)
+    tx = teleport(optax.chain(_with_buffer()), list(case.symmetries), moments={"buffer": "first"})
     tx.init(params)
 
 
 def test_second_moments_under_linear_are_refused():
     case = support.CASES_BY_NAME["linear_deep"]
     with pytest.raises(ValueError, match="no exact transport under"):
-        teleport(list(case.symmetries), optax.adam(1e-3)).init(case.params())
+        teleport(optax.adam(1e-3), list(case.symmetries)).init(case.params())
 
 
 def test_zero_norm_unit_without_nan():
@@ -265,7 +266,7 @@ def test_zero_norm_unit_without_nan():
     params = case.params()
     params["Dense_0"]["kernel"] = params["Dense_0"]["kernel"].at[:, 1].set(0.0)
     params["Dense_0"]["bias"] = params["Dense_0"]["bias"].at[1].set(0.0)
-    tx = teleport(list(case.symmetries), optax.sgd(0.1, momentum=0.9), every=1, value_fn=case.loss)
+    tx = teleport(optax.sgd(0.1, momentum=0.9), list(case.symmetries), every=1, value_fn=case.loss)
     step = support.jit(tx.update)
     state = tx.init(params)
     for _ in range(2):
@@ -283,8 +284,8 @@ def test_nonfinite_gradient_skips_the_step():
     case = support.CASES_BY_NAME["rescale_mlp"]
     params = case.params()
     tx = teleport(
-        list(case.symmetries),
         optax.sgd(0.1, momentum=0.9),
+        list(case.symmetries),
         every=1,
         value_fn=case.loss,
         objective=_balance,

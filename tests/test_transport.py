@@ -15,7 +15,7 @@ import optax
 import pytest
 import support
 
-from ksbopt._src import transport
+from ksbopt._src.transforms import transport
 
 PARAMS = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones((2,))}, "scale": jnp.ones(())}
 

@@ -1,9 +1,9 @@
 """The symmetry profile of every run: per-step ratios, the record's summary, the report table.
 
 Each training step measures, for every declared symmetry of the task, the ratios of
-:func:`ksbopt._src.symmetry_profile.step_ratios` (``<xi, u>``, ``Q(u)``, the charge change and
-``<xi, g>`` relative to their natural sizes); a record keeps their median over all steps and
-per chunk, and the report classifies each (task, optimizer) with
+:func:`ksbopt._src.diagnostics.symmetry_profile.step_ratios` (``<xi, u>``, ``Q(u)``, the charge
+change and ``<xi, g>`` relative to their natural sizes); a record keeps their median over all
+steps and per chunk, and the report classifies each (task, optimizer) with
 :func:`ksbopt.profile`'s rule (``exact`` / ``second order`` / ``first order``).
 """
 
@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from ksbopt._src.symmetry_profile import RATIOS, classify
+from ksbopt._src.diagnostics.symmetry_profile import RATIOS, classify
 
 __all__ = ["of_runs", "report_lines", "step_ratios", "summary"]
 
@@ -22,7 +22,7 @@ def step_ratios(symmetries, params, grads, updates):
     """``(len(symmetries), 7)`` ratios of one step (an empty array when none is declared)."""
     import jax.numpy as jnp
 
-    from ksbopt._src.symmetry_profile import step_ratios as ratios
+    from ksbopt._src.diagnostics.symmetry_profile import step_ratios as ratios
 
     if not symmetries:
         return jnp.zeros((0, 7), jnp.float32)
@@ -33,7 +33,7 @@ def summary(labels: Sequence[str], chunks: Sequence[np.ndarray], params) -> dict
     """The record's ``profile``: median ratios over all steps and per chunk, the floor."""
     import jax
 
-    from ksbopt._src.symmetry_profile import tolerance
+    from ksbopt._src.diagnostics.symmetry_profile import tolerance
 
     if not labels or not chunks:
         return None

@@ -19,7 +19,7 @@ evaluate (schedule-free AdamW evaluates its averaged sequence), ``None`` for the
 
 Adding an optimizer is one line::
 
-    register("nero", lambda lr, task: ks("nero")(lr), NERO_GRID, needs=("nero",))
+    register("nero", lambda lr, task: ks("peers.nero")(lr), NERO_GRID, needs=("peers.nero",))
 
 An entry whose ``ksbopt`` feature is missing stays listed; looking it up with :func:`get`
 raises :class:`FeatureUnavailable` naming the feature (nothing is faked or stubbed).
@@ -456,7 +456,7 @@ register(
 register(
     "noether_rmsprop",
     lambda lr, task, weight_decay, momentum: ks("noether_rmsprop")(
-        lr, weight_decay, momentum, symmetries=task.unit_symmetries()
+        task.unit_symmetries(), lr, weight_decay, momentum
     ),
     SGD_GRID,
     hparams={"weight_decay": 5e-4, "momentum": 0.9},
@@ -469,8 +469,8 @@ register(
 register(
     "sgd+teleport",
     lambda lr, task, momentum, every, steps: ks("teleport")(
-        task.symmetries(("rescale", "linear")),
         _sgd(lr, momentum, 0.0),
+        task.symmetries(("rescale", "linear")),
         every,
         steps,
         objective="grad_norm",
@@ -485,48 +485,48 @@ register(
 )
 register(
     "sgdp",
-    lambda lr, task, momentum, weight_decay: ks("sgdp")(
+    lambda lr, task, momentum, weight_decay: ks("peers.sgdp")(
         lr, momentum=momentum, weight_decay=weight_decay
     ),
     SGD_GRID,
     hparams={"momentum": 0.9, "weight_decay": 5e-4},
-    needs=("sgdp",),
+    needs=("peers.sgdp",),
     description="SGDP (Heo et al. 2021, the authors' defaults: delta 0.1, wd_ratio 0.1, momentum "
     "buffer projected), momentum 0.9, weight decay 5e-4 as sgd+wd",
 )
 register(
     "adamp",
-    lambda lr, task, weight_decay: ks("adamp")(lr, weight_decay=weight_decay),
+    lambda lr, task, weight_decay: ks("peers.adamp")(lr, weight_decay=weight_decay),
     ADAPTIVE_GRID,
     hparams={"weight_decay": 1e-2},
-    needs=("adamp",),
+    needs=("peers.adamp",),
     description="AdamP (Heo et al. 2021; delta 0.1, wd_ratio 0.1), weight decay 1e-2 as adamw",
 )
 register(
     "nero",
-    lambda lr, task: ks("nero")(lr),
+    lambda lr, task: ks("peers.nero")(lr),
     NERO_GRID,
-    needs=("nero",),
+    needs=("peers.nero",),
     description="Nero (Liu et al. 2021, the authors' defaults: beta 0.999, balanced units, "
     "debiased; kernels balanced by the first update, where the authors balance at creation)",
 )
 register(
     "rotational",
-    lambda lr, task, weight_decay, momentum: ks("rotational")(
+    lambda lr, task, weight_decay, momentum: ks("peers.rotational")(
         optax.trace(momentum), lr, weight_decay, momentum, kind="sgdm"
     ),
     SGD_GRID,
     hparams={"weight_decay": 5e-4, "momentum": 0.9},
-    needs=("rotational",),
+    needs=("peers.rotational",),
     description="rotational SGDM (Kosson et al. 2024, REQ's RotationalSGD defaults: per neuron, "
     "centred, update-norm decay 0.9): frozen unit norms, equilibrium angular update "
     "sqrt(2 lr 5e-4 / 1.9) per step; kernels centred by the first update",
 )
 register(
     "path_sgd",
-    lambda lr, task: ks("path_sgd")(lr, path_norm_fn=task.path_norm_fn()),
+    lambda lr, task: ks("peers.path_sgd")(lr, path_norm_fn=task.path_norm_fn()),
     SGD_GRID,
-    needs=("path_sgd",),
+    needs=("peers.path_sgd",),
     task_features=("path_norm",),
     description="Path-SGD (Neyshabur et al. 2015): steps divided by the path-norm curvature",
 )

@@ -151,7 +151,7 @@ class Task:
     def path_norm_fn(self) -> Callable:
         """``sq -> squared l2 path norm``: the net without ReLUs on squared weights, ones in.
 
-        The function Path-SGD needs (:func:`ksbopt.path_sgd`); built once per task, so every
+        The function Path-SGD needs (:func:`ksbopt.peers.path_sgd`); built once per task, so every
         optimizer made for this task gets the same object.
         """
         if self.path_input_shape is None:

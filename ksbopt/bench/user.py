@@ -306,7 +306,7 @@ def _model_factory(model) -> Callable:
 
 
 def _decls(symmetries) -> list[SymDecl]:
-    from ksbopt._src.diagnostics import symmetry_labels
+    from ksbopt._src.diagnostics.monitor import symmetry_labels
 
     if not symmetries:  # a task may declare none (the profile table then leaves it out)
         return []

@@ -82,7 +82,7 @@ def relu_path_norm(sq):
 
 # ------------------------------------------------------------ ksbopt call per fixture
 
-centred_layers = functools.partial(ksbopt.center_params, per_neuron=False)
+centred_layers = functools.partial(ksbopt.peers.center_params, per_neuron=False)
 ADAM = functools.partial(optax.scale_by_adam, b1=0.9, b2=0.999, eps=1e-8)
 
 
@@ -95,57 +95,57 @@ def lr_schedule(count):
 # name -> (the ksbopt optimizer at its defaults where the reference is at its defaults,
 #          the init helper that stands for the reference's construction, or None)
 CASES = {
-    "sgdp_momentum": (lambda: ksbopt.sgdp(0.1, momentum=0.9, weight_decay=1e-2), None),
+    "sgdp_momentum": (lambda: ksbopt.peers.sgdp(0.1, momentum=0.9, weight_decay=1e-2), None),
     "sgdp_nesterov": (
-        lambda: ksbopt.sgdp(0.1, momentum=0.9, nesterov=True, weight_decay=1e-2),
+        lambda: ksbopt.peers.sgdp(0.1, momentum=0.9, nesterov=True, weight_decay=1e-2),
         None,
     ),
     "sgdp_dampening": (
-        lambda: ksbopt.sgdp(
+        lambda: ksbopt.peers.sgdp(
             0.2, momentum=0.8, dampening=0.2, weight_decay=0.0, delta=0.2, wd_ratio=0.3
         ),
         None,
     ),
-    "sgdp_no_momentum": (lambda: ksbopt.sgdp(0.3, momentum=0.0, weight_decay=5e-3), None),
+    "sgdp_no_momentum": (lambda: ksbopt.peers.sgdp(0.3, momentum=0.0, weight_decay=5e-3), None),
     "sgdp_step_projection": (
-        lambda: ksbopt.sgdp(0.1, momentum=0.9, weight_decay=1e-2, project_momentum=False),
+        lambda: ksbopt.peers.sgdp(0.1, momentum=0.9, weight_decay=1e-2, project_momentum=False),
         None,
     ),
-    "adamp_default": (lambda: ksbopt.adamp(1e-2, weight_decay=1e-2), None),
+    "adamp_default": (lambda: ksbopt.peers.adamp(1e-2, weight_decay=1e-2), None),
     "adamp_nesterov": (
-        lambda: ksbopt.adamp(1e-2, b1=0.8, b2=0.99, nesterov=True, weight_decay=0.0),
+        lambda: ksbopt.peers.adamp(1e-2, b1=0.8, b2=0.99, nesterov=True, weight_decay=0.0),
         None,
     ),
-    "nero_constraints": (lambda: ksbopt.nero(0.01), ksbopt.balance_params),
-    "nero_unconstrained": (lambda: ksbopt.nero(0.01, constraints=False), None),
-    "nero_unconstrained_beta": (lambda: ksbopt.nero(0.03, 0.99, constraints=False), None),
-    "nero_pytorch_optimizer": (lambda: ksbopt.nero(0.01, constraints=False), None),
+    "nero_constraints": (lambda: ksbopt.peers.nero(0.01), ksbopt.peers.balance_params),
+    "nero_unconstrained": (lambda: ksbopt.peers.nero(0.01, constraints=False), None),
+    "nero_unconstrained_beta": (lambda: ksbopt.peers.nero(0.03, 0.99, constraints=False), None),
+    "nero_pytorch_optimizer": (lambda: ksbopt.peers.nero(0.01, constraints=False), None),
     "rotational_sgd": (
-        lambda: ksbopt.rotational(optax.trace(0.9), 0.1, 5e-3, momentum=0.9),
-        ksbopt.center_params,
+        lambda: ksbopt.peers.rotational(optax.trace(0.9), 0.1, 5e-3, momentum=0.9),
+        ksbopt.peers.center_params,
     ),
     "rotational_sgd_nesterov_layer": (
-        lambda: ksbopt.rotational(
+        lambda: ksbopt.peers.rotational(
             optax.trace(0.9, nesterov=True), 0.1, 5e-3, momentum=0.9, per_neuron=False
         ),
         centred_layers,
     ),
     "rotational_sgd_no_weight_decay": (
-        lambda: ksbopt.rotational(optax.trace(0.9), 0.1, 0.0, momentum=0.9),
+        lambda: ksbopt.peers.rotational(optax.trace(0.9), 0.1, 0.0, momentum=0.9),
         None,
     ),
     "rotational_sgd_options": (
-        lambda: ksbopt.rotational(
+        lambda: ksbopt.peers.rotational(
             optax.trace(0.5), 0.05, 1e-2, 0.5, 0.99, eps=1e-3, zero_mean=False
         ),
         None,
     ),
     "rotational_adamw": (
-        lambda: ksbopt.rotational(ADAM(), 3e-3, 0.1, momentum=0.9, kind="adamw"),
-        ksbopt.center_params,
+        lambda: ksbopt.peers.rotational(ADAM(), 3e-3, 0.1, momentum=0.9, kind="adamw"),
+        ksbopt.peers.center_params,
     ),
     "rotational_adamw_layer": (
-        lambda: ksbopt.rotational(
+        lambda: ksbopt.peers.rotational(
             ADAM(b1=0.8, b2=0.99),
             3e-3,
             0.05,
@@ -157,20 +157,20 @@ CASES = {
         None,
     ),
     "rotational_adamw_no_weight_decay": (
-        lambda: ksbopt.rotational(ADAM(), 3e-3, 0.0, momentum=0.9, kind="adamw"),
+        lambda: ksbopt.peers.rotational(ADAM(), 3e-3, 0.0, momentum=0.9, kind="adamw"),
         None,
     ),
     "rotational_adamw_schedule": (
-        lambda: ksbopt.rotational(
+        lambda: ksbopt.peers.rotational(
             ADAM(),
             lr_schedule,
             0.1,
             momentum=0.9,
             kind="adamw",
         ),
-        ksbopt.center_params,
+        ksbopt.peers.center_params,
     ),
-    "path_sgd": (lambda: ksbopt.path_sgd(0.05, path_norm_fn=relu_path_norm), None),
+    "path_sgd": (lambda: ksbopt.peers.path_sgd(0.05, path_norm_fn=relu_path_norm), None),
 }
 
 

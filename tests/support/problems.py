@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 import ksbopt
-from ksbopt._src import orbit
+from ksbopt._src.symmetries import orbit
 
 from .compiling import jit
 

@@ -249,7 +249,7 @@ TRANSFORMS: tuple[Spec, ...] = (
     Spec(
         "noether_rmsprop",
         lambda sym, learning_rate=0.1, weight_decay=1e-2, momentum=0.9: ksbopt.noether_rmsprop(
-            learning_rate, weight_decay, momentum, symmetries=sym
+            sym, learning_rate, weight_decay, momentum
         ),
         hyperparams={"learning_rate": 0.1, "weight_decay": 1e-2, "momentum": 0.9},
         schedules={"learning_rate": optax.linear_schedule(0.1, 0.05, 3)},
@@ -262,7 +262,7 @@ TRANSFORMS: tuple[Spec, ...] = (
     Spec(
         "noether_rmsprop_nld",
         lambda sym, learning_rate=0.1, weight_decay=1e-2, momentum=0.9: ksbopt.noether_rmsprop(
-            learning_rate, weight_decay, momentum, symmetries=sym, mode="nld"
+            sym, learning_rate, weight_decay, momentum, mode="nld"
         ),
         hyperparams={"learning_rate": 0.1, "weight_decay": 1e-2, "momentum": 0.9},
         role="optimizer",
@@ -275,7 +275,7 @@ TRANSFORMS: tuple[Spec, ...] = (
     Spec(
         "teleport",
         lambda sym, every=1, step_size=0.1, *, value_fn: ksbopt.teleport(
-            sym, optax.sgd(0.1, momentum=0.9), every, 2, step_size, value_fn=value_fn
+            optax.sgd(0.1, momentum=0.9), sym, every, 2, step_size, value_fn=value_fn
         ),
         hyperparams={"every": 1, "step_size": 0.1},
         schedules={"step_size": optax.linear_schedule(0.1, 0.3, 3)},
@@ -316,14 +316,14 @@ TRANSFORMS: tuple[Spec, ...] = (
     # ---- the peers' ports: interface contract (their numerics: test_peers.py)
     Spec(
         "sgdp",
-        _ignoring_symmetries(ksbopt.sgdp),
+        _ignoring_symmetries(ksbopt.peers.sgdp),
         {"learning_rate": 0.05, "weight_decay": 1e-3},
         alone=True,
         **_PEER,
     ),
     Spec(
         "scale_by_sgdp",
-        _ignoring_symmetries(ksbopt.scale_by_sgdp),
+        _ignoring_symmetries(ksbopt.peers.scale_by_sgdp),
         {"momentum": 0.9},
         first=True,
         block=True,
@@ -331,35 +331,43 @@ TRANSFORMS: tuple[Spec, ...] = (
     ),
     Spec(
         "adamp",
-        _ignoring_symmetries(ksbopt.adamp),
+        _ignoring_symmetries(ksbopt.peers.adamp),
         {"learning_rate": 0.01, "weight_decay": 1e-3},
         alone=True,
         **_PEER,
     ),
     Spec(
         "scale_by_adamp",
-        _ignoring_symmetries(ksbopt.scale_by_adamp),
+        _ignoring_symmetries(ksbopt.peers.scale_by_adamp),
         {"b1": 0.9},
         first=True,
         block=True,
         **_PEER,
     ),
-    Spec("nero", _ignoring_symmetries(ksbopt.nero), {"learning_rate": 0.01}, alone=True, **_PEER),
+    Spec(
+        "nero",
+        _ignoring_symmetries(ksbopt.peers.nero),
+        {"learning_rate": 0.01},
+        alone=True,
+        **_PEER,
+    ),
     # (params only when it has constraints)
     Spec(
         "scale_by_nero",
-        _ignoring_symmetries(ksbopt.scale_by_nero),
+        _ignoring_symmetries(ksbopt.peers.scale_by_nero),
         {"beta": 0.999},
         first=True,
         block=True,
         needs_params=False,
         **_PEER,
     ),
-    Spec("nero_retraction", _ignoring_symmetries(ksbopt.nero_retraction), block=True, **_PEER),
+    Spec(
+        "nero_retraction", _ignoring_symmetries(ksbopt.peers.nero_retraction), block=True, **_PEER
+    ),
     Spec(
         "rotational",
         _ignoring_symmetries(
-            lambda learning_rate, weight_decay: ksbopt.rotational(
+            lambda learning_rate, weight_decay: ksbopt.peers.rotational(
                 optax.trace(0.9), learning_rate, weight_decay, momentum=0.9
             )
         ),
@@ -370,7 +378,7 @@ TRANSFORMS: tuple[Spec, ...] = (
     Spec(
         "path_sgd",
         _ignoring_symmetries(
-            lambda learning_rate, *, path_norm_fn: ksbopt.path_sgd(
+            lambda learning_rate, *, path_norm_fn: ksbopt.peers.path_sgd(
                 learning_rate, path_norm_fn=path_norm_fn
             )
         ),
@@ -381,7 +389,7 @@ TRANSFORMS: tuple[Spec, ...] = (
     ),
     Spec(
         "scale_by_path_norm",
-        _ignoring_symmetries(lambda *, path_norm_fn: ksbopt.scale_by_path_norm(path_norm_fn)),
+        _ignoring_symmetries(lambda *, path_norm_fn: ksbopt.peers.scale_by_path_norm(path_norm_fn)),
         first=True,
         problem_args=("path_norm_fn",),
         block=True,

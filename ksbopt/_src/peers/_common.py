@@ -18,13 +18,10 @@ import numpy as np
 __all__ = [
     "check_bool",
     "check_range",
-    "compute_dtype",
     "concrete_float",
     "is_kernel",
     "map_leaves",
     "one_minus_power",
-    "require_params",
-    "safe_div",
     "unit_norm",
     "unit_sum",
 ]
@@ -94,20 +91,6 @@ def check_bool(owner: str, name: str, value: Any) -> None:
         )
 
 
-def require_params(owner: str, params: Any) -> None:
-    """Raises ``ValueError`` when an optimizer that needs the parameters got none."""
-    if params is None:
-        raise ValueError(
-            f"{owner}: params=None, but this transform needs the current parameters; "
-            "call tx.update(grads, state, params)."
-        )
-
-
-def compute_dtype(x: jax.Array) -> jnp.dtype:
-    """The dtype for norms and projections: at least float32 (float64 stays float64)."""
-    return jnp.promote_types(x.dtype, jnp.float32)
-
-
 def is_kernel(x: jax.Array) -> bool:
     """Whether a leaf has a unit axis (two or more dimensions)."""
     return jnp.ndim(x) >= 2
@@ -121,15 +104,6 @@ def unit_sum(x: jax.Array) -> jax.Array:
 def unit_norm(x: jax.Array) -> jax.Array:
     """Euclidean norm of each unit ``x[..., j]``, shape ``(units,)``."""
     return jnp.sqrt(unit_sum(jnp.square(x)))
-
-
-def safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
-    """``num / den`` where ``den > 0``, and ``0`` where ``den == 0`` (no NaN, no inf).
-
-    The inner ``where`` keeps the gradient of this function finite as well.
-    """
-    pos = den > 0
-    return jnp.where(pos, num / jnp.where(pos, den, 1), 0)
 
 
 def map_leaves(fn, tree: Any, *rest: Any, n_out: int) -> tuple[Any, ...]:

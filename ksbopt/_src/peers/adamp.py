@@ -18,17 +18,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ksbopt._src import checks, reductions
 from ksbopt._src import groups as groups_lib
-from ksbopt._src import reductions
+from ksbopt._src.numerics import compute_dtype, safe_div
 from ksbopt._src.peers._common import (
     check_range,
-    compute_dtype,
     concrete_float,
     is_kernel,
     map_leaves,
     one_minus_power,
-    require_params,
-    safe_div,
 )
 
 __all__ = [
@@ -76,7 +74,7 @@ def radial_projection(
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from ksbopt import radial_projection
+      >>> from ksbopt.peers import radial_projection
       >>> w = jnp.array([[3.0, 0.0], [4.0, 0.0]])   # unit 0 = (3, 4), unit 1 = 0
       >>> g = jnp.array([[4.0, 1.0], [-3.0, 1.0]])  # orthogonal to unit 0
       >>> q, projected = radial_projection(w, g, w, 0.1, 1e-8)
@@ -173,7 +171,7 @@ class ScaleBySgdpState(NamedTuple):
 
     Example:
       >>> import jax.numpy as jnp, ksbopt
-      >>> ksbopt.scale_by_sgdp().init({"kernel": jnp.ones((2, 2))}).momentum["kernel"].shape
+      >>> ksbopt.peers.scale_by_sgdp().init({"kernel": jnp.ones((2, 2))}).momentum["kernel"].shape
       (2, 2)
 
     References:
@@ -242,7 +240,7 @@ def scale_by_sgdp(
 
     Example:
       >>> import jax.numpy as jnp, optax
-      >>> from ksbopt import scale_by_sgdp
+      >>> from ksbopt.peers import scale_by_sgdp
       >>> params = {"kernel": jnp.ones((2, 3))}
       >>> tx = scale_by_sgdp(momentum=0.9)
       >>> state = tx.init(params)
@@ -287,7 +285,7 @@ def scale_by_sgdp(
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
-        require_params(owner, params)
+        checks.require_params(params, owner)
 
         def leaf(g, b, w):
             cd = compute_dtype(g)
@@ -357,7 +355,7 @@ def sgdp(
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
-      >>> from ksbopt import sgdp
+      >>> from ksbopt.peers import sgdp
       >>> params = {"kernel": jnp.array([[1.0, 2.0], [2.0, -1.0]]), "bias": jnp.zeros(2)}
       >>> unit = lambda k: k / jnp.linalg.norm(k, axis=0)  # scale-invariant per column
       >>> loss = lambda p: jnp.sum(jnp.tanh(unit(p["kernel"]) + p["bias"]))
@@ -400,7 +398,7 @@ class ScaleByAdampState(NamedTuple):
 
     Example:
       >>> import jax.numpy as jnp, ksbopt
-      >>> state = ksbopt.scale_by_adamp().init({"kernel": jnp.ones((2, 2))})
+      >>> state = ksbopt.peers.scale_by_adamp().init({"kernel": jnp.ones((2, 2))})
       >>> int(state.count), state.nu["kernel"].shape
       (0, (2, 2))
 
@@ -455,7 +453,7 @@ def scale_by_adamp(
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from ksbopt import scale_by_adamp
+      >>> from ksbopt.peers import scale_by_adamp
       >>> params = {"kernel": jnp.ones((2, 3))}
       >>> tx = scale_by_adamp()
       >>> state = tx.init(params)
@@ -482,7 +480,7 @@ def scale_by_adamp(
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
-        require_params(owner, params)
+        checks.require_params(params, owner)
         count = optax.safe_increment(state.count)
 
         def leaf(g, m, v, w):
@@ -549,7 +547,7 @@ def adamp(
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
-      >>> from ksbopt import adamp
+      >>> from ksbopt.peers import adamp
       >>> params = {"kernel": jnp.array([[1.0, 2.0], [2.0, -1.0]]), "bias": jnp.zeros(2)}
       >>> tx = adamp(1e-2, weight_decay=1e-2)
       >>> state = tx.init(params)

@@ -16,15 +16,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ksbopt._src import checks
+from ksbopt._src.numerics import compute_dtype, safe_div
 from ksbopt._src.peers._common import (
     check_bool,
     check_range,
-    compute_dtype,
     is_kernel,
     map_leaves,
     one_minus_power,
-    require_params,
-    safe_div,
     unit_norm,
     unit_sum,
 )
@@ -102,7 +101,7 @@ def balance_params(params: Any) -> Any:
       >>> import jax, jax.numpy as jnp, ksbopt
       >>> params = {"kernel": jax.random.normal(jax.random.key(0), (4, 3)) + 1.0,
       ...           "bias": jnp.ones(3)}
-      >>> balanced = ksbopt.balance_params(params)
+      >>> balanced = ksbopt.peers.balance_params(params)
       >>> k = balanced["kernel"]
       >>> norms = jnp.linalg.norm(k, axis=0)
       >>> bool(jnp.allclose(k.mean(0), 0, atol=1e-6)), bool(jnp.allclose(norms, 1))
@@ -137,7 +136,8 @@ class ScaleByNeroState(NamedTuple):
 
     Example:
       >>> import jax.numpy as jnp, ksbopt
-      >>> state = ksbopt.scale_by_nero().init({"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)})
+      >>> params = {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)}
+      >>> state = ksbopt.peers.scale_by_nero().init(params)
       >>> state.nu["kernel"].shape, state.nu["bias"].shape
       ((2,), (2,))
 
@@ -201,7 +201,7 @@ def scale_by_nero(
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from ksbopt import scale_by_nero
+      >>> from ksbopt.peers import scale_by_nero
       >>> params = {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}
       >>> tx = scale_by_nero(0.999)
       >>> state = tx.init(params)
@@ -249,7 +249,7 @@ def scale_by_nero(
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
         if current_norm:
-            require_params(owner, params)
+            checks.require_params(params, owner)
         count = optax.safe_increment(state.count)
         leaves_like = params if params is not None else updates
 
@@ -277,7 +277,7 @@ class NeroRetractionState(NamedTuple):
 
     Example:
       >>> import jax.numpy as jnp, ksbopt
-      >>> ksbopt.nero_retraction().init({"kernel": jnp.ones((3, 2))})
+      >>> ksbopt.peers.nero_retraction().init({"kernel": jnp.ones((3, 2))})
       NeroRetractionState()
 
     References:
@@ -303,7 +303,7 @@ def nero_retraction() -> optax.GradientTransformationExtraArgs:
 
     Example:
       >>> import jax.numpy as jnp, optax
-      >>> from ksbopt import nero_retraction
+      >>> from ksbopt.peers import nero_retraction
       >>> params = {"kernel": jnp.array([[1.0, 0.0], [0.0, 3.0], [2.0, 1.0]])}
       >>> tx = nero_retraction()
       >>> u, _ = tx.update({"kernel": jnp.zeros((3, 2))}, tx.init(params), params)
@@ -323,7 +323,7 @@ def nero_retraction() -> optax.GradientTransformationExtraArgs:
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
-        require_params(owner, params)
+        checks.require_params(params, owner)
 
         def leaf(u, w):
             if not is_kernel(w):
@@ -366,7 +366,7 @@ def nero(
     Initial balancing: the authors' optimizer balances the model's kernels when it is
     created, so its first gradient is taken at balanced weights. To reproduce that, call
     :func:`balance_params` on the initial parameters before training
-    (``params = ksbopt.balance_params(params)``). Without it the first update with
+    (``params = ksbopt.peers.balance_params(params)``). Without it the first update with
     constraints balances the kernels itself (:func:`nero_retraction` balances ``w`` before
     adding the step), after a gradient taken at the unbalanced point.
 
@@ -388,8 +388,8 @@ def nero(
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
-      >>> from ksbopt import nero
-      >>> from ksbopt import balance_params
+      >>> from ksbopt.peers import nero
+      >>> from ksbopt.peers import balance_params
       >>> params = {"kernel": jax.random.normal(jax.random.key(0), (4, 3)), "bias": jnp.zeros(3)}
       >>> params = balance_params(params)  # as the authors' optimizer does when created
       >>> tx = nero(0.01)

@@ -15,7 +15,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ksbopt._src.peers._common import check_range, compute_dtype, require_params, safe_div
+from ksbopt._src import checks
+from ksbopt._src.numerics import compute_dtype, safe_div
+from ksbopt._src.peers._common import check_range
 
 __all__ = ["ScaleByPathNormState", "path_preconditioner", "path_sgd", "scale_by_path_norm"]
 
@@ -56,7 +58,7 @@ def path_preconditioner(path_norm_fn: PathNormFn, params: Any) -> Any:
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from ksbopt import path_preconditioner
+      >>> from ksbopt.peers import path_preconditioner
       >>> # two-layer linear net x -> x @ A -> (.) @ B, input dim 2, hidden 2, output 1
       >>> pi = lambda s: jnp.sum(jnp.ones((1, 2)) @ s["A"] @ s["B"])
       >>> params = {"A": jnp.array([[1.0, 2.0], [3.0, 0.0]]), "B": jnp.array([[1.0], [2.0]])}
@@ -85,7 +87,7 @@ class ScaleByPathNormState(NamedTuple):
 
     Example:
       >>> import jax.numpy as jnp, ksbopt
-      >>> tx = ksbopt.scale_by_path_norm(lambda sq: jnp.sum(sq["w"]))
+      >>> tx = ksbopt.peers.scale_by_path_norm(lambda sq: jnp.sum(sq["w"]))
       >>> tx.init({"w": jnp.ones(2)})
       ScaleByPathNormState()
 
@@ -114,7 +116,7 @@ def scale_by_path_norm(path_norm_fn: PathNormFn) -> optax.GradientTransformation
 
     Example:
       >>> import jax, jax.numpy as jnp
-      >>> from ksbopt import scale_by_path_norm
+      >>> from ksbopt.peers import scale_by_path_norm
       >>> pi = lambda s: jnp.sum(jnp.ones((1, 2)) @ s["A"] @ s["B"])
       >>> params = {"A": jnp.array([[1.0, 2.0], [3.0, 0.0]]), "B": jnp.array([[1.0], [2.0]])}
       >>> tx = scale_by_path_norm(pi)
@@ -135,7 +137,7 @@ def scale_by_path_norm(path_norm_fn: PathNormFn) -> optax.GradientTransformation
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
-        require_params(owner, params)
+        checks.require_params(params, owner)
         kappa = path_preconditioner(path_norm_fn, params)
         out = jax.tree.map(
             lambda g, k: safe_div(g.astype(k.dtype), k).astype(g.dtype), updates, kappa
@@ -181,7 +183,7 @@ def path_sgd(
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
-      >>> from ksbopt import path_sgd
+      >>> from ksbopt.peers import path_sgd
       >>> def apply(p, x, act=jax.nn.relu):
       ...     return act(x @ p["A"]) @ p["B"]
       >>> pi = lambda sq: jnp.sum(apply(sq, jnp.ones((1, 2)), act=lambda z: z))

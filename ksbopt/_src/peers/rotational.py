@@ -23,16 +23,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ksbopt._src import checks
+from ksbopt._src.numerics import compute_dtype, safe_div
 from ksbopt._src.peers._common import (
     check_bool,
     check_range,
-    compute_dtype,
     concrete_float,
     is_kernel,
     map_leaves,
     one_minus_power,
-    require_params,
-    safe_div,
 )
 
 __all__ = ["RotationalState", "center_params", "equilibrium_angular_update", "rotational"]
@@ -189,7 +188,7 @@ def center_params(params: Any, *, per_neuron: bool = True) -> Any:
     Example:
       >>> import jax.numpy as jnp, ksbopt
       >>> params = {"kernel": jnp.array([[3.0, 1.0], [1.0, 1.0]]), "bias": jnp.ones(2)}
-      >>> out = ksbopt.center_params(params)["kernel"]
+      >>> out = ksbopt.peers.center_params(params)["kernel"]
       >>> [round(float(x), 4) for x in out[:, 0]], [round(float(x), 4) for x in out[:, 1]]
       ([2.2361, -2.2361], [0.0, 0.0])
 
@@ -225,7 +224,7 @@ class RotationalState(NamedTuple):
 
     Example:
       >>> import jax.numpy as jnp, optax, ksbopt
-      >>> tx = ksbopt.rotational(optax.trace(0.9), learning_rate=0.1, weight_decay=5e-4)
+      >>> tx = ksbopt.peers.rotational(optax.trace(0.9), learning_rate=0.1, weight_decay=5e-4)
       >>> state = tx.init({"kernel": jnp.array([[3.0, 0.0], [4.0, 2.0]])})
       >>> state.target_norm["kernel"]
       Array([5., 2.], dtype=float32)
@@ -321,7 +320,7 @@ def rotational(
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
-      >>> from ksbopt import center_params, rotational
+      >>> from ksbopt.peers import center_params, rotational
       >>> params = {"kernel": jax.random.normal(jax.random.key(0), (8, 4)), "bias": jnp.zeros(4)}
       >>> params = center_params(params)  # as the authors' optimizer does when created
       >>> tx = rotational(optax.scale_by_adam(b1=0.9), 1e-3, 0.1, momentum=0.9, kind="adamw")
@@ -370,7 +369,7 @@ def rotational(
         )
 
     def update_fn(updates, state, params=None, **extra_args):
-        require_params(owner, params)
+        checks.require_params(params, owner)
         count = optax.safe_increment(state.count)
         lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
         eta_r = jnp.sqrt(_eta_r_squared(lr, weight_decay, momentum, kind))

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ksbopt._src.symmetry import BoundSymmetry
+from ksbopt._src.symmetries.bound import BoundSymmetry
 
 
 class Target(abc.ABC):

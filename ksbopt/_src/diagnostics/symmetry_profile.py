@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ksbopt._src import orbit
-from ksbopt._src.diagnostics import symmetry_labels
-from ksbopt._src.symmetry import BoundSymmetry, Flat
+from ksbopt._src.diagnostics.monitor import symmetry_labels
+from ksbopt._src.symmetries import orbit
+from ksbopt._src.symmetries.bound import BoundSymmetry, Flat
 
 __all__ = [
     "CLASSES",
@@ -143,7 +143,7 @@ class SymmetryProfile(NamedTuple):
     """What a learning rule does to each symmetry; ``print(profile)`` shows the table.
 
     Attributes:
-      labels: one name per symmetry (:func:`ksbopt._src.diagnostics.symmetry_labels`).
+      labels: one name per symmetry (:func:`ksbopt._src.diagnostics.monitor.symmetry_labels`).
       ratios: array ``(steps, n_symmetries, 7)`` of :data:`RATIOS` per step.
       classes: per symmetry, ``"exact"``, ``"second order"`` or ``"first order"``, from the
         median over the steps of the two excesses (:func:`classify`).

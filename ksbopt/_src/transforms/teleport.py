@@ -20,12 +20,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ksbopt._src import checks, orbit, transport
+from ksbopt._src import checks
 from ksbopt._src.numerics import all_finite
-from ksbopt._src.symmetry import BoundSymmetry
+from ksbopt._src.symmetries import orbit
+from ksbopt._src.symmetries.bound import BoundSymmetry
+from ksbopt._src.transforms import transport
 
 OBJECTIVES = ("grad_norm", "sharpness")
 _RESERVED = ("value_fn", "value", "grad")
+_OWNER = "ksbopt.teleport"
 
 
 class TeleportState(NamedTuple):
@@ -43,7 +46,7 @@ class TeleportState(NamedTuple):
     Example:
       >>> import jax.numpy as jnp, optax, ksbopt
       >>> sym = ksbopt.Rescale(incoming="a", outgoing="b")
-      >>> tx = ksbopt.teleport(sym, optax.sgd(1e-3), every=10)
+      >>> tx = ksbopt.teleport(optax.sgd(1e-3), sym, every=10)
       >>> state = tx.init({"a": jnp.ones((1, 2)), "b": jnp.ones((2, 1))})
       >>> int(state.count), state.element
       (0, (Array([0., 0.], dtype=float32),))
@@ -60,7 +63,7 @@ class TeleportState(NamedTuple):
 
 
 def _check_args(every, steps, step_size, rho, objective, value_fn) -> None:
-    owner = "ksbopt.teleport"
+    owner = _OWNER
     checks.check_positive_int(owner, "every", every, example=100)
     checks.check_positive_int(owner, "steps", steps, example=8)
     checks.check_positive(owner, "step_size", step_size, example=0.1)
@@ -226,9 +229,83 @@ def _search_impl(config, do, w, element, gain, step_size, rho, steps, dynamic):
 _search = jax.jit(_search_impl, static_argnums=0)
 
 
+def _check_base(base: Any, symmetries: Any) -> optax.GradientTransformationExtraArgs:
+    """The wrapped optimizer (``None``: the identity), with extra-argument support."""
+    if base is None:
+        base = optax.identity()
+    if isinstance(symmetries, optax.GradientTransformation):
+        raise TypeError(
+            f"{_OWNER}: symmetries={symmetries!r} is an optax GradientTransformation; the "
+            "wrapped optimizer comes first, as in optax: teleport(base, symmetries, ...)."
+        )
+    if not isinstance(base, optax.GradientTransformation):
+        raise TypeError(
+            f"{_OWNER}: base={base!r} is not an optax GradientTransformation; pass "
+            "an optimizer such as optax.sgd(0.1, momentum=0.9), or None."
+        )
+    return optax.with_extra_args_support(base)
+
+
+def _check_inner_state(inner: Any, params: Any, table: dict, binding: orbit.Binding) -> None:
+    """Every parameter-shaped field of the wrapped state has a known, exact transport."""
+    unknown = transport.unknown_fields(inner, params, table)
+    if unknown:
+        raise ValueError(
+            f"{_OWNER}: the wrapped optimizer's state holds parameter-shaped fields "
+            f"{unknown} whose transport is unknown; declare them, e.g. moments="
+            "{'<field name>': 'first'} for sums of gradients, 'second' for sums of squared "
+            "gradients, 'none' to leave them."
+        )
+    kinds = {table.get(name) for name, _ in transport.parameter_fields(inner, params)}
+    linear = [b.symmetry for b in binding.bound if b.symmetry.kind == "linear"]
+    if "second" in kinds and linear:
+        raise ValueError(
+            f"{_OWNER}: the wrapped optimizer keeps second moments (e.g. Adam's nu), which "
+            f"have no exact transport under {linear}: elementwise squares of G_A G^-T are "
+            "not a function of nu. Use a first-order base (SGD, momentum) with Linear "
+            "symmetries, or teleport along Scale / Rescale / Translation only."
+        )
+
+
+def _value_fn(extra_args: dict, default: Callable | None) -> Callable:
+    """The loss: the extra argument ``value_fn`` of ``update``, else the factory's."""
+    fn = extra_args.get("value_fn", default)
+    if fn is None:
+        raise ValueError(
+            f"{_OWNER} needs the loss to choose where to move: pass value_fn=loss either to "
+            "ksbopt.teleport(...) or as an extra argument of update, tx.update(grads, "
+            f"state, params, value_fn=loss, batch=...); got extra arguments "
+            f"{sorted(extra_args)}."
+        )
+    return fn
+
+
+def _like(tree: Any, flat: list) -> Any:
+    """``flat`` (promoted leaves) as a tree shaped and typed like ``tree``."""
+    leaves = jax.tree.leaves(tree)
+    return jax.tree.unflatten(
+        jax.tree.structure(tree), [x.astype(y.dtype) for x, y in zip(flat, leaves)]
+    )
+
+
+def _transport_state(
+    binding: orbit.Binding, inner_state: Any, params: Any, table: dict, s: tuple
+) -> Any:
+    """The wrapped optimizer's state carried along by the group element ``exp(s)``."""
+
+    def moments(power):
+        return lambda tree: _like(
+            tree, _transport(binding, orbit.promote(jax.tree.leaves(tree)), s, power)
+        )
+
+    return transport.map_moments(
+        inner_state, params, table, {"first": moments(1), "second": moments(2)}
+    )
+
+
 def teleport(
+    base: optax.GradientTransformation | None,
     symmetries,
-    base: optax.GradientTransformation | None = None,
     every: int = 100,
     steps: int = 8,
     step_size: float = 0.1,
@@ -278,10 +355,10 @@ def teleport(
     step and its data as extra arguments, not a fresh lambda per step.
 
     Args:
+      base: the optimizer to wrap (first, as in ``optax.masked(inner, mask)``); its state is
+        transported. ``None`` means no optimizer (the updates are passed on, transported):
+        use it only in front of stateless transforms, a stateful one must be ``base``.
       symmetries: declarations of any kind (Scale, Rescale, Translation, Linear).
-      base: the optimizer to wrap; its state is transported. ``None`` means no optimizer
-        (the updates are passed on, transported): use it only in front of stateless
-        transforms, a stateful one must be ``base``.
       every: teleport when the step count is a multiple of this (steps 0, every, ...).
       steps: ascent steps per teleport (each costs one gradient of J: a second-order
         derivative of the loss).
@@ -302,7 +379,7 @@ def teleport(
       ...     return jnp.sum((jnp.maximum(x @ p["a"], 0) @ p["b"] - 1.0) ** 2)
       >>> params = {"a": jnp.array([[1.0, 2.0]]), "b": jnp.array([[3.0], [0.5]])}
       >>> sym = ksbopt.Rescale(incoming="a", outgoing="b")
-      >>> tx = ksbopt.teleport(sym, optax.sgd(1e-3, momentum=0.9), every=10, value_fn=loss)
+      >>> tx = ksbopt.teleport(optax.sgd(1e-3, momentum=0.9), sym, every=10, value_fn=loss)
       >>> x = jnp.ones((4, 1))
       >>> g = jax.grad(loss)(params, x)
       >>> u, state = tx.update(g, tx.init(params), params, x=x)
@@ -317,67 +394,29 @@ def teleport(
       "Equi-normalization of Neural Networks", ICLR 2019, https://arxiv.org/abs/1902.10416
       (rescaling momentum with the weights).
     """
-    owner = "ksbopt.teleport"
     _check_args(every, steps, step_size, rho, objective, value_fn)
+    base = _check_base(base, symmetries)
     syms = orbit.as_symmetries(symmetries)
-    table = transport.check_moments(moments, owner=owner)
-    if base is None:
-        base = optax.identity()
-    if not isinstance(base, optax.GradientTransformation):
-        raise TypeError(
-            f"{owner}: base={base!r} is not an optax GradientTransformation; pass "
-            "an optimizer such as optax.sgd(0.1, momentum=0.9), or None."
-        )
-    base = optax.with_extra_args_support(base)
+    table = transport.check_moments(moments, owner=_OWNER)
 
     def init_fn(params):
         binding = orbit.bind(syms, params)
         inner = base.init(params)
-        unknown = transport.unknown_fields(inner, params, table)
-        if unknown:
-            raise ValueError(
-                f"{owner}: the wrapped optimizer's state holds parameter-shaped fields "
-                f"{unknown} whose transport is unknown; declare them, e.g. moments="
-                "{'<field name>': 'first'} for sums of gradients, 'second' for sums of squared "
-                "gradients, 'none' to leave them."
-            )
-        kinds = {table.get(name) for name, _ in transport.parameter_fields(inner, params)}
-        linear = [b.symmetry for b in binding.bound if b.symmetry.kind == "linear"]
-        if "second" in kinds and linear:
-            raise ValueError(
-                f"{owner}: the wrapped optimizer keeps second moments (e.g. Adam's nu), which "
-                f"have no exact transport under {linear}: elementwise squares of G_A G^-T are "
-                "not a function of nu. Use a first-order base (SGD, momentum) with Linear "
-                "symmetries, or teleport along Scale / Rescale / Translation only."
-            )
+        _check_inner_state(inner, params, table, binding)
         w = orbit.promote(jax.tree.leaves(params))
         element = tuple(jnp.zeros(b.charge_shape, w[b.leaves[0]].dtype) for b in binding.bound)
         return TeleportState(jnp.zeros((), jnp.int32), element, jnp.zeros((), jnp.float32), inner)
 
     def update_fn(updates, state, params=None, **extra_args):
-        checks.require_params(params, "ksbopt.teleport")
-        fn = extra_args.get("value_fn", value_fn)
-        if fn is None:
-            raise ValueError(
-                f"{owner} needs the loss to choose where to move: pass value_fn=loss either to "
-                "ksbopt.teleport(...) or as an extra argument of update, tx.update(grads, "
-                f"state, params, value_fn=loss, batch=...); got extra arguments "
-                f"{sorted(extra_args)}."
-            )
-        kwargs = _loss_kwargs(fn, extra_args)
+        checks.require_params(params, _OWNER)
+        fn = _value_fn(extra_args, value_fn)
+        dynamic, static = _split_static(_loss_kwargs(fn, extra_args))
         binding = orbit.bind(syms, params)
         flat_p = jax.tree.leaves(params)
         flat_u = jax.tree.leaves(updates)
         w = orbit.promote(flat_p)
-        dynamic, static = _split_static(kwargs)
-        config = (
-            syms,
-            jax.tree.structure(params),
-            tuple(x.dtype for x in flat_p),
-            objective,
-            fn,
-            static,
-        )
+        config = (syms, jax.tree.structure(params), tuple(x.dtype for x in flat_p), objective)
+        config += (fn, static)
         do = state.count % every == 0
         args = (do, w, state.element, state.objective_gain, step_size, rho, steps, dynamic)
         try:
@@ -387,50 +426,24 @@ def teleport(
         else:  # compiled once per configuration, also when update runs eagerly
             s, gain = _search(config, *args)
 
-        def as_params(flat):
-            return jax.tree.unflatten(
-                jax.tree.structure(params), [x.astype(p.dtype) for x, p in zip(flat, flat_p)]
-            )
-
         def moved(_):
-            w_t = _act(binding, w, s)
-            g_t = _transport(binding, orbit.promote(flat_u), s, 1)
-
-            def tree_transport(power):
-                def fn(tree):
-                    leaves = jax.tree.leaves(tree)
-                    out = _transport(binding, orbit.promote(leaves), s, power)
-                    return jax.tree.unflatten(
-                        jax.tree.structure(tree), [o.astype(x.dtype) for o, x in zip(out, leaves)]
-                    )
-
-                return fn
-
-            inner = transport.map_moments(
-                state.inner_state,
-                params,
-                table,
-                {"first": tree_transport(1), "second": tree_transport(2)},
-            )
-            return w_t, g_t, inner
+            inner = _transport_state(binding, state.inner_state, params, table, s)
+            return _act(binding, w, s), _transport(binding, orbit.promote(flat_u), s, 1), inner
 
         def stay(_):
             return w, orbit.promote(flat_u), state.inner_state
 
         w_t, g_t, inner = jax.lax.cond(do, moved, stay, None)
-        grads_t = jax.tree.unflatten(
-            jax.tree.structure(updates), [x.astype(u.dtype) for x, u in zip(g_t, flat_u)]
+        params_t = jax.tree.unflatten(
+            jax.tree.structure(params), [x.astype(p.dtype) for x, p in zip(w_t, flat_p)]
         )
-        steps_out, inner = base.update(grads_t, inner, as_params(w_t), **extra_args)
+        steps_out, inner = base.update(_like(updates, g_t), inner, params_t, **extra_args)
         new = [
             (wt + s_) - x for wt, s_, x in zip(w_t, orbit.promote(jax.tree.leaves(steps_out)), w)
         ]
         # A non-finite gradient skips the step: zero updates, state unchanged.
         ok = all_finite(flat_u)
-        out = jax.tree.unflatten(
-            jax.tree.structure(updates),
-            [jnp.where(ok, n, 0).astype(u.dtype) for n, u in zip(new, flat_u)],
-        )
+        out = _like(updates, [jnp.where(ok, n, 0) for n in new])
         new_state = TeleportState(optax.safe_increment(state.count), s, gain, inner)
         new_state = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_state, state)
         return out, new_state

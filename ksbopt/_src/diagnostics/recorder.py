@@ -1,6 +1,6 @@
 """Reading Noether diagnostics out of an optimizer state: a host-side recorder and a summary.
 
-:class:`Recorder` copies the :class:`~ksbopt._src.diagnostics.NoetherDiagnostics` of a
+:class:`Recorder` copies the :class:`~ksbopt._src.diagnostics.monitor.NoetherDiagnostics` of a
 monitored optimizer to the host every ``every`` steps, with one ``jax.device_get`` per record
 (the only synchronisation it adds), and stacks them into a :class:`History`.
 :func:`summarize` turns one record into a flat ``{name: float}`` dict (mean / min / max over
@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import optax
 
-from ksbopt._src.diagnostics import MonitorState, NoetherDiagnostics, symmetry_labels
+from ksbopt._src.diagnostics.monitor import MonitorState, NoetherDiagnostics, symmetry_labels
 
 __all__ = ["History", "Recorder", "find_diagnostics", "summarize"]
 

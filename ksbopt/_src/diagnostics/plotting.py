@@ -1,8 +1,9 @@
 """Matplotlib figures of recorded Noether diagnostics (optional dependency: ksbopt[plot]).
 
-Every function takes a :class:`~ksbopt._src.recorder.History` (``recorder.history()``) or a
-:class:`~ksbopt._src.recorder.Recorder`, returns a ``matplotlib.figure.Figure`` (built without
-pyplot, so no display is needed) and, given ``path``, saves it as a PNG.
+Every function takes a :class:`~ksbopt._src.diagnostics.recorder.History`
+(``recorder.history()``) or a :class:`~ksbopt._src.diagnostics.recorder.Recorder`, returns a
+``matplotlib.figure.Figure`` (built without pyplot, so no display is needed) and, given
+``path``, saves it as a PNG.
 
 - :func:`plot_charges`: charges observed vs predicted per symmetry (layer);
 - :func:`plot_effective_learning_rate`: ``eta / |w|^2`` of scale groups over time;
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ksbopt._src.recorder import History, Recorder
+from ksbopt._src.diagnostics.recorder import History, Recorder
 
 __all__ = [
     "plot_angular_update",

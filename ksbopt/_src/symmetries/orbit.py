@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from ksbopt._src import groups as groups_lib
-from ksbopt._src.symmetry import BoundSymmetry, Flat, Moved, Symmetry
+from ksbopt._src.symmetries.declarations import BoundSymmetry, Flat, Moved, Symmetry
 
 
 def as_symmetries(symmetries: Any, *, what: str = "symmetries") -> tuple[Symmetry, ...]:

@@ -16,10 +16,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ksbopt._src import checks, orbit, theory
+from ksbopt._src import checks, theory
 from ksbopt._src.numerics import safe_div
-from ksbopt._src.symmetry import BoundSymmetry
-from ksbopt._src.targets import Target
+from ksbopt._src.symmetries import orbit
+from ksbopt._src.symmetries.bound import BoundSymmetry
+from ksbopt._src.targets.prescribed import Target
 
 
 def _check(owner: str, learning_rate, weight_decay, momentum, *, positive_decay: bool) -> None:

@@ -1,9 +1,9 @@
 """Finding and verifying the symmetries of a loss: :func:`detect` and :func:`verify`.
 
 :func:`detect` reads candidate groups off the computation graph of the loss
-(:mod:`ksbopt._src.jaxpr_analysis`), falls back to enumerating candidates from the parameter
-tree where the graph cannot be read, and keeps the candidates that hold numerically on every
-batch given. :func:`verify` runs the same numerical checks on a hand-written declaration.
+(:mod:`ksbopt._src.detection.jaxpr_analysis`), falls back to enumerating candidates from the
+parameter tree where the graph cannot be read, and keeps the candidates that hold numerically
+on every batch given. :func:`verify` runs the same numerical checks on a hand-written declaration.
 
 Two checks, per batch [paper: NM, THEORY.md section 1]:
 
@@ -38,9 +38,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from ksbopt._src import groups as groups_lib
-from ksbopt._src import jaxpr_analysis as ja
-from ksbopt._src import orbit
-from ksbopt._src.symmetry import BoundSymmetry, Linear, Rescale, Scale, Symmetry, Translation
+from ksbopt._src.detection import jaxpr_analysis as ja
+from ksbopt._src.symmetries import orbit
+from ksbopt._src.symmetries.declarations import (
+    BoundSymmetry,
+    Linear,
+    Rescale,
+    Scale,
+    Symmetry,
+    Translation,
+)
 
 __all__ = ["SymmetryCheck", "SymmetryReport", "detect", "verify"]
 

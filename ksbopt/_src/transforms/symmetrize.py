@@ -16,8 +16,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ksbopt._src import orbit, reductions, transport
-from ksbopt._src.symmetry import _safe_div
+from ksbopt._src import reductions
+from ksbopt._src.symmetries import orbit
+from ksbopt._src.symmetries.declarations import _safe_div
+from ksbopt._src.transforms import transport
 
 SUPPORTED_KINDS = ("scale", "translation")
 

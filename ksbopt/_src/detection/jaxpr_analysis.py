@@ -23,7 +23,7 @@ The result is a list of :class:`Finding` (candidate groups, with the reason they
 e.g. "BatchNorm epsilon=1e-05") and the leaves whose graph could not be read (an unknown
 primitive, a loop), for which the caller enumerates candidates from the parameter tree. The
 analysis only *proposes*: every candidate is then verified numerically by
-:mod:`ksbopt._src.detect`.
+:mod:`ksbopt._src.detection.detect`.
 
 Group structure follows THEORY.md section 1 (Flax layout: the output unit is the last axis).
 """

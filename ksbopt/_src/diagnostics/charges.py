@@ -6,7 +6,7 @@ from typing import Any
 
 import jax
 
-from ksbopt._src import orbit
+from ksbopt._src.symmetries import orbit
 
 
 def charges(params: Any, symmetries) -> tuple[jax.Array, ...]:

@@ -11,8 +11,8 @@ with ``optax.tree.get(state, name)``):
 - ``violation``: the cosine between the gradient and the generator, 0 for a true symmetry;
 - ``angular_update`` (the angle between w and w + u), ``relative_update`` |u| / |w| and, for
   scale groups, ``effective_learning_rate`` eta / ((1 - eta lam) |w|^2) (THEORY.md P2);
-- with a :class:`~ksbopt._src.dynamics.Dynamics`: ``weight_decay_term``, the charge the exact
-  recursions predict (``predicted_charges``) and the normalised residual
+- with a :class:`~ksbopt._src.diagnostics.dynamics.Dynamics`: ``weight_decay_term``, the charge
+  the exact recursions predict (``predicted_charges``) and the normalised residual
   (``prediction_error``); for RMSProp/Adam the metric-weighted charges of P6 and their
   prediction; the equilibrium angular update of P7a.
 
@@ -38,10 +38,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ksbopt._src import dynamics as dynamics_lib
 from ksbopt._src import groups as groups_lib
-from ksbopt._src import orbit, reductions, theory
-from ksbopt._src.symmetry import BoundSymmetry
+from ksbopt._src import reductions, theory
+from ksbopt._src.diagnostics import dynamics as dynamics_lib
+from ksbopt._src.symmetries import orbit
+from ksbopt._src.symmetries.declarations import BoundSymmetry
 
 __all__ = ["MonitorState", "NoetherDiagnostics", "RecursionState", "monitor", "symmetry_labels"]
 
@@ -131,12 +132,27 @@ class NoetherDiagnostics(NamedTuple):
 class RecursionState(NamedTuple):
     """What the exact recursions carry from step to step (one entry per symmetry or None).
 
+    The ``recursion`` field of :class:`MonitorState`. For heavy ball on a scale group the
+    prediction needs the charge, the overlap and the buffer's kinetic term of the step before,
+    e.g. ``x_{k+1} = x_k - 2 eta <w_k, v_{k+1}> + eta^2 |v_{k+1}|^2`` (:ref:`exact-identities`).
+
     Attributes:
       predicted_carry: the predicted charge after the last step (open loop).
       overlap_carry: P3's overlap ``<xi(w_k), v_{k+1}>`` in charge units.
       velocity_carry: ``Q(v_k)`` of the momentum buffer of the last step.
       previous_carry: the predicted charge one step earlier (P4 heavy ball).
       learning_rate_carry: eta of the last step (exact recursions under a schedule).
+
+    Example:
+      >>> import jax.numpy as jnp, optax, ksbopt
+      >>> tx = ksbopt.monitor(optax.sgd(0.1, momentum=0.9), ksbopt.Scale("w"))
+      >>> state = tx.init({"w": jnp.ones((3, 2))})
+      >>> isinstance(state.recursion, ksbopt.RecursionState)
+      True
+
+    References:
+      Tanaka, Kunin, "Noether's Learning Dynamics: Role of Symmetry Breaking in Neural
+      Networks", NeurIPS 2021, https://arxiv.org/abs/2105.02716
     """
 
     predicted_carry: tuple

@@ -17,8 +17,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ksbopt._src import orbit, reductions, theory
-from ksbopt._src.symmetry import _safe_div
+from ksbopt._src import reductions, theory
+from ksbopt._src.symmetries import orbit
+from ksbopt._src.symmetries.declarations import _safe_div
 
 MODES = ("exact", "nld")
 
@@ -40,7 +41,7 @@ class NoetherRmspropState(NamedTuple):
 
     Example:
       >>> import jax.numpy as jnp, ksbopt
-      >>> tx = ksbopt.noether_rmsprop(0.1, symmetries=ksbopt.Scale("w", axis=-1))
+      >>> tx = ksbopt.noether_rmsprop(ksbopt.Scale("w", axis=-1), 0.1)
       >>> tx.init({"w": jnp.array([[3.0], [4.0]])}).accumulator
       (Array([25.], dtype=float32),)
 
@@ -114,11 +115,11 @@ def _check_hyperparameters(learning_rate, weight_decay, momentum, mode) -> None:
 
 
 def noether_rmsprop(
+    symmetries,
     learning_rate: float,
     weight_decay: float = 0.0,
     momentum: float = 0.0,
     *,
-    symmetries,
     mode: str = "exact",
 ) -> optax.GradientTransformationExtraArgs:
     r"""The implicit adaptive optimizer of normalisation + SGD, as an explicit optimizer.
@@ -189,13 +190,14 @@ def noether_rmsprop(
     skipped: zero updates on every leaf, state unchanged (docs/edge_cases.md).
 
     Args:
+      symmetries: the groups, :class:`~ksbopt.Scale` declarations (first, as in every ksbopt
+        transform that wraps no optimizer). On a network without normalisation declare the
+        units, e.g. ``ksbopt.Scale(["Dense_0/kernel", "Dense_0/bias"], axis=-1)`` for the
+        hidden units of a ReLU layer (the next layer absorbs the fixed norms through the
+        rescale symmetry).
       learning_rate: eta (> 0).
       weight_decay: lambda (>= 0; > 0 for ``mode="nld"``).
       momentum: beta in [0, 1).
-      symmetries: the groups, :class:`~ksbopt.Scale` declarations (keyword-only). On a
-        network without normalisation declare the units, e.g.
-        ``ksbopt.Scale(["Dense_0/kernel", "Dense_0/bias"], axis=-1)`` for the hidden units of
-        a ReLU layer (the next layer absorbs the fixed norms through the rescale symmetry).
       mode: ``"exact"`` (default) or ``"nld"`` (keyword-only).
 
     Returns:
@@ -205,7 +207,7 @@ def noether_rmsprop(
     Example:
       >>> import jax.numpy as jnp, optax, ksbopt
       >>> params = {"w": jnp.array([[3.0], [4.0]])}
-      >>> tx = ksbopt.noether_rmsprop(0.1, 1e-2, symmetries=ksbopt.Scale("w", axis=-1))
+      >>> tx = ksbopt.noether_rmsprop(ksbopt.Scale("w", axis=-1), 0.1, 1e-2)
       >>> state = tx.init(params)
       >>> u, state = tx.update({"w": jnp.array([[0.8], [-0.6]])}, state, params)
       >>> round(float(jnp.linalg.norm(optax.apply_updates(params, u)["w"])), 5)

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ksbopt._src import orbit
-from ksbopt._src import targets as targets_lib
+from ksbopt._src.symmetries import orbit
+from ksbopt._src.targets import prescribed as targets_lib
 
 
 def _flat(tree: Any) -> list:

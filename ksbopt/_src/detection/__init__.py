@@ -1,0 +1,1 @@
+"""The jaxpr analysis of a loss and ``detect`` / ``verify``."""

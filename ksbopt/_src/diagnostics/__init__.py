@@ -1,0 +1,1 @@
+"""Charges, the monitor and its optimizer descriptions, recorder, profiles, plots."""

@@ -1,0 +1,1 @@
+"""Symmetry declarations, each kind's mathematics, and the moves along an orbit."""

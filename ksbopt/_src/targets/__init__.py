@@ -1,0 +1,1 @@
+"""Charge targets for ``steer``: prescribed values and values predicted by the theory."""

@@ -1,0 +1,1 @@
+"""ksbopt's own optax transforms: charge control, symmetrize, noether_rmsprop, teleport."""
