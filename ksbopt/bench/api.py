@@ -187,8 +187,9 @@ def compare(
       ['exact', 'first order']
 
     References:
-      None: a benchmark protocol of this package; the symmetry classes follow
-      :func:`ksbopt.profile`, which cites the papers.
+      None: a benchmark protocol of this package; the papers behind its tuning protocol are
+      cited by :func:`ksbopt.bench.protocol.search` and :func:`ksbopt.bench.stats.paired_bootstrap`,
+      and the symmetry classes follow :func:`ksbopt.profile`, which cites the papers.
     """
     from ksbopt.bench import cli, user
 
