@@ -132,15 +132,23 @@ def compare(
     plots: bool = True,
     verbose: bool = True,
 ) -> Results:
-    """Benchmark your optimizers beside the registry's with the harness's protocol.
+    r"""Benchmark your optimizers beside the registry's with the harness's protocol.
 
     Every entry is tuned on every task by the benchmark protocol (:doc:`/howto/protocol`): a
     search on the half-decade learning-rate lattice, extended until the best rate is interior,
-    with weight decay where a registry entry has one, on the first two seeds; the chosen
-    setting ``argmax mean_{tuning seeds} val`` (argmin for a lower-is-better metric) then runs
-    on every seed, and the test metric is reported there as ``mean ± std`` over the seeds, with
-    paired-bootstrap verdicts against the best baseline, beside the symmetry profile of every
-    entry (:func:`ksbopt.profile`'s classes measured at every training step).
+    with weight decay where a registry entry has one, on the first two seeds
+    (:func:`ksbopt.bench.protocol.search`). The chosen setting
+
+    .. math::
+
+        \hat p = \operatorname*{arg\,max}_{p \in E} \frac{1}{n_{\rm tune}}
+        \sum_{s=0}^{n_{\rm tune}-1} \operatorname{val}(p, s)
+
+    over the evaluated points :math:`E` (arg min for a lower-is-better metric) then runs on
+    every seed, and the test metric is reported there as ``mean ± std`` over the seeds, with
+    paired-bootstrap verdicts against the best baseline
+    (:func:`ksbopt.bench.stats.paired_bootstrap`), beside the symmetry profile of every entry
+    (:func:`ksbopt.profile`'s classes measured at every training step).
 
     Args:
       optimizers: name -> a registry name (``"adamw"``), a factory ``lr -> optax
@@ -179,8 +187,9 @@ def compare(
       ['exact', 'first order']
 
     References:
-      None: a benchmark protocol of this package; the symmetry classes follow
-      :func:`ksbopt.profile`, which cites the papers.
+      None: a benchmark protocol of this package; the papers behind its tuning protocol are
+      cited by :func:`ksbopt.bench.protocol.search` and :func:`ksbopt.bench.stats.paired_bootstrap`,
+      and the symmetry classes follow :func:`ksbopt.profile`, which cites the papers.
     """
     from ksbopt.bench import cli, user
 

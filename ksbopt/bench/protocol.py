@@ -43,11 +43,31 @@ WARMUP_FRACTION = 0.05
 
 
 def lattice_lr(k: int) -> float:
-    """The learning rate of lattice index ``k``: ``1e{k//2}`` for even k, ``3e{k//2}`` for odd.
+    r"""The learning rate of lattice index ``k`` on the half-decade lattice of the protocol.
+
+    .. math::
+
+        \eta_k = c_k \, 10^{\lfloor k/2 \rfloor}, \qquad
+        c_k = \begin{cases} 1 & k \text{ even} \\ 3 & k \text{ odd} \end{cases}
+
+    so two steps of the index are one decade and neighbours differ by a factor 3 or 10/3
+    (about :math:`\sqrt{10}` on a log scale). The value is built from its decimal text
+    (``float("3e-2")``), so lattice rates are exactly the round numbers ``0.03``, ``0.1``, ...
+    with no accumulated floating-point error.
+
+    Args:
+      k: the lattice index (any integer; 0 is learning rate 1).
+
+    Returns:
+      The learning rate :math:`\eta_k` as a Python float.
 
     Example:
       >>> [lattice_lr(k) for k in (-4, -3, -2, -1, 0, 1)]
       [0.01, 0.03, 0.1, 0.3, 1.0, 3.0]
+
+    References:
+      None: the 1-3-10 lattice is this package's fixed grid convention; the papers behind
+      the tuning protocol that uses it are cited by :func:`search`.
     """
     return float(f"{3 if k % 2 else 1}e{k // 2}")
 
@@ -112,17 +132,45 @@ def schedule_definition(schedule: str) -> dict | None:
 
 
 def schedule_factor(schedule: str, step, steps: int, xp=math):
-    """Multiplier of the peak learning rate at ``step`` (0-based) of a ``steps``-step run.
+    r"""Multiplier of the peak learning rate at ``step`` (0-based) of a ``steps``-step run.
 
-    ``constant``: 1. ``cosine``: (step + 1) / w for step < w = ceil(WARMUP_FRACTION * steps)
-    (linear warm-up), then (1 + cos(pi (step - w) / (steps - w))) / 2 (cosine decay towards 0,
-    which the step after the last would reach: every step taken has a positive rate;
-    Loshchilov & Hutter, arXiv 1608.03983; Goyal et al., arXiv 1706.02677 for the warm-up).
-    ``xp``: ``math`` for Python numbers or ``jax.numpy`` for a traced step.
+    ``constant`` is 1 at every step. ``cosine`` is a linear warm-up over the first
+    :math:`w` steps followed by a cosine decay; with :math:`t` the step, :math:`T` the number
+    of steps and :math:`f` the warm-up fraction ``WARMUP_FRACTION`` (0.05):
+
+    .. math::
+
+        w = \max(1, \lceil f T \rceil), \qquad
+        s(t) = \begin{cases}
+            \dfrac{t + 1}{w} & t < w, \\[4pt]
+            \dfrac{1}{2}\Bigl(1 + \cos\dfrac{\pi (t - w)}{\max(1, T - w)}\Bigr) & t \ge w.
+        \end{cases}
+
+    The warm-up reaches 1 at :math:`t = w - 1`; the decay starts from 1 at :math:`t = w` and
+    would reach 0 at :math:`t = T`, the step after the last, so every step taken has a
+    positive rate.
+
+    Args:
+      schedule: ``"cosine"`` or ``"constant"`` (anything else raises ``ValueError``).
+      step: the 0-based step :math:`t`: a Python number, or a traced integer array when
+        ``xp`` is ``jax.numpy``.
+      steps: the run's number of steps :math:`T`.
+      xp: the array namespace: ``math`` for Python numbers, ``jax.numpy`` for a traced step.
+
+    Returns:
+      The factor :math:`s(t)` that multiplies the peak learning rate: a Python float with
+      ``xp=math`` (and always ``1.0`` for ``constant``), else a float32 array of ``step``'s
+      shape.
 
     Example:
       >>> [round(schedule_factor("cosine", s, 100), 3) for s in (0, 4, 5, 52, 99)]
       [0.2, 1.0, 1.0, 0.508, 0.0]
+
+    References:
+      Loshchilov, Hutter, "SGDR: Stochastic Gradient Descent with Warm Restarts", ICLR 2017,
+      https://arxiv.org/abs/1608.03983 (the cosine decay, here a single cycle without
+      restarts); Goyal et al., "Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour",
+      https://arxiv.org/abs/1706.02677 (the linear warm-up).
     """
     if schedule == "constant":
         return 1.0
@@ -141,7 +189,20 @@ def schedule_factor(schedule: str, step, steps: int, xp=math):
 
 @dataclasses.dataclass(frozen=True)
 class Protocol:
-    """The knobs of the tuning protocol (one instance per suite; see the module docstring).
+    r"""The knobs of the tuning protocol (one instance per suite; see the module docstring).
+
+    A point :math:`p = (k, \lambda)` is a lattice index (learning rate
+    :math:`\eta_k`, :func:`lattice_lr`) and a weight decay. Its score is the mean final
+    validation metric over the first ``tuning_seeds`` seeds, the worst possible when any of
+    them diverged:
+
+    .. math::
+
+        \operatorname{score}(p) = \frac{1}{n_{\rm tune}} \sum_{s=0}^{n_{\rm tune}-1}
+        \operatorname{val}(p, s), \qquad
+        \lambda \in \{\, c \, \lambda_0 : c \in \texttt{wd\_factors} \,\}
+
+    with :math:`\lambda_0` the entry's default weight decay (not tuned when it is 0).
 
     Attributes:
       tuning_seeds: how many of the suite's seeds (the first ones) the search uses.
@@ -155,9 +216,10 @@ class Protocol:
 
     References:
       The self-extending grid follows the advice of Choi et al., "On Empirical Comparisons of
-      Optimizers for Deep Learning", arXiv 1910.05446 (tune every optimizer's search space
-      until the optimum is inside it), and Schmidt et al., "Descending through a Crowded
-      Valley", arXiv 2007.01547 (one budget for every optimizer).
+      Optimizers for Deep Learning", https://arxiv.org/abs/1910.05446 (tune every optimizer's
+      search space until the optimum is inside it), and Schmidt, Schneider, Hennig,
+      "Descending through a Crowded Valley - Benchmarking Deep Learning Optimizers", ICML 2021,
+      https://arxiv.org/abs/2007.01547 (one tuning budget and protocol for every optimizer).
     """
 
     tuning_seeds: int = 2
@@ -179,7 +241,17 @@ Point = tuple[int, float | None]  # (lattice index, weight decay or None: the en
 
 @dataclasses.dataclass(frozen=True)
 class Search:
-    """Where the search of one (task, schedule arm, optimizer) stands.
+    r"""Where the search of one (task, schedule arm, optimizer) stands.
+
+    Once every needed point is scored, ``best`` is the evaluated point :math:`p^* = (k^*,
+    \lambda^*)` of best score (ties: the lower learning rate, then the lower weight decay),
+    and
+
+    .. math::
+
+        \texttt{edge} \iff \operatorname{score}(p^*) \text{ diverged} \;\lor\;
+        \exists\, k \in \{k^* - 1, k^* + 1\}:\;
+        (k, \lambda^*) \text{ unevaluated or not worse than } p^*.
 
     Attributes:
       needed: points to train next on the tuning seeds (empty once the search is over).
@@ -188,11 +260,18 @@ class Search:
       edge: the chosen learning rate lacks a worse evaluated neighbour on some side.
       exhausted: the extension budget stopped the search.
 
+    The property ``done`` is true when ``needed`` is empty.
+
     Example:
       >>> s = search((0, 1, 2), (), lambda p: -abs(p[0] - 1), higher_is_better=True,
       ...            max_extensions=4)
       >>> s.done, s.best, s.edge
       (True, (1, None), False)
+
+    References:
+      Choi et al., "On Empirical Comparisons of Optimizers for Deep Learning",
+      https://arxiv.org/abs/1910.05446 (an optimum on the edge of its search space means the
+      space was too small: ``edge`` flags it).
     """
 
     needed: tuple[Point, ...]
@@ -218,7 +297,23 @@ def search(
     max_extensions: int,
     wd0: float | None = None,
 ) -> Search:
-    """Runs the search of the module docstring as far as the known scores allow.
+    r"""Runs the search of the module docstring as far as the known scores allow.
+
+    With :math:`E` the evaluated points (first the ``window`` at weight decay
+    :math:`\lambda_0` = ``wd0``), each round takes the best evaluated point :math:`p^* = (k^*,
+    \lambda_i)` and evaluates its neighbours
+
+    .. math::
+
+        N(p^*) = \{(k^* \pm 1, \lambda_i)\} \cup \{(k^*, \lambda_{i \pm 1})\}, \qquad
+        E \leftarrow E \cup N(p^*),
+
+    (weight-decay neighbours only when ``wds`` is not empty, and only inside it) until
+    :math:`N(p^*) \subseteq E`, i.e. no neighbour of the best is unevaluated. A lattice index
+    outside ``window`` is an extension; once ``max_extensions`` distinct ones are used, a
+    neighbour needing another is skipped and the result is marked ``exhausted``. The result
+    depends only on the scores, so calling it again with more scores known continues the same
+    search (this is how the harness resumes).
 
     Args:
       window: the starting lattice indices.
@@ -229,12 +324,25 @@ def search(
       max_extensions: learning rates outside ``window``, at most.
       wd0: the weight decay the search starts from (default: the middle of ``wds``).
 
+    Returns:
+      A :class:`Search`: the points still ``needed`` (the search stops at the first round
+      with a :data:`MISSING` score), or, once every needed point is scored, the ``best``
+      point with its ``edge`` and ``exhausted`` flags; ``scores`` holds every known score.
+
     Example:
       >>> curve = {k: -abs(k + 5) for k in range(-12, 3)}  # best at index -5 (lr 0.003)
       >>> s = search((-2, -1, 0), (), lambda p: curve[p[0]], higher_is_better=True,
       ...            max_extensions=4)
       >>> s.best, s.edge, s.exhausted, sorted(k for k, _ in s.scores)
       ((-5, None), False, False, [-6, -5, -4, -3, -2, -1, 0])
+
+    References:
+      Choi et al., "On Empirical Comparisons of Optimizers for Deep Learning",
+      https://arxiv.org/abs/1910.05446 (extend the search space until the optimum is
+      interior); Schmidt, Schneider, Hennig, "Descending through a Crowded Valley -
+      Benchmarking Deep Learning Optimizers", https://arxiv.org/abs/2007.01547, and Dahl et
+      al., "Benchmarking Neural Network Training Algorithms", https://arxiv.org/abs/2306.07179
+      (the same tuning protocol and budget for every optimizer).
     """
     wds = tuple(wds)
     if wd0 is not None and wd0 not in wds:

@@ -66,15 +66,25 @@ def paired_bootstrap(
     resamples: int = 10_000,
     seed: int = 0,
 ) -> Paired:
-    """Mean of ``a[s] - b[s]`` over the seeds ``s`` both hold, with a percentile bootstrap interval.
+    r"""Mean of ``a[s] - b[s]`` over the seeds both hold, with a percentile bootstrap interval.
 
-    The differences d_s = a_s - b_s of the shared seeds are resampled with replacement
-    ``resamples`` times; the interval is the (1-level)/2 and (1+level)/2 quantiles of the
-    resampled means (Efron & Tibshirani, *An Introduction to the Bootstrap*, 1993, ch. 13).
-    Pairing removes what the seed does to both optimizers alike (initialisation, batch order).
-    A seed missing or non-finite (diverged) in either sample is left out; with fewer than
-    :data:`MIN_PAIRS` shared seeds :meth:`Paired.verdict` gives no verdict (a percentile
-    interval from one or two differences is their range, not a 95% interval).
+    With :math:`S` the shared seeds (:math:`n = |S|`) and :math:`d_s = a_s - b_s`, each of the
+    :math:`B` = ``resamples`` bootstrap replicates draws :math:`n` indices uniformly with
+    replacement, and the interval is the percentile interval of the replicate means:
+
+    .. math::
+
+        \bar d = \frac{1}{n} \sum_{s \in S} d_s, \qquad
+        \bar d^{*}_b = \frac{1}{n} \sum_{i=1}^{n} d_{s_{b,i}}, \qquad
+        [\mathrm{low}, \mathrm{high}] = \Bigl[\hat q_{(1-\alpha)/2},\,
+        \hat q_{(1+\alpha)/2}\Bigr]\bigl(\{\bar d^{*}_b\}_{b=1}^{B}\bigr)
+
+    with :math:`\alpha` = ``level`` and :math:`\hat q` NumPy's (linearly interpolated)
+    empirical quantile. Pairing removes what the seed does to both optimizers alike
+    (initialisation, batch order). A seed missing or non-finite (diverged) in either sample
+    is left out; with fewer than :data:`MIN_PAIRS` shared seeds :meth:`Paired.verdict` gives
+    no verdict (a percentile interval from one or two differences is their range, not a 95%
+    interval).
 
     Args:
       a, b: seed -> metric.
@@ -83,12 +93,20 @@ def paired_bootstrap(
       seed: NumPy seed of the resampling (fixed: the report is reproducible).
 
     Returns:
-      :class:`Paired` ``(mean, low, high, n)``; ``(None, None, None, 0)`` with no shared seed.
+      ``Paired`` ``(mean, low, high, n)``, a tuple with those attributes and a ``verdict``
+      method (``better`` / ``worse`` when the interval excludes 0, else ``tie``);
+      ``(None, None, None, 0)`` with no shared seed.
 
     Example:
       >>> p = paired_bootstrap({0: 0.9, 1: 0.8, 2: 0.85}, {0: 0.8, 1: 0.7, 2: 0.75})
       >>> round(p.mean, 6), round(p.low, 6), round(p.high, 6), p.n, p.verdict()
       (0.1, 0.1, 0.1, 3, 'better')
+
+    References:
+      Efron, "Bootstrap Methods: Another Look at the Jackknife", Annals of Statistics 7(1),
+      1979, https://doi.org/10.1214/aos/1176344552; Efron, Tibshirani, "An Introduction to the
+      Bootstrap", Chapman & Hall, 1993, ch. 13 (the percentile interval),
+      https://doi.org/10.1201/9780429246593.
     """
     if not 0 < level < 1:
         raise ValueError(f"level={level!r} must be in (0, 1), e.g. 0.95")
@@ -111,19 +129,42 @@ def _finite(x) -> bool:
 def band(
     scores: Mapping[float, float | None], higher_is_better: bool = True
 ) -> tuple[float, float, float] | None:
-    """The good band of a learning-rate sensitivity curve: ``(low lr, high lr, width in decades)``.
+    r"""The good band of a learning-rate sensitivity curve: ``(low lr, high lr, width in decades)``.
 
-    ``scores``: learning rate -> validation metric (None: diverged). The band is the contiguous
-    run of grid points around the best whose metric is within :data:`BAND_TOLERANCE` of the
-    best (1 point for a higher-is-better metric, 1% for a lower-is-better one); its width is
-    log10(high / low), 0 when only the best point qualifies. A wide band is an optimizer that
-    forgives a mistuned learning rate.
+    With :math:`v(\eta)` the validation metric at learning rate :math:`\eta` and
+    :math:`\eta^*` the rate of the best one (the lowest such rate on a tie), a rate is good
+    when its metric is finite and within ``BAND_TOLERANCE`` of the best,
+
+    .. math::
+
+        v(\eta) \ge v(\eta^*) - 0.01 \ \text{(higher is better)}, \qquad
+        v(\eta) \le 1.01\, v(\eta^*) \ \text{(lower is better, } v(\eta^*) \ge 0\text{)},
+
+    (:math:`v(\eta) \le v(\eta^*)` for a negative lower-is-better best). The band
+    :math:`[\eta_{\rm lo}, \eta_{\rm hi}]` is the run of consecutive rates of ``scores``
+    (sorted) around :math:`\eta^*` that are all good; a diverged or bad rate ends it. Its
+    width is :math:`\log_{10}(\eta_{\rm hi} / \eta_{\rm lo})` decades, rounded to 6 digits, 0
+    when only the best rate qualifies. A wide band is an optimizer that forgives a mistuned
+    learning rate.
+
+    Args:
+      scores: learning rate -> validation metric (None or non-finite: diverged).
+      higher_is_better: the direction of the metric (True for an accuracy, False for a loss).
+
+    Returns:
+      ``(low lr, high lr, width in decades)``, or None when no rate has a finite metric.
 
     Example:
       >>> band({0.01: 0.80, 0.03: 0.895, 0.1: 0.90, 0.3: 0.893, 1.0: 0.5})
       (0.03, 0.3, 1.0)
       >>> band({0.01: None, 0.1: None}) is None
       True
+
+    References:
+      Schmidt, Schneider, Hennig, "Descending through a Crowded Valley - Benchmarking Deep
+      Learning Optimizers", https://arxiv.org/abs/2007.01547 (how sensitive an optimizer is
+      to its tuning, reported beside its best result); Choi et al., "On Empirical Comparisons
+      of Optimizers for Deep Learning", https://arxiv.org/abs/1910.05446.
     """
     lrs = sorted(scores)
     ok = [lr for lr in lrs if _finite(scores[lr])]
@@ -150,12 +191,34 @@ def band(
 
 
 def target_value(best: float, higher_is_better: bool, fraction: float = TARGET_FRACTION) -> float:
-    """The target of steps-/wall-clock-to-target: ``fraction * best`` (``best / fraction`` when
-    lower is better).
+    r"""The target metric of steps-to-target and wall-clock-to-target.
+
+    With :math:`m^*` the best final validation metric of the task (any optimizer, same
+    schedule arm) and :math:`f` = ``fraction``:
+
+    .. math::
+
+        \tau = f\, m^* \ \text{(higher is better)}, \qquad
+        \tau = m^* / f \ \text{(lower is better)},
+
+    so the target is a fixed relative distance from the best, on the worse side.
+
+    Args:
+      best: the best metric :math:`m^*`.
+      higher_is_better: the direction of the metric.
+      fraction: :math:`f \in (0, 1]` (default ``TARGET_FRACTION``, 0.95).
+
+    Returns:
+      The target :math:`\tau` as a float.
 
     Example:
       >>> target_value(0.9, True), round(target_value(1.9, False), 4)
       (0.855, 2.0)
+
+    References:
+      Dahl et al., "Benchmarking Neural Network Training Algorithms",
+      https://arxiv.org/abs/2306.07179 (speed measured as time to reach a fixed validation
+      target; their targets come from tuned baselines rather than a fraction of the best).
     """
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction={fraction!r} must be in (0, 1], e.g. 0.95")
@@ -180,14 +243,30 @@ def first_reach(
 
 
 def sampling_error(accuracy: float | None, n: int | None) -> float | None:
-    """Standard error sqrt(p (1 - p) / n) of an accuracy ``p`` measured on ``n`` examples.
+    r"""Standard error of an accuracy ``p`` measured on ``n`` test examples.
+
+    .. math::
+
+        \mathrm{SE}(p) = \sqrt{\frac{p\,(1 - p)}{n}}
 
     The binomial error of the test set alone (a fixed model evaluated on a random test sample);
     differences smaller than about twice this cannot be told apart by that test set.
 
+    Args:
+      accuracy: the measured accuracy :math:`p \in [0, 1]` (None: not measured).
+      n: the number of test examples (None or 0: unknown).
+
+    Returns:
+      :math:`\mathrm{SE}(p)` as a float, or None when ``accuracy`` is None or outside
+      :math:`[0, 1]`, or ``n`` is None or 0.
+
     Example:
       >>> round(sampling_error(0.9, 10000), 4)
       0.003
+
+    References:
+      None: the standard error of a binomial proportion is a textbook result, with no
+      single paper to cite.
     """
     if accuracy is None or not n or not 0 <= accuracy <= 1:
         return None
