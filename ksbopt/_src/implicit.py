@@ -35,7 +35,8 @@ class NoetherRmspropState(NamedTuple):
         squared norm ``x = |w|^2`` of the normalised layer (``mode="exact"``) or RMSProp's
         accumulator G (``mode="nld"``).
       momentum: heavy-ball buffer shaped like the parameters (on grouped leaves in exact
-        mode it is the buffer of the virtual normalised layer; unused on them in nld mode).
+        mode it is the buffer of the virtual normalised layer; unused on them in nld mode);
+        ``()`` when ``momentum=0`` (a number): no step reads a buffer then.
       initial: the charges ``1/2 |w|^2`` at ``init``; the weights' norms are held there.
 
     Example:
@@ -239,12 +240,18 @@ def noether_rmsprop(
             acc = tuple(2 * q for q in initial)
         else:
             acc = tuple(2 * lam * (1 - beta) * jnp.square(2 * q) / eta for q in initial)
-        buf = jax.tree.unflatten(jax.tree.structure(params), [jnp.zeros_like(x) for x in w])
+        buf = (
+            jax.tree.unflatten(jax.tree.structure(params), [jnp.zeros_like(x) for x in w])
+            if keeps_buffer
+            else ()
+        )
         return NoetherRmspropState(acc, buf, initial)
 
     # The step reads the buffer v on the groups in exact mode with momentum (beta = 0: the
     # terms in v vanish; nld mode keeps no buffer on the groups).
     with_buffer = mode == "exact" and not (_is_static(beta) and beta == 0)
+    # Without momentum (a static 0) no step reads a buffer: the state keeps none.
+    keeps_buffer = not (_is_static(beta) and beta == 0)
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
@@ -253,7 +260,7 @@ def noether_rmsprop(
         flat_u = jax.tree.leaves(updates)
         w = orbit.promote(jax.tree.leaves(params))
         g = orbit.promote(flat_u)
-        v = jax.tree.leaves(state.momentum)
+        v = jax.tree.leaves(state.momentum) if keeps_buffer else [jnp.zeros((), x.dtype) for x in w]
         vc = orbit.promote(v)
         grouped = {i for b in binding.bound for i in b.leaves}
         # Ungrouped leaves: heavy ball with coupled weight decay.
@@ -318,9 +325,13 @@ def noether_rmsprop(
         ok = jnp.isfinite(sum(checks))
         new = [jnp.where(ok, x, 0).astype(u.dtype) for x, u in zip(steps, flat_u)]
         out = jax.tree.unflatten(jax.tree.structure(updates), new)
-        buf = jax.tree.unflatten(
-            jax.tree.structure(state.momentum),
-            [jnp.where(ok, n, o).astype(o.dtype) for n, o in zip(new_v, v)],
+        buf = (
+            jax.tree.unflatten(
+                jax.tree.structure(state.momentum),
+                [jnp.where(ok, n, o).astype(o.dtype) for n, o in zip(new_v, v)],
+            )
+            if keeps_buffer
+            else ()
         )
         accs = tuple(jnp.where(ok, a, o) for a, o in zip(accs, state.accumulator))
         return out, NoetherRmspropState(accs, buf, state.initial)
