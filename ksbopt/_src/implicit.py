@@ -269,7 +269,7 @@ def noether_rmsprop(
         ]
         steps = [-eta * new_v[i] if i not in grouped else None for i in range(len(w))]
         checks = [jnp.sum(g[i]) for i in range(len(w)) if i not in grouped]
-        accs = []
+        accs, coefs = [], []
         for b, acc, q0 in zip(binding.bound, state.accumulator, state.initial):
             # [derived] Every vector of the step is a per-group combination of w, g (and the
             # buffer v), so all it needs of the leaves are the per-group sums of their
@@ -304,18 +304,12 @@ def noether_rmsprop(
             acc = cand_sq if mode == "exact" else acc_new
             norm = jnp.sqrt(cand_sq)
             k = _safe_div(jnp.sqrt(2 * q0), norm)  # back to the initial norm
-            for p in b.parts:
-                i = p.leaf
-
-                def per(x, p=p):
-                    return p.broadcast(x[p.offset : p.offset + p.size])
-
-                out = (per(k * a) - 1) * w[i] + per(k * bg) * g[i]
-                if with_buffer:
-                    out = out + per(k * cv) * vc[i]
-                steps[i] = out
-                if mode == "exact":
-                    new_v[i] = beta * vc[i] + per(coef_v["g"]) * g[i] + per(coef_v["w"]) * w[i]
+            coef = {"w": k * a - 1, "g": k * bg}
+            if with_buffer:
+                coef["v"] = k * cv
+            if mode == "exact":
+                coef["buffer_w"], coef["buffer_g"] = coef_v["w"], coef_v["g"]
+            coefs.append(coef)
             accs.append(acc)
             checks += [jnp.sum(ww), jnp.sum(gg), jnp.sum(acc), jnp.sum(norm)]
         # A non-finite gradient skips the step: zero updates, state unchanged. So does a group
@@ -323,6 +317,20 @@ def noether_rmsprop(
         # range, e.g. |w| > 1.8e19 in float32): its ratios would be inf / inf = NaN. The
         # per-group sums above already hold every non-finite entry of a grouped gradient.
         ok = jnp.isfinite(sum(checks))
+        coefs = reductions.finished(ok, coefs)
+        for b, coef in zip(binding.bound, coefs):
+            for p in b.parts:
+                i = p.leaf
+
+                def per(name, p=p, coef=coef):
+                    return p.broadcast(coef[name][p.offset : p.offset + p.size])
+
+                out = per("w") * w[i] + per("g") * g[i]
+                if with_buffer:
+                    out = out + per("v") * vc[i]
+                steps[i] = out
+                if mode == "exact":
+                    new_v[i] = beta * vc[i] + per("buffer_g") * g[i] + per("buffer_w") * w[i]
         new = [jnp.where(ok, x, 0).astype(u.dtype) for x, u in zip(steps, flat_u)]
         out = jax.tree.unflatten(jax.tree.structure(updates), new)
         buf = (

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ksbopt._src import orbit
+from ksbopt._src import orbit, reductions
 from ksbopt._src import targets as targets_lib
 
 
@@ -37,20 +37,6 @@ def _all_finite(values) -> jax.Array:
     checked in one fused reduction.
     """
     return jnp.all(jnp.isfinite(jnp.concatenate([jnp.ravel(v) for v in values])))
-
-
-def _finished(ok: jax.Array, small: Any) -> Any:
-    """The per-group vectors ``small``, computed before the leaf-sized pass that uses them.
-
-    XLA fuses small per-group arithmetic (the sum of a group's partial sums over every leaf
-    it spans, the factors made from them) into the elementwise pass over a leaf that applies
-    it, where it is redone for every entry: a Scale group spanning 16 leaves then costs 16
-    additions per entry of each. A conditional is not fused into its consumers, so its
-    results are computed once; the branch not taken (a non-finite step, whose updates are
-    zeroed anyway) returns zeros. (``lax.optimization_barrier`` does not survive to XLA:CPU's
-    fusion passes.)
-    """
-    return jax.lax.cond(ok, lambda x: x, lambda x: jax.tree.map(jnp.zeros_like, x), small)
 
 
 def _unflatten_like(updates: Any, flat: list) -> Any:
@@ -318,7 +304,7 @@ def _orbit_move(syms, target: targets_lib.Target, *, rate, name: str):
             new_t_states.append(ts)
             goals.append(q + rate * (t - q))
         ok = _all_finite(charges)
-        charges, goals = _finished(ok, (charges, goals))
+        charges, goals = reductions.finished(ok, (charges, goals))
         stepped, residual = orbit.move(binding, w, u, goals, charges=charges)
         new = _new_updates(ok, binding, flat_u, stepped)
         residual = jnp.where(ok, residual, state.residual)
