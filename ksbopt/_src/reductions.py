@@ -111,3 +111,18 @@ def group_sums(bound, products) -> list[jax.Array]:
         groups_lib.scatter_groups(bound.parts, [s[j] for s in per_part], bound.n_groups)
         for j in range(len(per_part[0]))
     ]
+
+
+def finished(ok: jax.Array, small):
+    """The per-group values ``small`` (a pytree), computed before the leaf-sized passes
+    that use them.
+
+    XLA fuses small per-group arithmetic (the sum of a group's partial sums over every leaf
+    it spans, the divisions and square roots of a closed form, the guards of zero-norm
+    groups) into the elementwise pass over a leaf that applies it, where it is redone for
+    every entry. A conditional is not fused into its consumers, so its results are computed
+    once. ``ok`` is the step's finiteness flag: the branch not taken (a skipped step, whose
+    updates are zeroed anyway) returns zeros. (``lax.optimization_barrier`` does not reach
+    XLA:CPU's fusion passes.)
+    """
+    return jax.lax.cond(ok, lambda x: x, lambda x: jax.tree.map(jnp.zeros_like, x), small)

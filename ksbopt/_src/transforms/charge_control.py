@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ksbopt._src import reductions
 from ksbopt._src.symmetries import orbit
 from ksbopt._src.targets import prescribed as targets_lib
 
@@ -362,8 +363,9 @@ def _orbit_move(syms, target: targets_lib.Target, *, rate, name: str):
             )
             new_t_states.append(ts)
             goals.append(q + rate * (t - q))
-        stepped, residual = orbit.move(binding, w, u, goals, charges=charges)
         ok = _all_finite(charges)
+        charges, goals = reductions.finished(ok, (charges, goals))
+        stepped, residual = orbit.move(binding, w, u, goals, charges=charges)
         new = _new_updates(ok, binding, flat_u, stepped)
         residual = jnp.where(ok, residual, state.residual)
         if is_retract:

@@ -36,7 +36,8 @@ class NoetherRmspropState(NamedTuple):
         squared norm ``x = |w|^2`` of the normalised layer (``mode="exact"``) or RMSProp's
         accumulator G (``mode="nld"``).
       momentum: heavy-ball buffer shaped like the parameters (on grouped leaves in exact
-        mode it is the buffer of the virtual normalised layer; unused on them in nld mode).
+        mode it is the buffer of the virtual normalised layer; unused on them in nld mode);
+        ``()`` when ``momentum=0`` (a number): no step reads a buffer then.
       initial: the charges ``1/2 |w|^2`` at ``init``; the weights' norms are held there.
 
     Example:
@@ -241,12 +242,18 @@ def noether_rmsprop(
             acc = tuple(2 * q for q in initial)
         else:
             acc = tuple(2 * lam * (1 - beta) * jnp.square(2 * q) / eta for q in initial)
-        buf = jax.tree.unflatten(jax.tree.structure(params), [jnp.zeros_like(x) for x in w])
+        buf = (
+            jax.tree.unflatten(jax.tree.structure(params), [jnp.zeros_like(x) for x in w])
+            if keeps_buffer
+            else ()
+        )
         return NoetherRmspropState(acc, buf, initial)
 
     # The step reads the buffer v on the groups in exact mode with momentum (beta = 0: the
     # terms in v vanish; nld mode keeps no buffer on the groups).
     with_buffer = mode == "exact" and not (_is_static(beta) and beta == 0)
+    # Without momentum (a static 0) no step reads a buffer: the state keeps none.
+    keeps_buffer = not (_is_static(beta) and beta == 0)
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
@@ -255,7 +262,7 @@ def noether_rmsprop(
         flat_u = jax.tree.leaves(updates)
         w = orbit.promote(jax.tree.leaves(params))
         g = orbit.promote(flat_u)
-        v = jax.tree.leaves(state.momentum)
+        v = jax.tree.leaves(state.momentum) if keeps_buffer else [jnp.zeros((), x.dtype) for x in w]
         vc = orbit.promote(v)
         grouped = {i for b in binding.bound for i in b.leaves}
         # Ungrouped leaves: heavy ball with coupled weight decay.
@@ -264,7 +271,7 @@ def noether_rmsprop(
         ]
         steps = [-eta * new_v[i] if i not in grouped else None for i in range(len(w))]
         checks = [jnp.sum(g[i]) for i in range(len(w)) if i not in grouped]
-        accs = []
+        accs, coefs = [], []
         for b, acc, q0 in zip(binding.bound, state.accumulator, state.initial):
             # [derived] Every vector of the step is a per-group combination of w, g (and the
             # buffer v), so all it needs of the leaves are the per-group sums of their
@@ -299,18 +306,12 @@ def noether_rmsprop(
             acc = cand_sq if mode == "exact" else acc_new
             norm = jnp.sqrt(cand_sq)
             k = _safe_div(jnp.sqrt(2 * q0), norm)  # back to the initial norm
-            for p in b.parts:
-                i = p.leaf
-
-                def per(x, p=p):
-                    return p.broadcast(x[p.offset : p.offset + p.size])
-
-                out = (per(k * a) - 1) * w[i] + per(k * bg) * g[i]
-                if with_buffer:
-                    out = out + per(k * cv) * vc[i]
-                steps[i] = out
-                if mode == "exact":
-                    new_v[i] = beta * vc[i] + per(coef_v["g"]) * g[i] + per(coef_v["w"]) * w[i]
+            coef = {"w": k * a - 1, "g": k * bg}
+            if with_buffer:
+                coef["v"] = k * cv
+            if mode == "exact":
+                coef["buffer_w"], coef["buffer_g"] = coef_v["w"], coef_v["g"]
+            coefs.append(coef)
             accs.append(acc)
             checks += [jnp.sum(ww), jnp.sum(gg), jnp.sum(acc), jnp.sum(norm)]
         # A non-finite gradient skips the step: zero updates, state unchanged. So does a group
@@ -318,11 +319,29 @@ def noether_rmsprop(
         # range, e.g. |w| > 1.8e19 in float32): its ratios would be inf / inf = NaN. The
         # per-group sums above already hold every non-finite entry of a grouped gradient.
         ok = jnp.isfinite(sum(checks))
+        coefs = reductions.finished(ok, coefs)
+        for b, coef in zip(binding.bound, coefs):
+            for p in b.parts:
+                i = p.leaf
+
+                def per(name, p=p, coef=coef):
+                    return p.broadcast(coef[name][p.offset : p.offset + p.size])
+
+                out = per("w") * w[i] + per("g") * g[i]
+                if with_buffer:
+                    out = out + per("v") * vc[i]
+                steps[i] = out
+                if mode == "exact":
+                    new_v[i] = beta * vc[i] + per("buffer_g") * g[i] + per("buffer_w") * w[i]
         new = [jnp.where(ok, x, 0).astype(u.dtype) for x, u in zip(steps, flat_u)]
         out = jax.tree.unflatten(jax.tree.structure(updates), new)
-        buf = jax.tree.unflatten(
-            jax.tree.structure(state.momentum),
-            [jnp.where(ok, n, o).astype(o.dtype) for n, o in zip(new_v, v)],
+        buf = (
+            jax.tree.unflatten(
+                jax.tree.structure(state.momentum),
+                [jnp.where(ok, n, o).astype(o.dtype) for n, o in zip(new_v, v)],
+            )
+            if keeps_buffer
+            else ()
         )
         accs = tuple(jnp.where(ok, a, o) for a, o in zip(accs, state.accumulator))
         return out, NoetherRmspropState(accs, buf, state.initial)

@@ -30,7 +30,9 @@ class SymmetrizeState(NamedTuple):
     Attributes:
       initial: the charges at ``init``, one array per symmetry (the level set kept).
       residual: largest relative charge error after the last step (float32, ~eps),
-        ``residual = max_g |Q_g - Q_g(w_0)| / scale_g``.
+        ``residual = max_g |Q_g - Q_g(w_0)| / scale_g``, of the closed-form retraction
+        computed from the per-group sums (the new parameters are not measured again: that
+        would take one more pass over them).
       inner_state: the base optimizer's state, in orbit-invariant coordinates.
 
     Example:
