@@ -258,8 +258,9 @@ def _paths(tree) -> list[str]:
 
 
 def _radial(p, g, w, delta=0.1, eps=1e-8):
-    """AdamP's projection of ``p`` on a kernel: ``p - c w`` with ``c`` per unit (channel
-    view), for the whole leaf (layer view) or 0, from ONE pass of four sums."""
+    """AdamP's projection of ``p`` on a kernel: ``p - c w`` with ``c = <w, p> / (|w| +
+    eps)^2`` per unit (channel view), for the whole leaf (layer view) or 0, from ONE pass of
+    four sums."""
     ww, gg, gw, wp = unit_sums(w * w, g * g, g * w, w * p)
     cos_unit = _safe_div(jnp.abs(gw), jnp.sqrt(gg) * jnp.sqrt(ww) + eps)
     by_unit = jnp.max(cos_unit) < delta / math.sqrt(math.prod(w.shape[:-1]))
@@ -267,12 +268,14 @@ def _radial(p, g, w, delta=0.1, eps=1e-8):
     by_layer = _safe_div(jnp.abs(lgw), jnp.sqrt(lg) * jnp.sqrt(lw) + eps) < delta / math.sqrt(
         w.size
     )
-    c = jnp.where(by_unit, _safe_div(wp, ww), jnp.where(by_layer, _safe_div(lwp, lw), 0.0))
-    return c
+    c_unit = _safe_div(wp, jnp.square(jnp.sqrt(ww) + eps))
+    c_layer = _safe_div(lwp, jnp.square(jnp.sqrt(lw) + eps))
+    return jnp.where(by_unit, c_unit, jnp.where(by_layer, c_layer, 0.0))
 
 
 def sgdp(lr: float, momentum: float) -> optax.GradientTransformation:
-    """SGDP without weight decay: heavy ball, then on every kernel the radial projection."""
+    """SGDP without weight decay: heavy ball, then on every kernel the radial projection,
+    which also replaces the momentum buffer (the reference default without Nesterov)."""
 
     def init_fn(params):
         return jax.tree.map(jnp.zeros_like, params)
@@ -282,7 +285,8 @@ def sgdp(lr: float, momentum: float) -> optax.GradientTransformation:
             b = momentum * b + g
             if w.ndim < 2:
                 return -lr * b, b
-            return -lr * (b - _radial(b, g, w) * w), b
+            q = b - _radial(b, g, w) * w
+            return -lr * q, q
 
         return _two(leaf, grads, buf, params)
 
@@ -379,11 +383,13 @@ def nero(lr: float, beta=0.999, bias_scale=0.01) -> optax.GradientTransformation
 # ---------------------------------------------------------------------------- rotational
 
 
-def rotational(lr: float, weight_decay: float, momentum: float, rms_decay=0.99):
-    """The rotational wrapper of heavy ball (``kind="sgdm"``): on every kernel unit the
-    tangent part of the momentum step, RMS-normalised per unit and scaled by the equilibrium
-    angular update, turns ``w`` at its initial norm. ONE pass of three sums (``w w``,
-    ``u w``, ``u u``) and the output pass; other leaves: heavy ball with coupled decay."""
+def rotational(lr: float, weight_decay: float, momentum: float, rms_decay=0.9, eps=1e-8):
+    """The rotational wrapper of heavy ball (``kind="sgdm"``) with the reference defaults:
+    on every kernel unit, ``w`` and the momentum step ``u`` centred, the tangent part of
+    ``u`` RMS-normalised per unit (``sqrt`` of the debiased average plus ``eps``) and scaled
+    by the equilibrium angular update turns the centred ``w`` at its initial norm. ONE pass
+    of five sums (``w``, ``u``, ``w w``, ``u w``, ``u u``; the centred sums follow from
+    them) and the output pass; other leaves: heavy ball with coupled decay."""
     eta_r = math.sqrt(2 * lr * weight_decay / (1 + momentum))
 
     def init_fn(params):
@@ -411,14 +417,17 @@ def rotational(lr: float, weight_decay: float, momentum: float, rms_decay=0.99):
                 t = momentum * t + g + weight_decay * w
                 return (-lr * t, (t, nu))
             t = momentum * t + g
-            ww, uw, uu = unit_sums(w * w, t * w, t * t)
+            size = math.prod(w.shape[:-1])
+            sw, su, ww, uw, uu = unit_sums(w, t, w * w, t * w, t * t)
+            mw, mu = sw / size, su / size
+            ww, uw, uu = ww - size * mw * mw, uw - size * mw * mu, uu - size * mu * mu  # centred
             c = _safe_div(uw, ww)
             nu = rms_decay * nu + (1 - rms_decay) * jnp.maximum(uu - c * uw, 0)
-            h = eta_r * n * _safe_div(1.0, jnp.sqrt(nu / bc))
-            a, b = 1 + h * c, -h  # moved = a w + b t
+            h = eta_r * n / (jnp.sqrt(nu / bc) + eps)
+            a, b = 1 + h * c, -h  # moved = a (w - mw) + b (t - mu)
             mm = a * a * ww + 2 * a * b * uw + b * b * uu
             k = n * _safe_div(1.0, jnp.sqrt(mm))
-            return ((k * a - 1) * w + k * b * t, (t, nu))
+            return ((k * a - 1) * w + k * b * t - k * (a * mw + b * mu), (t, nu))
 
         treedef = jax.tree.structure(grads)
         outs = [
