@@ -6,17 +6,21 @@ Each variant is one jitted step, ``updates = tx.update(grads, state, params)`` f
 Variants come in groups, each timed against the optax optimizer it modifies or replaces:
 
 - ``optax.sgd(0.1, momentum=0.9)``: ``project``, ``retract``, ``steer`` chained after it
-  (issue 2: each <= 1.3x on CPU is the target), ``monitor`` wrapped around it, ``sgdp``, and
-  a reference without ksbopt code, ``jnp sgd + one per-unit reduction``: the same step
-  followed by the cheapest hand-written exact scale retraction (one sum of ``(w + u)**2``
-  per output unit, then ``w + u`` rescaled to its norm at ``init``). An exact retraction
-  or projection must measure the new step, and XLA:CPU fuses a reduction neither with the
+  (the target is at most 1.3x on CPU each), ``monitor`` wrapped around it, ``sgdp``, and
+  ``floor: exact retraction``, a reference without ksbopt code: the same step followed by
+  the cheapest hand-written exact scale retraction (one sum of ``(w + u)**2`` per output
+  unit, then ``w + u`` rescaled to its norm at ``init``). An exact retraction or
+  projection must measure the new step, and XLA:CPU fuses a reduction neither with the
   elementwise pass that makes the step nor with the one that applies it: one more read of
   ``w`` and the step, whatever the code. This row is that floor for ``retract``, ``steer``
   and ``project`` on the machine at hand (``monitor`` reads the gradient too);
 - ``optax.adam``: ``symmetrize(adam)``, ``adamp``, ``nero``;
 - ``optax.rmsprop``: ``noether_rmsprop``;
 - ``optax.sgd`` with weight decay: ``rotational`` (REQ).
+
+Every other ksbopt row has its own ``floor:`` row (``benchmarks/floors.py``), the cheapest
+plain-``jnp`` step of the same mathematics. The peers (``ksbopt.peers.*``) run at their
+defaults, which follow their authors' reference code.
 
 Repeats are interleaved within a group (every variant once per repeat, the order rotated)
 so that machine noise hits all variants alike; the table reports medians and the ratio of
