@@ -80,6 +80,7 @@ def _results(tmp_path, monkeypatch, files: dict[str, object]) -> Path:
     return root
 
 
+ROW = {"min_ms": 1.0, "compile_s": 0.6, "peak_ratio": 1.0, "state_ratio": 1.0, "copies": None}
 MICRO = {
     "command": "python -m benchmarks.bench_transforms --sizes 1",
     "devices": ["cpu:0"],
@@ -90,27 +91,65 @@ MICRO = {
     "date": "2026-11-27 14:41:35",
     "results": [
         {
+            "layout": "cnn",
+            "size": 1.0,
             "params": 1011181,
+            "leaves": 4,
             "bytes": 4044724,
             "load_average": [1.0, 1.1],
             "rows": [
                 {
+                    **ROW,
                     "variant": "optax.sgd(momentum=0.9)",
                     "baseline": "optax.sgd(momentum=0.9)",
                     "median_ms": 1.5,
-                    "min_ms": 1.0,
                     "ratio": 1.0,
+                    "ratio_floor": None,
                     "copies": 1.6,
-                    "compile_s": 0.6,
                 },
                 {
+                    **ROW,
                     "variant": "+ ksbopt.retract",
                     "baseline": "optax.sgd(momentum=0.9)",
+                    "floor": "floor: exact retraction",
                     "median_ms": 3.0,
-                    "min_ms": 2.0,
                     "ratio": 2.0,
+                    "ratio_floor": 1.25,
                     "compile_s": 1.6,
+                    "peak_ratio": 1.5,
                 },
+            ],
+        }
+    ],
+}
+
+MODELS = {
+    "command": "python -m benchmarks.bench_models --models relu_mlp --sizes small",
+    "cpu_cores": 2,
+    "machine": "x86_64",
+    "versions": {"jax": "0.10.2"},
+    "devices": ["cpu:0"],
+    "results": [
+        {
+            "model": "relu_mlp",
+            "size": "small",
+            "config": {"width": 8},
+            "batch": 4,
+            "parameters": 1234,
+            "detect_s": 0.5,
+            "symmetries": {"rescale": 2},
+            "load_before": 1.0,
+            "load_after": 1.1,
+            "rows": [
+                {
+                    "base": "adam",
+                    "variant": "+ retract",
+                    "step_ms": 2.0,
+                    "step_ratio": 1.5,
+                    "compile_s": 3.0,
+                    "compile_ratio": 2.0,
+                    "residual": 1e-6,
+                }
             ],
         }
     ],
@@ -118,14 +157,21 @@ MICRO = {
 
 
 def test_bench_tables_render_micro_json_with_run_facts(tmp_path, monkeypatch):
-    _results(tmp_path, monkeypatch, {"micro/bench_transforms.json": MICRO})
-    text = benchtables.render("all")
-    assert "- date: 2026-11-27 14:41:35" in text
-    assert "- command: `python -m benchmarks.bench_transforms --sizes 1`" in text
-    assert "- machine: x86_64, 2 CPU cores" in text
-    assert (
-        "| `+ ksbopt.retract` | `optax.sgd(momentum=0.9)` | 3.00 | 2.00 | 2.00 |  | 1.60 |" in text
+    _results(
+        tmp_path,
+        monkeypatch,
+        {"micro/bench_transforms.json": MICRO, "models/bench_models.json": MODELS},
     )
+    text = benchtables.render("all")
+    assert "python -m benchmarks.bench_transforms --sizes 1`, 2026-11-27 14:41:35" in text
+    assert "x86_64 with 2 CPU cores, jax 0.10.2, optax 0.2.8" in text
+    assert "`cnn`: 1.0M parameters in 4 leaves (load average 1.0, 1.1)" in text
+    assert (
+        "| variant | ms/step | ratio to base | ratio to floor | compile s | peak memory / base "
+        "| state / base |" in text
+    )
+    assert "| + ksbopt.retract | 3.00 | 2.00 | 1.25 | 1.60 | 1.50 | 1.00 |" in text
+    assert "| adam | + retract | 2.00 | 1.50 | 3.00 | 2.00 | 1.0e-06 |" in text
 
 
 def test_bench_tables_name_the_malformed_file_and_field(tmp_path, monkeypatch):

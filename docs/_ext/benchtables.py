@@ -14,8 +14,11 @@ what is rendered:
   of the run, the machine from the ``env`` of the per-run records in ``runs/``, the overview
   table (test metric at the learning rate chosen on validation, best of each row in bold),
   the NLD control and the published baselines;
-- any other ``*.json`` with a ``results`` list (the per-step micro-benchmark,
-  ``bench_transforms --json``): its command, date and machine, and one table per size.
+- any other ``*.json`` with a ``results`` list: a per-step record, rendered by the module
+  that wrote it (its ``command``): ``bench_models``' tables, or for ``bench_transforms --json``
+  the tables of ``benchmarks.tables`` (per size and layout: time, ratios to the optax base
+  and to the hand-written floor, compile seconds, peak memory and optimizer state), the
+  same as the results README's.
 
 A JSON file that does not parse or lacks a field its kind needs stops the build with an
 error naming the file and the field; a JSON file of no known kind is named on the page as not
@@ -62,6 +65,9 @@ class _Json:
                 f"this file or remove the file"
             ) from None
         return _Json(self.path, value, where) if isinstance(value, dict | list) else value
+
+    def __contains__(self, key) -> bool:
+        return isinstance(self.data, dict) and key in self.data
 
     def __len__(self) -> int:  # an empty list or object is false
         return len(self.data)
@@ -217,41 +223,43 @@ def _suite(folder: Path, part: str | None = None) -> str:
     return "\n".join(out)
 
 
+# Row fields of a bench_transforms record that are text; every other one is a number or null.
+_TEXT_FIELDS = {"variant", "baseline", "group", "floor"}
+
+
+def _transforms(path: Path, doc: _Json) -> str:
+    """A ``bench_transforms --json`` record: ``benchmarks.tables.full`` (the tables the
+    results README carries too: per size and layout, ratios to base and floor, compile
+    seconds, peak memory and state), after checking that every figure is a number."""
+    from benchmarks import tables
+
+    for res in doc["results"]:
+        for row in res["rows"]:
+            for key, value in row.items():
+                if key not in _TEXT_FIELDS and value is not None:
+                    row.number(key)
+    return "\n".join([f"### `{path.parent.name}/{path.name}`", "", *tables.full([(path, doc)])])
+
+
+def _models(path: Path, doc: _Json) -> str:
+    """A ``bench_models`` record: the tables ``benchmarks.bench_models.markdown`` writes."""
+    from benchmarks import bench_models
+
+    shown = f"benchmarks/results/{path.parent.name}/{path.name}"
+    return "\n".join(
+        [f"### `{path.parent.name}/{path.name}`", "", bench_models.markdown(doc, shown)]
+    )
+
+
 def _micro(path: Path, doc: _Json) -> str:
-    out = [
-        f"### `{path.parent.name}/{path.name}`",
-        "",
-        f"- date: {doc['date']}",
-        f"- command: `{doc['command']}`",
-        f"- machine: {doc['machine']}, {doc['cpu_count']} CPU cores; jax {doc['jax']}, "
-        f"optax {doc['optax']}; devices `{', '.join(str(d) for d in doc['devices'])}`",
-        "",
-    ]
-    for size in doc["results"]:
-        load = ", ".join(f"{x:.1f}" for x in size["load_average"].data)
-        params, megabytes = size.number("params") / 1e6, size.number("bytes") / 1e6
-        out += [
-            f"**{params:.1f}M parameters, {megabytes:.1f} MB** (load average {load}); "
-            f"ratio = median time per step / that of the baseline",
-            "",
-        ]
-        rows = []
-        for row in size["rows"]:
-            copies = row.get("copies")
-            rows.append(
-                [
-                    f"`{row['variant']}`",
-                    f"`{row['baseline']}`",
-                    f"{row.number('median_ms'):.2f}",
-                    f"{row.number('min_ms'):.2f}",
-                    f"{row.number('ratio'):.2f}",
-                    "" if copies is None else f"{row.number('copies'):.2f}",
-                    f"{row.number('compile_s'):.2f}",
-                ]
-            )
-        header = ["variant", "baseline", "median ms/step", "min ms/step", "ratio", "copies"]
-        out += [_table([*header, "compile s"], rows), ""]
-    return "\n".join(out)
+    """A per-step micro-benchmark record (a JSON object with a ``results`` list), rendered by
+    the module that wrote it, as its ``command`` names it."""
+    command = doc.data.get("command")
+    render_record = _models if "bench_models" in str(command) else _transforms
+    try:
+        return render_record(path, doc)
+    except (TypeError, ValueError) as e:
+        raise ExtensionError(f"{doc._name()}: a field has the wrong type: {e}") from e
 
 
 def render(name: str, part: str | None = None) -> str:
