@@ -473,7 +473,8 @@ register(
         task.symmetries(("rescale", "linear")),
         every,
         steps,
-        objective="grad_norm",
+        rho=lr / (1 - momentum),  # the step momentum settles to
+        objective="lookahead",
     ),
     SGD_GRID,
     hparams={"momentum": 0.9, "every": 100, "steps": 8},
@@ -481,7 +482,8 @@ register(
     symmetry=("rescale", "linear"),
     extra_args=("value_fn", "batch", "model_state"),
     description="SGD momentum 0.9, teleported every 100 steps along the rescale/linear orbits "
-    "to a larger gradient norm (Zhao et al. 2022), momentum transported",
+    "(Zhao et al. 2022) to where one step of its learning rate descends most (the gradient-"
+    "norm gain minus the curvature along the step: 'lookahead'), momentum transported",
 )
 register(
     "sgdp",

@@ -26,7 +26,7 @@ from ksbopt._src.symmetries import orbit
 from ksbopt._src.symmetries.bound import BoundSymmetry
 from ksbopt._src.transforms import transport
 
-OBJECTIVES = ("grad_norm", "sharpness")
+OBJECTIVES = ("grad_norm", "sharpness", "lookahead")
 _RESERVED = ("value_fn", "value", "grad")
 _OWNER = "ksbopt.teleport"
 
@@ -71,7 +71,8 @@ def _check_args(every, steps, step_size, rho, objective, value_fn) -> None:
     if not (objective in OBJECTIVES or callable(objective)):
         raise ValueError(
             f"{owner}: objective={objective!r} is not one of {OBJECTIVES}; write "
-            "'grad_norm' (maximise |grad L|^2), 'sharpness' (minimise L(w + rho g / |g|)) or "
+            "'grad_norm' (maximise |grad L|^2), 'sharpness' (minimise L(w + rho g / |g|)), "
+            "'lookahead' (minimise L(w - rho g)) or "
             "a callable (loss, params) -> scalar to maximise."
         )
     if value_fn is not None and not callable(value_fn):
@@ -184,6 +185,8 @@ def _search_impl(config, do, w, element, gain, step_size, rho, steps, dynamic):
         sq = sum(jnp.sum(jnp.square(x)) for x in g)
         if objective == "grad_norm":
             return sq
+        if objective == "lookahead":
+            return -loss_flat([t - rho * x for t, x in zip(theta, g)]).astype(sq.dtype)
         scale = rho * jax.lax.rsqrt(jnp.where(sq > 0, sq, 1))
         return -loss_flat([t + scale * x for t, x in zip(theta, g)]).astype(sq.dtype)
 
@@ -325,6 +328,11 @@ def teleport(
     - ``"sharpness"``: :math:`J = -L(\psi + \rho\, \nabla L / \lVert\nabla L\rVert)`, i.e. the
       one-step sharpness proxy :math:`L(\theta + \rho\, g/|g|) - L(\theta)` of SAM is
       minimised (the loss itself is the same everywhere on the orbit);
+    - ``"lookahead"``: :math:`J = -L(\psi - \rho\, \nabla L(\psi))`, the loss after one
+      gradient step of length ``rho`` from the new point (set ``rho`` to the base's learning
+      rate). To second order :math:`J = -L + \rho \lVert g\rVert^2 - \tfrac{\rho^2}{2}
+      g^\top H g`: the gradient-norm gain of ``"grad_norm"`` minus the curvature along the
+      step, so a teleport never moves to where the next step would be unstable;
     - a callable ``objective(loss, params) -> scalar``, maximised.
 
     The group element is optimised in log coordinates s (scale / rescale: a = exp(s);
@@ -345,7 +353,11 @@ def teleport(
     Note that for a scale symmetry :math:`\lVert\nabla L\rVert^2` is proportional to 1 / a^2:
     ``"grad_norm"`` shrinks such groups (raising their effective learning rate, :ref:`P2 <p2>`)
     by the trust-region length every time; its optimum is interior for rescale and linear
-    symmetries.
+    symmetries. On non-compact orbits (rescale chains, linear symmetries of deep linear or
+    attention layers) raising the gradient norm also raises the sharpness without bound, so
+    ``"grad_norm"`` with a fixed learning rate can teleport past the stability limit and
+    diverge (a plain deep linear network does at every learning rate); ``"lookahead"`` is
+    the stable choice there.
 
     The loss is ``value_fn(params, **kw)``: given here or as the extra argument ``value_fn``
     of ``update`` (which wins), its other arguments (a batch) taken by name from the extra
@@ -363,8 +375,10 @@ def teleport(
       steps: ascent steps per teleport (each costs one gradient of J: a second-order
         derivative of the loss).
       step_size: largest step in log coordinates (trust-region length), > 0.
-      rho: radius of the sharpness proxy (``objective="sharpness"``), > 0.
-      objective: ``"grad_norm"``, ``"sharpness"`` or a callable (keyword-only).
+      rho: radius of the sharpness proxy (``objective="sharpness"``) or length of the
+        lookahead gradient step (``objective="lookahead"``: the base's learning rate), > 0.
+      objective: ``"grad_norm"``, ``"sharpness"``, ``"lookahead"`` or a callable
+        (keyword-only).
       value_fn: the loss, ``value_fn(params, **extra) -> scalar`` (keyword-only).
       moments: extra state field names of ``base``: ``{"name": "first" | "second" |
         "none"}``; a parameter-shaped field with an unknown name is an error at ``init``.
