@@ -265,7 +265,7 @@ def test_subset_problems_names_what_differs():
 
 def test_every_applicable_pair_starts_with_the_same_window_in_every_arm():
     from ksbopt.bench import registry
-    from ksbopt.bench.suites import SUITES, tuning_round
+    from ksbopt.bench.suites import SUITES, arms_of, tuning_round
     from ksbopt.bench.tasks import TASKS
 
     full = SUITES["full"]
@@ -281,7 +281,8 @@ def test_every_applicable_pair_starts_with_the_same_window_in_every_arm():
         for o, spec in registry.REGISTRY.items():
             for arm in full.schedules:
                 mine = [r for r in runs if (r.task, r.optimizer, r.schedule) == (t, o, arm)]
-                assert bool(mine) == spec.applies_to(TASKS[t]), (t, o, arm)
+                wanted = spec.applies_to(TASKS[t]) and arm in arms_of(full, t, o)
+                assert bool(mine) == wanted, (t, o, arm)
                 if mine:
                     assert len({r.learning_rate for r in mine}) == full.protocol.window
                     assert {r.seed for r in mine} == set(full.seeds[:2])
@@ -477,3 +478,40 @@ def test_summary_without_a_baseline_has_no_reference():
     recs = [_rec("sgd+retract", lr, s, 0.8 + lr, 0.8) for lr in (0.01, 0.03) for s in (0, 1)]
     (arm,) = grid_summary(recs).values()
     assert arm["t"]["reference"] is None and arm["t"]["optimizers"]["sgd+retract"]["edge"]
+
+
+def test_arms_follow_the_scope_and_own_schedules():
+    from ksbopt.bench.suites import SUITES, Suite, arms_of, subset_problems
+
+    s = Suite(
+        "s",
+        "tiny",
+        ("a", "b"),
+        ("sgd", "sf_adamw"),
+        (0, 1),
+        ("grid",),
+        "",
+        schedules=("cosine", "constant"),
+        arm_scope={"constant": (("a",), ("sgd", "sf_adamw"))},
+    )
+    assert arms_of(s, "a", "sgd") == ("cosine", "constant")
+    assert arms_of(s, "b", "sgd") == ("cosine",)
+    # schedule-free brings its own schedule: one arm, the suite's first
+    assert arms_of(s, "a", "sf_adamw") == ("cosine",)
+    wider = dataclasses.replace(s, name="wider", arm_scope={})
+    assert subset_problems(s, wider) == []
+    assert subset_problems(wider, s) == ["sgd on b: arms ['constant'] not in s"]
+    assert subset_problems(SUITES["quick"], SUITES["full"]) == []
+
+
+def test_weight_decay_is_tuned_exactly_where_the_registry_says():
+    from ksbopt.bench import registry
+    from ksbopt.bench.suites import _wd_grid
+
+    proto = Protocol()
+    for name, spec in registry.REGISTRY.items():
+        tuned = bool(_wd_grid(spec, proto))
+        assert tuned == ("weight_decay" in spec.tune and spec.hparams["weight_decay"] > 0), name
+    # a positive default that the registry does not tune (the NLD target's decay) stays fixed
+    assert registry.get("adam+steer_nld").hparams["weight_decay"] > 0
+    assert _wd_grid(registry.get("adam+steer_nld"), proto) == ()

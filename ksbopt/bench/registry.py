@@ -16,6 +16,11 @@ published default the grid is centred on). ``own_schedule`` marks entries that b
 learning-rate schedule (schedule-free AdamW), which must not be given the warm-up + cosine
 schedule; ``eval_params(opt_state, params)`` maps the training iterate to the parameters to
 evaluate (schedule-free AdamW evaluates its averaged sequence), ``None`` for the others.
+``prepare_params(params)`` maps the initial parameters to those training starts from, where
+the authors' optimizer changes the model's weights when it is constructed (Nero balances
+every kernel, :func:`ksbopt.balance_params`; rotational optimizers centre them,
+:func:`ksbopt.center_params`), ``None`` for the others: an optax transformation cannot
+change the parameters it is initialised with, so the runner applies it once per run.
 
 Adding an optimizer is one line::
 
@@ -118,6 +123,7 @@ class OptimizerSpec:
     tune: tuple[str, ...] = ()  # hyperparameters the tuning protocol tunes besides the lr
     own_schedule: bool = False  # True: never wrap the lr in the suite's schedule
     eval_params: Callable[[Any, Any], Any] | None = None  # (opt_state, params) -> params
+    prepare_params: Callable[[Any], Any] | None = None  # initial params -> params to train
 
     def missing(self) -> list[str]:
         """The ``ksbopt`` features this entry needs and that are not importable."""
@@ -174,6 +180,7 @@ def register(
     tune: tuple[str, ...] | None = None,
     own_schedule: bool = False,
     eval_params: Callable[[Any, Any], Any] | None = None,
+    prepare_params: Callable[[Any], Any] | None = None,
 ) -> OptimizerSpec:
     """Adds (or replaces) a registry entry; ``quick`` defaults to grid points 2, 4 and 5.
 
@@ -205,6 +212,7 @@ def register(
         tune,
         own_schedule,
         eval_params,
+        prepare_params,
     )
     REGISTRY[name] = spec
     return spec
@@ -502,13 +510,27 @@ register(
     needs=("adamp",),
     description="AdamP (Heo et al. 2021; delta 0.1, wd_ratio 0.1), weight decay 1e-2 as adamw",
 )
+
+
+def _balanced(params):
+    """Nero's starting point: every kernel balanced (:func:`ksbopt.balance_params`)."""
+    return ks("balance_params")(params)
+
+
+def _centred(params):
+    """Rotational optimizers' starting point: every kernel centred per unit, norms kept
+    (:func:`ksbopt.center_params`)."""
+    return ks("center_params")(params)
+
+
 register(
     "nero",
     lambda lr, task: ks("nero")(lr),
     NERO_GRID,
-    needs=("nero",),
+    needs=("nero", "balance_params"),
+    prepare_params=_balanced,
     description="Nero (Liu et al. 2021, the authors' defaults: beta 0.999, balanced units, "
-    "debiased; kernels balanced by the first update, where the authors balance at creation)",
+    "debiased; kernels balanced before training, as the authors' optimizer does at creation)",
 )
 register(
     "rotational",
@@ -517,10 +539,11 @@ register(
     ),
     SGD_GRID,
     hparams={"weight_decay": 5e-4, "momentum": 0.9},
-    needs=("rotational",),
+    needs=("rotational", "center_params"),
+    prepare_params=_centred,
     description="rotational SGDM (Kosson et al. 2024, REQ's RotationalSGD defaults: per neuron, "
     "centred, update-norm decay 0.9): frozen unit norms, equilibrium angular update "
-    "sqrt(2 lr 5e-4 / 1.9) per step; kernels centred by the first update",
+    "sqrt(2 lr 5e-4 / 1.9) per step; kernels centred before training, as REQ does at creation",
 )
 register(
     "path_sgd",

@@ -28,7 +28,15 @@ from ksbopt.bench.protocol import MISSING, Protocol
 from ksbopt.bench.records import RunConfig
 from ksbopt.bench.tasks import TASKS
 
-__all__ = ["EXPERIMENTS", "SUITES", "Suite", "plan", "subset_problems", "tuning_round"]
+__all__ = [
+    "EXPERIMENTS",
+    "SUITES",
+    "Suite",
+    "arms_of",
+    "plan",
+    "subset_problems",
+    "tuning_round",
+]
 
 EXPERIMENTS = ("grid", "nld", "baselines")
 
@@ -47,6 +55,11 @@ class Suite:
     # Scales of experiments that do not run at ``scale`` (the reproductions run at the sizes of
     # the papers they reproduce); ``--scale`` overrides every experiment's.
     experiment_scales: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # Schedule arms restricted to some tasks and optimizers: arm -> (tasks, optimizers); an
+    # arm not named here runs on every task and optimizer (see :func:`arms_of`).
+    arm_scope: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] = dataclasses.field(
+        default_factory=dict
+    )
 
     def scale_of(self, experiment: str) -> str:
         return self.experiment_scales.get(experiment, self.scale)
@@ -54,13 +67,7 @@ class Suite:
 
 _QUICK_TASKS = ("mnist1d_cnn_bn", "mnist1d_cnn")
 # The headline tasks (declared by the task registry), then the quick suite's smoke tasks.
-_FULL_TASKS = tuple(dict.fromkeys((*getattr(_tasks, "HEADLINE_TASKS", ()), *_QUICK_TASKS)))
-# The gpu suite's tasks, as the task registry declares them (at the ``large`` scale).
-_GPU_TASKS = getattr(
-    _tasks,
-    "GPU_TASKS",
-    ("mnist1d_large_cnn_bn", "mnist1d_large_cnn", "lm_stdlib_qknorm", "lm_stdlib"),
-)
+_FULL_TASKS = tuple(dict.fromkeys((*_tasks.HEADLINE_TASKS, *_QUICK_TASKS)))
 
 SUITES = {
     "quick": Suite(
@@ -90,7 +97,7 @@ SUITES = {
     "gpu": Suite(
         "gpu",
         "large",
-        _GPU_TASKS,
+        _tasks.GPU_TASKS,
         tuple(registry.REGISTRY),
         (0, 1, 2),
         ("grid",),
@@ -150,7 +157,7 @@ def plan(
                     continue
                 runs += [
                     RunConfig("grid", t, o, float(lr), s, scale_of("grid"), (), steps, arm)
-                    for arm in suite.schedules
+                    for arm in arms_of(suite, t, o)
                     for lr in lrs
                     for s in seeds
                 ]
@@ -179,10 +186,30 @@ def _unique(runs: list[RunConfig]) -> list[RunConfig]:
 
 
 def _wd_grid(spec, proto: Protocol) -> tuple[float, ...]:
-    """The weight decays the search may try: a user entry keeps its own (its grid is its own)."""
-    if spec.origin:
+    """The weight decays the search may try: the registry's ``tune`` says whether an entry's
+    weight decay is tuned (the protocol says on which grid), else it keeps its own."""
+    if "weight_decay" not in spec.tune:
         return ()
-    return protocol.wd_grid(float(spec.hparams.get("weight_decay") or 0.0), proto.wd_factors)
+    return protocol.wd_grid(float(spec.hparams["weight_decay"]), proto.wd_factors)
+
+
+def arms_of(suite: Suite, task: str, optimizer: str) -> tuple[str, ...]:
+    """The schedule arms in which ``optimizer`` is tuned on ``task``.
+
+    An arm named in :attr:`Suite.arm_scope` runs only on the tasks and optimizers listed
+    there. An entry with its own schedule (``own_schedule``: schedule-free AdamW) runs only in
+    the suite's first arm, where its record says the suite's schedule was not applied: in
+    another arm it would train the same configuration again.
+    """
+    arms = []
+    for arm in suite.schedules:
+        scope = suite.arm_scope.get(arm)
+        if scope is not None and (task not in scope[0] or optimizer not in scope[1]):
+            continue
+        arms.append(arm)
+    if registry.get(optimizer, check=False).own_schedule:
+        arms = arms[:1]
+    return tuple(arms)
 
 
 def tuning_round(
@@ -225,7 +252,7 @@ def tuning_round(
             window = protocol.start_window(spec.lr_grid, proto.window)
             wds = _wd_grid(spec, proto)
             wd0 = wds[list(sorted(proto.wd_factors)).index(1.0)] if wds else None
-            for arm in suite.schedules:
+            for arm in arms_of(suite, t, o):
 
                 def cfg(point, seed, t=t, o=o, arm=arm):
                     k, wd = point
@@ -275,4 +302,8 @@ def subset_problems(small: Suite, big: Suite) -> list[str]:
     for what in ("tasks", "optimizers", "seeds", "schedules"):
         if extra := set(getattr(small, what)) - set(getattr(big, what)):
             out.append(f"{what} {sorted(extra)} not in {big.name}")
+    for t in small.tasks:
+        for o in small.optimizers:
+            if extra := set(arms_of(small, t, o)) - set(arms_of(big, t, o)):
+                out.append(f"{o} on {t}: arms {sorted(extra)} not in {big.name}")
     return out
