@@ -385,12 +385,16 @@ class Runner:
             return {"diag": diag, "param_norm": optax.tree.norm(params)}
 
         t0 = time.perf_counter()
-        m_c = jax.jit(metrics).lower(params, rest, *sets["val"]).compile(compiler_options=opts)
+        m_c = {  # one executable per split shape (the validation split is the smaller)
+            s: jax.jit(metrics).lower(params, rest, *sets[s]).compile(compiler_options=opts)
+            for s in ("val", "test")
+        }
         d_c = jax.jit(diagnostics).lower(params).compile(compiler_options=opts)
         self._eval_compile_s[_tkey(task)] = time.perf_counter() - t0
 
         def evaluate(params, rest, test=True):
-            out = {s: m_c(params, rest, *sets[s]) for s in (("val", "test") if test else ("val",))}
+            splits = ("val", "test") if test else ("val",)
+            out = {s: m_c[s](params, rest, *sets[s]) for s in splits}
             return {**out, **d_c(params)}
 
         self._eval[_tkey(task)] = evaluate

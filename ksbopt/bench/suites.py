@@ -60,6 +60,9 @@ class Suite:
     arm_scope: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] = dataclasses.field(
         default_factory=dict
     )
+    # Tasks that run only some of the suite's optimizers: task -> optimizers (the smoke tasks
+    # of the full suite run the quick suite's); a task not named here runs every optimizer.
+    task_optimizers: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
     def scale_of(self, experiment: str) -> str:
         return self.experiment_scales.get(experiment, self.scale)
@@ -194,13 +197,17 @@ def _wd_grid(spec, proto: Protocol) -> tuple[float, ...]:
 
 
 def arms_of(suite: Suite, task: str, optimizer: str) -> tuple[str, ...]:
-    """The schedule arms in which ``optimizer`` is tuned on ``task``.
+    """The schedule arms in which ``optimizer`` is tuned on ``task`` (none: it does not run
+    there). This is the one place that decides which (task, optimizer, arm) a suite trains.
 
-    An arm named in :attr:`Suite.arm_scope` runs only on the tasks and optimizers listed
+    A task named in :attr:`Suite.task_optimizers` runs only the optimizers listed there. An arm
+    named in :attr:`Suite.arm_scope` runs only on the tasks and optimizers listed
     there. An entry with its own schedule (``own_schedule``: schedule-free AdamW) runs only in
     the suite's first arm, where its record says the suite's schedule was not applied: in
     another arm it would train the same configuration again.
     """
+    if task in suite.task_optimizers and optimizer not in suite.task_optimizers[task]:
+        return ()
     arms = []
     for arm in suite.schedules:
         scope = suite.arm_scope.get(arm)
