@@ -608,7 +608,9 @@ def test_full_suite_plans_its_fixed_experiments_at_the_published_sizes():
     assert {r.experiment for r in runs} == {"nld", "baselines"}
     assert {(r.experiment, r.scale) for r in runs} == {("nld", "base"), ("baselines", "base")}
     assert len(runs) == len({r.run_id for r in runs})
-    # a fixed learning-rate list trains exactly those rates, in every schedule arm, untuned
+    # a fixed learning-rate list trains exactly those rates, in every arm of the pair, untuned
+    from ksbopt.bench.suites import arms_of
+
     fixed = plan(
         suite,
         tasks=("teacher_relu",),
@@ -618,8 +620,11 @@ def test_full_suite_plans_its_fixed_experiments_at_the_published_sizes():
         experiments=("grid",),
     )
     assert {(r.learning_rate, r.schedule) for r in fixed} == {
-        (lr, arm) for lr in (0.1, 0.5) for arm in suite.schedules
+        (lr, arm) for lr in (0.1, 0.5) for arm in arms_of(suite, "teacher_relu", "sgd")
     }
+    both = plan(suite, tasks=("mnist1d_resnet_bn",), optimizers=("sgd+wd",), seeds=(0,),
+                lrs=(0.1,), experiments=("grid",))  # fmt: skip
+    assert {r.schedule for r in both} == {"cosine", "constant"}  # the constant arm's scope
 
 
 def test_angular_update_from_charges_matches_the_direct_angle():

@@ -285,7 +285,7 @@ def test_every_applicable_pair_starts_with_the_same_window_in_every_arm():
                 assert bool(mine) == wanted, (t, o, arm)
                 if mine:
                     assert len({r.learning_rate for r in mine}) == full.protocol.window
-                    assert {r.seed for r in mine} == set(full.seeds[:2])
+                    assert {r.seed for r in mine} == set(full.seeds[: full.protocol.tuning_seeds])
                     assert len({r.steps for r in mine}) == 1
     assert len(runs) == len({r.run_id for r in runs})
 
@@ -327,7 +327,8 @@ def test_tuned_grid_runs_the_search_and_reports_its_statistics(tuned):
     recs = {p.stem: json.loads(p.read_text()) for p in (out / "runs").glob("*.json")}
     summary = json.loads((out / "summary.json").read_text())
     rows = summary["arms"]["cosine"]["teacher_relu"]["optimizers"]
-    assert summary["grid_arm"] == "cosine" and summary["meta"]["protocol"]["tuning_seeds"] == 2
+    n_tune = SUITES["quick"].protocol.tuning_seeds
+    assert summary["grid_arm"] == "cosine" and summary["meta"]["protocol"]["tuning_seeds"] == n_tune
 
     def result(c):
         r = recs.get(c.run_id)
@@ -348,7 +349,7 @@ def test_tuned_grid_runs_the_search_and_reports_its_statistics(tuned):
     for o, row in rows.items():
         s = searches[("teacher_relu", "cosine", o)]
         assert row["best_lr"] == lattice_lr(s.best[0]) and row["edge"] == s.edge
-        assert row["seeds"] == 3 and row["tuning_seeds"] == [0, 1]
+        assert row["seeds"] == 3 and row["tuning_seeds"] == [0, 1][:n_tune]
         assert row["hparams"].get("weight_decay") == s.best[1] or s.best[1] is None
         assert row["band"] is not None and row["band"][0] <= row["best_lr"] <= row["band"][1]
         assert row["reached"] >= 1 and row["steps_to_target"] > 0 and row["time_to_target"] > 0
@@ -379,9 +380,40 @@ def test_dry_run_lists_the_first_round_and_trains_nothing(tmp_path):
     argv = ["--suite", "quick", "--scale", "tiny", "--tasks", "teacher_relu", "--seeds", "2"]
     rc, stdout, err = _cli([*argv, "--optimizers", "sgd", "--out", tmp_path, "--dry-run"])
     assert rc == 0, err
+    from ksbopt.bench.suites import SUITES
+
     ids = [ln for ln in stdout.splitlines() if ln.startswith("grid__")]
-    assert len(ids) == 6 and all(i.endswith("__cosine") for i in ids)  # 3 rates x 2 seeds
+    n_tune = SUITES["quick"].protocol.tuning_seeds
+    assert len(ids) == 3 * n_tune and all(i.endswith("__cosine") for i in ids)  # 3 rates
+    # the estimate of the whole invocation: 3 rates on the tuning seeds, then the other seed
+    assert f"estimate, optimum at centre: {3 * n_tune + 2 - n_tune} runs" in stdout
     assert not (tmp_path / "runs").exists()
+
+
+def test_dry_run_estimates_hours_from_measured_costs_and_max_hours_guards(tmp_path):
+    import json
+
+    costs = tmp_path / "costs.json"
+    row = {"task": "teacher_relu", "scale": "tiny", "run_s": 360.0, "compile_s": 0.0}
+    costs.write_text(json.dumps({"env": {}, "load_average": [1.0], "results": [row]}))
+    argv = ["--suite", "quick", "--scale", "tiny", "--tasks", "teacher_relu", "--seeds", "5"]
+    argv += ["--optimizers", "sgd", "--out", tmp_path / "o", "--costs", costs]
+    rc, stdout, err = _cli([*argv, "--dry-run"])
+    assert rc == 0, err
+    # sgd (no weight decay): 3 lattice points on the tuning seeds, then the other seeds
+    from ksbopt.bench.suites import SUITES
+
+    n_tune = SUITES["quick"].protocol.tuning_seeds
+    n = 3 * n_tune + 5 - n_tune
+    assert f"estimate, optimum at centre: {n} runs, {n * 0.1:.1f} h" in stdout
+    with pytest.raises(SystemExit):
+        _cli([*argv, "--max-hours", "0.1"])
+    with pytest.raises(SystemExit):
+        _cli([*argv[:-2], "--max-hours", "1"])  # no --costs
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(SystemExit):
+        _cli([*argv[:-1], bad, "--dry-run"])
 
 
 def test_readme_block_is_generated_from_the_summary(tuned, tmp_path):

@@ -12,7 +12,7 @@ compilation and evaluations included, on the machine and load it records).
 Example:
   >>> from ksbopt.bench import budget
   >>> budget.search_runs(window=3, wds=(), tuning_seeds=2, seeds=5, max_extensions=4)
-  11
+  (9, 1)
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ def search_runs(
     case: str = "at_centre",
     wd0: float | None = None,
 ) -> int:
-    """Runs of one search and its remaining seeds, for an optimum placed as ``case`` says."""
+    """(runs, compilations) of one search and its remaining seeds, for an optimum placed as
+    ``case`` says: a compilation per weight decay tried (the learning rate is injected)."""
     if case not in CASES:
         raise ValueError(f"case={case!r} is not one of {CASES}")
     ks = tuple(range(window))
@@ -60,21 +61,22 @@ def search_runs(
         ks, wds, score, higher_is_better=True, max_extensions=max_extensions, wd0=wd0
     )
     n_tune = min(tuning_seeds, seeds)
-    return len(s.scores) * n_tune + (seeds - n_tune)
+    return len(s.scores) * n_tune + (seeds - n_tune), len({w for _, w in s.scores})
 
 
 def grid_runs(
     suite, *, tasks, optimizers, seeds, scale: str | None = None
-) -> dict[str, dict[tuple[str, str], int]]:
-    """Runs of the tuned grid experiment per case and (task, scale): every applicable
-    (task, optimizer) pair in each of its schedule arms (:func:`ksbopt.bench.suites.arms_of`)."""
+) -> dict[str, dict[tuple[str, str], tuple[int, int]]]:
+    """(runs, compilations) of the tuned grid experiment per case and (task, scale): every
+    applicable (task, optimizer) pair in each of its schedule arms
+    (:func:`ksbopt.bench.suites.arms_of`)."""
     from ksbopt.bench import registry
     from ksbopt.bench.suites import _wd_grid, arms_of
     from ksbopt.bench.tasks import TASKS
 
     proto = suite.protocol
     sc = scale or suite.scale_of("grid")
-    out: dict[str, dict[tuple[str, str], int]] = {c: {} for c in CASES}
+    out: dict[str, dict[tuple[str, str], tuple[int, int]]] = {c: {} for c in CASES}
     for t in tasks:
         for o in optimizers:
             spec = registry.get(o, check=False)
@@ -82,7 +84,7 @@ def grid_runs(
                 continue
             wds = _wd_grid(spec, proto)
             for case in CASES:
-                n = search_runs(
+                n, c = search_runs(
                     window=proto.window,
                     wds=wds,
                     tuning_seeds=proto.tuning_seeds,
@@ -91,8 +93,9 @@ def grid_runs(
                     case=case,
                     wd0=_wd0(wds, proto),
                 )
-                k = (t, sc)
-                out[case][k] = out[case].get(k, 0) + n * len(arms_of(suite, t, o))
+                arms = len(arms_of(suite, t, o))
+                runs, compiles = out[case].get((t, sc), (0, 0))
+                out[case][(t, sc)] = (runs + n * arms, compiles + c * arms)
     return out
 
 
@@ -102,10 +105,11 @@ def _wd0(wds, proto) -> float | None:
 
 @dataclasses.dataclass(frozen=True)
 class Estimate:
-    """Planned runs and hours of a suite; ``runs[case][(task, scale)]`` counts its runs."""
+    """Planned runs and hours of a suite: ``runs[case][(task, scale)]`` counts the runs,
+    ``hours[case]`` prices those with a measured cost (``unknown`` lists the others)."""
 
     runs: Mapping[str, Mapping[tuple[str, str], int]]
-    hours: Mapping[str, float | None]  # None: some task has no measured cost
+    hours: Mapping[str, float]
     unknown: tuple[tuple[str, str], ...]  # (task, scale) pairs without a measured cost
     costs_note: str
 
@@ -114,60 +118,73 @@ class Estimate:
         for case in CASES:
             n = sum(self.runs[case].values())
             h = self.hours[case]
-            when = f"{h:.1f} h" if h is not None else "unknown hours"
-            out.append(f"{case}: {n} runs, {when}")
+            when = f"{h:.1f} h" + (" + the runs without a measured cost" if self.unknown else "")
+            out.append(f"estimate, optimum {case.replace('_', ' ')}: {n} runs, {when}")
         for (t, sc), n in sorted(self.runs["typical"].items()):
             out.append(f"  {t} ({sc}): {n} runs (typical)")
         if self.unknown:
             out.append(
                 "no measured cost for "
                 + ", ".join(f"{t} ({sc})" for t, sc in self.unknown)
-                + ": measure with python -m benchmarks.bench_task_costs"
+                + ": measure it with python -m benchmarks.bench_task_costs --json FILE"
             )
-        out.append(self.costs_note)
+        if self.costs_note:
+            out.append(self.costs_note)
         return out
 
 
-def load_costs(path: str | Path) -> tuple[dict[tuple[str, str], float], str]:
-    """Seconds per run of each (task, scale) from a ``bench_task_costs`` JSON file (the mean
-    over the optimizers it measured), and a note naming the machine and its load."""
+Costs = Mapping[tuple[str, str], tuple[float, float]]  # (task, scale) -> (run_s, compile_s)
+
+
+def load_costs(path: str | Path) -> tuple[dict[tuple[str, str], tuple[float, float]], str]:
+    """Seconds per run and per compilation of each (task, scale) from a ``bench_task_costs``
+    JSON file (means over the optimizers it measured), and a note naming machine and load."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
-        rows = data["results"]
+        rows = [
+            (r["task"], r["scale"], float(r["run_s"]), float(r["compile_s"]))
+            for r in data["results"]
+        ]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(
-            f"costs file {str(path)!r} is not a bench_task_costs JSON ({e}); write one with "
-            "python -m benchmarks.bench_task_costs --json FILE"
+            f"costs file {str(path)!r} is not a bench_task_costs JSON ({type(e).__name__}: {e});"
+            " write one with python -m benchmarks.bench_task_costs --json FILE"
         ) from e
-    sums: dict[tuple[str, str], list[float]] = {}
-    for r in rows:
-        sums.setdefault((r["task"], r["scale"]), []).append(float(r["projected_run_s"]))
+    by: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for t, sc, run_s, comp_s in rows:
+        by.setdefault((t, sc), []).append((run_s, comp_s))
     env = data.get("env", {})
     load = data.get("load_average")
     note = (
-        f"costs: {path.name}, measured on {env.get('device', '?')} x{env.get('cpu_count', '?')}"
-        f" at load average {', '.join(f'{x:.1f}' for x in load) if load else '?'}"
+        f"costs from {path.name}: {env.get('device', '?')}, {env.get('cpu_count', '?')} cores,"
+        f" load average {', '.join(f'{x:.1f}' for x in load) if load else '?'} when measured"
     )
-    return {k: sum(v) / len(v) for k, v in sums.items()}, note
+    costs = {
+        k: (sum(r for r, _ in v) / len(v), sum(c for _, c in v) / len(v)) for k, v in by.items()
+    }
+    return costs, note
 
 
 def estimate(
-    grid: Mapping[str, Mapping[tuple[str, str], int]],
+    grid: Mapping[str, Mapping[tuple[str, str], tuple[int, int]]],
     fixed: Mapping[tuple[str, str], int],
-    costs: Mapping[tuple[str, str], float],
+    costs: Costs,
     costs_note: str = "",
 ) -> Estimate:
-    """Adds the fixed runs to each case's grid runs and prices them with ``costs``."""
-    runs = {}
-    hours: dict[str, float | None] = {}
+    """Adds the fixed runs (one compilation per task) to each case's grid runs and prices
+    them with ``costs``."""
+    runs: dict[str, dict[tuple[str, str], int]] = {}
+    hours: dict[str, float] = {}
     unknown: set[tuple[str, str]] = set()
     for case in CASES:
         per = dict(grid.get(case, {}))
         for k, n in fixed.items():
-            per[k] = per.get(k, 0) + n
-        runs[case] = per
+            r, c = per.get(k, (0, 0))
+            per[k] = (r + n, c + 1)
+        runs[case] = {k: r for k, (r, _) in per.items()}
         missing = [k for k in per if k not in costs]
         unknown |= set(missing)
-        hours[case] = None if missing else sum(n * costs[k] for k, n in per.items()) / 3600
+        total = sum(r * costs[k][0] + c * costs[k][1] for k, (r, c) in per.items() if k in costs)
+        hours[case] = total / 3600
     return Estimate(runs, hours, tuple(sorted(unknown)), costs_note)
