@@ -136,7 +136,7 @@ def compare(
 
     Every entry is tuned on every task by the benchmark protocol (:doc:`/howto/protocol`): a
     search on the half-decade learning-rate lattice, extended until the best rate is interior,
-    with weight decay where a registry entry has one, on the first two seeds; the chosen
+    with weight decay where a registry entry tunes it, on the first seed; the chosen
     setting ``argmax mean_{tuning seeds} val`` (argmin for a lower-is-better metric) then runs
     on every seed, and the test metric is reported there as ``mean ± std`` over the seeds, with
     paired-bootstrap verdicts against the best baseline, beside the symmetry profile of every

@@ -246,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--lrs={a.lrs!r}: learning rates must be positive, e.g. --lrs 0.01,0.1")
     if a.steps is not None and a.steps < 1:
         p.error(f"--steps={a.steps}: must be a positive integer")
-    steps = a.steps if a.steps is not None else suite.steps
+    steps = a.steps
+    if steps is None and (scale or suite.scale) == suite.scale:
+        steps = suite.steps  # the suite's step budget holds at its own scale only
     if a.max_hours is not None and (not a.costs or not a.max_hours > 0):
         p.error(f"--max-hours={a.max_hours}: give a positive number and --costs FILE")
     costs = None

@@ -2,19 +2,22 @@
 
 Every suite tunes with the same protocol (:mod:`ksbopt.bench.protocol`: the half-decade
 learning-rate lattice extended until the optimum is interior, weight decay where the entry has
-one, the first two seeds for tuning and every seed at the chosen setting), so a smaller suite
+one, the first seed for tuning and every seed at the chosen setting), so a smaller suite
 is an exact subset of a larger one (:func:`subset_problems`): the quick suite trains the same
 configurations as the full suite on the tasks they share and cannot contradict it.
 
 - ``quick`` (the README's main command, a few minutes on 2 CPU cores): the MNIST-1D CNN with
-  and without BatchNorm at the ``small`` scale, the warm-up + cosine arm, three seeds (two
+  and without BatchNorm at the ``small`` scale, the warm-up + cosine arm, three seeds (one
   for tuning), and six optimizers: ``sgd`` and ``sgd+retract`` (is the norm's implicit
   adaptivity useful?), ``sgd+wd`` and ``noether_rmsprop`` (does the explicit version help?),
   ``adamw`` and ``adam+symmetrize`` (does a symmetric kinetic energy beat Adam?).
-- ``full``: the headline tasks and the quick suite's tasks at the ``small`` scale, every
-  optimizer of the registry where it applies, both schedule arms, five seeds; plus, at the
-  published sizes (``base``), the NLD control experiment and the MNIST-1D published baselines.
-- ``gpu``: the ``large`` scale (only an accelerator runs it) with the same protocol.
+- ``full`` (sized for 6 hours on 2 CPU cores; ``--dry-run --costs FILE`` estimates it): the
+  headline tasks at the ``small`` scale with every optimizer of the registry where it applies
+  (the byte LM with ten of them), the quick suite's tasks with its optimizers, five seeds, the
+  warm-up + cosine arm, and the constant arm on the normalised ResNet for five entries; plus,
+  at the published sizes (``base``), the NLD control experiment and the MNIST-1D baselines.
+- ``gpu``: the ``large`` scale (>= 10M parameters; only an accelerator runs it) with the same
+  protocol, 600 steps and four optimizers, to fit about 10 minutes on one GPU.
 """
 
 from __future__ import annotations
