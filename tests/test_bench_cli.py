@@ -622,7 +622,7 @@ def test_full_suite_plans_its_fixed_experiments_at_the_published_sizes():
     assert {(r.learning_rate, r.schedule) for r in fixed} == {
         (lr, arm) for lr in (0.1, 0.5) for arm in arms_of(suite, "teacher_relu", "sgd")
     }
-    both = plan(suite, tasks=("mnist1d_resnet_bn",), optimizers=("sgd+wd",), seeds=(0,),
+    both = plan(suite, tasks=("mnist1d_deep_mlp_ln",), optimizers=("sgd+wd",), seeds=(0,),
                 lrs=(0.1,), experiments=("grid",))  # fmt: skip
     assert {r.schedule for r in both} == {"cosine", "constant"}  # the constant arm's scope
 
