@@ -547,3 +547,17 @@ def test_weight_decay_is_tuned_exactly_where_the_registry_says():
     # a positive default that the registry does not tune (the NLD target's decay) stays fixed
     assert registry.get("adam+steer_nld").hparams["weight_decay"] > 0
     assert _wd_grid(registry.get("adam+steer_nld"), proto) == ()
+
+
+def test_profile_summary_keeps_ten_blocks_of_the_run():
+    from ksbopt.bench import profiles
+
+    rng = np.random.default_rng(0)
+    chunks = [rng.random((4, 2, 7)) for _ in range(50)]  # 50 chunks of 4 steps, 2 symmetries
+    out = profiles.summary(["scale:a", "scale:b"], chunks, {"w": np.zeros(3, np.float32)})
+    assert out["block_chunks"] == [5] * 10 and len(out["blocks"]) == 10
+    want = np.median(np.concatenate(chunks[45:]), axis=0)
+    np.testing.assert_allclose(out["blocks"][-1], want, rtol=1e-12)
+    np.testing.assert_allclose(out["median"], np.median(np.concatenate(chunks), 0), rtol=1e-12)
+    short = profiles.summary(["scale:a"], [rng.random((4, 1, 7)) for _ in range(3)], {})
+    assert short["block_chunks"] == [1, 1, 1]

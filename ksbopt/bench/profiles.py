@@ -9,6 +9,7 @@ per chunk, and the report classifies each (task, optimizer) with
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -50,7 +51,9 @@ def summary(labels: Sequence[str], chunks: Sequence[np.ndarray], params) -> dict
     dtype = np.result_type(np.float32, *(x.dtype for x in jax.tree.leaves(params)))
 
     def med(a):
-        with np.errstate(all="ignore"):
+        # a diverged run has all-NaN columns: their median is NaN (recorded as None), silently
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
             m = np.nanmedian(a, axis=0) if np.isfinite(a).any() else np.full(a.shape[1:], np.nan)
         return [[None if not np.isfinite(x) else float(x) for x in row] for row in m]
 
