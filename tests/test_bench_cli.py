@@ -655,3 +655,23 @@ def test_path_norm_of_a_linear_net_is_the_product_of_squared_kernels(cache):
     assert task.path_norm_fn() is task.path_norm_fn()  # one object: one compilation
     with pytest.raises(ValueError, match="Path-SGD applies to ReLU networks"):
         build_task("digits_cnn_bn", "tiny").path_norm_fn()
+
+
+def test_gpu_suite_plans_its_tasks_at_the_large_scale_with_its_step_budget(tmp_path, monkeypatch):
+    from ksbopt.bench import cli
+    from ksbopt.bench.suites import GPU_STEPS, SUITES
+    from ksbopt.bench.tasks import GPU_TASKS
+
+    got = {}
+
+    def capture(suite, out, fixed, grid_args, est):
+        got.update(grid_args, suite=suite)
+        return 0
+
+    monkeypatch.setattr(cli, "_dry_run", capture)
+    assert cli.main(["--suite", "gpu", "--dry-run", "--out", str(tmp_path)]) == 0
+    assert got["tasks"] == GPU_TASKS and got["steps"] == GPU_STEPS
+    assert got["suite"].scale_of("grid") == "large" and len(SUITES["gpu"].seeds) == 3
+    # at another scale (the tests' tiny one) each task keeps its own step budget
+    assert cli.main(["--suite", "gpu", "--scale", "tiny", "--dry-run", "--out", str(tmp_path)]) == 0
+    assert got["steps"] is None
