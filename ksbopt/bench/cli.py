@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         "devices": str(jax.devices()),
         "trained": trained,
         "reused": len(records) - trained,
-        "protocol": _protocol_meta(suite) if tuned else None,
+        "protocol": _protocol_meta(suite, seeds) if tuned else None,
         "wall_s": time.perf_counter() - t0,
         "notes": notes
         + [
@@ -532,14 +532,15 @@ def _search_notes(suite, session: _Session, grid_args: dict) -> list[str]:
     return out
 
 
-def _protocol_meta(suite) -> dict:
+def _protocol_meta(suite, seeds) -> dict:
     from ksbopt.bench.protocol import WARMUP_FRACTION
 
     return {
         **dataclasses.asdict(suite.protocol),
         "schedules": list(suite.schedules),
+        "arm_scope": {a: [list(t), list(o)] for a, (t, o) in suite.arm_scope.items()},
         "warmup_fraction": WARMUP_FRACTION,
-        "seeds": list(suite.seeds),
+        "seeds": list(seeds),
     }
 
 
