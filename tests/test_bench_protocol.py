@@ -561,3 +561,25 @@ def test_profile_summary_keeps_ten_blocks_of_the_run():
     np.testing.assert_allclose(out["median"], np.median(np.concatenate(chunks), 0), rtol=1e-12)
     short = profiles.summary(["scale:a"], [rng.random((4, 1, 7)) for _ in range(3)], {})
     assert short["block_chunks"] == [1, 1, 1]
+
+
+def test_budget_replays_the_search_on_a_synthetic_curve():
+    from ksbopt.bench import budget
+
+    kw = dict(window=3, tuning_seeds=1, seeds=5, max_extensions=4)
+    # at the centre: the window, then the two weight-decay neighbours; 3 weight decays compiled
+    assert budget.search_runs(wds=(5e-5, 5e-4, 5e-3), **kw) == (3 + 2 + 4, 3)
+    assert budget.search_runs(wds=(), **kw) == (3 + 4, 1)
+    # one point outside the window at a larger decay: more runs, never fewer
+    n, c = budget.search_runs(wds=(5e-5, 5e-4, 5e-3), case="typical", **kw)
+    assert n > 9 and c == 3
+    with pytest.raises(ValueError, match="case="):
+        budget.search_runs(wds=(), case="worst", **kw)
+    est = budget.estimate(
+        {"at_centre": {("a", "small"): (10, 2)}, "typical": {("a", "small"): (20, 3)}},
+        {("b", "base"): 4},
+        {("a", "small"): (36.0, 18.0)},
+    )
+    assert est.runs["at_centre"] == {("a", "small"): 10, ("b", "base"): 4}
+    assert est.hours["at_centre"] == pytest.approx((10 * 36 + 2 * 18) / 3600)
+    assert est.unknown == (("b", "base"),)
