@@ -340,3 +340,24 @@ def test_schedule_free_runs_without_the_suites_schedule_and_is_evaluated_at_x(ca
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     rec, _ = r.run(sf)
     assert rec["status"] == "ok" and rec["config"]["schedule"] == "cosine"
+
+
+def test_tuned_weight_decay_is_injected_one_compilation_serves_every_value(cache, tmp_path):
+    """The tuned weight decay lives in the optimizer state (as the learning rate does): runs
+    at two weight decays share one compiled step, and each trains at its own decay."""
+    from ksbopt.bench.records import RunConfig
+
+    task = build_task("mnist1d_deep_mlp_ln", "tiny", cache)
+    r = runner.Runner(tmp_path, progress=False)
+    a = RunConfig("grid", task.name, "sgd+wd", 0.1, 0, "tiny", (("weight_decay", 5e-5),))
+    b = dataclasses.replace(a, hparams=(("weight_decay", 0.5),))
+    assert runner._train_key(a) == runner._train_key(b)
+    rec_a, _ = r.run(a)
+    rec_b, _ = r.run(b)
+    assert rec_a["timing"]["compiled_here"] and not rec_b["timing"]["compiled_here"]
+    assert rec_b["config"]["hparams"]["weight_decay"] == 0.5
+    # a 10^4 times larger coupled decay shrinks the weights: the decay is the run's own
+    assert rec_b["curves"]["param_norm"][-1] < rec_a["curves"]["param_norm"][-1]
+    # an untuned hyperparameter (sgd+wd's momentum) is still compiled in
+    c = dataclasses.replace(a, hparams=(("momentum", 0.5), ("weight_decay", 5e-5)))
+    assert runner._train_key(c) != runner._train_key(a)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -235,10 +236,11 @@ def get(name: str, *, check: bool = True) -> OptimizerSpec:
 
 
 def make(name: str, learning_rate: float, task, **overrides) -> optax.GradientTransformation:
-    """The transformation of entry ``name``, its learning rate injected as a state hyperparameter.
+    """The transformation of entry ``name``, its learning rate and tuned hyperparameters
+    (``OptimizerSpec.tune``) injected as state hyperparameters.
 
-    The learning rate lives in the optimizer state (``optax.inject_hyperparams``), so one
-    compiled training step serves every learning rate of the grid.
+    They live in the optimizer state (``optax.inject_hyperparams``), so one compiled training
+    step serves every learning rate and weight decay of the search.
     """
     spec = get(name)
     unknown = set(overrides) - set(spec.hparams)
@@ -248,11 +250,17 @@ def make(name: str, learning_rate: float, task, **overrides) -> optax.GradientTr
             f"it takes {sorted(spec.hparams)}"
         )
     hp = {**spec.hparams, **overrides}
+    tuned = {k: hp.pop(k) for k in spec.tune}
 
-    def inner(learning_rate):
-        return spec.factory(learning_rate, task, **hp)
+    def inner(learning_rate, **tuned):
+        return spec.factory(learning_rate, task, **hp, **tuned)
 
-    return optax.inject_hyperparams(inner)(learning_rate=learning_rate)
+    # optax.inject_hyperparams binds the factory's signature: name every injected argument
+    P = inspect.Parameter
+    inner.__signature__ = inspect.Signature(
+        [P("learning_rate", P.POSITIONAL_OR_KEYWORD), *(P(k, P.KEYWORD_ONLY) for k in tuned)]
+    )
+    return optax.inject_hyperparams(inner)(learning_rate=learning_rate, **tuned)
 
 
 # ---- entries ----------------------------------------------------------------------------------
@@ -268,11 +276,19 @@ def _steer(symmetries, target):
     return ks("steer")(symmetries, target, rate=jnp.ones((), jnp.float32))
 
 
+def _decays(weight_decay) -> bool:
+    """Whether a weight decay term is built: a Python 0 builds none; an injected (array) weight
+    decay, whose value the trace does not know, always builds one."""
+    return not isinstance(weight_decay, (int, float)) or weight_decay != 0
+
+
 def _sgd(lr, momentum, weight_decay):
     """Heavy-ball SGD with coupled weight decay (PyTorch's SGD, the NLD setting)."""
     m = momentum if momentum else None
     sgd = optax.sgd(lr, momentum=m)
-    return optax.chain(optax.add_decayed_weights(weight_decay), sgd) if weight_decay else sgd
+    return (
+        optax.chain(optax.add_decayed_weights(weight_decay), sgd) if _decays(weight_decay) else sgd
+    )
 
 
 register(
@@ -294,7 +310,9 @@ register(
 
 def _decoupled(tx, lr, weight_decay):
     """``tx`` followed by decoupled weight decay ``-lr * weight_decay * w`` (AdamW's form)."""
-    return optax.chain(tx, optax.add_decayed_weights(-lr * weight_decay)) if weight_decay else tx
+    if not _decays(weight_decay):
+        return tx
+    return optax.chain(tx, optax.add_decayed_weights(-lr * weight_decay))
 
 
 register(

@@ -108,9 +108,18 @@ def _scheduled(cfg: RunConfig) -> bool:
 
 def _train_key(cfg: RunConfig) -> tuple:
     spec = registry.get(cfg.optimizer, check=False)
-    # the schedule and the step budget are compiled in (the cosine decays over the run)
+    # the schedule and the step budget are compiled in (the cosine decays over the run); the
+    # learning rate and the tuned hyperparameters live in the optimizer state (not compiled in)
     arm = (cfg.schedule, cfg.steps) if _scheduled(cfg) else ()
-    return cfg.task, cfg.scale, cfg.optimizer, id(spec.factory), cfg.hparams, *arm
+    fixed = tuple((k, v) for k, v in cfg.hparams if k not in spec.tune)
+    return cfg.task, cfg.scale, cfg.optimizer, id(spec.factory), fixed, *arm
+
+
+def _tuned(cfg: RunConfig) -> dict:
+    """The run's values of its entry's tuned hyperparameters (defaults where not given)."""
+    spec = registry.get(cfg.optimizer, check=False)
+    hp = {**spec.hparams, **dict(cfg.hparams)}
+    return {k: jnp.float32(hp[k]) for k in spec.tune}
 
 
 def _tkey(task: Task) -> tuple[str, str]:
@@ -405,16 +414,19 @@ class Runner:
         (task, optimizer, hyperparameters): eager ``init`` of the ksbopt transforms costs up
         to seconds of dispatch per run on CPU."""
         key = ("init_state", *_train_key(cfg))
+        fixed = dict(_train_key(cfg)[4])
         if key not in self._init:
 
-            def init(params, lr):
-                return registry.make(cfg.optimizer, lr, task, **dict(cfg.hparams)).init(params)
+            def init(params, lr, tuned):
+                return registry.make(cfg.optimizer, lr, task, **fixed, **tuned).init(params)
 
             lr0 = jnp.float32(cfg.learning_rate)
             self._init[key] = (
-                jax.jit(init).lower(params, lr0).compile(compiler_options=_fast_compile())
+                jax.jit(init)
+                .lower(params, lr0, _tuned(cfg))
+                .compile(compiler_options=_fast_compile())
             )
-        return self._init[key](params, jnp.float32(cfg.learning_rate))
+        return self._init[key](params, jnp.float32(cfg.learning_rate), _tuned(cfg))
 
     def _train_fn(
         self, cfg: RunConfig, task: Task, tx, graph_train, params, rest, opt_state, arrays, idx
