@@ -12,10 +12,12 @@ A task that lacks what an entry needs is reported as "not applicable" for it, ne
 
 Tuning: ``tune`` names the hyperparameters besides the learning rate that the tuning protocol
 tunes (by default ``weight_decay`` wherever an entry has one; the value in ``hparams`` is the
-published default the grid is centred on). ``own_schedule`` marks entries that bring their own
-learning-rate schedule (schedule-free AdamW), which must not be given the warm-up + cosine
-schedule; ``eval_params(opt_state, params)`` maps the training iterate to the parameters to
-evaluate (schedule-free AdamW evaluates its averaged sequence), ``None`` for the others.
+published default the grid is centred on; :func:`make` injects them into the optimizer state
+like the learning rate, so a factory must accept them as arrays). ``own_schedule`` marks
+entries that bring their own learning-rate schedule (schedule-free AdamW), which must not be
+given the warm-up + cosine schedule; ``eval_params(opt_state, params)`` maps the training
+iterate to the parameters to evaluate (schedule-free AdamW evaluates its averaged sequence),
+``None`` for the others.
 ``prepare_params(params)`` maps the initial parameters to those training starts from, where
 the authors' optimizer changes the model's weights when it is constructed (Nero balances
 every kernel, :func:`ksbopt.balance_params`; rotational optimizers centre them,

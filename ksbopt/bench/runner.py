@@ -8,7 +8,8 @@ of ``eval_every`` steps, to read the losses and evaluate. (A ``lax.scan`` over t
 measured 2x slower per step on CPU for the MNIST-1D CNN: XLA:CPU runs convolution gradients
 inside a loop body much slower.) The learning rate lives in the optimizer state
 (``optax.inject_hyperparams``), so the step is compiled once per (task, optimizer, other
-hyperparameters) with ahead-of-time ``lower().compile()``, which also measures the compile
+hyperparameters; the tuned ones, e.g. the weight decay, live in the state too) with
+ahead-of-time ``lower().compile()``, which also measures the compile
 time, and reused for every learning rate and seed.
 
 Records are written atomically (temporary file + rename) when a run ends: an interrupted
