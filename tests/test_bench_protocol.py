@@ -405,7 +405,7 @@ def test_dry_run_estimates_hours_from_measured_costs_and_max_hours_guards(tmp_pa
 
     n_tune = SUITES["quick"].protocol.tuning_seeds
     n = 3 * n_tune + 5 - n_tune
-    assert f"estimate, optimum at centre: {n} runs, {n * 0.1:.1f} h" in stdout
+    assert f"estimate, optimum at centre: {n} runs, {n * 0.1:.1f} h ({n * 6} min)" in stdout
     with pytest.raises(SystemExit):
         _cli([*argv, "--max-hours", "0.1"])
     with pytest.raises(SystemExit):

@@ -119,7 +119,8 @@ class Estimate:
         for case in CASES:
             n = sum(self.runs[case].values())
             h = self.hours[case]
-            when = f"{h:.1f} h" + (" + the runs without a measured cost" if self.unknown else "")
+            when = f"{h:.1f} h ({h * 60:.0f} min)"
+            when += " + the runs without a measured cost" if self.unknown else ""
             out.append(f"estimate, optimum {case.replace('_', ' ')}: {n} runs, {when}")
         for (t, sc), n in sorted(self.runs["typical"].items()):
             out.append(f"  {t} ({sc}): {n} runs (typical)")
