@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from ksbopt.bench import cli, registry
-from ksbopt.bench.runner import environment
+from ksbopt.bench.runner import MAX_EVAL_INTERVALS, environment
 from ksbopt.bench.tasks import HEADLINE_TASKS, TASKS, build_task
 
 # The learning rate of the measurement (the cost does not depend on it): the middle of each grid.
@@ -45,15 +45,14 @@ def measure(task: str, optimizer: str, scale: str, steps: int, cache: Path) -> d
         rec = json.loads(path.read_text())
     built = build_task(task, scale, cache)
     t = rec["timing"]
-    n_evals = max(1, math.ceil(rec["steps_done"] / built.eval_every))
+    # the evaluations after the first (timed apart): every eval_every steps of the short run
+    n_evals = max(1, len(rec["curves"]["step"]) - 1)
     eval_each = t["eval_s"] / n_evals
-    full_evals = math.ceil(built.steps / built.eval_every)
-    projected = (
-        t["compile_s"]
-        + t["eval_compile_s"]
-        + built.steps * t["step_ms_median"] / 1e3
-        + full_evals * eval_each
+    full_evals = math.ceil(
+        built.steps / min(built.eval_every, math.ceil(built.steps / MAX_EVAL_INTERVALS))
     )
+    run_s = built.steps * t["step_ms_median"] / 1e3 + full_evals * eval_each
+    projected = t["compile_s"] + t["eval_compile_s"] + run_s
     return {
         "task": task,
         "optimizer": optimizer,
@@ -66,6 +65,7 @@ def measure(task: str, optimizer: str, scale: str, steps: int, cache: Path) -> d
         "step_ms_median": t["step_ms_median"],
         "eval_s_each": eval_each,
         "compile_s": t["compile_s"] + t["eval_compile_s"],
+        "run_s": run_s,  # one run once its step is compiled (a suite compiles per search)
         "projected_run_s": projected,
     }
 

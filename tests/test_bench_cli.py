@@ -608,7 +608,9 @@ def test_full_suite_plans_its_fixed_experiments_at_the_published_sizes():
     assert {r.experiment for r in runs} == {"nld", "baselines"}
     assert {(r.experiment, r.scale) for r in runs} == {("nld", "base"), ("baselines", "base")}
     assert len(runs) == len({r.run_id for r in runs})
-    # a fixed learning-rate list trains exactly those rates, in every schedule arm, untuned
+    # a fixed learning-rate list trains exactly those rates, in every arm of the pair, untuned
+    from ksbopt.bench.suites import arms_of
+
     fixed = plan(
         suite,
         tasks=("teacher_relu",),
@@ -618,8 +620,11 @@ def test_full_suite_plans_its_fixed_experiments_at_the_published_sizes():
         experiments=("grid",),
     )
     assert {(r.learning_rate, r.schedule) for r in fixed} == {
-        (lr, arm) for lr in (0.1, 0.5) for arm in suite.schedules
+        (lr, arm) for lr in (0.1, 0.5) for arm in arms_of(suite, "teacher_relu", "sgd")
     }
+    both = plan(suite, tasks=("mnist1d_deep_mlp_ln",), optimizers=("sgd+wd",), seeds=(0,),
+                lrs=(0.1,), experiments=("grid",))  # fmt: skip
+    assert {r.schedule for r in both} == {"cosine", "constant"}  # the constant arm's scope
 
 
 def test_angular_update_from_charges_matches_the_direct_angle():
@@ -650,3 +655,23 @@ def test_path_norm_of_a_linear_net_is_the_product_of_squared_kernels(cache):
     assert task.path_norm_fn() is task.path_norm_fn()  # one object: one compilation
     with pytest.raises(ValueError, match="Path-SGD applies to ReLU networks"):
         build_task("digits_cnn_bn", "tiny").path_norm_fn()
+
+
+def test_gpu_suite_plans_its_tasks_at_the_large_scale_with_its_step_budget(tmp_path, monkeypatch):
+    from ksbopt.bench import cli
+    from ksbopt.bench.suites import GPU_STEPS, SUITES
+    from ksbopt.bench.tasks import GPU_TASKS
+
+    got = {}
+
+    def capture(suite, out, fixed, grid_args, est):
+        got.update(grid_args, suite=suite)
+        return 0
+
+    monkeypatch.setattr(cli, "_dry_run", capture)
+    assert cli.main(["--suite", "gpu", "--dry-run", "--out", str(tmp_path)]) == 0
+    assert got["tasks"] == GPU_TASKS and got["steps"] == GPU_STEPS
+    assert got["suite"].scale_of("grid") == "large" and len(SUITES["gpu"].seeds) == 3
+    # at another scale (the tests' tiny one) each task keeps its own step budget
+    assert cli.main(["--suite", "gpu", "--scale", "tiny", "--dry-run", "--out", str(tmp_path)]) == 0
+    assert got["steps"] is None

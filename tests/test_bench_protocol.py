@@ -265,7 +265,7 @@ def test_subset_problems_names_what_differs():
 
 def test_every_applicable_pair_starts_with_the_same_window_in_every_arm():
     from ksbopt.bench import registry
-    from ksbopt.bench.suites import SUITES, tuning_round
+    from ksbopt.bench.suites import SUITES, arms_of, tuning_round
     from ksbopt.bench.tasks import TASKS
 
     full = SUITES["full"]
@@ -281,10 +281,11 @@ def test_every_applicable_pair_starts_with_the_same_window_in_every_arm():
         for o, spec in registry.REGISTRY.items():
             for arm in full.schedules:
                 mine = [r for r in runs if (r.task, r.optimizer, r.schedule) == (t, o, arm)]
-                assert bool(mine) == spec.applies_to(TASKS[t]), (t, o, arm)
+                wanted = spec.applies_to(TASKS[t]) and arm in arms_of(full, t, o)
+                assert bool(mine) == wanted, (t, o, arm)
                 if mine:
                     assert len({r.learning_rate for r in mine}) == full.protocol.window
-                    assert {r.seed for r in mine} == set(full.seeds[:2])
+                    assert {r.seed for r in mine} == set(full.seeds[: full.protocol.tuning_seeds])
                     assert len({r.steps for r in mine}) == 1
     assert len(runs) == len({r.run_id for r in runs})
 
@@ -326,7 +327,8 @@ def test_tuned_grid_runs_the_search_and_reports_its_statistics(tuned):
     recs = {p.stem: json.loads(p.read_text()) for p in (out / "runs").glob("*.json")}
     summary = json.loads((out / "summary.json").read_text())
     rows = summary["arms"]["cosine"]["teacher_relu"]["optimizers"]
-    assert summary["grid_arm"] == "cosine" and summary["meta"]["protocol"]["tuning_seeds"] == 2
+    n_tune = SUITES["quick"].protocol.tuning_seeds
+    assert summary["grid_arm"] == "cosine" and summary["meta"]["protocol"]["tuning_seeds"] == n_tune
 
     def result(c):
         r = recs.get(c.run_id)
@@ -347,7 +349,7 @@ def test_tuned_grid_runs_the_search_and_reports_its_statistics(tuned):
     for o, row in rows.items():
         s = searches[("teacher_relu", "cosine", o)]
         assert row["best_lr"] == lattice_lr(s.best[0]) and row["edge"] == s.edge
-        assert row["seeds"] == 3 and row["tuning_seeds"] == [0, 1]
+        assert row["seeds"] == 3 and row["tuning_seeds"] == [0, 1][:n_tune]
         assert row["hparams"].get("weight_decay") == s.best[1] or s.best[1] is None
         assert row["band"] is not None and row["band"][0] <= row["best_lr"] <= row["band"][1]
         assert row["reached"] >= 1 and row["steps_to_target"] > 0 and row["time_to_target"] > 0
@@ -378,9 +380,40 @@ def test_dry_run_lists_the_first_round_and_trains_nothing(tmp_path):
     argv = ["--suite", "quick", "--scale", "tiny", "--tasks", "teacher_relu", "--seeds", "2"]
     rc, stdout, err = _cli([*argv, "--optimizers", "sgd", "--out", tmp_path, "--dry-run"])
     assert rc == 0, err
+    from ksbopt.bench.suites import SUITES
+
     ids = [ln for ln in stdout.splitlines() if ln.startswith("grid__")]
-    assert len(ids) == 6 and all(i.endswith("__cosine") for i in ids)  # 3 rates x 2 seeds
+    n_tune = SUITES["quick"].protocol.tuning_seeds
+    assert len(ids) == 3 * n_tune and all(i.endswith("__cosine") for i in ids)  # 3 rates
+    # the estimate of the whole invocation: 3 rates on the tuning seeds, then the other seed
+    assert f"estimate, optimum at centre: {3 * n_tune + 2 - n_tune} runs" in stdout
     assert not (tmp_path / "runs").exists()
+
+
+def test_dry_run_estimates_hours_from_measured_costs_and_max_hours_guards(tmp_path):
+    import json
+
+    costs = tmp_path / "costs.json"
+    row = {"task": "teacher_relu", "scale": "tiny", "run_s": 360.0, "compile_s": 0.0}
+    costs.write_text(json.dumps({"env": {}, "load_average": [1.0], "results": [row]}))
+    argv = ["--suite", "quick", "--scale", "tiny", "--tasks", "teacher_relu", "--seeds", "5"]
+    argv += ["--optimizers", "sgd", "--out", tmp_path / "o", "--costs", costs]
+    rc, stdout, err = _cli([*argv, "--dry-run"])
+    assert rc == 0, err
+    # sgd (no weight decay): 3 lattice points on the tuning seeds, then the other seeds
+    from ksbopt.bench.suites import SUITES
+
+    n_tune = SUITES["quick"].protocol.tuning_seeds
+    n = 3 * n_tune + 5 - n_tune
+    assert f"estimate, optimum at centre: {n} runs, {n * 0.1:.1f} h ({n * 6} min)" in stdout
+    with pytest.raises(SystemExit):
+        _cli([*argv, "--max-hours", "0.1"])
+    with pytest.raises(SystemExit):
+        _cli([*argv[:-2], "--max-hours", "1"])  # no --costs
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(SystemExit):
+        _cli([*argv[:-1], bad, "--dry-run"])
 
 
 def test_readme_block_is_generated_from_the_summary(tuned, tmp_path):
@@ -477,3 +510,75 @@ def test_summary_without_a_baseline_has_no_reference():
     recs = [_rec("sgd+retract", lr, s, 0.8 + lr, 0.8) for lr in (0.01, 0.03) for s in (0, 1)]
     (arm,) = grid_summary(recs).values()
     assert arm["t"]["reference"] is None and arm["t"]["optimizers"]["sgd+retract"]["edge"]
+
+
+def test_arms_follow_the_scope_and_own_schedules():
+    from ksbopt.bench.suites import SUITES, Suite, arms_of, subset_problems
+
+    s = Suite(
+        "s",
+        "tiny",
+        ("a", "b"),
+        ("sgd", "sf_adamw"),
+        (0, 1),
+        ("grid",),
+        "",
+        schedules=("cosine", "constant"),
+        arm_scope={"constant": (("a",), ("sgd", "sf_adamw"))},
+    )
+    assert arms_of(s, "a", "sgd") == ("cosine", "constant")
+    assert arms_of(s, "b", "sgd") == ("cosine",)
+    # schedule-free brings its own schedule: one arm, the suite's first
+    assert arms_of(s, "a", "sf_adamw") == ("cosine",)
+    wider = dataclasses.replace(s, name="wider", arm_scope={})
+    assert subset_problems(s, wider) == []
+    assert subset_problems(wider, s) == ["sgd on b: arms ['constant'] not in s"]
+    assert subset_problems(SUITES["quick"], SUITES["full"]) == []
+
+
+def test_weight_decay_is_tuned_exactly_where_the_registry_says():
+    from ksbopt.bench import registry
+    from ksbopt.bench.suites import _wd_grid
+
+    proto = Protocol()
+    for name, spec in registry.REGISTRY.items():
+        tuned = bool(_wd_grid(spec, proto))
+        assert tuned == ("weight_decay" in spec.tune and spec.hparams["weight_decay"] > 0), name
+    # a positive default that the registry does not tune (the NLD target's decay) stays fixed
+    assert registry.get("adam+steer_nld").hparams["weight_decay"] > 0
+    assert _wd_grid(registry.get("adam+steer_nld"), proto) == ()
+
+
+def test_profile_summary_keeps_ten_blocks_of_the_run():
+    from ksbopt.bench import profiles
+
+    rng = np.random.default_rng(0)
+    chunks = [rng.random((4, 2, 7)) for _ in range(50)]  # 50 chunks of 4 steps, 2 symmetries
+    out = profiles.summary(["scale:a", "scale:b"], chunks, {"w": np.zeros(3, np.float32)})
+    assert out["block_chunks"] == [5] * 10 and len(out["blocks"]) == 10
+    want = np.median(np.concatenate(chunks[45:]), axis=0)
+    np.testing.assert_allclose(out["blocks"][-1], want, rtol=1e-12)
+    np.testing.assert_allclose(out["median"], np.median(np.concatenate(chunks), 0), rtol=1e-12)
+    short = profiles.summary(["scale:a"], [rng.random((4, 1, 7)) for _ in range(3)], {})
+    assert short["block_chunks"] == [1, 1, 1]
+
+
+def test_budget_replays_the_search_on_a_synthetic_curve():
+    from ksbopt.bench import budget
+
+    kw = dict(window=3, tuning_seeds=1, seeds=5, max_extensions=4)
+    # at the centre: the window, then the two weight-decay neighbours, then 4 more seeds
+    assert budget.search_runs(wds=(5e-5, 5e-4, 5e-3), **kw) == 3 + 2 + 4
+    assert budget.search_runs(wds=(), **kw) == 3 + 4
+    # one point outside the window at a larger decay: more runs, never fewer
+    assert budget.search_runs(wds=(5e-5, 5e-4, 5e-3), case="typical", **kw) > 9
+    with pytest.raises(ValueError, match="case="):
+        budget.search_runs(wds=(), case="worst", **kw)
+    est = budget.estimate(
+        {"at_centre": {("a", "small"): (10, 2)}, "typical": {("a", "small"): (20, 3)}},
+        {("b", "base"): 4},
+        {("a", "small"): (36.0, 18.0)},
+    )
+    assert est.runs["at_centre"] == {("a", "small"): 10, ("b", "base"): 4}
+    assert est.hours["at_centre"] == pytest.approx((10 * 36 + 2 * 18) / 3600)
+    assert est.unknown == (("b", "base"),)

@@ -7,6 +7,7 @@ and GPU scales are checked from their tables and abstract models, without traini
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -284,3 +285,79 @@ def test_gpu_tasks_build_at_the_large_scale(name, cache):
     assert loss.shape == () and loss.dtype == jnp.float32
     for split, (*_, mask) in task.eval_sets().items():
         assert mask.sum() >= (2000 if task.kind == "lm" else 8000), split
+
+
+# ---- the runner acts on the registry's hooks --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "feature"), [("nero", "balance_params"), ("rotational", "center_params")]
+)
+def test_runner_starts_from_the_entrys_prepared_parameters(cache, name, feature):
+    """Nero starts from balanced kernels, rotational SGDM from centred ones, as their authors'
+    optimizers make them at construction; the others from the initialisation itself."""
+    import ksbopt
+    from ksbopt.bench.records import RunConfig
+
+    task = build_task("mnist1d_deep_mlp_ln", "tiny", cache)
+    r = runner.Runner(Path("unused"), progress=False)
+    params = _params(task)
+    cfg = RunConfig("grid", task.name, name, 0.01, 0, "tiny")
+    got = r._prepared(cfg, task, params)
+    want = getattr(ksbopt, feature)(params)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
+    assert any(not np.allclose(g, p) for g, p in zip(jax.tree.leaves(got), jax.tree.leaves(params)))
+    assert r.full_config(cfg)["prepare_params"].endswith(registry.get(name).prepare_params.__name__)
+    plain = RunConfig("grid", task.name, "sgd+wd", 0.01, 0, "tiny")
+    assert r._prepared(plain, task, params) is params
+    assert "prepare_params" not in r.full_config(plain)
+
+
+def test_schedule_free_runs_without_the_suites_schedule_and_is_evaluated_at_x(cache, tmp_path):
+    from ksbopt.bench.records import RunConfig
+
+    task = build_task("mnist1d_deep_mlp_ln", "tiny", cache)
+    r = runner.Runner(tmp_path, progress=False)
+    sf = RunConfig("grid", task.name, "sf_adamw", 1e-2, 0, "tiny", (), None, "cosine")
+    full = r.full_config(sf)
+    assert "own" in full["schedule_definition"] and "eval_params" in full
+    assert not runner._scheduled(sf) and runner._scheduled(
+        dataclasses.replace(sf, optimizer="adamw")
+    )
+    assert runner._train_key(sf) == runner._train_key(dataclasses.replace(sf, schedule="constant"))
+    # the evaluation point is the averaged iterate x, not the training iterate y
+    params = _params(task)
+    tx = registry.make("sf_adamw", 1e-2, task)
+    state = tx.init(params)
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.1), params)
+    for _ in range(3):
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    x = r._eval_point(sf)(params, state)
+    want = registry.get("sf_adamw").eval_params(state, params)
+    for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    rec, _ = r.run(sf)
+    assert rec["status"] == "ok" and rec["config"]["schedule"] == "cosine"
+
+
+def test_tuned_weight_decay_is_injected_one_compilation_serves_every_value(cache, tmp_path):
+    """The tuned weight decay lives in the optimizer state (as the learning rate does): runs
+    at two weight decays share one compiled step, and each trains at its own decay."""
+    from ksbopt.bench.records import RunConfig
+
+    task = build_task("mnist1d_deep_mlp_ln", "tiny", cache)
+    r = runner.Runner(tmp_path, progress=False)
+    a = RunConfig("grid", task.name, "sgd+wd", 0.1, 0, "tiny", (("weight_decay", 5e-5),))
+    b = dataclasses.replace(a, hparams=(("weight_decay", 0.5),))
+    assert runner._train_key(a) == runner._train_key(b)
+    rec_a, _ = r.run(a)
+    rec_b, _ = r.run(b)
+    assert rec_a["timing"]["compiled_here"] and not rec_b["timing"]["compiled_here"]
+    assert rec_b["config"]["hparams"]["weight_decay"] == 0.5
+    # a 10^4 times larger coupled decay shrinks the weights: the decay is the run's own
+    assert rec_b["curves"]["param_norm"][-1] < rec_a["curves"]["param_norm"][-1]
+    # an untuned hyperparameter (sgd+wd's momentum) is still compiled in
+    c = dataclasses.replace(a, hparams=(("momentum", 0.5), ("weight_decay", 5e-5)))
+    assert runner._train_key(c) != runner._train_key(a)

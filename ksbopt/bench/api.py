@@ -136,7 +136,7 @@ def compare(
 
     Every entry is tuned on every task by the benchmark protocol (:doc:`/howto/protocol`): a
     search on the half-decade learning-rate lattice, extended until the best rate is interior,
-    with weight decay where a registry entry has one, on the first two seeds
+    with weight decay where a registry entry tunes it, on the first seed
     (:func:`ksbopt.bench.protocol.search`). The chosen setting
 
     .. math::

@@ -108,6 +108,19 @@ def _parser() -> argparse.ArgumentParser:
         "exit; later rounds of the tuning depend on the results",
     )
     p.add_argument(
+        "--costs",
+        metavar="FILE",
+        help="measured costs per run (JSON of python -m benchmarks.bench_task_costs): "
+        "--dry-run then estimates the suite's hours",
+    )
+    p.add_argument(
+        "--max-hours",
+        type=float,
+        metavar="H",
+        help="refuse to start when the estimate from --costs (optimum one lattice point "
+        "outside the starting window) exceeds H hours",
+    )
+    p.add_argument(
         "--report-only",
         action="store_true",
         help="no training: rebuild the report from every record under OUT/runs",
@@ -233,6 +246,19 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--lrs={a.lrs!r}: learning rates must be positive, e.g. --lrs 0.01,0.1")
     if a.steps is not None and a.steps < 1:
         p.error(f"--steps={a.steps}: must be a positive integer")
+    steps = a.steps
+    if steps is None and (scale or suite.scale) == suite.scale:
+        steps = suite.steps  # the suite's step budget holds at its own scale only
+    if a.max_hours is not None and (not a.costs or not a.max_hours > 0):
+        p.error(f"--max-hours={a.max_hours}: give a positive number and --costs FILE")
+    costs = None
+    if a.costs:
+        from ksbopt.bench import budget
+
+        try:
+            costs = budget.load_costs(a.costs)
+        except ValueError as e:
+            p.error(f"--costs: {e}")
     if a.schedules:
         from ksbopt.bench.protocol import SCHEDULES
 
@@ -256,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         seeds=seeds,
         scale=scale,
         lrs=lrs,
-        steps=a.steps,
+        steps=steps,
         experiments=experiments,
     )
     tuned = "grid" in experiments and not lrs
@@ -279,9 +305,16 @@ def main(argv: list[str] | None = None) -> int:
             )
     out = Path(a.out or f"bench_results/{a.suite}")
     _check_out(p, out)
-    grid_args = dict(tasks=tasks, optimizers=opts, seeds=seeds, scale=scale, steps=a.steps)
+    grid_args = dict(tasks=tasks, optimizers=opts, seeds=seeds, scale=scale, steps=steps)
+    est = _estimate(suite, fixed, grid_args if tuned else None, costs)
     if a.dry_run:
-        return _dry_run(suite, out, fixed, grid_args if tuned else None)
+        return _dry_run(suite, out, fixed, grid_args if tuned else None, est)
+    if a.max_hours is not None and (est.hours["typical"] or 0.0) > a.max_hours:
+        print("\n".join(est.lines()), file=sys.stderr)
+        p.error(
+            f"--max-hours={a.max_hours:g}: the suite is estimated at "
+            f"{est.hours['typical']:.1f} h; give fewer tasks, optimizers or seeds, or raise it"
+        )
 
     # ---- run ----
     import jax
@@ -338,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         "devices": str(jax.devices()),
         "trained": trained,
         "reused": len(records) - trained,
-        "protocol": _protocol_meta(suite) if tuned else None,
+        "protocol": _protocol_meta(suite, seeds) if tuned else None,
         "wall_s": time.perf_counter() - t0,
         "notes": notes
         + [
@@ -499,14 +532,15 @@ def _search_notes(suite, session: _Session, grid_args: dict) -> list[str]:
     return out
 
 
-def _protocol_meta(suite) -> dict:
+def _protocol_meta(suite, seeds) -> dict:
     from ksbopt.bench.protocol import WARMUP_FRACTION
 
     return {
         **dataclasses.asdict(suite.protocol),
         "schedules": list(suite.schedules),
+        "arm_scope": {a: [list(t), list(o)] for a, (t, o) in suite.arm_scope.items()},
         "warmup_fraction": WARMUP_FRACTION,
-        "seeds": list(suite.seeds),
+        "seeds": list(seeds),
     }
 
 
@@ -521,8 +555,24 @@ def _direction(out: Path, task: str) -> bool:
     return True
 
 
-def _dry_run(suite, out: Path, fixed: list, grid_args: dict | None) -> int:
-    """Prints the runs the next invocation would train first; trains nothing."""
+def _estimate(suite, fixed: list, grid_args: dict | None, costs):
+    """The planned runs and hours (:mod:`ksbopt.bench.budget`) of the whole invocation."""
+    import collections
+
+    from ksbopt.bench import budget
+
+    grid = {}
+    if grid_args is not None:
+        keep = ("tasks", "optimizers", "seeds", "scale")
+        grid = budget.grid_runs(suite, **{k: grid_args[k] for k in keep})
+    per_task = collections.Counter((r.task, r.scale) for r in fixed)
+    table, note = costs if costs is not None else ({}, "")
+    return budget.estimate(grid, per_task, table, note)
+
+
+def _dry_run(suite, out: Path, fixed: list, grid_args: dict | None, est) -> int:
+    """Prints the runs the next invocation would train first and the estimate of the whole
+    suite; trains nothing."""
     from ksbopt.bench.protocol import MISSING
     from ksbopt.bench.records import load_record, record_path
     from ksbopt.bench.suites import tuning_round
@@ -551,6 +601,7 @@ def _dry_run(suite, out: Path, fixed: list, grid_args: dict | None) -> int:
         f"{over} of them over); later rounds depend on the results",
         flush=True,
     )
+    print("\n".join(est.lines()), flush=True)
     return 0
 
 

@@ -9,13 +9,19 @@ steps and per chunk, and the report classifies each (task, optimizer) with
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from ksbopt._src.diagnostics.symmetry_profile import RATIOS, classify
 
-__all__ = ["of_runs", "report_lines", "step_ratios", "summary"]
+__all__ = ["PROFILE_BLOCKS", "of_runs", "report_lines", "step_ratios", "summary"]
+
+# The record keeps the median ratios of at most this many consecutive blocks of the run (each
+# about a tenth of it), besides the median over all steps: one row per evaluation chunk made
+# a record about 35 KB, for a trend no table reads at that resolution.
+PROFILE_BLOCKS = 10
 
 
 def step_ratios(symmetries, params, grads, updates):
@@ -30,7 +36,9 @@ def step_ratios(symmetries, params, grads, updates):
 
 
 def summary(labels: Sequence[str], chunks: Sequence[np.ndarray], params) -> dict | None:
-    """The record's ``profile``: median ratios over all steps and per chunk, the floor."""
+    """The record's ``profile``: median ratios over all steps and over each of at most
+    :data:`PROFILE_BLOCKS` consecutive blocks of chunks (``blocks``, with the ``block_chunks``
+    each covers), and the floor."""
     import jax
 
     from ksbopt._src.diagnostics.symmetry_profile import tolerance
@@ -38,10 +46,14 @@ def summary(labels: Sequence[str], chunks: Sequence[np.ndarray], params) -> dict
     if not labels or not chunks:
         return None
     steps = np.concatenate([np.asarray(c, np.float64) for c in chunks])  # (steps, n, 4)
+    blocks = [list(b) for b in np.array_split(np.arange(len(chunks)), PROFILE_BLOCKS) if len(b)]
+    blocks = [[chunks[i] for i in b] for b in blocks]
     dtype = np.result_type(np.float32, *(x.dtype for x in jax.tree.leaves(params)))
 
     def med(a):
-        with np.errstate(all="ignore"):
+        # a diverged run has all-NaN columns: their median is NaN (recorded as None), silently
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
             m = np.nanmedian(a, axis=0) if np.isfinite(a).any() else np.full(a.shape[1:], np.nan)
         return [[None if not np.isfinite(x) else float(x) for x in row] for row in m]
 
@@ -50,7 +62,8 @@ def summary(labels: Sequence[str], chunks: Sequence[np.ndarray], params) -> dict
         "ratios": list(RATIOS),
         "tol": tolerance(dtype),
         "median": med(steps),
-        "chunks": [med(np.asarray(c, np.float64)) for c in chunks],
+        "block_chunks": [len(b) for b in blocks],
+        "blocks": [med(np.concatenate([np.asarray(c, np.float64) for c in b])) for b in blocks],
     }
 
 

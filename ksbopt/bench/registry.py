@@ -12,10 +12,17 @@ A task that lacks what an entry needs is reported as "not applicable" for it, ne
 
 Tuning: ``tune`` names the hyperparameters besides the learning rate that the tuning protocol
 tunes (by default ``weight_decay`` wherever an entry has one; the value in ``hparams`` is the
-published default the grid is centred on). ``own_schedule`` marks entries that bring their own
-learning-rate schedule (schedule-free AdamW), which must not be given the warm-up + cosine
-schedule; ``eval_params(opt_state, params)`` maps the training iterate to the parameters to
-evaluate (schedule-free AdamW evaluates its averaged sequence), ``None`` for the others.
+published default the grid is centred on; :func:`make` injects them into the optimizer state
+like the learning rate, so a factory must accept them as arrays). ``own_schedule`` marks
+entries that bring their own learning-rate schedule (schedule-free AdamW), which must not be
+given the warm-up + cosine schedule; ``eval_params(opt_state, params)`` maps the training
+iterate to the parameters to evaluate (schedule-free AdamW evaluates its averaged sequence),
+``None`` for the others.
+``prepare_params(params)`` maps the initial parameters to those training starts from, where
+the authors' optimizer changes the model's weights when it is constructed (Nero balances
+every kernel, :func:`ksbopt.peers.balance_params`; rotational optimizers centre them,
+:func:`ksbopt.peers.center_params`), ``None`` for the others: an optax transformation cannot
+change the parameters it is initialised with, so the runner applies it once per run.
 
 Adding an optimizer is one line::
 
@@ -29,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -118,6 +126,7 @@ class OptimizerSpec:
     tune: tuple[str, ...] = ()  # hyperparameters the tuning protocol tunes besides the lr
     own_schedule: bool = False  # True: never wrap the lr in the suite's schedule
     eval_params: Callable[[Any, Any], Any] | None = None  # (opt_state, params) -> params
+    prepare_params: Callable[[Any], Any] | None = None  # initial params -> params to train
 
     def missing(self) -> list[str]:
         """The ``ksbopt`` features this entry needs and that are not importable."""
@@ -174,6 +183,7 @@ def register(
     tune: tuple[str, ...] | None = None,
     own_schedule: bool = False,
     eval_params: Callable[[Any, Any], Any] | None = None,
+    prepare_params: Callable[[Any], Any] | None = None,
 ) -> OptimizerSpec:
     """Adds (or replaces) a registry entry; ``quick`` defaults to grid points 2, 4 and 5.
 
@@ -205,6 +215,7 @@ def register(
         tune,
         own_schedule,
         eval_params,
+        prepare_params,
     )
     REGISTRY[name] = spec
     return spec
@@ -227,10 +238,11 @@ def get(name: str, *, check: bool = True) -> OptimizerSpec:
 
 
 def make(name: str, learning_rate: float, task, **overrides) -> optax.GradientTransformation:
-    """The transformation of entry ``name``, its learning rate injected as a state hyperparameter.
+    """The transformation of entry ``name``, its learning rate and tuned hyperparameters
+    (``OptimizerSpec.tune``) injected as state hyperparameters.
 
-    The learning rate lives in the optimizer state (``optax.inject_hyperparams``), so one
-    compiled training step serves every learning rate of the grid.
+    They live in the optimizer state (``optax.inject_hyperparams``), so one compiled training
+    step serves every learning rate and weight decay of the search.
     """
     spec = get(name)
     unknown = set(overrides) - set(spec.hparams)
@@ -240,11 +252,17 @@ def make(name: str, learning_rate: float, task, **overrides) -> optax.GradientTr
             f"it takes {sorted(spec.hparams)}"
         )
     hp = {**spec.hparams, **overrides}
+    tuned = {k: hp.pop(k) for k in spec.tune}
 
-    def inner(learning_rate):
-        return spec.factory(learning_rate, task, **hp)
+    def inner(learning_rate, **tuned):
+        return spec.factory(learning_rate, task, **hp, **tuned)
 
-    return optax.inject_hyperparams(inner)(learning_rate=learning_rate)
+    # optax.inject_hyperparams binds the factory's signature: name every injected argument
+    P = inspect.Parameter
+    inner.__signature__ = inspect.Signature(
+        [P("learning_rate", P.POSITIONAL_OR_KEYWORD), *(P(k, P.KEYWORD_ONLY) for k in tuned)]
+    )
+    return optax.inject_hyperparams(inner)(learning_rate=learning_rate, **tuned)
 
 
 # ---- entries ----------------------------------------------------------------------------------
@@ -260,11 +278,19 @@ def _steer(symmetries, target):
     return ks("steer")(symmetries, target, rate=jnp.ones((), jnp.float32))
 
 
+def _decays(weight_decay) -> bool:
+    """Whether a weight decay term is built: a Python 0 builds none; an injected (array) weight
+    decay, whose value the trace does not know, always builds one."""
+    return not isinstance(weight_decay, (int, float)) or weight_decay != 0
+
+
 def _sgd(lr, momentum, weight_decay):
     """Heavy-ball SGD with coupled weight decay (PyTorch's SGD, the NLD setting)."""
     m = momentum if momentum else None
     sgd = optax.sgd(lr, momentum=m)
-    return optax.chain(optax.add_decayed_weights(weight_decay), sgd) if weight_decay else sgd
+    return (
+        optax.chain(optax.add_decayed_weights(weight_decay), sgd) if _decays(weight_decay) else sgd
+    )
 
 
 register(
@@ -286,7 +312,9 @@ register(
 
 def _decoupled(tx, lr, weight_decay):
     """``tx`` followed by decoupled weight decay ``-lr * weight_decay * w`` (AdamW's form)."""
-    return optax.chain(tx, optax.add_decayed_weights(-lr * weight_decay)) if weight_decay else tx
+    if not _decays(weight_decay):
+        return tx
+    return optax.chain(tx, optax.add_decayed_weights(-lr * weight_decay))
 
 
 register(
@@ -504,13 +532,27 @@ register(
     needs=("peers.adamp",),
     description="AdamP (Heo et al. 2021; delta 0.1, wd_ratio 0.1), weight decay 1e-2 as adamw",
 )
+
+
+def _balanced(params):
+    """Nero's starting point: every kernel balanced (:func:`ksbopt.peers.balance_params`)."""
+    return ks("peers.balance_params")(params)
+
+
+def _centred(params):
+    """Rotational optimizers' starting point: every kernel centred per unit, norms kept
+    (:func:`ksbopt.peers.center_params`)."""
+    return ks("peers.center_params")(params)
+
+
 register(
     "nero",
     lambda lr, task: ks("peers.nero")(lr),
     NERO_GRID,
-    needs=("peers.nero",),
+    needs=("peers.nero", "peers.balance_params"),
+    prepare_params=_balanced,
     description="Nero (Liu et al. 2021, the authors' defaults: beta 0.999, balanced units, "
-    "debiased; kernels balanced by the first update, where the authors balance at creation)",
+    "debiased; kernels balanced before training, as the authors' optimizer does at creation)",
 )
 register(
     "rotational",
@@ -519,10 +561,11 @@ register(
     ),
     SGD_GRID,
     hparams={"weight_decay": 5e-4, "momentum": 0.9},
-    needs=("peers.rotational",),
+    needs=("peers.rotational", "peers.center_params"),
+    prepare_params=_centred,
     description="rotational SGDM (Kosson et al. 2024, REQ's RotationalSGD defaults: per neuron, "
     "centred, update-norm decay 0.9): frozen unit norms, equilibrium angular update "
-    "sqrt(2 lr 5e-4 / 1.9) per step; kernels centred by the first update",
+    "sqrt(2 lr 5e-4 / 1.9) per step; kernels centred before training, as REQ does at creation",
 )
 register(
     "path_sgd",

@@ -677,11 +677,16 @@ def _protocol_lines(proto: Mapping | None, arm: str | None) -> list[str]:
             f"a starting window of {proto['window']} points around the entry's grid, extended "
             f"(at most {proto['max_extensions']} more rates) until the best has a worse "
             f"neighbour on each side; weight decay x{{{_factors}}} "
-            f"of the entry's default where that is positive; tuned on the first "
-            f"{proto['tuning_seeds']} seeds, then the chosen setting on seeds "
+            f"of the entry's default where the registry tunes it; tuned on the first "
+            f"{proto['tuning_seeds']} seed(s), then the chosen setting on seeds "
             f"{', '.join(map(str, proto['seeds']))}; schedule arms "
             f"{', '.join(proto['schedules'])} (warm-up {proto['warmup_fraction']:.0%} of the "
-            "steps, then cosine decay towards 0)."
+            "steps, then cosine decay towards 0)"
+            + "".join(
+                f"; the {arm} arm only on {', '.join(t)} for {', '.join(o)}"
+                for arm, (t, o) in proto.get("arm_scope", {}).items()
+            )
+            + "."
         )
     L.append(
         "Setting (learning rate, weight decay) chosen on the validation split (final value, "

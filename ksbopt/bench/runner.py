@@ -8,7 +8,8 @@ of ``eval_every`` steps, to read the losses and evaluate. (A ``lax.scan`` over t
 measured 2x slower per step on CPU for the MNIST-1D CNN: XLA:CPU runs convolution gradients
 inside a loop body much slower.) The learning rate lives in the optimizer state
 (``optax.inject_hyperparams``), so the step is compiled once per (task, optimizer, other
-hyperparameters) with ahead-of-time ``lower().compile()``, which also measures the compile
+hyperparameters; the tuned ones, e.g. the weight decay, live in the state too) with
+ahead-of-time ``lower().compile()``, which also measures the compile
 time, and reused for every learning rate and seed.
 
 Records are written atomically (temporary file + rename) when a run ends: an interrupted
@@ -100,11 +101,26 @@ def clear_caches() -> None:
         d.clear()
 
 
+def _scheduled(cfg: RunConfig) -> bool:
+    """Whether the suite's schedule multiplies the run's learning rate: not in the constant
+    arm, and never for an entry that brings its own schedule (``own_schedule``)."""
+    return cfg.schedule != "constant" and not registry.get(cfg.optimizer, check=False).own_schedule
+
+
 def _train_key(cfg: RunConfig) -> tuple:
     spec = registry.get(cfg.optimizer, check=False)
-    # the schedule and the step budget are compiled in (the cosine decays over the run)
-    arm = () if cfg.schedule == "constant" else (cfg.schedule, cfg.steps)
-    return cfg.task, cfg.scale, cfg.optimizer, id(spec.factory), cfg.hparams, *arm
+    # the schedule and the step budget are compiled in (the cosine decays over the run); the
+    # learning rate and the tuned hyperparameters live in the optimizer state (not compiled in)
+    arm = (cfg.schedule, cfg.steps) if _scheduled(cfg) else ()
+    fixed = tuple((k, v) for k, v in cfg.hparams if k not in spec.tune)
+    return cfg.task, cfg.scale, cfg.optimizer, id(spec.factory), fixed, *arm
+
+
+def _tuned(cfg: RunConfig) -> dict:
+    """The run's values of its entry's tuned hyperparameters (defaults where not given)."""
+    spec = registry.get(cfg.optimizer, check=False)
+    hp = {**spec.hparams, **dict(cfg.hparams)}
+    return {k: jnp.float32(hp[k]) for k in spec.tune}
 
 
 def _tkey(task: Task) -> tuple[str, str]:
@@ -208,6 +224,9 @@ class Runner:
         task = self.task(cfg.task, cfg.scale)
         spec = registry.get(cfg.optimizer, check=False)
         steps, every = self._steps(cfg, task)
+        schedule = schedule_definition(cfg.schedule) if _scheduled(cfg) else None
+        if spec.own_schedule:
+            schedule = "the optimizer's own (the suite's schedule is not applied)"
         return jsonable(
             {
                 **cfg.as_dict(),
@@ -218,7 +237,9 @@ class Runner:
                 "task_config": dict(task.config),
                 "metric": task.metric,
                 "target": task.target,
-                **({"schedule_definition": d} if (d := schedule_definition(cfg.schedule)) else {}),
+                **({"schedule_definition": schedule} if schedule else {}),
+                **({"eval_params": _name(spec.eval_params)} if spec.eval_params else {}),
+                **({"prepare_params": _name(spec.prepare_params)} if spec.prepare_params else {}),
                 **({"origin": dict(spec.origin)} if spec.origin else {}),
             }
         )
@@ -265,6 +286,30 @@ class Runner:
         graph_train, graph_eval, fn = self._init[key]
         params, rest = fn(jnp.int32(seed))
         return graph_train, graph_eval, params, rest
+
+    def _prepared(self, cfg: RunConfig, task: Task, params):
+        """The parameters training starts from: the entry's ``prepare_params`` of the
+        initialisation (compiled once per task and entry), or the initialisation itself."""
+        spec = registry.get(cfg.optimizer, check=False)
+        if spec.prepare_params is None:
+            return params
+        key = ("prepare", *_tkey(task), cfg.optimizer, id(spec.prepare_params))
+        if key not in self._init:
+            fn = jax.jit(spec.prepare_params)
+            self._init[key] = fn.lower(params).compile(compiler_options=_fast_compile())
+        return self._init[key](params)
+
+    def _eval_point(self, cfg: RunConfig):
+        """``(params, opt_state) -> the parameters to evaluate``: the entry's ``eval_params``
+        (schedule-free AdamW's averaged iterate), jitted once per entry, else the iterate."""
+        spec = registry.get(cfg.optimizer, check=False)
+        if spec.eval_params is None:
+            return lambda params, opt_state: params
+        key = ("eval_params", cfg.optimizer, id(spec.eval_params))
+        if key not in self._init:
+            fn = jax.jit(spec.eval_params)
+            self._init[key] = lambda params, opt_state: fn(opt_state, params)
+        return self._init[key]
 
     def _diagnostics(self, task: Task, params) -> tuple[list, str]:
         """Symmetry declarations whose charges ``ksbopt.charges`` computes for this task."""
@@ -350,12 +395,16 @@ class Runner:
             return {"diag": diag, "param_norm": optax.tree.norm(params)}
 
         t0 = time.perf_counter()
-        m_c = jax.jit(metrics).lower(params, rest, *sets["val"]).compile(compiler_options=opts)
+        m_c = {  # one executable per split shape (the validation split is the smaller)
+            s: jax.jit(metrics).lower(params, rest, *sets[s]).compile(compiler_options=opts)
+            for s in ("val", "test")
+        }
         d_c = jax.jit(diagnostics).lower(params).compile(compiler_options=opts)
         self._eval_compile_s[_tkey(task)] = time.perf_counter() - t0
 
         def evaluate(params, rest, test=True):
-            out = {s: m_c(params, rest, *sets[s]) for s in (("val", "test") if test else ("val",))}
+            splits = ("val", "test") if test else ("val",)
+            out = {s: m_c[s](params, rest, *sets[s]) for s in splits}
             return {**out, **d_c(params)}
 
         self._eval[_tkey(task)] = evaluate
@@ -366,16 +415,19 @@ class Runner:
         (task, optimizer, hyperparameters): eager ``init`` of the ksbopt transforms costs up
         to seconds of dispatch per run on CPU."""
         key = ("init_state", *_train_key(cfg))
+        fixed = dict(_train_key(cfg)[4])
         if key not in self._init:
 
-            def init(params, lr):
-                return registry.make(cfg.optimizer, lr, task, **dict(cfg.hparams)).init(params)
+            def init(params, lr, tuned):
+                return registry.make(cfg.optimizer, lr, task, **fixed, **tuned).init(params)
 
             lr0 = jnp.float32(cfg.learning_rate)
             self._init[key] = (
-                jax.jit(init).lower(params, lr0).compile(compiler_options=_fast_compile())
+                jax.jit(init)
+                .lower(params, lr0, _tuned(cfg))
+                .compile(compiler_options=_fast_compile())
             )
-        return self._init[key](params, jnp.float32(cfg.learning_rate))
+        return self._init[key](params, jnp.float32(cfg.learning_rate), _tuned(cfg))
 
     def _train_fn(
         self, cfg: RunConfig, task: Task, tx, graph_train, params, rest, opt_state, arrays, idx
@@ -396,8 +448,10 @@ class Runner:
 
         steps, _ = self._steps(cfg, task)
 
+        scheduled = _scheduled(cfg)
+
         def step(params, rest, opt_state, arrays, idx, peak_lr):
-            if cfg.schedule != "constant":  # the learning rate of this step, in the state
+            if scheduled:  # the learning rate of this step, in the state
                 hp = opt_state.hyperparams
                 lr = peak_lr * schedule_factor(cfg.schedule, opt_state.count, steps, jnp)
                 hp = {**hp, "learning_rate": jnp.asarray(lr, hp["learning_rate"].dtype)}
@@ -459,6 +513,7 @@ class Runner:
         task = self.task(cfg.task, cfg.scale)
         steps = full["steps"]
         graph_train, graph_eval, params, rest = self._split(task, cfg.seed)
+        params = self._prepared(cfg, task, params)
         tx = registry.make(cfg.optimizer, cfg.learning_rate, task, **dict(cfg.hparams))
         opt_state = self._init_state(cfg, task, params)
         params, rest, opt_state = _distinct_buffers((params, rest, opt_state))
@@ -471,7 +526,12 @@ class Runner:
         was_compiled = _train_key(cfg) in self._train
         train = self._train_fn(cfg, task, tx, graph_train, params, rest, opt_state, arrays, idx[0])
         eval_compiled_here = _tkey(task) not in self._eval
-        eval_fn = self._eval_fn(task, graph_eval, params, rest)
+        eval_at = self._eval_fn(task, graph_eval, params, rest)
+        point = self._eval_point(cfg)
+
+        def eval_fn(params, rest, test):
+            return eval_at(point(params, opt_state), rest, test=test)
+
         t_eval_c = time.perf_counter()
         first_eval = jax.device_get(eval_fn(params, rest, test=True))
         first_eval_s = time.perf_counter() - t_eval_c
@@ -500,7 +560,8 @@ class Runner:
                 curves[f"{s}_loss"].append(_finite_or_none(got["loss"]))
                 curves[f"{s}_metric"].append(_finite_or_none(got["metric"]))
             curves["param_norm"].append(_finite_or_none(ev["param_norm"]))
-            lr_now = cfg.learning_rate * schedule_factor(cfg.schedule, max(step - 1, 0), steps)
+            arm = cfg.schedule if _scheduled(cfg) else "constant"
+            lr_now = cfg.learning_rate * schedule_factor(arm, max(step - 1, 0), steps)
             for label, vals in ev["diag"].items():
                 dc = diag_curves.setdefault(label, {})
                 for k, v in vals.items():
@@ -634,6 +695,11 @@ class Runner:
             "compiler_options": _compiler_options(task),
             "env": self.env,
         }
+
+
+def _name(fn) -> str:
+    """A record's name of a registry hook (its module and qualified name)."""
+    return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
 
 
 def _diag_summary(curves: dict[str, dict[str, list]]) -> dict:

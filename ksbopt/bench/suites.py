@@ -2,19 +2,22 @@
 
 Every suite tunes with the same protocol (:mod:`ksbopt.bench.protocol`: the half-decade
 learning-rate lattice extended until the optimum is interior, weight decay where the entry has
-one, the first two seeds for tuning and every seed at the chosen setting), so a smaller suite
+one, the first seed for tuning and every seed at the chosen setting), so a smaller suite
 is an exact subset of a larger one (:func:`subset_problems`): the quick suite trains the same
 configurations as the full suite on the tasks they share and cannot contradict it.
 
 - ``quick`` (the README's main command, a few minutes on 2 CPU cores): the MNIST-1D CNN with
-  and without BatchNorm at the ``small`` scale, the warm-up + cosine arm, three seeds (two
+  and without BatchNorm at the ``small`` scale, the warm-up + cosine arm, three seeds (one
   for tuning), and six optimizers: ``sgd`` and ``sgd+retract`` (is the norm's implicit
   adaptivity useful?), ``sgd+wd`` and ``noether_rmsprop`` (does the explicit version help?),
   ``adamw`` and ``adam+symmetrize`` (does a symmetric kinetic energy beat Adam?).
-- ``full``: the headline tasks and the quick suite's tasks at the ``small`` scale, every
-  optimizer of the registry where it applies, both schedule arms, five seeds; plus, at the
-  published sizes (``base``), the NLD control experiment and the MNIST-1D published baselines.
-- ``gpu``: the ``large`` scale (only an accelerator runs it) with the same protocol.
+- ``full`` (sized for 6 hours on 2 CPU cores; ``--dry-run --costs FILE`` estimates it): the
+  headline tasks at the ``small`` scale with every optimizer of the registry where it applies
+  (the byte LM with ten of them), the quick suite's tasks with its optimizers, five seeds, the
+  warm-up + cosine arm, and the constant arm on the deep MLP with LayerNorm for five entries;
+  plus, at the published sizes (``base``), the NLD control and the MNIST-1D baselines.
+- ``gpu``: the ``large`` scale (>= 10M parameters; only an accelerator runs it) with the same
+  protocol, 600 steps and four optimizers, to fit about 10 minutes on one GPU.
 """
 
 from __future__ import annotations
@@ -28,7 +31,15 @@ from ksbopt.bench.protocol import MISSING, Protocol
 from ksbopt.bench.records import RunConfig
 from ksbopt.bench.tasks import TASKS
 
-__all__ = ["EXPERIMENTS", "SUITES", "Suite", "plan", "subset_problems", "tuning_round"]
+__all__ = [
+    "EXPERIMENTS",
+    "SUITES",
+    "Suite",
+    "arms_of",
+    "plan",
+    "subset_problems",
+    "tuning_round",
+]
 
 EXPERIMENTS = ("grid", "nld", "baselines")
 
@@ -47,6 +58,15 @@ class Suite:
     # Scales of experiments that do not run at ``scale`` (the reproductions run at the sizes of
     # the papers they reproduce); ``--scale`` overrides every experiment's.
     experiment_scales: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # Schedule arms restricted to some tasks and optimizers: arm -> (tasks, optimizers); an
+    # arm not named here runs on every task and optimizer (see :func:`arms_of`).
+    arm_scope: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] = dataclasses.field(
+        default_factory=dict
+    )
+    # Tasks that run only some of the suite's optimizers: task -> optimizers (the smoke tasks
+    # of the full suite run the quick suite's); a task not named here runs every optimizer.
+    task_optimizers: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    steps: int | None = None  # every run's step budget (None: each task's at its scale)
 
     def scale_of(self, experiment: str) -> str:
         return self.experiment_scales.get(experiment, self.scale)
@@ -54,25 +74,52 @@ class Suite:
 
 _QUICK_TASKS = ("mnist1d_cnn_bn", "mnist1d_cnn")
 # The headline tasks (declared by the task registry), then the quick suite's smoke tasks.
-_FULL_TASKS = tuple(dict.fromkeys((*getattr(_tasks, "HEADLINE_TASKS", ()), *_QUICK_TASKS)))
-# The gpu suite's tasks, as the task registry declares them (at the ``large`` scale).
-_GPU_TASKS = getattr(
-    _tasks,
-    "GPU_TASKS",
-    ("mnist1d_large_cnn_bn", "mnist1d_large_cnn", "lm_stdlib_qknorm", "lm_stdlib"),
+_FULL_TASKS = tuple(dict.fromkeys((*_tasks.HEADLINE_TASKS, *_QUICK_TASKS)))
+
+_QUICK_OPTIMIZERS = ("sgd", "sgd+wd", "adamw", "sgd+retract", "noether_rmsprop", "adam+symmetrize")
+# One protocol for every suite (so each smaller suite is a subset of the full one): the search
+# on one seed, every seed at the chosen point. Two tuning seeds would double the search's cost
+# and put the full suite over its 6-hour budget on 2 CPU cores.
+_PROTOCOL = Protocol(tuning_seeds=1)
+# The constant arm (no warm-up, no decay) asks whether equilibrium steering removes the warm-up
+# transient of normalisation + SGD: it runs on the deep MLP with LayerNorm (a normalised
+# network whose run costs a tenth of the normalised ResNet's), for SGD with weight decay, its
+# steered and explicit versions, the rotational optimizer and AdamW.
+_CONSTANT_ARM = (
+    ("mnist1d_deep_mlp_ln",),
+    ("sgd+wd", "sgd+steer_eq", "noether_rmsprop", "rotational", "adamw"),
 )
+# The byte LM costs 2-3 MNIST-1D ResNet runs per run on CPU: it trains the optimizers a
+# practitioner would pick, normalisation + SGD, and the ksbopt entries that act on every layer.
+_LM_OPTIMIZERS = (
+    "sgd+wd",
+    "rmsprop",
+    "adamw",
+    "lion",
+    "muon",
+    "sf_adamw",
+    "noether_rmsprop",
+    "adam+symmetrize",
+    "adam+project",
+    "sgd+steer_eq",
+)
+# The gpu suite: the three accelerator-sized tasks, 600 steps (the CPU scale's 2000 would not
+# fit 10 minutes), normalisation + SGD and its explicit version, AdamW and a symmetric Adam.
+_GPU_OPTIMIZERS = ("sgd+wd", "noether_rmsprop", "adamw", "adam+symmetrize")
+GPU_STEPS = 600
 
 SUITES = {
     "quick": Suite(
         "quick",
         "small",
         _QUICK_TASKS,
-        ("sgd", "sgd+wd", "adamw", "sgd+retract", "noether_rmsprop", "adam+symmetrize"),
+        _QUICK_OPTIMIZERS,
         (0, 1, 2),
         ("grid",),
         "MNIST-1D CNN with vs without BatchNorm; normalisation + SGD with and without "
         "weight decay, AdamW, the constrained-norm control, noether_rmsprop and "
         "adam+symmetrize, tuned on the lattice, warm-up + cosine, 3 seeds",
+        protocol=_PROTOCOL,
     ),
     "full": Suite(
         "full",
@@ -81,21 +128,33 @@ SUITES = {
         tuple(registry.REGISTRY),
         (0, 1, 2, 3, 4),
         EXPERIMENTS,
-        "headline and quick tasks (small scale), every optimizer tuned on the lattice, "
-        "warm-up + cosine and constant arms, 5 seeds; NLD control and MNIST-1D baselines at "
-        "the published sizes",
+        "headline tasks (small scale) with every optimizer (the byte LM with ten: the "
+        "practitioners' and the ksbopt entries acting on every layer) and the quick suite's "
+        "tasks with its optimizers, tuned on the lattice, warm-up + cosine arm (the "
+        "constant arm on the deep MLP with LayerNorm for sgd+wd, sgd+steer_eq, noether_rmsprop, "
+        "rotational, adamw), "
+        "5 seeds; NLD control and MNIST-1D baselines at the published sizes",
         schedules=("cosine", "constant"),
+        protocol=_PROTOCOL,
         experiment_scales={"nld": "base", "baselines": "base"},
+        arm_scope={"constant": _CONSTANT_ARM},
+        task_optimizers={
+            **{t: _QUICK_OPTIMIZERS for t in _QUICK_TASKS},
+            "lm_stdlib_long": _LM_OPTIMIZERS,
+        },
     ),
     "gpu": Suite(
         "gpu",
         "large",
-        _GPU_TASKS,
-        tuple(registry.REGISTRY),
+        _tasks.GPU_TASKS,
+        _GPU_OPTIMIZERS,
         (0, 1, 2),
         ("grid",),
-        "large scale: MNIST-1D CNNs on a 40k generated set, ~25M-parameter byte LM; every "
-        "optimizer tuned on the lattice, warm-up + cosine, 3 seeds",
+        f"large scale (>= 10M parameters): the MNIST-1D ResNets with and without BatchNorm "
+        f"and the byte LM, {GPU_STEPS} steps; sgd+wd, noether_rmsprop, adamw, adam+symmetrize "
+        "tuned on the lattice, warm-up + cosine, 3 seeds",
+        protocol=_PROTOCOL,
+        steps=GPU_STEPS,
     ),
 }
 
@@ -150,7 +209,7 @@ def plan(
                     continue
                 runs += [
                     RunConfig("grid", t, o, float(lr), s, scale_of("grid"), (), steps, arm)
-                    for arm in suite.schedules
+                    for arm in arms_of(suite, t, o)
                     for lr in lrs
                     for s in seeds
                 ]
@@ -179,10 +238,34 @@ def _unique(runs: list[RunConfig]) -> list[RunConfig]:
 
 
 def _wd_grid(spec, proto: Protocol) -> tuple[float, ...]:
-    """The weight decays the search may try: a user entry keeps its own (its grid is its own)."""
-    if spec.origin:
+    """The weight decays the search may try: the registry's ``tune`` says whether an entry's
+    weight decay is tuned (the protocol says on which grid), else it keeps its own."""
+    if "weight_decay" not in spec.tune:
         return ()
-    return protocol.wd_grid(float(spec.hparams.get("weight_decay") or 0.0), proto.wd_factors)
+    return protocol.wd_grid(float(spec.hparams["weight_decay"]), proto.wd_factors)
+
+
+def arms_of(suite: Suite, task: str, optimizer: str) -> tuple[str, ...]:
+    """The schedule arms in which ``optimizer`` is tuned on ``task`` (none: it does not run
+    there). This is the one place that decides which (task, optimizer, arm) a suite trains.
+
+    A task named in :attr:`Suite.task_optimizers` runs only the optimizers listed there. An arm
+    named in :attr:`Suite.arm_scope` runs only on the tasks and optimizers listed
+    there. An entry with its own schedule (``own_schedule``: schedule-free AdamW) runs only in
+    the suite's first arm, where its record says the suite's schedule was not applied: in
+    another arm it would train the same configuration again.
+    """
+    if task in suite.task_optimizers and optimizer not in suite.task_optimizers[task]:
+        return ()
+    arms = []
+    for arm in suite.schedules:
+        scope = suite.arm_scope.get(arm)
+        if scope is not None and (task not in scope[0] or optimizer not in scope[1]):
+            continue
+        arms.append(arm)
+    if registry.get(optimizer, check=False).own_schedule:
+        arms = arms[:1]
+    return tuple(arms)
 
 
 def tuning_round(
@@ -225,7 +308,7 @@ def tuning_round(
             window = protocol.start_window(spec.lr_grid, proto.window)
             wds = _wd_grid(spec, proto)
             wd0 = wds[list(sorted(proto.wd_factors)).index(1.0)] if wds else None
-            for arm in suite.schedules:
+            for arm in arms_of(suite, t, o):
 
                 def cfg(point, seed, t=t, o=o, arm=arm):
                     k, wd = point
@@ -275,4 +358,8 @@ def subset_problems(small: Suite, big: Suite) -> list[str]:
     for what in ("tasks", "optimizers", "seeds", "schedules"):
         if extra := set(getattr(small, what)) - set(getattr(big, what)):
             out.append(f"{what} {sorted(extra)} not in {big.name}")
+    for t in small.tasks:
+        for o in small.optimizers:
+            if extra := set(arms_of(small, t, o)) - set(arms_of(big, t, o)):
+                out.append(f"{o} on {t}: arms {sorted(extra)} not in {big.name}")
     return out

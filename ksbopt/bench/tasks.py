@@ -218,9 +218,11 @@ class Task:
         return self._per_example(model, batch)[0].mean()
 
     def eval_sets(self) -> dict[str, tuple[np.ndarray, ...]]:
-        """Validation and test data as equal-shape (chunks, chunk, ...) arrays plus a mask.
+        """Validation and test data as (chunks, chunk, ...) arrays plus a mask.
 
-        Both splits are zero-padded to the same shape, so one compiled evaluation serves both.
+        Both splits share the chunk size and are zero-padded to whole chunks of their own
+        length: the validation split, evaluated every 2% of a run, is not padded to the
+        (larger) test split's, which is evaluated only at the start and the end.
         """
         if self.kind == "lm":
             raw = {s: (self.arrays[f"{s}_windows"].astype(np.int32),) for s in ("val", "test")}
@@ -228,11 +230,11 @@ class Task:
             raw = {s: (self.arrays[f"{s}_x"], self.arrays[f"{s}_y"]) for s in ("val", "test")}
         n_max = max(d[0].shape[0] for d in raw.values())
         chunk = min(n_max, self.eval_batch)
-        n_chunks = -(-n_max // chunk)
-        total = n_chunks * chunk
         out = {}
         for s, data in raw.items():
             n = data[0].shape[0]
+            n_chunks = max(1, -(-n // chunk))
+            total = n_chunks * chunk
             padded = [
                 np.concatenate([a, np.zeros((total - n, *a.shape[1:]), a.dtype)]).reshape(
                     n_chunks, chunk, *a.shape[1:]

@@ -212,6 +212,7 @@ def register_optimizer(
             functools.partial(_entry_factory, entry, fn, path),
             tuple(lrs) if lrs is not None else registry.ADAPTIVE_GRID,
             hparams=hp,
+            tune=(),  # a user entry's grid is its own: the protocol tunes only its lr
             description=description or f"user optimizer {path}",
             origin={**ident, **({"hparams": hp} if hp else {})},
         )

@@ -1,0 +1,192 @@
+"""The budget of a suite before it runs: how many runs it plans and how many hours they take.
+
+The tuned grid's runs are not known in advance (the search extends itself), so the count is
+the search of :func:`ksbopt.bench.protocol.search` replayed on a synthetic validation curve
+with one optimum per entry: ``at_centre`` (the optimum at the centre of the starting window
+and at the default weight decay, the fewest runs the protocol can train) and ``typical`` (the
+optimum one lattice point outside the window and at a neighbouring weight decay, so one
+extension and one move on the weight-decay grid). Hours come from measured costs per run of
+each task (``benchmarks/bench_task_costs.py`` writes them as JSON: seconds per whole run,
+compilation and evaluations included, on the machine and load it records).
+
+Example:
+  >>> from ksbopt.bench import budget
+  >>> budget.search_runs(window=3, wds=(), tuning_seeds=2, seeds=5, max_extensions=4)
+  9
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+from ksbopt.bench import protocol
+
+__all__ = ["Estimate", "estimate", "grid_runs", "load_costs", "search_runs"]
+
+CASES = ("at_centre", "typical")
+
+
+def search_runs(
+    *,
+    window: int,
+    wds: tuple[float, ...],
+    tuning_seeds: int,
+    seeds: int,
+    max_extensions: int,
+    case: str = "at_centre",
+    wd0: float | None = None,
+) -> int:
+    """Runs of one search and its remaining seeds, for an optimum placed as ``case`` says."""
+    if case not in CASES:
+        raise ValueError(f"case={case!r} is not one of {CASES}")
+    ks = tuple(range(window))
+    centre = ks[(window - 1) // 2]
+    best_k = centre if case == "at_centre" else ks[-1] + 1
+    w0 = (wd0 if wd0 is not None else wds[len(wds) // 2]) if wds else None
+    best_w = w0
+    if wds and case == "typical":
+        best_w = wds[min(wds.index(w0) + 1, len(wds) - 1)]
+
+    def score(p):
+        k, w = p
+        off = 0.0 if w is None else abs(math.log10(w / best_w))
+        return -abs(k - best_k) - 0.5 * off
+
+    s = protocol.search(
+        ks, wds, score, higher_is_better=True, max_extensions=max_extensions, wd0=wd0
+    )
+    n_tune = min(tuning_seeds, seeds)
+    return len(s.scores) * n_tune + (seeds - n_tune)
+
+
+def grid_runs(
+    suite, *, tasks, optimizers, seeds, scale: str | None = None
+) -> dict[str, dict[tuple[str, str], tuple[int, int]]]:
+    """(runs, compilations) of the tuned grid experiment per case and (task, scale): every
+    applicable (task, optimizer) pair in each of its schedule arms
+    (:func:`ksbopt.bench.suites.arms_of`)."""
+    from ksbopt.bench import registry
+    from ksbopt.bench.suites import _wd_grid, arms_of
+    from ksbopt.bench.tasks import TASKS
+
+    proto = suite.protocol
+    sc = scale or suite.scale_of("grid")
+    out: dict[str, dict[tuple[str, str], tuple[int, int]]] = {c: {} for c in CASES}
+    for t in tasks:
+        for o in optimizers:
+            spec = registry.get(o, check=False)
+            if not spec.applies_to(TASKS[t]):
+                continue
+            wds = _wd_grid(spec, proto)
+            for case in CASES:
+                n = search_runs(
+                    window=proto.window,
+                    wds=wds,
+                    tuning_seeds=proto.tuning_seeds,
+                    seeds=len(seeds),
+                    max_extensions=proto.max_extensions,
+                    case=case,
+                    wd0=_wd0(wds, proto),
+                )
+                arms = len(arms_of(suite, t, o))
+                runs, compiles = out[case].get((t, sc), (0, 0))
+                # one compilation per search: the learning rate and the tuned weight decay
+                # live in the optimizer state
+                out[case][(t, sc)] = (runs + n * arms, compiles + arms)
+    return out
+
+
+def _wd0(wds, proto) -> float | None:
+    return wds[sorted(proto.wd_factors).index(1.0)] if wds else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    """Planned runs and hours of a suite: ``runs[case][(task, scale)]`` counts the runs,
+    ``hours[case]`` prices those with a measured cost (``unknown`` lists the others)."""
+
+    runs: Mapping[str, Mapping[tuple[str, str], int]]
+    hours: Mapping[str, float]
+    unknown: tuple[tuple[str, str], ...]  # (task, scale) pairs without a measured cost
+    costs_note: str
+
+    def lines(self) -> list[str]:
+        out = []
+        for case in CASES:
+            n = sum(self.runs[case].values())
+            h = self.hours[case]
+            when = f"{h:.1f} h ({h * 60:.0f} min)"
+            when += " + the runs without a measured cost" if self.unknown else ""
+            out.append(f"estimate, optimum {case.replace('_', ' ')}: {n} runs, {when}")
+        for (t, sc), n in sorted(self.runs["typical"].items()):
+            out.append(f"  {t} ({sc}): {n} runs (typical)")
+        if self.unknown:
+            out.append(
+                "no measured cost for "
+                + ", ".join(f"{t} ({sc})" for t, sc in self.unknown)
+                + ": measure it with python -m benchmarks.bench_task_costs --json FILE"
+            )
+        if self.costs_note:
+            out.append(self.costs_note)
+        return out
+
+
+Costs = Mapping[tuple[str, str], tuple[float, float]]  # (task, scale) -> (run_s, compile_s)
+
+
+def load_costs(path: str | Path) -> tuple[dict[tuple[str, str], tuple[float, float]], str]:
+    """Seconds per run and per compilation of each (task, scale) from a ``bench_task_costs``
+    JSON file (means over the optimizers it measured), and a note naming machine and load."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+        rows = [
+            (r["task"], r["scale"], float(r["run_s"]), float(r["compile_s"]))
+            for r in data["results"]
+        ]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"costs file {str(path)!r} is not a bench_task_costs JSON ({type(e).__name__}: {e});"
+            " write one with python -m benchmarks.bench_task_costs --json FILE"
+        ) from e
+    by: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for t, sc, run_s, comp_s in rows:
+        by.setdefault((t, sc), []).append((run_s, comp_s))
+    env = data.get("env", {})
+    load = data.get("load_average")
+    note = (
+        f"costs from {path.name}: {env.get('device', '?')}, {env.get('cpu_count', '?')} cores,"
+        f" load average {', '.join(f'{x:.1f}' for x in load) if load else '?'} when measured"
+    )
+    costs = {
+        k: (sum(r for r, _ in v) / len(v), sum(c for _, c in v) / len(v)) for k, v in by.items()
+    }
+    return costs, note
+
+
+def estimate(
+    grid: Mapping[str, Mapping[tuple[str, str], tuple[int, int]]],
+    fixed: Mapping[tuple[str, str], int],
+    costs: Costs,
+    costs_note: str = "",
+) -> Estimate:
+    """Adds the fixed runs (one compilation per task) to each case's grid runs and prices
+    them with ``costs``."""
+    runs: dict[str, dict[tuple[str, str], int]] = {}
+    hours: dict[str, float] = {}
+    unknown: set[tuple[str, str]] = set()
+    for case in CASES:
+        per = dict(grid.get(case, {}))
+        for k, n in fixed.items():
+            r, c = per.get(k, (0, 0))
+            per[k] = (r + n, c + 1)
+        runs[case] = {k: r for k, (r, _) in per.items()}
+        missing = [k for k in per if k not in costs]
+        unknown |= set(missing)
+        total = sum(r * costs[k][0] + c * costs[k][1] for k, (r, c) in per.items() if k in costs)
+        hours[case] = total / 3600
+    return Estimate(runs, hours, tuple(sorted(unknown)), costs_note)
