@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             costs = budget.load_costs(a.costs)
         except ValueError as e:
-            p.error(f"--costs: {e}")
+            p.error(f"--costs={a.costs!r} cannot be used: {e}")
     if a.schedules:
         from ksbopt.bench.protocol import SCHEDULES
 
