@@ -461,10 +461,15 @@ def test_unknown_dynamics_kind():
 
 @pytest.mark.parametrize("bad", ["0.1", [0.1], {"lr": 0.1}])
 def test_learning_rate_neither_number_nor_schedule(bad):
-    with pytest.raises(TypeError, match=r"learning_rate=.* is neither a number nor a schedule"):
+    with pytest.raises(TypeError, match=r"^ksbopt.dynamics: learning_rate=.* is neither a number"):
         D.sgd(bad)
-    with pytest.raises(TypeError, match=r"learning_rate=.* is neither a number nor a schedule"):
+    with pytest.raises(TypeError, match=r"^ksbopt.monitor: learning_rate=.* is neither a number"):
         monitor(optax.sgd(0.1), SYM, learning_rate=bad)
+
+
+def test_monitor_negative_learning_rate_names_monitor():
+    with pytest.raises(ValueError, match=r"^ksbopt.monitor: learning_rate=-0.1 must be >= 0"):
+        monitor(optax.sgd(0.1), SYM, learning_rate=-0.1)
 
 
 @pytest.mark.parametrize(

@@ -5,12 +5,12 @@ incoming gradient ``g``, the parameters ``w`` and the final step ``u`` of the wr
 optimizer, and keeps in its state, per declared symmetry and per group (fixed shapes, read
 with ``optax.tree.get(state, name)``):
 
-- the charges before and after the step and their exact decomposition (THEORY.md section 3)
+- the charges before and after the step and their exact decomposition (:ref:`charge-decomposition`)
   ``Q(w + u) = Q(w) + <xi(w), u> + Q(u)``: ``first_order`` (metric, momentum and weight-decay
   breaking) and ``second_order`` (the finite-step kinetic breaking);
 - ``violation``: the cosine between the gradient and the generator, 0 for a true symmetry;
 - ``angular_update`` (the angle between w and w + u), ``relative_update`` |u| / |w| and, for
-  scale groups, ``effective_learning_rate`` eta / ((1 - eta lam) |w|^2) (THEORY.md P2);
+  scale groups, ``effective_learning_rate`` eta / ((1 - eta lam) |w|^2) (:ref:`p2`);
 - with a :class:`~ksbopt._src.diagnostics.dynamics.Dynamics`: ``weight_decay_term``, the charge
   the exact recursions predict (``predicted_charges``) and the normalised residual
   (``prediction_error``); for RMSProp/Adam the metric-weighted charges of P6 and their
@@ -41,6 +41,7 @@ import optax
 from ksbopt._src import groups as groups_lib
 from ksbopt._src import reductions, theory
 from ksbopt._src.diagnostics import dynamics as dynamics_lib
+from ksbopt._src.numerics import all_finite, safe_div
 from ksbopt._src.symmetries import orbit
 from ksbopt._src.symmetries.declarations import BoundSymmetry
 
@@ -76,7 +77,7 @@ class NoetherDiagnostics(NamedTuple):
         L2 regularisation inside it shows the regulariser here.
       angular_update: angle in radians between the group's vector w and w + u.
       relative_update: ``|u| / |w|`` per group.
-      effective_learning_rate: ``eta / ((1 - eta lam) |w|^2)`` of scale groups (THEORY.md P2;
+      effective_learning_rate: ``eta / ((1 - eta lam) |w|^2)`` of scale groups (:ref:`p2`;
         lam = 0 unless the dynamics are SGD), when the learning rate is known.
       predicted_charges: the charge after the step predicted by the exact recursion (P1, P3,
         P4, P10), run open-loop from the charges at ``init`` with the measured gradient or
@@ -167,7 +168,7 @@ class MonitorState(NamedTuple):
 
     The predictions are open-loop runs of the exact recursions of the charges, e.g. for SGD
     with weight decay on a scale group ``x_{k+1} = (1 - eta lam)^2 x_k + eta^2 |g_k|^2``
-    ([derived] THEORY.md P1), fed with the measured norms of every step.
+    ([derived] :ref:`p1`), fed with the measured norms of every step.
 
     Attributes:
       inner: the wrapped optimizer's state.
@@ -197,11 +198,6 @@ class MonitorState(NamedTuple):
 
 
 # --------------------------------------------------------------------------- small numerics
-
-
-def _safe_div(num, den):
-    ok = den != 0
-    return jnp.where(ok, num / jnp.where(ok, den, 1), 0)
 
 
 def _strong(tree):
@@ -358,7 +354,7 @@ def _residual(b: BoundSymmetry, observed, predicted, scale) -> jax.Array:
     diff = observed - predicted
     if b.symmetry.kind == "linear":
         diff = jnp.max(jnp.abs(diff), axis=(-2, -1))
-    return _safe_div(diff, scale)
+    return safe_div(diff, scale)
 
 
 def _linear_grads(b: BoundSymmetry, g: Flat) -> tuple[jax.Array, jax.Array]:
@@ -443,7 +439,7 @@ def monitor(
 
     The updates are those of ``tx``, unchanged. Per declared symmetry and group the state
     holds (see :class:`NoetherDiagnostics`) the exact per-step decomposition of the charge,
-    [derived] THEORY.md section 3,
+    [derived] :ref:`charge-decomposition`,
 
     .. math::
 
@@ -503,11 +499,11 @@ def monitor(
         )
     syms = orbit.as_symmetries(symmetries)
     dyn = dynamics_lib.as_dynamics(dynamics)
-    dynamics_lib.check_learning_rate(learning_rate)
+    dynamics_lib.check_learning_rate(learning_rate, owner="ksbopt.monitor")
     if dyn is not None and learning_rate is not None and dyn.learning_rate is not None:
         raise ValueError(
-            f"learning_rate={learning_rate!r} is given twice (also dynamics.learning_rate="
-            f"{dyn.learning_rate!r}); give it once, in the dynamics."
+            f"ksbopt.monitor: learning_rate={learning_rate!r} is given twice (also "
+            f"dynamics.learning_rate={dyn.learning_rate!r}); give it once, in the dynamics."
         )
     every = _check_every(every)
     inner = optax.with_extra_args_support(tx)
@@ -553,7 +549,7 @@ def monitor(
         q0 = [b.charge(w) for b in binding.bound]
         hb = ("hb", "hbd")
         # Zeros computed from q (not jnp.zeros_like) so that under jit they inherit the
-        # charges' sharding instead of coming out replicated (tests/test_sharding.py).
+        # charges' sharding instead of coming out replicated.
         zero = lambda q, p: jnp.where(jnp.isfinite(q), 0 * q, 0) if p.recursion in hb else None
         recursion = RecursionState(
             predicted_carry=_some(q0, plans, lambda q, p: q),
@@ -619,11 +615,11 @@ def monitor(
 
         def compute_or_keep():
             new = compute()
-            return keep(ok & _all_finite(new), new, state.diagnostics)
+            return keep(ok & all_finite(new), new, state.diagnostics)
 
         if static_every and every == 1:
             diagnostics = compute(sums)
-            ok = ok & _all_finite(diagnostics)
+            ok = ok & all_finite(diagnostics)
             diagnostics = keep(ok, diagnostics, state.diagnostics)
         else:
             record = (step % every) == 0
@@ -733,14 +729,6 @@ def _state_learning_rates(state) -> list:
     return [v for _, v in found if hasattr(v, "dtype") and jnp.ndim(v) == 0]
 
 
-def _all_finite(tree) -> jax.Array:
-    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    if not leaves:
-        return jnp.asarray(True)
-    dtype = jnp.result_type(*leaves)
-    return jnp.all(jnp.isfinite(jnp.concatenate([jnp.ravel(x).astype(dtype) for x in leaves])))
-
-
 # --------------------------------------------------------------------------- one step
 
 
@@ -817,13 +805,13 @@ def _advance(ctx: _Context, rec: RecursionState, sums: _Sums) -> tuple[Recursion
         elif plan.recursion in ("hb", "hbd"):
             qv = sums.quadratic(i, "v")
             checks.append(jnp.sum(qv))
-            ratio = _safe_div(lr_prev, lr)  # carried norms refer to last step's eta
+            ratio = safe_div(lr_prev, lr)  # carried norms refer to last step's eta
             if plan.recursion == "hb":  # [derived] P3, coupled weight decay
                 overlap, new = theory.heavy_ball_step(
                     q, rec.overlap_carry[i], rec.velocity_carry[i] * ratio, qv, lr, mom, wd
                 )
             else:  # [derived] P3, decoupled weight decay
-                carried = rec.overlap_carry[i] * _safe_div(1 - lr_prev * wd, 1 - lr * wd)
+                carried = rec.overlap_carry[i] * safe_div(1 - lr_prev * wd, 1 - lr * wd)
                 overlap, new = theory.heavy_ball_decoupled_step(
                     q, carried, rec.velocity_carry[i] * ratio, qv, lr, mom, wd
                 )
@@ -832,7 +820,7 @@ def _advance(ctx: _Context, rec: RecursionState, sums: _Sums) -> tuple[Recursion
         elif plan.recursion == "shift":
             new = theory.translation_sgd_step(q, lr, wd)  # [derived from NM] P4
         else:  # "shift_hb": P4 heavy ball, previous charge rescaled to this step's eta
-            prev = q + _safe_div(lr, lr_prev) * (rec.previous_carry[i] - q)
+            prev = q + safe_div(lr, lr_prev) * (rec.previous_carry[i] - q)
             new = theory.translation_heavy_ball_step(q, prev, lr, mom, wd)
             out["previous_carry"][i] = q
         out["predicted_carry"][i] = new.astype(dtype)
@@ -866,9 +854,9 @@ def _diagnose(
         gg = sums.inner(i, "g", "g") if kind == "translation" else sums.norms(i, "g")
         if kind == "linear":
             proj = jnp.sum(b.solve_gram(ctx.w, r) * r, axis=(-2, -1))
-            violation = jnp.sqrt(_safe_div(jnp.maximum(proj, 0), gg))
+            violation = jnp.sqrt(safe_div(jnp.maximum(proj, 0), gg))
         else:
-            violation = _safe_div(r, jnp.sqrt(sums.norms(i, "w") * gg))
+            violation = safe_div(r, jnp.sqrt(sums.norms(i, "w") * gg))
         fields["violation"].append(violation)
 
         # Angles and sizes of the step, per group (unsigned inner products).
@@ -880,7 +868,7 @@ def _diagnose(
             ww, uu, wu = sums.norms(i, "w"), sums.norms(i, "u"), sums.inner(i, "w", "u")
         cross = jnp.sqrt(jnp.maximum(ww * uu - wu * wu, 0))
         fields["angular_update"].append(jnp.arctan2(cross, ww + wu))
-        fields["relative_update"].append(jnp.sqrt(_safe_div(uu, ww)))
+        fields["relative_update"].append(jnp.sqrt(safe_div(uu, ww)))
 
         lr = None if ctx.lr is None else ctx.lr_as(dtype)
         sgd_wd = ctx.weight_decay if ctx.dyn is not None and ctx.dyn.kind == "sgd" else 0.0
