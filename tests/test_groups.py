@@ -16,7 +16,7 @@ import pytest
 import support
 
 import ksbopt
-from ksbopt._src import groups
+from ksbopt._src import groups, numerics
 from ksbopt._src.groups import AxisPart
 from ksbopt._src.symmetries import orbit
 
@@ -128,10 +128,10 @@ def test_normalize_axis():
 
 
 def test_compute_dtype_is_at_least_float32(x64):
-    assert groups.compute_dtype(jnp.bfloat16) == jnp.float32
-    assert groups.compute_dtype(jnp.float16) == jnp.float32
-    assert groups.compute_dtype(jnp.float32) == jnp.float32
-    assert groups.compute_dtype(jnp.float64) == jnp.float64
+    assert numerics.compute_dtype(jnp.bfloat16) == jnp.float32
+    assert numerics.compute_dtype(jnp.float16) == jnp.float32
+    assert numerics.compute_dtype(jnp.float32) == jnp.float32
+    assert numerics.compute_dtype(jnp.float64) == jnp.float64
 
 
 def test_axis_part_reduce_and_broadcast_are_adjoint():

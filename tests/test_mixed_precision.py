@@ -1,6 +1,6 @@
 """Mixed precision: bfloat16 parameters and the float32 master-weights pattern (issue 7, item 3).
 
-ksbopt computes charges, projections and retractions in float32 (``groups.compute_dtype``)
+ksbopt computes charges, projections and retractions in float32 (``numerics.compute_dtype``)
 whatever the parameter dtype, and rounds only the final update to the dtype of the incoming
 updates. The tests check both halves of that claim for Scale, Rescale, Translation, Linear
 and ``monitor``, and the exactness that follows for stored bfloat16 weights.

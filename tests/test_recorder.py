@@ -1,7 +1,7 @@
 """The recorder module: finding the monitor's diagnostics in a state, the host-side Recorder
 and History, and summarize (flat scalars for loggers).
 
-The monitor's numbers themselves are tested in test_diagnostics.py; here, in float64, that
+The monitor's numbers themselves are tested in test_monitor.py; here, in float64, that
 what the recorder stores and summarises is exactly what the monitor's state held.
 """
 

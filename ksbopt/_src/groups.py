@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ksbopt._src.numerics import compute_dtype  # noqa: F401  (re-exported: orbit, detect use it)
+
 Selector = str | re.Pattern | Callable[[str, Any], bool] | Sequence[Any]
 
 
@@ -155,11 +157,6 @@ def normalize_axis(axis: int, ndim: int, *, what: str, path: str, shape: tuple[i
             f"write an axis in [{-ndim}, {ndim - 1}], e.g. -1 for the output unit of a Flax kernel."
         )
     return int(axis) % ndim
-
-
-def compute_dtype(dtype: Any) -> Any:
-    """The dtype charges and retractions are computed in: at least float32."""
-    return jnp.promote_types(dtype, jnp.float32)
 
 
 def explicit_sharding(x: Any, *, own: bool = False) -> jax.sharding.NamedSharding | None:

@@ -58,9 +58,9 @@ def check_learning_rate(
         return
     if not checks.is_number(learning_rate):
         raise TypeError(
-            f"{name}={learning_rate!r} (type {type(learning_rate).__name__}) is neither a number "
-            "nor a schedule; write a float such as 0.1, a callable step -> learning rate such "
-            "as optax.cosine_decay_schedule(0.1, 1000), or None to read it from an "
+            f"{owner}: {name}={learning_rate!r} (type {type(learning_rate).__name__}) is neither "
+            "a number nor a schedule; write a float such as 0.1, a callable step -> learning "
+            "rate such as optax.cosine_decay_schedule(0.1, 1000), or None to read it from an "
             "optax.inject_hyperparams state."
         )
     checks.check_nonnegative(owner, name, learning_rate, example=0.1)

@@ -3,7 +3,7 @@
 Neyshabur, Salakhutdinov and Srebro (NeurIPS 2015) precondition each weight's gradient by
 the sum, over all input-output paths through that weight, of the product of the other
 squared weights on the path. The update is invariant to the node-wise rescaling symmetry of
-ReLU networks (the "rescale" symmetry of THEORY.md).
+ReLU networks (the "rescale" symmetry, :ref:`symmetry-generator-charge`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The adaptive optimizer that normalisation + SGD runs implicitly, made explicit.
 
-THEORY.md section 5 (after NLD Eq. 15-18): on a scale-invariant group, SGD with weight decay
+:ref:`implicit-rmsprop` (after NLD Eq. 15-18): on a scale-invariant group, SGD with weight decay
 trains the unit direction with an effective learning rate eta / ((1 - eta lambda) |w|^2),
 and |w|^2 is an accumulator of squared gradients, discounted by weight decay. That is an
 RMSProp with ONE scalar accumulator per group. :func:`noether_rmsprop` carries that
@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ksbopt._src import reductions, theory
+from ksbopt._src import checks, reductions, theory
+from ksbopt._src.numerics import safe_div
 from ksbopt._src.symmetries import orbit
-from ksbopt._src.symmetries.declarations import _safe_div
 
 MODES = ("exact", "nld")
 
@@ -29,7 +29,7 @@ class NoetherRmspropState(NamedTuple):
 
     In exact mode the accumulator follows the squared norm of the virtual normalised layer,
     ``x_{k+1} = (1 - eta lambda)^2 x_k + eta^2 |g_hat_k|^2 / x_k`` without momentum
-    ([derived] THEORY.md P1, P2).
+    ([derived] :ref:`p1`, :ref:`p2`).
 
     Attributes:
       accumulator: one array per declared symmetry, one scalar per group: the virtual
@@ -89,12 +89,9 @@ def _check_hyperparameters(learning_rate, weight_decay, momentum, mode) -> None:
             "needs the step size itself. Schedule it with optax.inject_hyperparams("
             "ksbopt.noether_rmsprop)(learning_rate=schedule, ...)."
         )
-    if _is_static(learning_rate) and not learning_rate > 0:
-        raise ValueError(f"{owner}: {learning_rate=} must be > 0, e.g. learning_rate=0.1.")
-    if _is_static(weight_decay) and not weight_decay >= 0:
-        raise ValueError(f"{owner}: {weight_decay=} must be >= 0, e.g. weight_decay=5e-4.")
-    if _is_static(momentum) and not 0 <= momentum < 1:
-        raise ValueError(f"{owner}: {momentum=} must be in [0, 1), e.g. momentum=0.9.")
+    checks.check_positive(owner, "learning_rate", learning_rate, example=0.1)
+    checks.check_nonnegative(owner, "weight_decay", weight_decay, example=5e-4)
+    checks.check_unit_interval(owner, "momentum", momentum, example=0.9)
     if mode not in MODES:
         raise ValueError(
             f"{owner}: {mode=} is not one of {MODES}; write mode='exact' (the normalised "
@@ -133,8 +130,8 @@ def noether_rmsprop(
     decay (``optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(learning_rate,
     momentum))``), the optimizer whose implicit form this is.
 
-    ``mode="exact"`` [derived] THEORY.md P1, P2, P3: the accumulator is the squared norm x
-    that the group WOULD have if it were a normalised layer trained by that SGD. It starts at
+    ``mode="exact"`` [derived] :ref:`p1`, :ref:`p2`, :ref:`p3`: the accumulator is the squared
+    norm x that the group WOULD have if it were a normalised layer trained by that SGD. It starts at
     :math:`x_0 = \lVert w_0 \rVert^2` and, with v the heavy-ball buffer of the virtual layer
     :math:`\tilde w = \sqrt{x}\, u`,
 
@@ -151,7 +148,7 @@ def noether_rmsprop(
     (tested to 1e-10 in float64). With momentum it reproduces heavy ball + coupled weight
     decay on a normalised layer, step by step, at the cost of a parameter-shaped buffer.
 
-    ``mode="nld"`` [paper: NLD Eq. 18 analogy; derived rates, THEORY.md section 5]: plain
+    ``mode="nld"`` [paper: NLD Eq. 18 analogy; derived rates, :ref:`implicit-rmsprop`]: plain
     RMSProp with one scalar accumulator G per group and the NLD mapping of the heavy-ball
     hyperparameters,
 
@@ -168,8 +165,8 @@ def noether_rmsprop(
     APPROXIMATION of heavy ball on a normalised layer, matched to the stationary angular
     update sqrt(2 eta lambda / (1 + beta)) (P7a). Measured against SGD + momentum + weight
     decay on a normalised layer under minibatch noise, per unit and 100-step window of the
-    mean angular update (``tests/test_implicit.py::test_nld_mode_measured_error``: eta =
-    0.05, lambda = 5e-3, 1500 steps, float64, units starting at 0.3x to 10x the norm):
+    mean angular update (eta = 0.05, lambda = 5e-3, 1500 steps, float64, units starting at
+    0.3x to 10x the norm):
 
     - beta = 0: within 0.6 % from the first window on (it is the first-order form of the
       exact recursion);
@@ -281,12 +278,12 @@ def noether_rmsprop(
             sums = dict(zip(names, reductions.group_sums(b, _products(names, w, g, vc))))
             ww, wg, gg = sums["ww"], sums["wg"], sums["gg"]
             r = jnp.sqrt(ww)
-            c = _safe_div(wg, ww)  # g's radial part c w: g_t = g - c w
+            c = safe_div(wg, ww)  # g's radial part c w: g_t = g - c w
             zero = jnp.zeros_like(ww)
             if mode == "exact":
                 # virtual layer w_v = (s / r) w, its gradient g_v = (r / s) g_t, buffer
                 # v' = beta v + g_v + lam w_v and step w_v - eta v' = A w + B g + C v.
-                s_over_r, r_over_s = _safe_div(jnp.sqrt(acc), r), _safe_div(r, jnp.sqrt(acc))
+                s_over_r, r_over_s = safe_div(jnp.sqrt(acc), r), safe_div(r, jnp.sqrt(acc))
                 coef_v = {"w": lam * s_over_r - r_over_s * c, "g": r_over_s}
                 a = s_over_r - eta * coef_v["w"]
                 bg = -eta * r_over_s
@@ -296,7 +293,7 @@ def noether_rmsprop(
                 g_hat_sq = ww * jnp.maximum(gg - c * wg, 0)  # |r g_t|^2
                 acc_new = rho * acc + (1 - rho) * g_hat_sq
                 # direction step -eta_rms g_hat / sqrt(G), i.e. |w| times that on w.
-                step = _safe_div(eta_rms * r, jnp.sqrt(acc_new)) * r
+                step = safe_div(eta_rms * r, jnp.sqrt(acc_new)) * r
                 a, bg, cv = 1 + step * c, -step, zero
             cand_sq = a * a * ww + 2 * a * bg * wg + bg * bg * gg
             if with_buffer:
@@ -305,7 +302,7 @@ def noether_rmsprop(
                 )
             acc = cand_sq if mode == "exact" else acc_new
             norm = jnp.sqrt(cand_sq)
-            k = _safe_div(jnp.sqrt(2 * q0), norm)  # back to the initial norm
+            k = safe_div(jnp.sqrt(2 * q0), norm)  # back to the initial norm
             coef = {"w": k * a - 1, "g": k * bg}
             if with_buffer:
                 coef["v"] = k * cv

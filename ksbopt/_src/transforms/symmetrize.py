@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import optax
 
 from ksbopt._src import reductions
+from ksbopt._src.numerics import safe_div
 from ksbopt._src.symmetries import orbit
-from ksbopt._src.symmetries.declarations import _safe_div
 from ksbopt._src.transforms import transport
 
 SUPPORTED_KINDS = ("scale", "translation")
@@ -83,10 +83,11 @@ def _project(binding: orbit.Binding, flat: list, u: list) -> list:
 def invariant_coordinates(binding: orbit.Binding, w: list, g: list | None = None):
     """Orbit-invariant parameters (and gradient) of every declared group.
 
-    [derived] THEORY.md section 1/6. Scale: u = w / |w| and g_hat = |w| g (the gradient of
-    the loss at u, because L(a w) = L(w) gives grad L(a w) = grad L(w) / a). Translation:
-    w - mean(w) 1 and g - mean(g) 1 per group. The gradient is also projected on the tangent
-    space at the invariant point (a true symmetry makes that a no-op up to rounding).
+    [derived] :ref:`symmetries`, :ref:`orbit-moves`. Scale: u = w / |w| and g_hat = |w| g
+    (the gradient of the loss at u, because L(a w) = L(w) gives grad L(a w) = grad L(w) / a).
+    Translation: w - mean(w) 1 and g - mean(g) 1 per group. The gradient is also projected on
+    the tangent space at the invariant point (a true symmetry makes that a no-op up to
+    rounding).
 
     Returns:
       ``(inv_w, inv_g, radii)`` as flat lists (``inv_g`` is ``None`` without ``g``) and,
@@ -99,7 +100,7 @@ def invariant_coordinates(binding: orbit.Binding, w: list, g: list | None = None
         if b.symmetry.kind == "scale":
             r = jnp.sqrt(2 * b.charge(w))
             radii.append(r)
-            inv_w = orbit._apply(inv_w, b.act(w, _safe_div(jnp.ones_like(r), r)), add=False)
+            inv_w = orbit._apply(inv_w, b.act(w, safe_div(jnp.ones_like(r), r)), add=False)
             if g is not None:
                 inv_g = orbit._apply(inv_g, b.act(g, r), add=False)
         else:
@@ -142,7 +143,7 @@ class _Group:
         if self.scale:
             self.ww, self.wg = a, c
             self.r = jnp.sqrt(a)
-            self.c = _safe_div(c, a)
+            self.c = safe_div(c, a)
         else:
             self.count = b.norms(w)  # entries per group (static)
             self.sum_w, self.sum_g = a, c
@@ -155,7 +156,7 @@ class _Group:
 
     def invariant(self, i, w):
         if self.scale:
-            return self._per(i, _safe_div(jnp.ones_like(self.r), self.r)) * w
+            return self._per(i, safe_div(jnp.ones_like(self.r), self.r)) * w
         return w - self._per(i, self.sum_w / self.count)
 
     def gradient(self, i, w, g):
@@ -173,7 +174,7 @@ class _Group:
         sums = reductions.group_sums(self.b, _products(names, vectors))
         if self.scale:
             vw, vv = sums[0], sums[1]
-            self.t = _safe_div(vw, self.ww)
+            self.t = safe_div(vw, self.ww)
             self.cand_sq = self.ww + self.ww * (vv - self.t * vw)
             self.first_cand = [
                 (1 - self.r * self.t) * mw + self.r * mv
@@ -188,7 +189,7 @@ class _Group:
             q = 0.5 * self.cand_sq
             ok = (q > 0) & (q0 > 0)
             self.a = jnp.where(ok, jnp.sqrt(jnp.where(ok, q0, 1) / jnp.where(ok, q, 1)), 1)
-            self.residual = _safe_div(jnp.max(jnp.abs(self.a**2 * q - q0)), jnp.max(q0))
+            self.residual = safe_div(jnp.max(jnp.abs(self.a**2 * q - q0)), jnp.max(q0))
         else:
             self.shift = (q0 - self.sum_w) / self.count
             self.residual = jnp.zeros((), q0.dtype)
@@ -201,7 +202,7 @@ class _Group:
 
     def transport(self, i, k, w, v, m):
         if self.scale:
-            d = _safe_div(self.first_cand[k], self.cand_sq)
+            d = safe_div(self.first_cand[k], self.cand_sq)
             return m - self._per(i, d * (1 - self.r * self.t)) * w - self._per(i, d * self.r) * v
         return m - self._per(i, self.mean_first[k])
 
@@ -234,7 +235,8 @@ def symmetrize(
 ) -> optax.GradientTransformationExtraArgs:
     r"""Run ``base`` with a kinetic energy invariant under the declared symmetries.
 
-    The base optimizer sees orbit-invariant coordinates (THEORY.md sections 1, 6 [derived]):
+    The base optimizer sees orbit-invariant coordinates ([derived] :ref:`symmetries`,
+    :ref:`orbit-moves`):
 
     - scale group: the direction :math:`u = w / \lVert w \rVert` and the gradient at it,
       :math:`\hat g = \lVert w \rVert\, g` (projected on the tangent space,
@@ -252,7 +254,7 @@ def symmetrize(
 
     The kinetic energy of the resulting learning rule is the base's, evaluated on the
     quotient by the orbits: it has the symmetry (no kinetic symmetry breaking), so for a
-    scale group the effective learning rate no longer depends on the norm (THEORY.md P2).
+    scale group the effective learning rate no longer depends on the norm (:ref:`p2`).
     Consequence (property tested in float64): two runs whose initial parameters differ by a
     group action give the same losses and the same directions.
 

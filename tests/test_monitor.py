@@ -305,7 +305,7 @@ def test_one_pass_reduction_matches_direct_sums(x64, monkeypatch):
     per group, errors of a few ulp per term): 1e-12 relative to the largest entry of each
     field; the identities as in ``check_exact`` (decomposition 1e-12, prediction 1e-9).
     """
-    from ksbopt._src.diagnostics import monitor as diagnostics
+    from ksbopt._src.diagnostics import fused_sums
 
     case = _fused_case()
     opt = optax.chain(optax.add_decayed_weights(LAM), optax.sgd(LR, momentum=BETA))
@@ -313,7 +313,7 @@ def test_one_pass_reduction_matches_direct_sums(x64, monkeypatch):
     params = case.params()
     # support.jit: the test's own program compiles fast (IEEE semantics kept).
     _, _, direct, _, _ = run(case, tx, steps=20, jit=support.jit)
-    monkeypatch.setattr(diagnostics, "_FUSED_MIN_SIZE", 0)
+    monkeypatch.setattr(fused_sums, "FUSED_MIN_SIZE", 0)
     jaxpr = jax.make_jaxpr(tx.update)(jax.grad(case.loss)(params), tx.init(params), params)
     variadic = [e for e in jaxpr.eqns if e.primitive.name == "reduce" and len(e.invars) > 2]
     assert len(variadic) == 3, "conv, leaf and Dense_0/kernel each reduced in one pass"
@@ -340,9 +340,9 @@ def test_one_pass_reduction_matches_direct_sums(x64, monkeypatch):
 def test_updates_are_passed_through_bit_for_bit(monkeypatch):
     """The monitor returns the wrapped optimizer's updates exactly (signed zeros too), also
     where it orders the parameter update after its reductions (large leaves, forced here)."""
-    from ksbopt._src.diagnostics import monitor as diagnostics
+    from ksbopt._src.diagnostics import fused_sums
 
-    monkeypatch.setattr(diagnostics, "_FUSED_MIN_SIZE", 0)
+    monkeypatch.setattr(fused_sums, "FUSED_MIN_SIZE", 0)
     params = {"w": jnp.array([[1.0, -2.0], [0.5, 3.0]]), "b": jnp.array([0.0, 1.0])}
     grads = {"w": jnp.array([[-0.0, 1e-30], [jnp.inf, -4.0]]), "b": jnp.array([-0.0, 0.0])}
     opt = optax.sgd(1.0)
@@ -461,10 +461,15 @@ def test_unknown_dynamics_kind():
 
 @pytest.mark.parametrize("bad", ["0.1", [0.1], {"lr": 0.1}])
 def test_learning_rate_neither_number_nor_schedule(bad):
-    with pytest.raises(TypeError, match=r"learning_rate=.* is neither a number nor a schedule"):
+    with pytest.raises(TypeError, match=r"^ksbopt.dynamics: learning_rate=.* is neither a number"):
         D.sgd(bad)
-    with pytest.raises(TypeError, match=r"learning_rate=.* is neither a number nor a schedule"):
+    with pytest.raises(TypeError, match=r"^ksbopt.monitor: learning_rate=.* is neither a number"):
         monitor(optax.sgd(0.1), SYM, learning_rate=bad)
+
+
+def test_monitor_negative_learning_rate_names_monitor():
+    with pytest.raises(ValueError, match=r"^ksbopt.monitor: learning_rate=-0.1 must be >= 0"):
+        monitor(optax.sgd(0.1), SYM, learning_rate=-0.1)
 
 
 @pytest.mark.parametrize(
