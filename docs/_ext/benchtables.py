@@ -251,11 +251,47 @@ def _models(path: Path, doc: _Json) -> str:
     )
 
 
+def _task_costs(path: Path, doc: _Json) -> str:
+    """A ``bench_task_costs`` record: per task and optimizer, the measured step, evaluation and
+    compile costs and the projected seconds of one run (what the suites' budget prices)."""
+    rows = []
+    for r in doc["results"]:
+        rows.append(
+            [
+                f"`{r['task']}`",
+                f"`{r['optimizer']}`",
+                f"{int(r.number('n_params')):,}",
+                str(int(r.number("steps"))),
+                f"{r.number('step_ms_median'):.1f}",
+                f"{r.number('eval_s_each'):.2f}",
+                f"{r.number('compile_s'):.1f}",
+                f"{r.number('projected_run_s'):.0f}",
+            ]
+        )
+    header = ["task", "optimizer", "parameters", "steps", "ms/step", "s/eval", "compile s"]
+    header.append("projected s/run")
+    load = ", ".join(f"{x:.1f}" for x in doc.data.get("load_average", []))
+    return "\n".join(
+        [
+            f"### `{path.parent.name}/{path.name}`",
+            "",
+            f"`{doc['command']}` (load average {load})",
+            "",
+            _table(header, rows),
+        ]
+    )
+
+
 def _micro(path: Path, doc: _Json) -> str:
     """A per-step micro-benchmark record (a JSON object with a ``results`` list), rendered by
     the module that wrote it, as its ``command`` names it."""
-    command = doc.data.get("command")
-    render_record = _models if "bench_models" in str(command) else _transforms
+    command = str(doc.data.get("command"))
+    if "bench_task_costs" in command:
+        render_record = _task_costs
+    elif "bench_models" in command:
+        render_record = _models
+    else:
+        render_record = _transforms
     try:
         return render_record(path, doc)
     except (TypeError, ValueError) as e:

@@ -24,8 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ksbopt._src.numerics import compute_dtype  # noqa: F401  (re-exported: orbit, detect use it)
-
 Selector = str | re.Pattern | Callable[[str, Any], bool] | Sequence[Any]
 
 

@@ -589,7 +589,8 @@ def _questions(summary: Mapping) -> list[str]:
         "### 3. Does steering to equilibrium skip the warm-up transient?",
         "",
         "`sgd+steer_eq` (sgd+wd whose scale groups are put at the rotational equilibrium of its "
-        "own heavy ball from the first step, THEORY.md P7a) against `sgd+wd` (the same base) "
+        "own heavy ball from the first step, P7a of docs/concepts/noether_charges.md) against "
+        "`sgd+wd` (the same base) "
         "and `rotational` (REQ, the peer that imposes the equilibrium angular update). Steps to "
         "the validation target: median over the seeds that reached it (k/n), measured at the "
         "evaluation points. Angular update per step of the units in the first and the last "
@@ -638,7 +639,7 @@ def _questions(summary: Mapping) -> list[str]:
 
 
 def _a_star(row: Mapping) -> float | None:
-    """A* = sqrt(2 lr wd / (1 + momentum)) of a row's runs (THEORY.md P7a), if it has decay."""
+    """A* = sqrt(2 lr wd / (1 + momentum)) of a row's runs (:ref:`P7a <p7a>`), if it has decay."""
     hp = row.get("hparams") or {}
     wd, m = hp.get("weight_decay"), hp.get("momentum")
     if not wd or m is None:

@@ -706,7 +706,7 @@ def _diag_summary(curves: dict[str, dict[str, list]]) -> dict:
     """Per symmetry and quantity: the first and last recorded value and the mean over time.
 
     Quantities: ``charge`` (mean over groups of the Noether charge), ``eff_lr`` (lr / |w|^2,
-    THEORY.md P2), ``angular_update`` (radians per step, mean over a chunk of steps).
+    :ref:`P2 <p2>`), ``angular_update`` (radians per step, mean over a chunk of steps).
     """
     out: dict[str, dict] = {}
     for label, qs in curves.items():

@@ -158,8 +158,8 @@ SUITES = {
     ),
 }
 
-# The NLD control experiment (THEORY.md section 5) on the MNIST-1D CNN with BatchNorm: free
-# (sgd) vs constrained (sgd+retract) filter norm.
+# The NLD control experiment (docs/concepts/implicit_rmsprop.md) on the MNIST-1D CNN with
+# BatchNorm: free (sgd) vs constrained (sgd+retract) filter norm.
 NLD_TASK = "mnist1d_cnn_bn"
 NLD_LOW_LR, NLD_HIGH_LR = 0.003, 0.3
 NLD_MOMENTA = (0.0, 0.5, 0.9)

@@ -5,7 +5,7 @@
 parameter tree where the graph cannot be read, and keeps the candidates that hold numerically
 on every batch given. :func:`verify` runs the same numerical checks on a hand-written declaration.
 
-Two checks, per batch [paper: NM, THEORY.md section 1]:
+Two checks, per batch [paper: NM, :ref:`symmetries`]:
 
 - **Lie derivative**, per group: a symmetry's generator xi is orthogonal to every minibatch
   gradient, <grad L, xi> = 0. The violation of group g is the cosine
@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ksbopt._src import groups as groups_lib
+from ksbopt._src import numerics
 from ksbopt._src.detection import jaxpr_analysis as ja
 from ksbopt._src.symmetries import orbit
 from ksbopt._src.symmetries.declarations import (
@@ -510,7 +511,7 @@ class _Checker:
         self.prob = prob
         self.bounds = list(bounds)
         dtypes = [jnp.result_type(x) for x in prob.float_leaves]
-        work = [groups_lib.compute_dtype(d) for d in dtypes]
+        work = [numerics.compute_dtype(d) for d in dtypes]
         pos = {i: k for k, i in enumerate(prob.float_idx)}
         n_leaves = len(prob.leaves)
 

@@ -25,7 +25,7 @@ primitive, a loop), for which the caller enumerates candidates from the paramete
 analysis only *proposes*: every candidate is then verified numerically by
 :mod:`ksbopt._src.detection.detect`.
 
-Group structure follows THEORY.md section 1 (Flax layout: the output unit is the last axis).
+Group structure follows :ref:`symmetries` (Flax layout: the output unit is the last axis).
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from ksbopt._src import groups as groups_lib
+from ksbopt._src import numerics
 from ksbopt._src.symmetries.declarations import BoundSymmetry, Flat, Moved, Symmetry
 
 
@@ -122,7 +123,7 @@ def require_params(params: Any, name: str) -> None:
 
 def promote(flat: Flat) -> Flat:
     """Leaves in their compute dtype (at least float32)."""
-    return [jnp.asarray(x, groups_lib.compute_dtype(jnp.result_type(x))) for x in flat]
+    return [jnp.asarray(x, numerics.compute_dtype(jnp.result_type(x))) for x in flat]
 
 
 def charges(binding: Binding, flat: Flat) -> tuple[jax.Array, ...]:

@@ -222,7 +222,7 @@ def retract(symmetries) -> optax.GradientTransformationExtraArgs:
         u \mapsto \psi(w + u, a) - w, \qquad Q(\psi(w + u, a)) = Q(w_0);
 
     - scale: :math:`a = \lVert w_0 \rVert / \lVert w + u \rVert` (restore the norm; the
-      constrained-filter-norm control experiment of Tanaka & Kunin, THEORY.md section 5);
+      constrained-filter-norm control experiment of Tanaka & Kunin, :ref:`implicit-rmsprop`);
     - rescale: a^2 solves a^4 x_in - 2 Q a^2 - x_out = 0;
     - translation: shift by (Q(w_0) - Q(w + u)) / n;
     - linear: G from Newton's method on symmetric G = exp(X) (see :class:`~ksbopt.Linear`).
@@ -294,7 +294,7 @@ def steer(symmetries, target, rate: float = 1.0) -> optax.GradientTransformation
 
     Orbit moves never change the loss; they change the kinetic state the next steps see
     (e.g. the effective learning rate :math:`\eta / \lVert w \rVert^2` of a scale group,
-    [derived] THEORY.md P2).
+    [derived] :ref:`P2 <p2>`).
 
     Args:
       symmetries: a declaration or a list of them.
