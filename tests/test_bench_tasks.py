@@ -304,7 +304,7 @@ def test_runner_starts_from_the_entrys_prepared_parameters(cache, name, feature)
     params = _params(task)
     cfg = RunConfig("grid", task.name, name, 0.01, 0, "tiny")
     got = r._prepared(cfg, task, params)
-    want = getattr(ksbopt, feature)(params)
+    want = getattr(ksbopt.peers, feature)(params)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
     assert any(not np.allclose(g, p) for g, p in zip(jax.tree.leaves(got), jax.tree.leaves(params)))
