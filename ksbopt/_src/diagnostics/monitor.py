@@ -10,7 +10,7 @@ with ``optax.tree.get(state, name)``):
   breaking) and ``second_order`` (the finite-step kinetic breaking);
 - ``violation``: the cosine between the gradient and the generator, 0 for a true symmetry;
 - ``angular_update`` (the angle between w and w + u), ``relative_update`` |u| / |w| and, for
-  scale groups, ``effective_learning_rate`` eta / ((1 - eta lam) |w|^2) (:ref:`p2`);
+  scale groups, ``effective_learning_rate`` eta / ((1 - eta lam) |w|^2) (:ref:`P2 <p2>`);
 - with a :class:`~ksbopt._src.diagnostics.dynamics.Dynamics`: ``weight_decay_term``, the charge
   the exact recursions predict (``predicted_charges``) and the normalised residual
   (``prediction_error``); for RMSProp/Adam the metric-weighted charges of P6 and their

@@ -43,7 +43,7 @@ class NoetherDiagnostics(NamedTuple):
         L2 regularisation inside it shows the regulariser here.
       angular_update: angle in radians between the group's vector w and w + u.
       relative_update: ``|u| / |w|`` per group.
-      effective_learning_rate: ``eta / ((1 - eta lam) |w|^2)`` of scale groups (:ref:`p2`;
+      effective_learning_rate: ``eta / ((1 - eta lam) |w|^2)`` of scale groups (:ref:`P2 <p2>`;
         lam = 0 unless the dynamics are SGD), when the learning rate is known.
       predicted_charges: the charge after the step predicted by the exact recursion (P1, P3,
         P4, P10), run open-loop from the charges at ``init`` with the measured gradient or
@@ -134,7 +134,7 @@ class MonitorState(NamedTuple):
 
     The predictions are open-loop runs of the exact recursions of the charges, e.g. for SGD
     with weight decay on a scale group ``x_{k+1} = (1 - eta lam)^2 x_k + eta^2 |g_k|^2``
-    ([derived] :ref:`p1`), fed with the measured norms of every step.
+    ([derived] :ref:`P1 <p1>`), fed with the measured norms of every step.
 
     Attributes:
       inner: the wrapped optimizer's state.

@@ -2,7 +2,7 @@
 
 Per declared symmetry, :func:`plan_for` decides from the dynamics which recursion predicts
 its charge (P1, P3, P4, P10: :ref:`exact-identities`) and whether the metric-weighted charge
-of RMSProp/Adam (:ref:`p6`) or the equilibrium (:ref:`equilibrium`) applies;
+of RMSProp/Adam (:ref:`P6 <p6>`) or the equilibrium (:ref:`equilibrium`) applies;
 :func:`advance` runs one step of the recursions (the cheap part, at every step) and
 :class:`Metric` the metric-weighted charges.
 """

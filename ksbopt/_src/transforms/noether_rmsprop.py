@@ -29,7 +29,7 @@ class NoetherRmspropState(NamedTuple):
 
     In exact mode the accumulator follows the squared norm of the virtual normalised layer,
     ``x_{k+1} = (1 - eta lambda)^2 x_k + eta^2 |g_hat_k|^2 / x_k`` without momentum
-    ([derived] :ref:`p1`, :ref:`p2`).
+    ([derived] :ref:`P1 <p1>`, :ref:`P2 <p2>`).
 
     Attributes:
       accumulator: one array per declared symmetry, one scalar per group: the virtual
@@ -130,8 +130,9 @@ def noether_rmsprop(
     decay (``optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(learning_rate,
     momentum))``), the optimizer whose implicit form this is.
 
-    ``mode="exact"`` [derived] :ref:`p1`, :ref:`p2`, :ref:`p3`: the accumulator is the squared
-    norm x that the group WOULD have if it were a normalised layer trained by that SGD. It starts at
+    ``mode="exact"`` [derived] :ref:`P1 <p1>`, :ref:`P2 <p2>`, :ref:`P3 <p3>`: the accumulator
+    is the squared norm x that the group WOULD have if it were a normalised layer trained by that
+    SGD. It starts at
     :math:`x_0 = \lVert w_0 \rVert^2` and, with v the heavy-ball buffer of the virtual layer
     :math:`\tilde w = \sqrt{x}\, u`,
 

@@ -254,7 +254,7 @@ def symmetrize(
 
     The kinetic energy of the resulting learning rule is the base's, evaluated on the
     quotient by the orbits: it has the symmetry (no kinetic symmetry breaking), so for a
-    scale group the effective learning rate no longer depends on the norm (:ref:`p2`).
+    scale group the effective learning rate no longer depends on the norm (:ref:`P2 <p2>`).
     Consequence (property tested in float64): two runs whose initial parameters differ by a
     group action give the same losses and the same directions.
 
