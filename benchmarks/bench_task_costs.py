@@ -17,7 +17,9 @@ import io
 import json
 import math
 import os
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 from ksbopt.bench import cli, registry
@@ -70,6 +72,10 @@ def measure(task: str, optimizer: str, scale: str, steps: int, cache: Path) -> d
     }
 
 
+def _utc_now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--scale", default="small", help="tiny | small | base | large")
@@ -82,6 +88,7 @@ def main(argv=None) -> dict:
     names = [t for t in a.tasks.split(",") if t]
     if bad := [t for t in names if t not in TASKS]:
         p.error(f"unknown task(s) {bad}; valid: {', '.join(TASKS)}")
+    started = _utc_now()
     cache = Path(a.cache_dir or tempfile.mkdtemp(prefix="ksbopt_task_costs_"))
     rows = []
     for task in names:
@@ -94,7 +101,13 @@ def main(argv=None) -> dict:
                 f"-> {row['projected_run_s']:7.1f} s per {row['steps']}-step run",
                 flush=True,
             )
-    result = {"env": environment(), "load_average": os.getloadavg(), "results": rows}
+    result = {
+        "env": environment(),
+        "load_average": os.getloadavg(),
+        "results": rows,
+        "command": " ".join(["python3 -m benchmarks.bench_task_costs", *sys.argv[1:]]),
+        "measured": f"{started} - {_utc_now()} UTC",
+    }
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=2))
     return result
