@@ -72,3 +72,15 @@ def test_messages_name_owner_argument_value_and_fix():
     with pytest.raises(ValueError, match=r"ksbopt\.f needs the current parameters: params=None"):
         checks.require_params(None, "ksbopt.f")
     checks.require_params({}, "ksbopt.f")
+
+
+def test_transformation_check_names_owner_argument_and_fix():
+    import optax
+
+    checks.check_transformation(
+        "ksbopt.f", "tx", optax.sgd(0.1), example="ksbopt.f(optax.sgd(0.1))"
+    )
+    with pytest.raises(TypeError, match=r"ksbopt.f: tx=.* \(type function\) is not an optax "):
+        checks.check_transformation(
+            "ksbopt.f", "tx", optax.adam, example="ksbopt.f(optax.sgd(0.1))"
+        )

@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
 
 
 def is_number(value: Any) -> bool:
@@ -69,6 +70,16 @@ def check_positive_int(owner: str, name: str, value: Any, *, example: int) -> No
     if v is not None and not (v >= 1 and v == int(v)):
         raise ValueError(
             f"{owner}: {name}={value!r} must be a positive integer, e.g. {name}={example}."
+        )
+
+
+def check_transformation(owner: str, name: str, value: Any, *, example: str) -> None:
+    """``TypeError`` unless ``value`` is an ``optax.GradientTransformation`` (a factory such as
+    ``optax.adam`` or ``lambda lr: ...`` is the usual mistake)."""
+    if not isinstance(value, optax.GradientTransformation):
+        raise TypeError(
+            f"{owner}: {name}={value!r} (type {type(value).__name__}) is not an optax "
+            f"transformation; build one first and pass it, e.g. {example}."
         )
 
 

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ksbopt._src import checks
 from ksbopt._src.diagnostics import dynamics as dynamics_lib
 from ksbopt._src.diagnostics import fused_sums
 from ksbopt._src.diagnostics.monitor_state import (
@@ -142,11 +143,9 @@ def monitor(
       Mechanics: Symmetry and Broken Conservation Laws in Deep Learning Dynamics", ICLR
       2021, https://arxiv.org/abs/2012.04728
     """
-    if not isinstance(tx, optax.GradientTransformation):
-        raise TypeError(
-            f"tx={tx!r} (type {type(tx).__name__}) is not an optax transformation; pass the "
-            "optimizer to monitor, e.g. ksbopt.monitor(optax.sgd(0.1), symmetries)."
-        )
+    checks.check_transformation(
+        "ksbopt.monitor", "tx", tx, example="ksbopt.monitor(optax.sgd(0.1), symmetries)"
+    )
     syms = orbit.as_symmetries(symmetries)
     dyn = dynamics_lib.as_dynamics(dynamics)
     dynamics_lib.check_learning_rate(learning_rate, owner=OWNER)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ksbopt._src import checks
 from ksbopt._src.diagnostics.monitor import symmetry_labels
 from ksbopt._src.symmetries import orbit
 from ksbopt._src.symmetries.bound import BoundSymmetry, Flat
@@ -247,11 +248,12 @@ def profile(
       Mechanics: Symmetry and Broken Conservation Laws in Deep Learning Dynamics", ICLR
       2021, https://arxiv.org/abs/2012.04728
     """
-    if not isinstance(tx, optax.GradientTransformation):
-        raise TypeError(
-            f"tx={tx!r} (type {type(tx).__name__}) is not an optax transformation; pass the "
-            "learning rule, e.g. ksbopt.profile(optax.adam(1e-3), symmetries, params, grads)."
-        )
+    checks.check_transformation(
+        "ksbopt.profile",
+        "tx",
+        tx,
+        example="ksbopt.profile(optax.adam(1e-3), symmetries, params, grads)",
+    )
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps={steps!r} must be a positive integer, e.g. steps=5.")
     syms = orbit.as_symmetries(symmetries)
