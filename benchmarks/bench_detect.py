@@ -31,6 +31,7 @@ from flax import nnx
 
 import ksbopt
 import ksbopt.flax
+from ksbopt._src.detection import compiled_loss
 from ksbopt._src.detection import detect as detect_lib
 
 WIDTHS = (64, 128, 256, 256, 384, 512, 512, 512, 512)
@@ -132,7 +133,7 @@ def main() -> None:
     loss_fn, params, batches = make(args.batch, args.size)
     n_params = sum(int(np.size(x)) for x in jax.tree.leaves(params))
     calls = {"gradient": 0, "loss": 0}
-    originals = (detect_lib._value_and_grad, detect_lib._loss_value)
+    originals = (compiled_loss.value_and_grad, compiled_loss.loss_value)
 
     def counting(fn, name):
         def wrapped(*a, **k):
@@ -141,14 +142,14 @@ def main() -> None:
 
         return wrapped
 
-    detect_lib._value_and_grad = counting(originals[0], "gradient")
-    detect_lib._loss_value = counting(originals[1], "loss")
+    compiled_loss.value_and_grad = counting(originals[0], "gradient")
+    compiled_loss.loss_value = counting(originals[1], "loss")
     load = os.getloadavg()[0]
     t0, c0 = time.perf_counter(), time.process_time()
     syms, report = detect_lib.detect(loss_fn, params, *batches)
     first, first_cpu = time.perf_counter() - t0, time.process_time() - c0
     counted = dict(calls)
-    detect_lib._value_and_grad, detect_lib._loss_value = originals
+    compiled_loss.value_and_grad, compiled_loss.loss_value = originals
     again = []
     for _ in range(args.repeats - 1):
         t0 = time.perf_counter()

@@ -8,7 +8,8 @@ the optimiser does with them (:func:`project`, :func:`retract`, :func:`steer`).
 """
 
 from ksbopt import dynamics, peers, targets, theory
-from ksbopt._src.detection.detect import SymmetryCheck, SymmetryReport, detect, verify
+from ksbopt._src.detection.detect import detect, verify
+from ksbopt._src.detection.report import SymmetryCheck, SymmetryReport
 from ksbopt._src.diagnostics.charges import charges
 from ksbopt._src.diagnostics.monitor import (
     MonitorState,
