@@ -96,6 +96,53 @@ def test_search_tunes_weight_decay_and_follows_the_learning_rate():
         search((-1,), wds, score, higher_is_better=True, max_extensions=0, wd0=1.0)
 
 
+def _plateau(at: int, half_width: int):
+    """An accuracy of 0.9 within ``half_width`` lattice points of ``at`` (a tiny peak at
+    ``at``), 0.5 beyond: a good band of ``2 * half_width + 1`` points."""
+    return lambda p: (0.9 + (0.001 if p[0] == at else 0.0)) if abs(p[0] - at) <= half_width else 0.5
+
+
+def test_search_follows_the_good_band_beyond_the_worse_neighbours():
+    hill = search((-5, -4, -3), (), _plateau(-4, 2), higher_is_better=True, max_extensions=4)
+    assert sorted(k for k, _ in hill.scores) == [-5, -4, -3]  # the hill climb stops here
+    s = search(
+        (-5, -4, -3), (), _plateau(-4, 2), higher_is_better=True, max_extensions=4, band_reach=3
+    )
+    assert s.done and s.best == (-4, None) and not s.edge and not s.exhausted
+    # walked out to the first bad point on each side (distance 3), then stopped
+    assert sorted(k for k, _ in s.scores) == [-7, -6, -5, -4, -3, -2, -1]
+    acc = {lattice_lr(k): v for (k, _), v in s.scores.items()}
+    assert stats.band(acc)[2] == 2.0  # -6 .. -2: two decades, closed on both sides
+
+
+def test_band_walk_stops_at_its_reach_and_spends_no_extension():
+    s = search(
+        (-5, -4, -3), (), _plateau(-4, 5), higher_is_better=True, max_extensions=0, band_reach=2
+    )
+    assert s.best == (-4, None) and not s.exhausted
+    assert sorted(k for k, _ in s.scores) == [-6, -5, -4, -3, -2]  # reach 2; still good there
+
+
+def test_band_walk_restarts_the_search_from_a_better_band_point():
+    def score(p):  # a second, higher peak two points above the first optimum of the window
+        return {-5: 0.85, -4: 0.9, -3: 0.895, -2: 0.93, -1: 0.8}.get(p[0], 0.5)
+
+    s = search((-5, -4, -3), (), score, higher_is_better=True, max_extensions=4, band_reach=3)
+    assert s.best == (-2, None) and not s.edge
+
+
+def test_band_walk_leaves_a_budget_blocked_neighbour_unevaluated():
+    s = search((-5, -4, -3), (), _peak(10), higher_is_better=True, max_extensions=0, band_reach=3)
+    assert s.best == (-3, None) and s.edge and s.exhausted
+    assert sorted(k for k, _ in s.scores) == [-5, -4, -3]
+
+
+def test_in_band_matches_the_band_tolerance():
+    assert stats.in_band(0.891, 0.9) and not stats.in_band(0.889, 0.9)
+    assert stats.in_band(2.02, 2.0, False) and not stats.in_band(2.03, 2.0, False)
+    assert not stats.in_band(float("nan"), 0.9) and not stats.in_band(None, 0.9)
+
+
 def test_search_resumes_round_by_round_to_the_one_shot_answer():
     """Replaying with the results known so far asks only for new points, each once."""
     score = _peak(-8)
@@ -123,6 +170,8 @@ def test_protocol_rejects_bad_knobs():
         Protocol(tuning_seeds=0)
     with pytest.raises(ValueError, match=r"must contain 1\.0"):
         Protocol(wd_factors=(0.1, 10.0))
+    with pytest.raises(ValueError, match=r"band_reach=0"):
+        Protocol(band_reach=0)
 
 
 def test_weight_decay_grid_only_for_a_positive_default():

@@ -18,10 +18,17 @@ Every optimizer is tuned the same way (the full account is :doc:`/howto/protocol
    whose learning-rate neighbours are not both evaluated and worse is flagged ``edge``.
    Entries whose default weight decay is 0 are the registry's no-decay controls (``sgd``
    beside ``sgd+wd``, ``adam`` beside ``adamw``) and keep it at 0.
-4. **Seeds.** The search uses the first :attr:`Protocol.tuning_seeds` seeds; the chosen
+4. **Band.** Once the optimum is interior, the learning-rate sensitivity curve is walked
+   outwards from it at the chosen weight decay, one lattice point at a time on each side,
+   while the last point is still in the good band (:func:`ksbopt.bench.stats.in_band`), at
+   most :attr:`Protocol.band_reach` points from the optimum: a hill climb stops at the first
+   worse neighbour, which may still be good, so without this step the width of the good band
+   would be cut at one lattice point for every optimizer. These points are not extensions;
+   if one of them scores better than the optimum, the search goes on from it.
+5. **Seeds.** The search uses the first :attr:`Protocol.tuning_seeds` seeds; the chosen
    point is then trained on every seed of the suite. Seeds are shared by all optimizers
    (same initialisation and batch order), so differences can be paired.
-5. **Schedule arms.** ``cosine`` (linear warm-up over :data:`WARMUP_FRACTION` of the steps,
+6. **Schedule arms.** ``cosine`` (linear warm-up over :data:`WARMUP_FRACTION` of the steps,
    then cosine decay to 0) and ``constant`` (no warm-up, no decay), tuned separately, the
    same for every optimizer.
 
@@ -35,6 +42,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
+
+from ksbopt.bench.stats import in_band
 
 __all__ = ["Protocol", "Search", "lattice_lr", "schedule_factor", "search"]
 
@@ -209,6 +218,8 @@ class Protocol:
       window: lattice points of the starting window.
       max_extensions: learning rates outside the starting window, at most.
       wd_factors: the weight-decay grid, as multiples of the entry's positive default.
+      band_reach: how far (lattice points from the optimum, each side) the good band is
+        followed; a band still good at this distance is reported open on that side.
 
     Example:
       >>> Protocol().tuning_seeds, Protocol(window=5).window
@@ -226,11 +237,17 @@ class Protocol:
     window: int = 3
     max_extensions: int = 4
     wd_factors: tuple[float, ...] = (0.1, 1.0, 10.0)
+    band_reach: int = 3
 
     def __post_init__(self):
         if self.tuning_seeds < 1 or self.window < 1 or self.max_extensions < 0:
             raise ValueError(
                 f"Protocol({self}): tuning_seeds and window must be >= 1, max_extensions >= 0"
+            )
+        if self.band_reach < 1:
+            raise ValueError(
+                f"Protocol(band_reach={self.band_reach}): must be >= 1 (the optimum's "
+                "neighbours are always evaluated)"
             )
         if 1.0 not in self.wd_factors:
             raise ValueError(f"wd_factors={self.wd_factors} must contain 1.0 (the default)")
@@ -296,6 +313,7 @@ def search(
     higher_is_better: bool,
     max_extensions: int,
     wd0: float | None = None,
+    band_reach: int = 1,
 ) -> Search:
     r"""Runs the search of the module docstring as far as the known scores allow.
 
@@ -315,6 +333,11 @@ def search(
     depends only on the scores, so calling it again with more scores known continues the same
     search (this is how the harness resumes).
 
+    Then the good band is followed: with :math:`v^*` the best score, the next lattice point
+    :math:`(k^* \pm (i + 1), \lambda^*)` is evaluated while :math:`(k^* \pm i, \lambda^*)` is
+    in the band (:func:`ksbopt.bench.stats.in_band`) and :math:`i <` ``band_reach``; these
+    points do not count as extensions, and a better one restarts the neighbour search from it.
+
     Args:
       window: the starting lattice indices.
       wds: the weight-decay grid (empty: the entry's own weight decay, not tuned).
@@ -323,6 +346,8 @@ def search(
       higher_is_better: the direction of the metric.
       max_extensions: learning rates outside ``window``, at most.
       wd0: the weight decay the search starts from (default: the middle of ``wds``).
+      band_reach: lattice points from the optimum up to which the good band is followed
+        (1: only the neighbours, the plain hill climb).
 
     Returns:
       A :class:`Search`: the points still ``needed`` (the search stops at the first round
@@ -351,6 +376,7 @@ def search(
     known: dict[Point, float | None] = {}
     evaluated: list[Point] = [(k, w0) for k in window]
     inside = set(window)
+    band_ks: set[int] = set()  # learning rates evaluated only to follow the good band
 
     def rank(p: Point):
         v = known[p]
@@ -371,7 +397,7 @@ def search(
             return Search(tuple(missing), None, dict(known))
         best = max(evaluated, key=rank)
         k, w = best
-        extensions = {q for q, _ in evaluated} - inside
+        extensions = {q for q, _ in evaluated} - inside - band_ks
         around = [(k - 1, w), (k + 1, w)]
         if wds:
             i = wds.index(w)
@@ -387,9 +413,34 @@ def search(
                 extensions.add(p[0])
             new.append(p)
         if not new:
+            new = _band_frontier(best, evaluated, known, higher_is_better, band_reach)
+            band_ks.update(q for q, _ in new if q not in inside and q not in extensions)
+        if not new:
             lr_nbrs = [(k - 1, w), (k + 1, w)]
             edge = known[best] is None or not all(
                 p in known and rank(p) < rank(best) for p in lr_nbrs
             )
             return Search((), best, dict(known), edge=edge, exhausted=blocked)
         evaluated += new
+
+
+def _band_frontier(
+    best: Point, evaluated, known, higher_is_better: bool, reach: int
+) -> list[Point]:
+    """The unevaluated learning rates next to the good band of ``best``, within ``reach``
+    (a neighbour the extension budget left unevaluated stays so: that side is an edge)."""
+    k, w = best
+    top = known[best]
+    out = []
+    if top is None:
+        return out
+    for step in (-1, 1):
+        for i in range(1, reach + 1):
+            p = (k + step * i, w)
+            if p not in evaluated:
+                if i > 1:
+                    out.append(p)
+                break
+            if not in_band(known[p], top, higher_is_better):
+                break
+    return out

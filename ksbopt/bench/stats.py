@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["band", "paired_bootstrap", "sampling_error", "target_value"]
+__all__ = ["band", "in_band", "paired_bootstrap", "sampling_error", "target_value"]
 
 # The target of steps-/wall-clock-to-target: this fraction of the best final validation metric
 # of the task (any optimizer, same schedule arm); for a lower-is-better metric, best / fraction.
@@ -126,6 +126,28 @@ def _finite(x) -> bool:
     return x is not None and math.isfinite(x)
 
 
+def in_band(value: float | None, best: float, higher_is_better: bool = True) -> bool:
+    r"""Whether a validation metric is in the good band of the best one, ``best``.
+
+    Finite and within :data:`BAND_TOLERANCE`: :math:`v \ge v^* - 0.01` (higher is better),
+    :math:`v \le 1.01\, v^*` (lower is better, :math:`v^* \ge 0`; :math:`v \le v^*` for a
+    negative best). A diverged (None) or non-finite value is never in the band.
+
+    Example:
+      >>> in_band(0.895, 0.90), in_band(0.88, 0.90), in_band(None, 0.90)
+      (True, False, False)
+      >>> in_band(1.005, 1.0, higher_is_better=False), in_band(1.02, 1.0, False)
+      (True, False)
+    """
+    if not _finite(value):
+        return False
+    if higher_is_better:
+        return value >= best - BAND_TOLERANCE["higher"]
+    if best >= 0:
+        return value <= best * (1 + BAND_TOLERANCE["lower_relative"])
+    return value <= best
+
+
 def band(
     scores: Mapping[float, float | None], higher_is_better: bool = True
 ) -> tuple[float, float, float] | None:
@@ -174,12 +196,7 @@ def band(
     top = scores[best]
 
     def good(lr):
-        v = scores[lr]
-        if not _finite(v):
-            return False
-        if higher_is_better:
-            return v >= top - BAND_TOLERANCE["higher"]
-        return v <= top * (1 + BAND_TOLERANCE["lower_relative"]) if top >= 0 else v <= top
+        return in_band(scores[lr], top, higher_is_better)
 
     i = j = lrs.index(best)
     while i > 0 and good(lrs[i - 1]):

@@ -330,6 +330,7 @@ def tuning_round(
                     higher_is_better=higher_is_better(t),
                     max_extensions=proto.max_extensions,
                     wd0=wd0,
+                    band_reach=proto.band_reach,
                 )
                 searches[(t, arm, o)] = found
                 if found.needed:

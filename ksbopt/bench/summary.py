@@ -8,7 +8,8 @@ statistics :mod:`ksbopt.bench.stats`):
   of those seeds diverged is never chosen. Test metrics are reported at that setting over all
   its seeds (mean ± std, ddof 0).
 - **sensitivity**: validation metric by learning rate at the chosen hyperparameters (mean,
-  min and max over the tuning seeds), the good band (:func:`ksbopt.bench.stats.band`) and
+  min and max over the tuning seeds), the good band (:func:`ksbopt.bench.stats.band`) with
+  ``band_open`` (per side: the band reaches the last evaluated rate, so it may be wider) and
   ``edge`` (the chosen learning rate lacks an evaluated worse neighbour on some side).
 - **targets**: one target per task and arm, :data:`~ksbopt.bench.stats.TARGET_FRACTION` of
   the best mean final validation metric of any optimizer; steps and training seconds
@@ -111,7 +112,10 @@ def _sensitivity(settings, best, shared, higher):
         return v is None or (v < top if higher else v > top)
 
     edge = top is None or not (worse(i - 1) and worse(i + 1))
-    return curve, spread, stats.band(curve, higher), edge
+    band = stats.band(curve, higher)
+    # a band that reaches the last evaluated rate on a side may go on: open on that side
+    band_open = None if band is None else [band[0] == lrs[0], band[1] == lrs[-1]]
+    return curve, spread, band, band_open, edge
 
 
 def _arm_summary(recs: list[dict]) -> dict:
@@ -128,7 +132,7 @@ def _arm_summary(recs: list[dict]) -> dict:
         for opt, settings in opts.items():
             best, shared, scores = _choose(settings, higher)
             rs = sorted(settings[best], key=lambda r: r["config"]["seed"])
-            curve, spread, band, edge = _sensitivity(settings, best, shared, higher)
+            curve, spread, band, band_open, edge = _sensitivity(settings, best, shared, higher)
             test = {r["config"]["seed"]: r["final"]["test_metric"] for r in rs}
             tm = _mean(list(test.values()))
             vm = _mean([_val(r) for r in rs])
@@ -149,6 +153,7 @@ def _arm_summary(recs: list[dict]) -> dict:
                 "val_by_lr": {str(lr): v for lr, v in curve.items()},
                 "val_spread_by_lr": {str(lr): list(v) for lr, v in spread.items()},
                 "band": None if band is None else list(band),
+                "band_open": band_open,
                 "edge": edge,
                 "step_ms": float(np.median([r["timing"]["step_ms_median"] for r in rs])),
                 "compile_s": max(r["timing"]["compile_s"] for r in rs),

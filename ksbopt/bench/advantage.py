@@ -1,0 +1,182 @@
+"""Does an engineered kinetic energy pay on a task? Three criteria against the practitioners.
+
+A ksbopt kinetic energy (a registry entry built from ksbopt's own parts: not a baseline, not a
+peer reproduced from a paper) *pays* on a task, in one schedule arm, when against the
+practitioners' baselines :data:`PRACTITIONERS` (normalisation + SGD, RMSProp, AdamW), each at
+its own tuned setting:
+
+- **faster**: it reaches the task's validation target in at least :data:`FEWER_STEPS` times
+  fewer steps than the fastest of them, and in less training wall-clock; or
+- **wider**: its good learning-rate band (:func:`ksbopt.bench.stats.band`) is at least
+  :data:`WIDER_BAND` times as wide as the widest of theirs, widths counted at the lattice's
+  resolution (a band of one lattice point is :data:`LATTICE_DECADES` wide), and the
+  practitioners' bands are closed (followed until they end) so the ratio is not a guess;
+
+and its final test metric is not worse than the best of them on validation (paired by seed,
+95% bootstrap interval, :func:`ksbopt.bench.stats.paired_bootstrap`).
+
+The numbers come from :func:`ksbopt.bench.summary.grid_summary`; nothing is trained here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+
+from ksbopt.bench import stats
+from ksbopt.bench.summary import is_baseline
+
+__all__ = [
+    "FEWER_STEPS",
+    "LATTICE_DECADES",
+    "PRACTITIONERS",
+    "WIDER_BAND",
+    "Advantage",
+    "advantages",
+    "is_kinetic_energy",
+]
+
+PRACTITIONERS = ("sgd+wd", "rmsprop", "adamw")
+FEWER_STEPS = 1.3
+WIDER_BAND = 3.0
+LATTICE_DECADES = 0.5  # the protocol's lattice: neighbours a factor sqrt(10) apart
+
+
+def is_kinetic_energy(optimizer: str) -> bool:
+    """A registry entry built from ksbopt's own parts: it needs a ksbopt feature, and none of
+    ``ksbopt.peers`` (the published peers are reproductions, not ksbopt's designs)."""
+    from ksbopt.bench.registry import REGISTRY
+
+    spec = REGISTRY.get(optimizer)
+    return (
+        spec is not None
+        and not is_baseline(optimizer)
+        and not any(n.startswith("peers.") for n in spec.needs)
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Advantage:
+    """One kinetic energy on one task against :data:`PRACTITIONERS` (see the module).
+
+    Attributes:
+      optimizer: the kinetic energy's registry name.
+      reference: the practitioner with the best validation metric (the final-metric check).
+      steps_ratio: fastest practitioner's steps to target / the entry's (``inf``: only the
+        entry reached it; None: the entry did not reach it).
+      time_ratio: the same for training seconds.
+      band_ratio: the entry's band width over the widest practitioner's, each plus
+        :data:`LATTICE_DECADES`; None without a band.
+      bands_closed: every practitioner's band was followed to its end on both sides.
+      final: the paired test difference entry - reference: ``(mean, low, high, n)``.
+      verdict: ``better`` / ``tie`` / ``worse`` / ``-`` of ``final``.
+    """
+
+    optimizer: str
+    reference: str
+    steps_ratio: float | None
+    time_ratio: float | None
+    band_ratio: float | None
+    bands_closed: bool
+    final: tuple
+    verdict: str
+
+    @property
+    def not_worse(self) -> bool:
+        return self.verdict in ("better", "tie")
+
+    @property
+    def faster(self) -> bool:
+        return (
+            self.steps_ratio is not None
+            and self.steps_ratio >= FEWER_STEPS
+            and self.time_ratio is not None
+            and self.time_ratio > 1.0
+        )
+
+    @property
+    def wider(self) -> bool:
+        return self.bands_closed and self.band_ratio is not None and self.band_ratio >= WIDER_BAND
+
+    @property
+    def pays(self) -> bool:
+        return self.not_worse and (self.faster or self.wider)
+
+
+def _ratio(theirs: list[float | None], ours: float | None) -> float | None:
+    if ours is None:
+        return None
+    reached = [t for t in theirs if t is not None]
+    return min(reached) / ours if reached and ours > 0 else (math.inf if not reached else None)
+
+
+def _width(row) -> float | None:
+    return None if row.get("band") is None else row["band"][2] + LATTICE_DECADES
+
+
+def advantages(task: Mapping) -> list[Advantage]:
+    """The criteria of the module for every kinetic energy of one task's summary.
+
+    Args:
+      task: one task of one arm of :func:`ksbopt.bench.summary.grid_summary`.
+
+    Returns:
+      One :class:`Advantage` per kinetic energy in ``task`` (empty when no practitioner
+      finished with a finite metric).
+
+    Example:
+      >>> row = lambda val, steps, band, seeds: {"val_mean": val, "steps_to_target": steps,
+      ...     "time_to_target": steps / 10, "band": band, "band_open": [False, False],
+      ...     "test_by_seed": {str(s): v for s, v in enumerate(seeds)}}
+      >>> task = {"higher_is_better": True, "optimizers": {
+      ...     "sgd+wd": row(0.90, 900, [0.1, 0.1, 0.0], [0.90, 0.91, 0.89, 0.90, 0.92]),
+      ...     "adamw": row(0.89, 1000, [0.001, 0.003, 0.477], [0.89, 0.90, 0.88, 0.90, 0.91]),
+      ...     "noether_rmsprop": row(0.90, 600, [0.01, 1.0, 2.0],
+      ...                            [0.90, 0.915, 0.89, 0.905, 0.92])}}
+      >>> a, = advantages(task)
+      >>> a.reference, round(a.steps_ratio, 2), round(a.band_ratio, 2), a.verdict, a.pays
+      ('sgd+wd', 1.5, 2.56, 'tie', True)
+    """
+    higher = task["higher_is_better"]
+    rows = task["optimizers"]
+    practitioners = {
+        o: r for o, r in rows.items() if o in PRACTITIONERS and r.get("val_mean") is not None
+    }
+    if not practitioners:
+        return []
+    ref = max(practitioners, key=lambda o: practitioners[o]["val_mean"] * (1 if higher else -1))
+    widths = [_width(r) for r in practitioners.values()]
+    closed = all(
+        r.get("band_open") is not None and not any(r["band_open"]) for r in practitioners.values()
+    )
+    out = []
+    for opt, row in rows.items():
+        if not is_kinetic_energy(opt):
+            continue
+        width = _width(row)
+        known = [w for w in widths if w is not None]
+        p = stats.paired_bootstrap(_by_seed(row), _by_seed(rows[ref]))
+        out.append(
+            Advantage(
+                optimizer=opt,
+                reference=ref,
+                steps_ratio=_ratio(
+                    [r.get("steps_to_target") for r in practitioners.values()],
+                    row.get("steps_to_target"),
+                ),
+                time_ratio=_ratio(
+                    [r.get("time_to_target") for r in practitioners.values()],
+                    row.get("time_to_target"),
+                ),
+                band_ratio=width / max(known) if width is not None and known else None,
+                bands_closed=closed,
+                final=tuple(p),
+                verdict=p.verdict(higher),
+            )
+        )
+    return out
+
+
+def _by_seed(row) -> dict[int, float]:
+    return {int(s): v for s, v in (row.get("test_by_seed") or {}).items()}

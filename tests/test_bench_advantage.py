@@ -1,0 +1,120 @@
+"""The criteria of ``ksbopt.bench.advantage`` on task summaries with known answers."""
+
+from __future__ import annotations
+
+import math
+
+from ksbopt.bench import advantage
+from ksbopt.bench.advantage import advantages
+
+
+def _row(val, steps=None, secs=None, band=(0.1, 0.1, 0.0), band_open=(False, False), test=None):
+    test = test if test is not None else [val] * 5
+    return {
+        "val_mean": val,
+        "steps_to_target": steps,
+        "time_to_target": secs,
+        "band": list(band),
+        "band_open": list(band_open),
+        "test_by_seed": {str(s): v for s, v in enumerate(test)},
+    }
+
+
+SEEDS = [0.90, 0.91, 0.89, 0.90, 0.92]
+
+
+def test_only_kinetic_energies_are_judged():
+    assert advantage.is_kinetic_energy("noether_rmsprop")
+    assert advantage.is_kinetic_energy("sgd+steer_eq")
+    for name in ("sgd+wd", "adamw", "rmsprop", "lion", "sgdp", "nero", "rotational", "unknown"):
+        assert not advantage.is_kinetic_energy(name), name
+    task = {
+        "higher_is_better": True,
+        "optimizers": {
+            "sgd+wd": _row(0.9, 900, 90, test=SEEDS),
+            "nero": _row(0.95, 100, 10, test=[v + 0.05 for v in SEEDS]),
+            "noether_rmsprop": _row(0.9, 900, 90, test=SEEDS),
+        },
+    }
+    assert [a.optimizer for a in advantages(task)] == ["noether_rmsprop"]
+
+
+def test_faster_needs_1_3x_fewer_steps_than_the_fastest_practitioner_and_less_time():
+    def judge(steps, secs):
+        task = {
+            "higher_is_better": True,
+            "optimizers": {
+                "sgd+wd": _row(0.9, 900, 90, test=SEEDS),
+                "adamw": _row(0.89, 1300, 130, test=SEEDS),
+                "noether_rmsprop": _row(0.9, steps, secs, test=SEEDS),
+            },
+        }
+        (a,) = advantages(task)
+        return a
+
+    a = judge(690, 60)  # 900 / 690 = 1.304
+    assert a.reference == "sgd+wd" and a.faster and a.pays and a.verdict == "tie"
+    assert not judge(700, 60).faster  # 1.29x
+    assert not judge(600, 95).faster  # fewer steps but more seconds (a costly step)
+    unreached = judge(None, None)
+    assert unreached.steps_ratio is None and not unreached.faster
+
+
+def test_only_the_entry_reaching_the_target_counts_as_faster():
+    task = {
+        "higher_is_better": True,
+        "optimizers": {
+            "sgd+wd": _row(0.9, None, None, test=SEEDS),
+            "noether_rmsprop": _row(0.9, 500, 50, test=SEEDS),
+        },
+    }
+    (a,) = advantages(task)
+    assert a.steps_ratio == math.inf and a.faster
+
+
+def test_wider_needs_3x_the_widest_band_at_lattice_resolution_and_closed_bands():
+    def judge(width, practitioner_open=(False, False)):
+        task = {
+            "higher_is_better": True,
+            "optimizers": {
+                "sgd+wd": _row(0.9, band=(0.1, 0.1, 0.0), test=SEEDS),
+                "rmsprop": _row(
+                    0.88, band=(0.001, 0.003, 0.5), band_open=practitioner_open, test=SEEDS
+                ),
+                "noether_rmsprop": _row(0.9, band=(0.01, 1.0, width), test=SEEDS),
+            },
+        }
+        (a,) = advantages(task)
+        return a
+
+    # widest practitioner band: 0.5 + 0.5 = 1.0 decade at lattice resolution
+    assert judge(2.5).wider and judge(2.5).band_ratio == 3.0
+    assert not judge(2.0).wider
+    open_band = judge(2.5, practitioner_open=(False, True))
+    assert not open_band.bands_closed and not open_band.wider
+
+
+def test_a_worse_final_metric_never_pays():
+    task = {
+        "higher_is_better": True,
+        "optimizers": {
+            "sgd+wd": _row(0.9, 900, 90, test=SEEDS),
+            "noether_rmsprop": _row(0.88, 300, 30, test=[v - 0.02 for v in SEEDS]),
+        },
+    }
+    (a,) = advantages(task)
+    assert a.faster and a.verdict == "worse" and not a.pays
+
+
+def test_reference_of_a_loss_is_the_lowest_and_no_practitioner_means_no_verdict():
+    task = {
+        "higher_is_better": False,
+        "optimizers": {
+            "sgd+wd": _row(2.1, test=[2.1] * 5),
+            "adamw": _row(2.0, test=[2.0] * 5),
+            "noether_rmsprop": _row(2.0, test=[2.0] * 5),
+        },
+    }
+    assert advantages(task)[0].reference == "adamw"
+    only_ke = {"higher_is_better": True, "optimizers": {"noether_rmsprop": _row(0.9)}}
+    assert advantages(only_ke) == []
