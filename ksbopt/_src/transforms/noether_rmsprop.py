@@ -413,16 +413,13 @@ def noether_rmsprop(
     the same updates, with the state wrapped in the chain's tuple.
 
     Args:
-      symmetries: the groups, :class:`~ksbopt.Scale` declarations (first, as in every ksbopt
-        transform that wraps no optimizer).
-      learning_rate: eta (> 0); a number (schedule it with ``optax.inject_hyperparams``).
-      weight_decay: lambda (>= 0; > 0 for ``mode="nld"``).
-      momentum: beta in [0, 1).
-      mode: ``"exact"`` (default) or ``"nld"`` (keyword-only).
+      symmetries, learning_rate, weight_decay, momentum, mode: as for
+        :func:`scale_by_noether_rmsprop`; ``learning_rate`` (eta > 0, a number) is both the
+        step of the block's recursion and the scale of its direction.
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs`` with :class:`NoetherRmspropState`. Feed it
-      the loss gradient without weight decay; ``update`` needs ``params``.
+      An ``optax.GradientTransformationExtraArgs`` whose state is the block's
+      :class:`NoetherRmspropState`; give it the gradient without weight decay, and ``params``.
 
     Example:
       >>> import jax.numpy as jnp, optax, ksbopt
