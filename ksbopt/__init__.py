@@ -28,7 +28,11 @@ from ksbopt._src.transforms.charge_control import (
     retract,
     steer,
 )
-from ksbopt._src.transforms.noether_rmsprop import NoetherRmspropState, noether_rmsprop
+from ksbopt._src.transforms.noether_rmsprop import (
+    NoetherRmspropState,
+    noether_rmsprop,
+    scale_by_noether_rmsprop,
+)
 from ksbopt._src.transforms.symmetrize import SymmetrizeState, symmetrize
 from ksbopt._src.transforms.teleport import TeleportState, teleport
 
@@ -63,6 +67,7 @@ __all__ = [
     "profile",
     "project",
     "retract",
+    "scale_by_noether_rmsprop",
     "steer",
     "summarize",
     "symmetrize",

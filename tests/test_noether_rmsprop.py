@@ -1,4 +1,5 @@
-"""Tests of ksbopt.noether_rmsprop: the implicit adaptive optimizer of normalisation, explicit."""
+"""Tests of ksbopt.noether_rmsprop and its block ksbopt.scale_by_noether_rmsprop: the implicit
+adaptive optimizer of normalisation, explicit."""
 
 from __future__ import annotations
 
@@ -11,7 +12,11 @@ import support
 
 import ksbopt
 from ksbopt._src import theory
-from ksbopt._src.transforms.noether_rmsprop import NoetherRmspropState, noether_rmsprop
+from ksbopt._src.transforms.noether_rmsprop import (
+    NoetherRmspropState,
+    noether_rmsprop,
+    scale_by_noether_rmsprop,
+)
 
 
 def _directions(case: support.Case, params):
@@ -93,6 +98,87 @@ def test_exact_accumulator_follows_p1(x64):
     assert float(jnp.max(eta**2 * g_hat_sq / x**2)) > 1e-3
 
 
+# ------------------------------------------------------------- the block and the chain
+
+
+@pytest.mark.parametrize(
+    ("name", "momentum", "mode"),
+    [
+        ("scale_batchnorm", 0.0, "exact"),
+        ("scale_layernorm", 0.9, "exact"),
+        ("scale_layernorm", 0.9, "nld"),
+    ],
+)
+def test_block_then_learning_rate_is_the_optimizer(x64, name, momentum, mode):
+    """optax.chain(scale_by_noether_rmsprop, scale_by_learning_rate) and noether_rmsprop: the
+    same parameters, losses and state after 30 steps, bit for bit (the same arithmetic)."""
+    case = support.CASES_BY_NAME[name]
+    sym, eta, lam = list(case.symmetries), 0.1, 0.05
+    chain = optax.chain(
+        scale_by_noether_rmsprop(sym, eta, lam, momentum, mode=mode),
+        optax.scale_by_learning_rate(eta),
+    )
+    full = noether_rmsprop(sym, eta, lam, momentum, mode=mode)
+    p_chain, s_chain, loss_chain = support.train(case, chain, case.params(), 30)
+    p_full, s_full, loss_full = support.train(case, full, case.params(), 30)
+    support.assert_equal((p_full, s_full, loss_full), (p_chain, s_chain[0], loss_chain))
+    assert float(jnp.max(jnp.abs(loss_full[-1] - loss_full[0]))) > 0  # it moved
+
+
+def test_block_direction_is_the_step_per_unit_learning_rate(x64):
+    """The block's output d: the optimizer's update is -eta d; on an ungrouped leaf d is heavy
+    ball's buffer with coupled weight decay (optax.add_decayed_weights + optax.trace)."""
+    case = support.CASES_BY_NAME["scale_layernorm"]
+    sym, eta, lam, beta = list(case.symmetries), 0.1, 0.05, 0.9
+    params, grads = case.params(), jax.grad(case.loss)(case.params())
+    block = scale_by_noether_rmsprop(sym, eta, lam, beta)
+    full = noether_rmsprop(sym, eta, lam, beta)
+    heavy_ball = optax.chain(optax.add_decayed_weights(lam), optax.trace(beta))
+    d, s_block = block.update(grads, block.init(params), params)
+    u, s_full = full.update(grads, full.init(params), params)
+    hb, _ = heavy_ball.update(grads, heavy_ball.init(params), params)
+    support.assert_equal(u, jax.tree.map(lambda x: -eta * x, d))
+    support.assert_equal(s_full, s_block)
+    # the same sum in another order: a few ulps (1e-15 relative in float64)
+    support.assert_rel_close(d["out"], hb["out"], 1e-15, "ungrouped leaf = heavy ball")
+    # on the groups, -eta d keeps the norm (float64 rounding: 1e-13 relative)
+    moved = optax.apply_updates(params, jax.tree.map(lambda x: -eta * x, d))
+    support.assert_rel_close(case.charges(moved), case.charges(params), 1e-13, "norm held")
+    assert support.rel_err(d["dense"], grads["dense"]) > 1e-3  # not the gradient itself
+
+
+def test_state_is_unchanged_by_the_split():
+    """noether_rmsprop's state is the block's NoetherRmspropState, with the fields it had
+    (so checkpoints written before the block existed still restore)."""
+    case = support.CASES_BY_NAME["scale_layernorm"]
+    state = noether_rmsprop(list(case.symmetries), 0.1, 1e-2, 0.9).init(case.params())
+    assert type(state) is NoetherRmspropState
+    assert NoetherRmspropState._fields == ("accumulator", "momentum", "initial")
+    block_state = scale_by_noether_rmsprop(list(case.symmetries), 0.1, 1e-2, 0.9).init(
+        case.params()
+    )
+    support.assert_equal(state, block_state)
+
+
+@pytest.mark.parametrize("mode", ["exact", "nld"])
+def test_learning_rate_scheduled_to_zero_gives_zero_steps(mode):
+    """inject_hyperparams with a schedule that reaches 0 (a traced learning rate of 0): the
+    direction per unit learning rate is taken as 0 there, so the step is 0, not NaN."""
+    case = support.CASES_BY_NAME["scale_layernorm"]
+    tx = optax.inject_hyperparams(noether_rmsprop)(
+        list(case.symmetries), optax.linear_schedule(0.1, 0.0, 1), 1e-2, 0.9, mode=mode
+    )
+    params = case.params()
+    state = tx.init(params)
+    step = support.jit(tx.update)
+    grads = jax.grad(case.loss)(params)
+    u, state = step(grads, state, params)  # learning rate 0.1
+    params = optax.apply_updates(params, u)
+    u, state = step(jax.grad(case.loss)(params), state, params)  # learning rate 0
+    support.assert_finite((u, state))
+    support.assert_equal(u, jax.tree.map(jnp.zeros_like, u))
+
+
 # ------------------------------------------------------------------ nld mode: measured error
 
 _D, _U = 24, 4
@@ -123,8 +209,8 @@ def _angles(tx, steps):
 
 
 def test_nld_mode_measured_error(x64):
-    """The NLD mapping against heavy ball + weight decay on a normalised layer (the figures in
-    the docstring of noether_rmsprop come from this test)."""
+    """The NLD mapping against heavy ball + weight decay on a normalised layer (the figures of
+    the implicit-RMSProp concepts page come from this test)."""
     eta, lam, steps, window = 0.05, 5e-3, 1500, 100
     sym = [ksbopt.Scale("w", axis=-1)]
     ratios = {}
@@ -211,12 +297,15 @@ def test_nonfinite_gradient_skips_the_step():
         ({"symmetries": ksbopt.Translation("w")}, ValueError, "kind 'scale' only"),
     ],
 )
-def test_bad_input(kwargs, error, match):
+@pytest.mark.parametrize("factory", [noether_rmsprop, scale_by_noether_rmsprop])
+def test_bad_input(kwargs, error, match, factory):
+    """The factory and its block raise the same errors, each naming itself."""
     args = {
         "learning_rate": 0.1,
         "weight_decay": 1e-2,
         "momentum": 0.0,
         "symmetries": ksbopt.Scale("w"),
     } | kwargs
-    with pytest.raises(error, match=match):
-        noether_rmsprop(**args)
+    with pytest.raises(error, match=match) as raised:
+        factory(**args)
+    assert f"ksbopt.{factory.__name__}" in str(raised.value)

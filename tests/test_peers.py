@@ -18,7 +18,7 @@ import numpy as np
 import optax
 import peer_reference as ref
 import pytest
-import utils
+import support
 
 from ksbopt import peers
 from ksbopt._src.peers import rotational as rotational_lib
@@ -147,9 +147,9 @@ def run(tx_step, flat0, grad_fn, steps, dtype):
 
 
 def max_error(a: list[dict], b: list[dict]) -> float:
-    """Worst step of ``utils.rel_err``: max |a - b| over the tree / max |b| over the tree."""
+    """Worst step of ``support.rel_err``: max |a - b| over the tree / max |b| over the tree."""
     assert len(a) == len(b)
-    return max(utils.rel_err(x, y) for x, y in zip(a, b, strict=True))
+    return max(support.rel_err(x, y) for x, y in zip(a, b, strict=True))
 
 
 @pytest.fixture(params=["float32", "float64"])
@@ -606,7 +606,7 @@ def test_inject_hyperparams_jit_once_and_zero_units(name):
     factory, kwargs, make_params, grad_fn, reference = CASES[name]
     static = ("path_norm_fn",) if name == "path_sgd" else ()
     tx = optax.inject_hyperparams(factory, static_args=static)(learning_rate=0.1, **kwargs)
-    step = utils.jit_max_traces(tx.update, n=1)
+    step = support.jit_max_traces(tx.update, n=1)
     rates = [0.1, 0.03, 0.06]
     p0 = make_params()
     params = to_tree(p0, jnp.float32)
@@ -625,7 +625,7 @@ def test_inject_hyperparams_jit_once_and_zero_units(name):
     for t in range(3):
         g = {k: v if t < 2 else 0 * v for k, v in oracle(from_tree(params), t).items()}
         updates, state = step(to_tree(g, jnp.float32), state, params)
-        utils.assert_finite((updates, state))
+        support.assert_finite((updates, state))
         params = optax.apply_updates(params, updates)
 
 

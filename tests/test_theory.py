@@ -369,6 +369,19 @@ def test_p3_heavy_ball_decoupled_matches_simulation(x64):
     assert _rel_err(q_pred, q[1:], scale=xin[1:] + xout[1:]) < EXACT_RTOL
 
 
+def test_p3_weight_decays_share_one_recursion(x64):
+    """Without weight decay, coupled and decoupled heavy ball are the same optimizer: their
+    steps give the same overlap and charge bit for bit (one recursion serves both)."""
+    rng = np.random.default_rng(0)
+    x, p, vsq, vsq_new = rng.uniform(0.5, 2.0, size=(4, 16))
+    coupled = th.heavy_ball_step(x, p, vsq, vsq_new, 0.1, 0.9, 0.0)
+    decoupled = th.heavy_ball_decoupled_step(x, p, vsq, vsq_new, 0.1, 0.9, 0.0)
+    np.testing.assert_array_equal(np.asarray(coupled), np.asarray(decoupled))
+    # and the translation charge's recursion is the three-term one without the source
+    got = th.translation_heavy_ball_step(x, p, 0.1, 0.9, 0.05)
+    np.testing.assert_array_equal(got, (1 + 0.9 - 0.1 * 0.05) * x - 0.9 * p)
+
+
 # ---------------------------------------------------------------------------------------------
 # P4 translation, P10 linear, P6 adaptive metric
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
-"""ksbopt transforms inside optax's wrappers (issue 7, item 4; docs/howto/wrappers.md).
+"""ksbopt transforms inside optax's wrappers (docs/howto/wrappers.md).
 
-What each combination does, tested on the tiny exactly symmetric problems of ``utils``:
+What each combination does, tested on the tiny exactly symmetric problems of ``support``:
 
 - ``optax.MultiSteps``: the inner chain (retract, steer, monitor included) acts once per
   outer step, on the mean gradient; between outer steps the parameters, the ksbopt states

@@ -273,6 +273,20 @@ TRANSFORMS: tuple[Spec, ...] = (
         slow=("contract", "edge"),
     ),
     Spec(
+        "scale_by_noether_rmsprop",
+        lambda sym, learning_rate=0.1, weight_decay=1e-2, momentum=0.9: (
+            ksbopt.scale_by_noether_rmsprop(sym, learning_rate, weight_decay, momentum)
+        ),
+        hyperparams={"learning_rate": 0.1, "weight_decay": 1e-2, "momentum": 0.9},
+        schedules={"learning_rate": optax.linear_schedule(0.1, 0.05, 3)},
+        role="optimizer",
+        first=True,
+        block=True,
+        nonfinite="all",
+        kinds=_SCALE,
+        flax_symmetries=_FLAX_SCALE,
+    ),
+    Spec(
         "teleport",
         lambda sym, every=1, step_size=0.1, *, value_fn: ksbopt.teleport(
             optax.sgd(0.1, momentum=0.9), sym, every, 2, step_size, value_fn=value_fn

@@ -260,11 +260,11 @@ class nld(Target):
             orbit._apply(params, dict(zip(bound.leaves, buf, strict=True)), add=False),
         )
         corr = bound.reduce(m, g_v_flat)  # <v_k, g_k> per group (only the tangent part counts)
-        # P3 with <w_k, v_k> = P_{k-1} - eta |v_k|^2 (the virtual layer moves along -v)
+        # |v_{k+1}|^2 of v_{k+1} = beta v_k + g_k + lam w_k, with <w_k, v_k> = P_{k-1} -
+        # eta |v_k|^2 (the virtual layer moves along -v); then the charge by P3
         back = overlap - eta * v_sq
-        new_overlap = beta * back + lam * x
         g_sq = 2 * bound.charge(g_v_flat)
         new_v_sq = beta**2 * v_sq + 2 * beta * (corr + lam * back) + g_sq + lam**2 * x
-        x_new = x - 2 * eta * new_overlap + eta**2 * new_v_sq
+        new_overlap, x_new = theory.heavy_ball_step(x, overlap, v_sq, new_v_sq, eta, beta, lam)
         new_buf = tuple(beta * m[i] + g_v[i] for i in bound.leaves)
         return x_new / 2, (x_new, new_overlap, new_v_sq, new_buf)

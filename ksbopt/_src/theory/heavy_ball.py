@@ -10,6 +10,37 @@ from jax.typing import ArrayLike
 
 from ksbopt._src.theory.arguments import check_hyper
 
+# [derived] P3. Both weight decays move the weights as w_{k+1} = decay w_k - eta v_{k+1}
+# (coupled: decay = 1, lambda w inside the buffer; decoupled: decay = 1 - eta lambda), and the
+# gradient is orthogonal to w on a scale group. So one overlap identity and one norm identity
+# serve both; only the buffer's own lambda w term (coupled) differs.
+
+
+def _overlap_before(overlap: ArrayLike, velocity_sq: ArrayLike, learning_rate, decay):
+    """``<w_k, v_k>`` from ``P_{k-1} = <w_{k-1}, v_k>``: ``decay P_{k-1} - eta |v_k|^2``."""
+    return decay * jnp.asarray(overlap) - learning_rate * jnp.asarray(velocity_sq)
+
+
+def _charge_after(charge, new_overlap, new_velocity_sq, learning_rate, decay) -> jax.Array:
+    """``x_{k+1} = |decay w_k - eta v_{k+1}|^2 = decay^2 x_k - 2 eta decay P_k + eta^2
+    |v_{k+1}|^2``."""
+    return (
+        decay**2 * jnp.asarray(charge)
+        - 2 * learning_rate * decay * new_overlap
+        + learning_rate**2 * jnp.asarray(new_velocity_sq)
+    )
+
+
+def momentum_three_term(
+    charge: ArrayLike, prev_charge: ArrayLike, momentum, rate, source: ArrayLike = 0.0
+) -> jax.Array:
+    """Heavy ball's three-term recursion of a charge, ``(1 + beta - rate) c_k - beta c_{k-1}
+    + source``: the momentum carries ``beta (c_k - c_{k-1})``, weight decay takes ``rate c_k``
+    (``2 eta lambda`` for a squared norm, ``eta lambda`` for a linear charge)."""
+    return (
+        (1 + momentum - rate) * jnp.asarray(charge) - momentum * jnp.asarray(prev_charge) + source
+    )
+
 
 def heavy_ball_step(
     charge: ArrayLike,
@@ -55,15 +86,9 @@ def heavy_ball_step(
         Networks", https://arxiv.org/abs/2105.02716
     """
     check_hyper(learning_rate, momentum, weight_decay)
-    charge = jnp.asarray(charge)
-    new_overlap = (
-        momentum * (jnp.asarray(overlap) - learning_rate * jnp.asarray(velocity_sq))
-        + weight_decay * charge
-    )
-    new_charge = (
-        charge - 2 * learning_rate * new_overlap + learning_rate**2 * jnp.asarray(new_velocity_sq)
-    )
-    return new_overlap, new_charge
+    back = _overlap_before(overlap, velocity_sq, learning_rate, 1)
+    new_overlap = momentum * back + weight_decay * jnp.asarray(charge)
+    return new_overlap, _charge_after(charge, new_overlap, new_velocity_sq, learning_rate, 1)
 
 
 def heavy_ball_second_order_step(
@@ -106,11 +131,9 @@ def heavy_ball_second_order_step(
         Networks", https://arxiv.org/abs/2105.02716
     """
     check_hyper(learning_rate, momentum, weight_decay)
-    return (
-        (1 + momentum - 2 * learning_rate * weight_decay) * jnp.asarray(charge)
-        - momentum * jnp.asarray(prev_charge)
-        + learning_rate**2 * (jnp.asarray(new_velocity_sq) + momentum * jnp.asarray(velocity_sq))
-    )
+    source = learning_rate**2 * (jnp.asarray(new_velocity_sq) + momentum * jnp.asarray(velocity_sq))
+    rate = 2 * learning_rate * weight_decay
+    return momentum_three_term(charge, prev_charge, momentum, rate, source)
 
 
 def heavy_ball_decoupled_step(
@@ -155,12 +178,5 @@ def heavy_ball_decoupled_step(
     """
     check_hyper(learning_rate, momentum, weight_decay)
     decay = 1 - learning_rate * weight_decay
-    new_overlap = momentum * (
-        decay * jnp.asarray(overlap) - learning_rate * jnp.asarray(momentum_sq)
-    )
-    new_charge = (
-        decay**2 * jnp.asarray(charge)
-        - 2 * learning_rate * decay * new_overlap
-        + learning_rate**2 * jnp.asarray(new_momentum_sq)
-    )
-    return new_overlap, new_charge
+    new_overlap = momentum * _overlap_before(overlap, momentum_sq, learning_rate, decay)
+    return new_overlap, _charge_after(charge, new_overlap, new_momentum_sq, learning_rate, decay)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from ksbopt._src.theory.arguments import check_hyper
+from ksbopt._src.theory.heavy_ball import momentum_three_term
 
 
 def translation_sgd_step(
@@ -76,6 +77,4 @@ def translation_heavy_ball_step(
         Dynamics", https://arxiv.org/abs/2012.04728
     """
     check_hyper(learning_rate, momentum, weight_decay)
-    return (1 + momentum - learning_rate * weight_decay) * jnp.asarray(
-        charge
-    ) - momentum * jnp.asarray(prev_charge)
+    return momentum_three_term(charge, prev_charge, momentum, learning_rate * weight_decay)
