@@ -1,7 +1,7 @@
 """Finding and verifying the symmetries of a loss: :func:`detect` and :func:`verify`.
 
 :func:`detect` reads candidate groups off the computation graph of the loss
-(:mod:`ksbopt._src.detection.jaxpr_analysis`), falls back to enumerating candidates from the
+(:mod:`ksbopt._src.detection.analyser`), falls back to enumerating candidates from the
 parameter tree where the graph cannot be read, and keeps the candidates that hold numerically
 on every batch given. :func:`verify` runs the same numerical checks on a hand-written declaration.
 
@@ -39,7 +39,8 @@ import numpy as np
 
 from ksbopt._src import groups as groups_lib
 from ksbopt._src import numerics
-from ksbopt._src.detection import jaxpr_analysis as ja
+from ksbopt._src.detection import analyser, findings
+from ksbopt._src.detection import graph as graph_lib
 from ksbopt._src.symmetries import orbit
 from ksbopt._src.symmetries.declarations import (
     BoundSymmetry,
@@ -762,7 +763,7 @@ class _Builder:
     def names(self, leaves: list[int]) -> list:
         return _selector(self.paths, leaves)
 
-    def build(self, f: ja.Finding) -> _Cand | None:
+    def build(self, f: findings.Finding) -> _Cand | None:
         shape = self.prob.leaves[self.leaf(f.leaf)].shape
         full = {a: ((1, shape[a]),) for a in f.unit_axes}
         per_unit = [a for a in f.unit_axes if f.free.get(a) == full[a]]
@@ -849,7 +850,7 @@ class _Builder:
         )
         return _Cand(sym, "graph", f.reason, f.approximate)
 
-    def _partner_side(self, f: ja.Finding, cand_axis: int):
+    def _partner_side(self, f: findings.Finding, cand_axis: int):
         leaves, axes = [], set()
         for b in f.absorbers:
             q_ax = b.contract.get(cand_axis, b.heads.get(cand_axis))
@@ -1020,8 +1021,8 @@ def detect(
     cands: list[_Cand] = []
     enum_leaves: set[int] = set(prob.float_idx) if enumerate_all else set()
     try:
-        graph = ja.build_graph(prob.closed, len(prob.float_idx))
-        analysis = ja.analyse(graph)
+        graph = graph_lib.build_graph(prob.closed, len(prob.float_idx))
+        analysis = analyser.analyse(graph)
     except Exception as exc:
         notes.append(
             f"the graph of the loss could not be analysed ({type(exc).__name__}: "
