@@ -52,7 +52,7 @@ from ksbopt._src.detection.primitives import (
     LAYOUT,
     POOL,
 )
-from ksbopt._src.detection.values import Scaled, exact
+from ksbopt._src.detection.values import Scaled, as_fraction, with_labels
 
 
 class MultiplicativeInterpreter(Interpreter):
@@ -207,7 +207,7 @@ def _layout(run, node, vals):
     labels = relabel(node, vals[0].labels)
     if labels is None:
         raise Ambiguous(f"{node.prim} that splits the unit axis irregularly")
-    return Scaled(vals[0].deg, labels)
+    return with_labels(vals[0], labels)
 
 
 def _unchanged(run, node, vals):
@@ -249,7 +249,7 @@ def _power(run, node, vals):
         c = run.facts.constval.get(id(node.ins[1]))
         if c is None:
             run.fail("pow with a non-constant exponent")
-        power = exact(c)
+        power = as_fraction(c)
     else:
         power = _POWERS[node.prim]
     run.mark_nonmix(v.labels)
@@ -305,7 +305,7 @@ def _add(run, node, vals):
         _, labels = _scaled_alike(run, node, vals, "adds values that scale differently")
         if node.prim == "sub":
             run.centred = True
-        return Scaled(vals[0].deg, labels)
+        return with_labels(vals[0], labels)
     s, sv, o = active_operand(node, vals, isinstance(vals[0], Scaled))
     out = node.outs[0]
     labels = broadcast_labels(sv.labels, s.shape, out.shape)
@@ -313,10 +313,10 @@ def _add(run, node, vals):
     if c is not None:
         if c != 0:
             run.eps.append(float(c))
-        return Scaled(sv.deg, labels)
+        return with_labels(sv, labels)
     pv = run.facts.pview.get(id(o))
     if pv is not None and sv.deg == 1 and run.join_bias(pv, labels, o.shape, out.shape):
-        return Scaled(sv.deg, labels)
+        return with_labels(sv, labels)
     run.fail("adds a term that does not scale with it (a skip connection?)")
 
 
@@ -325,7 +325,7 @@ def _max_min(run, node, vals):
     if _both_scaled(vals):
         la, labels = _scaled_alike(run, node, vals, f"{node.prim} of values that scale differently")
         run.mark_nonmix(la)
-        return Scaled(vals[0].deg, labels)
+        return with_labels(vals[0], labels)
     s, sv, o = active_operand(node, vals, isinstance(vals[0], Scaled))
     c = run.facts.constval.get(id(o))
     if c is None or not (c == 0 or np.isinf(c)):
@@ -334,7 +334,7 @@ def _max_min(run, node, vals):
     run.mark_nonmix(labels)
     if c == 0:
         run.acts.add("ReLU")
-    return Scaled(sv.deg, labels)
+    return with_labels(sv, labels)
 
 
 def _compare(run, node, vals):
@@ -378,7 +378,7 @@ def _reduced(run, node, vals):
     v, axes = vals[0], tuple(node.params["axes"])
     for k in axes:
         run.need_uniform(v.labels[k])
-    return Scaled(v.deg, tuple(lab for k, lab in enumerate(v.labels) if k not in axes))
+    return with_labels(v, tuple(lab for k, lab in enumerate(v.labels) if k not in axes))
 
 
 def _reduce_sum(run, node, vals):
@@ -421,7 +421,7 @@ def _pool(run, node, vals):
             raise Ambiguous(f"{node.prim} over a unit axis")
     if node.prim != "reduce_window_sum":
         run.mark_nonmix(v.labels)
-    return Scaled(v.deg, v.labels)
+    return v
 
 
 def _dot(run, node, vals):
@@ -443,7 +443,7 @@ def _dot(run, node, vals):
     if contracted_free:
         run.demand_uniform(lab[k] for k in contracted_free)
     run.mark_nonmix(lab, set(d.batch))
-    return Scaled(sv.deg, dot_labels(lab, d.contract, d.batch, d.n_other_free, d.is_lhs))
+    return with_labels(sv, dot_labels(lab, d.contract, d.batch, d.n_other_free, d.is_lhs))
 
 
 def _conv(run, node, vals):
@@ -500,7 +500,7 @@ def _gather(run, node, vals):
     for k in getattr(dn, "operand_batching_dims", ()):
         if v.labels[k]:
             raise Ambiguous("batched gather along a unit axis")
-    return Scaled(v.deg, tuple(labels))
+    return with_labels(v, tuple(labels))
 
 
 def _slice(run, node, vals):

@@ -52,7 +52,7 @@ from ksbopt._src.detection.primitives import (
     REDUCE,
     display_name,
 )
-from ksbopt._src.detection.values import UNCERTAIN, ExpShifted, Shifted, exact
+from ksbopt._src.detection.values import UNCERTAIN, ExpShifted, Shifted, as_fraction, with_labels
 
 
 class ShiftInterpreter(Interpreter):
@@ -137,7 +137,7 @@ def _broadcast(run, node, vals):
     for i, d in enumerate(node.params["broadcast_dimensions"]):
         if x.shape[i] == out.shape[d]:
             labels[d] = v.labels[i]
-    return type(v)(v.coef, tuple(labels))
+    return with_labels(v, tuple(labels))
 
 
 def _layout(run, node, vals):
@@ -146,7 +146,7 @@ def _layout(run, node, vals):
     labels = relabel(node, v.labels)
     if labels is None:
         raise Ambiguous(node.prim)
-    return type(v)(v.coef, labels)
+    return with_labels(v, labels)
 
 
 def _neg(run, node, vals):
@@ -263,7 +263,7 @@ def _mul_div(run, node, vals):
         run.fail("divides by a shifted value")
     c = run.facts.constval.get(id(o))
     if c is not None and c != 0:
-        return Shifted(sv.coef * (exact(1 / c) if div else exact(c)), labels)
+        return Shifted(sv.coef * (as_fraction(1 / c) if div else as_fraction(c)), labels)
     return UNCERTAIN  # times a value that varies (e.g. one-hot labels): may still cancel
 
 
@@ -272,13 +272,13 @@ def _max_min(run, node, vals):
     va, vb = vals
     if va is not None and vb is not None:
         if _same_shift(va, vb):
-            return type(va)(va.coef, _both_aligned(node, vals))
+            return with_labels(va, _both_aligned(node, vals))
         run.fail(f"{node.prim} of values shifted differently")
     s, sv, o = active_operand(node, vals, va is not None)
     c = run.facts.constval.get(id(o))
     if c is None or not (np.isinf(c) or (isinstance(sv, ExpShifted) and c == 0)):
         run.fail(f"{node.prim} of a shifted value with a threshold")
-    return type(sv)(sv.coef, _aligned(sv, s, node.outs[0]))
+    return with_labels(sv, _aligned(sv, s, node.outs[0]))
 
 
 def _select(run, node, vals):
@@ -293,7 +293,7 @@ def _select(run, node, vals):
         if w is None and run.facts.constval.get(id(x)) is None:
             run.fail("selects between a shifted value and an unshifted one")
     first = kept[0][1]
-    return type(first)(first.coef, meet([_aligned(w, x, node.outs[0]) for x, w in kept]))
+    return with_labels(first, meet([_aligned(w, x, node.outs[0]) for x, w in kept]))
 
 
 def _compare(run, node, vals):
@@ -319,7 +319,7 @@ def _reduce(run, node, vals):
     labels = tuple(lab for k, lab in enumerate(v.labels) if k not in axes)
     if name == "reduce_sum" and isinstance(v, Shifted):
         return Shifted(v.coef * math.prod(x.shape[k] for k in axes), labels)
-    return type(v)(v.coef, labels)
+    return with_labels(v, labels)
 
 
 def _dot(run, node, vals):
@@ -336,7 +336,7 @@ def _dot(run, node, vals):
     labels = dot_labels(sv.labels, d.contract, d.batch, d.n_other_free, d.is_lhs)
     if not any(leaf_atoms(atoms) for atoms in labels):
         run.fail("a linear map mixes the shift across the unit axis")
-    return type(sv)(sv.coef, labels)
+    return with_labels(sv, labels)
 
 
 def _conv(run, node, vals):
@@ -363,7 +363,7 @@ def _gather(run, node, vals):
     for k, d in gather_offset_axes(dn, len(x.shape)):
         if node.params["slice_sizes"][k] == x.shape[k]:
             labels[d] = v.labels[k]
-    return type(v)(v.coef, tuple(labels))
+    return with_labels(v, tuple(labels))
 
 
 SHIFT_RULES = rule_table(

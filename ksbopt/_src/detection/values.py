@@ -52,6 +52,11 @@ class Uncertain:
 UNCERTAIN = Uncertain()
 
 
-def exact(x) -> Fraction:
+def as_fraction(x) -> Fraction:
     """``x`` as a fraction (a degree or a coefficient), to 1/65536."""
     return Fraction(x).limit_denominator(1 << 16)
+
+
+def with_labels(value, labels: Labels):
+    """The same action (degree or coefficient) on a value with other axes."""
+    return dataclasses.replace(value, labels=labels)
