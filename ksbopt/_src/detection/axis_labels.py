@@ -59,7 +59,13 @@ def _split(a: Atom, outer: int) -> tuple[Atom, Atom]:
 
 
 def reshape_labels(labels: Labels, in_shape, out_shape) -> Labels | None:
-    """Labels after a row-major reshape, or ``None`` where atoms do not line up."""
+    """Labels after a row-major reshape, or ``None`` where atoms do not line up.
+
+    Splitting a unit axis of 4 in two gives the outer axis the unit index's stride-2 part:
+
+    >>> reshape_labels((((1, 1, 4, True),),), (4,), (2, 2))
+    (((1, 2, 2, True),), ((1, 1, 2, True),))
+    """
     queue: list = []
     for atoms, n in zip(labels, in_shape, strict=False):
         queue.extend(_full(atoms, n))
@@ -129,7 +135,11 @@ def initial_labels(shape, unit_axes, uniform: dict[int, set]) -> Labels:
     """Labels of a leaf whose units live on ``unit_axes``, with uniform parts split off.
 
     ``uniform[ax]`` holds (stride, size) ranges of the unit index along ``ax`` that the factor
-    must not depend on.
+    must not depend on. Eight units in groups of four (one factor per group, as a GroupNorm
+    allows): the factor depends on ``u // 4`` only.
+
+    >>> initial_labels((8,), {0}, {0: {(1, 4)}})
+    (((0, 4, 2, True), (0, 1, 4, False)),)
     """
     out = []
     for ax, n in enumerate(shape):

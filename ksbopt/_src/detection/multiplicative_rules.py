@@ -131,16 +131,17 @@ class MultiplicativeInterpreter(Interpreter):
             if self.facts.varies(other, k, out_shape):
                 self.mark_nonmix(labels, {k})
 
-    def need_uniform(self, atoms) -> None:
-        """The factor must not vary along the free atoms of one axis (reduced over)."""
+    def note_reduced(self, atoms) -> None:
+        """The factor must not vary along the free atoms of one axis (reduced over): the run
+        ends with a restart (:class:`NeedUniform`) unless it breaks first."""
         for a in leaf_atoms(atoms):
             if a[3]:
                 self.need.add((a[0], a[1], a[2]))
 
-    def demand_uniform(self, atoms_per_axis) -> None:
-        """Restart now if the factor varies along any of these axes."""
+    def restart_if_reduced(self, atoms_per_axis) -> None:
+        """Note these axes as reduced, and restart now if any range was noted."""
         for atoms in atoms_per_axis:
-            self.need_uniform(atoms)
+            self.note_reduced(atoms)
         if self.need:
             raise NeedUniform(self.need)
 
@@ -377,7 +378,7 @@ def _reduced(run, node, vals):
     """The value without the reduced axes; the factor must be uniform over them."""
     v, axes = vals[0], tuple(node.params["axes"])
     for k in axes:
-        run.need_uniform(v.labels[k])
+        run.note_reduced(v.labels[k])
     return with_labels(v, tuple(lab for k, lab in enumerate(v.labels) if k not in axes))
 
 
@@ -407,7 +408,7 @@ def _arg_extreme(run, node, vals):
 def _cumulative(run, node, vals):
     """Same value; uniform along the scanned axis (diagonal only unless a ``cumsum``)."""
     v = vals[0]
-    run.need_uniform(v.labels[node.params["axis"]])
+    run.note_reduced(v.labels[node.params["axis"]])
     if node.prim != "cumsum":
         run.mark_nonmix(v.labels)
     return v
@@ -441,7 +442,7 @@ def _dot(run, node, vals):
             run.absorbers.append(absorber)
             return None
     if contracted_free:
-        run.demand_uniform(lab[k] for k in contracted_free)
+        run.restart_if_reduced(lab[k] for k in contracted_free)
     run.mark_nonmix(lab, set(d.batch))
     return with_labels(sv, dot_labels(lab, d.contract, d.batch, d.n_other_free, d.is_lhs))
 
@@ -457,7 +458,7 @@ def _conv(run, node, vals):
         raise Ambiguous("conv_general_dilated")
     labels = [()] * len(node.outs[0].shape)
     if isinstance(vr, Scaled):
-        run.demand_uniform(vr.labels[k] for k in rs[1:])
+        run.restart_if_reduced(vr.labels[k] for k in rs[1:])
         labels[os_[1]] = vr.labels[rs[0]]
         return Scaled(vr.deg, tuple(labels))
     lab = vl.labels
@@ -473,7 +474,7 @@ def _conv(run, node, vals):
             if absorber is not None:
                 run.absorbers.append(absorber)
                 return None
-        run.need_uniform(feat)
+        run.note_reduced(feat)
         raise NeedUniform(run.need)
     if fgc == lhs.shape[ls[1]] and rhs.shape[rs[1]] == 1 and rhs.shape[rs[0]] == fgc:
         labels[os_[1]] = feat
