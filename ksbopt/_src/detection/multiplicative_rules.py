@@ -51,6 +51,7 @@ from ksbopt._src.detection.primitives import (
     CUMULATIVE,
     LAYOUT,
     POOL,
+    display_name,
 )
 from ksbopt._src.detection.values import Scaled, as_fraction, with_labels
 
@@ -526,7 +527,7 @@ def _slice(run, node, vals):
 
 def _not_homogeneous(run, node, vals):
     """Breaks the action: not positively homogeneous."""
-    run.fail(f"{BREAKING[node.prim]} is not positively homogeneous")
+    run.fail(f"{display_name(node.prim)} is not positively homogeneous")
 
 
 MULTIPLICATIVE_RULES = rule_table(
