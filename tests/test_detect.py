@@ -22,7 +22,8 @@ from flax import nnx
 
 import ksbopt
 import ksbopt.flax as kflax
-from ksbopt._src.detection import jaxpr_analysis as ja
+from ksbopt._src.detection import analyser
+from ksbopt._src.detection import graph as graph_lib
 from ksbopt._src.detection.detect import detect, verify
 from ksbopt._src.symmetries import orbit
 
@@ -588,7 +589,7 @@ def test_analysis_failure_is_reported_not_raised(monkeypatch):
     def broken(graph):
         raise RuntimeError("simulated")
 
-    monkeypatch.setattr(ja, "analyse", broken)
+    monkeypatch.setattr(analyser, "analyse", broken)
     syms, report = detect(loss_fn, params, batch)
     assert_same_groups(syms, [R("w1", "w2"), T("w2")], params)
     assert any("could not be analysed (RuntimeError: simulated)" in n for n in report.notes)
@@ -661,7 +662,7 @@ def _graph_of(loss_fn, params, batch):
     closed = jax.make_jaxpr(lambda ls, b: loss_fn(jax.tree.unflatten(treedef, ls), b))(
         leaves, batch
     )
-    return ja.analyse(ja.build_graph(closed, len(leaves)))
+    return analyser.analyse(graph_lib.build_graph(closed, len(leaves)))
 
 
 def _centre(h):

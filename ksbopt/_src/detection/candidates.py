@@ -1,6 +1,6 @@
 """The candidate symmetries of :func:`~ksbopt.detect`: where they come from, which are kept.
 
-Candidates are read off the graph findings of :mod:`ksbopt._src.detection.jaxpr_analysis`
+Candidates are read off the graph findings of :mod:`ksbopt._src.detection.analyser`
 (:class:`_Builder` turns each finding into a declaration, or into a note saying why it cannot
 be declared), or enumerated from the parameter tree where the graph cannot be read
 (:func:`_enumerate`). :func:`bind_unique` binds them to the parameters and drops duplicates;
@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from ksbopt._src.detection import jaxpr_analysis as ja
+from ksbopt._src.detection import analyser, findings
+from ksbopt._src.detection import graph as graph_lib
 from ksbopt._src.detection.compiled_loss import Problem
 from ksbopt._src.symmetries import orbit
 from ksbopt._src.symmetries.declarations import (
@@ -108,17 +109,17 @@ class _Builder:
     def names(self, leaves: list[int]) -> list:
         return _selector(self.paths, leaves)
 
-    def what(self, f: ja.Finding) -> str:
+    def what(self, f: findings.Finding) -> str:
         return f"{f.kind} of {self.paths[self.leaf(f.leaf)]}"
 
     def skip(self, what: str, why: str) -> None:
         self.notes.append(f"found {what} but cannot declare it: {why}")
         return None
 
-    def build_all(self, findings: list[ja.Finding]) -> list[Candidate]:
+    def build_all(self, found: list[findings.Finding]) -> list[Candidate]:
         """The declarations of the findings that can be declared (notes for the others)."""
         out = []
-        for f in findings:
+        for f in found:
             try:
                 c = self.build(f)
             except (ValueError, TypeError) as exc:
@@ -130,7 +131,7 @@ class _Builder:
                 out.append(c)
         return out
 
-    def build(self, f: ja.Finding) -> Candidate | None:
+    def build(self, f: findings.Finding) -> Candidate | None:
         """The declaration of one finding, or None (with a note saying why not)."""
         if f.kind == "scale":
             return self._scale(f)
@@ -138,10 +139,10 @@ class _Builder:
             return self._translation(f)
         return self._pair(f)
 
-    def _found(self, f: ja.Finding, sym: Symmetry) -> Candidate:
+    def _found(self, f: findings.Finding, sym: Symmetry) -> Candidate:
         return Candidate(sym, "graph", f.reason, f.approximate)
 
-    def _whole_axes(self, f: ja.Finding) -> dict:
+    def _whole_axes(self, f: findings.Finding) -> dict:
         """The free blocks that make one group per unit, for each unit axis of the finding."""
         shape = self.prob.leaves[self.leaf(f.leaf)].shape
         return {a: ((1, shape[a]),) for a in f.unit_axes}
@@ -162,7 +163,7 @@ class _Builder:
             return None
         return leaves, (next(iter(axes)) if axes else None)
 
-    def _partner_side(self, f: ja.Finding, cand_axis: int):
+    def _partner_side(self, f: findings.Finding, cand_axis: int):
         """The leaves of the partners and their common negative axis matching ``cand_axis``."""
         leaves, axes = [], set()
         for b in f.absorbers:
@@ -184,7 +185,7 @@ class _Builder:
             return None
         return sorted(leaves), next(iter(axes))
 
-    def _scale(self, f: ja.Finding) -> Candidate | None:
+    def _scale(self, f: findings.Finding) -> Candidate | None:
         """A Scale: one group per unit of an axis, per block of units, or the whole layer."""
         shape = self.prob.leaves[self.leaf(f.leaf)].shape
         full = self._whole_axes(f)
@@ -208,14 +209,14 @@ class _Builder:
         axis = side[1] if per_unit else None
         return self._found(f, Scale(self.names(side[0]), axis=axis))
 
-    def _translation(self, f: ja.Finding) -> Candidate | None:
+    def _translation(self, f: findings.Finding) -> Candidate | None:
         (a,) = f.unit_axes
         side = self._side(f.members, a)
         if side is None:
             return self.skip(self.what(f), "its leaves do not share the class axis")
         return self._found(f, Translation(self.names(side[0]), axis=side[1]))
 
-    def _pair(self, f: ja.Finding) -> Candidate | None:
+    def _pair(self, f: findings.Finding) -> Candidate | None:
         """A Linear or a Rescale: the finding's leaf and its partners (the absorbers)."""
         partial = [b for b in f.absorbers if b.partial]
         if partial:
@@ -233,7 +234,7 @@ class _Builder:
             return self._linear(f, contract, heads)
         return self._rescale(f, contract, heads)
 
-    def _linear(self, f: ja.Finding, contract: set, heads: set) -> Candidate | None:
+    def _linear(self, f: findings.Finding, contract: set, heads: set) -> Candidate | None:
         full = self._whole_axes(f)
         (k,) = contract - f.nonmix
         hs = (contract & f.nonmix) | heads
@@ -259,7 +260,7 @@ class _Builder:
         )
         return self._found(f, sym)
 
-    def _rescale(self, f: ja.Finding, contract: set, heads: set) -> Candidate | None:
+    def _rescale(self, f: findings.Finding, contract: set, heads: set) -> Candidate | None:
         if len(contract) != 1 or heads:
             return self.skip(self.what(f), "a rescale over several unit axes")
         (a,) = contract
@@ -343,8 +344,8 @@ def propose(prob: Problem, enumerate_all: bool) -> tuple[list[Candidate], list[s
     cands: list[Candidate] = []
     enum_leaves: set[int] = set(prob.float_idx) if enumerate_all else set()
     try:
-        graph = ja.build_graph(prob.closed, len(prob.float_idx))
-        analysis = ja.analyse(graph)
+        graph = graph_lib.build_graph(prob.closed, len(prob.float_idx))
+        analysis = analyser.analyse(graph)
     except Exception as exc:
         notes.append(
             f"the graph of the loss could not be analysed ({type(exc).__name__}: "

@@ -1,7 +1,7 @@
 """Finding and verifying the symmetries of a loss: :func:`detect` and :func:`verify`.
 
 :func:`detect` reads candidate groups off the computation graph of the loss
-(:mod:`ksbopt._src.detection.jaxpr_analysis`), falls back to enumerating candidates from the
+(:mod:`ksbopt._src.detection.analyser`), falls back to enumerating candidates from the
 parameter tree where the graph cannot be read (:mod:`ksbopt._src.detection.candidates`), and
 keeps the candidates that hold numerically on every batch given
 (:mod:`ksbopt._src.detection.checker`). :func:`verify` runs the same numerical checks on a
