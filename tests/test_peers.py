@@ -2,7 +2,7 @@
 
 Every optimizer runs ~20 jitted steps on a small Flax-layout tree (a Conv kernel
 (3, 3, in, out) with one zero-initialised unit, a Dense kernel (in, out), a head kernel and
-two biases) and is compared after EVERY step with ``peer_reference.py`` (float64 NumPy,
+two biases) and is compared after EVERY step with ``support/peer_reference.py`` (float64 NumPy,
 explicit loops over units). The gradients come from a deterministic NumPy oracle evaluated at
 each trajectory's own parameters, shaped so that AdamP's three branches (per-unit
 projection, per-layer projection, no projection) are all taken at every step.
@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import peer_reference as ref
 import pytest
 import support
+from support import peer_reference as ref
 
 from ksbopt import peers
 from ksbopt._src.peers import rotational as rotational_lib
