@@ -185,7 +185,13 @@ def test_training_continues_as_in_the_transformed_coordinates(x64, name, base):
     case = support.CASES_BY_NAME[name]
     make = (lambda: optax.sgd(0.05, momentum=0.9)) if base == "sgd" else (lambda: optax.adam(0.02))
     tx = teleport(
-        make(), list(case.symmetries), every=3, steps=4, step_size=0.3, value_fn=case.loss
+        make(),
+        list(case.symmetries),
+        every=3,
+        steps=4,
+        step_size=0.3,
+        objective="grad_norm",  # moves far on these orbits: a strong test of the transport
+        value_fn=case.loss,
     )
     ref = make()
 
@@ -234,8 +240,8 @@ def test_loss_with_a_batch_as_extra_argument(x64):
         return scale * jnp.mean(jnp.square(h @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"]))
 
     g = jax.grad(value_fn)(params, x)
-    at_init = teleport(optax.set_to_zero(), list(case.symmetries), value_fn=value_fn)
-    as_arg = teleport(optax.set_to_zero(), list(case.symmetries))
+    at_init = teleport(optax.set_to_zero(), list(case.symmetries), rho=0.1, value_fn=value_fn)
+    as_arg = teleport(optax.set_to_zero(), list(case.symmetries), rho=0.1)
     u1, _ = at_init.update(g, at_init.init(params), params, batch=x, other=1)
     u2, _ = as_arg.update(g, as_arg.init(params), params, value_fn=value_fn, batch=x)
     support.assert_close(u1, u2, rtol=0.0)
@@ -250,7 +256,7 @@ def test_loss_with_a_batch_as_extra_argument(x64):
 def test_missing_or_misnamed_loss_is_a_clear_error():
     case = support.CASES_BY_NAME["rescale_mlp"]
     params = case.params()
-    tx = teleport(optax.sgd(0.1), list(case.symmetries))
+    tx = teleport(optax.sgd(0.1), list(case.symmetries), rho=0.1)
     g = jax.grad(case.loss)(params)
     missing = r"needs the loss.*value_fn=loss.*got extra arguments \[\]"
     with pytest.raises(ValueError, match=missing):
@@ -276,6 +282,8 @@ def test_missing_or_misnamed_loss_is_a_clear_error():
         ({"steps": -1}, ValueError, "steps=-1"),
         ({"step_size": 0.0}, ValueError, "step_size=0.0 must be > 0"),
         ({"rho": -0.1}, ValueError, "rho=-0.1 must be > 0"),
+        ({"rho": None}, ValueError, r"objective=.lookahead. needs rho.*rho=learning_rate"),
+        ({"rho": None, "objective": "sharpness"}, ValueError, "needs rho"),
         ({"objective": "hessian"}, ValueError, "objective='hessian' is not one of"),
         ({"value_fn": "loss"}, TypeError, "value_fn='loss' must be a callable"),
         ({"base": "sgd"}, TypeError, "base='sgd' is not an optax"),
@@ -285,7 +293,7 @@ def test_missing_or_misnamed_loss_is_a_clear_error():
 )
 def test_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
-        teleport(**{"base": optax.sgd(0.1), "symmetries": ksbopt.Scale("w"), **kwargs})
+        teleport(**{"base": optax.sgd(0.1), "symmetries": ksbopt.Scale("w"), "rho": 0.1, **kwargs})
 
 
 class _BufferState(NamedTuple):
@@ -303,15 +311,17 @@ def test_unknown_state_fields_must_be_declared():
     case = support.CASES_BY_NAME["rescale_mlp"]
     params = case.params()
     with pytest.raises(ValueError, match=r"\['0/buffer'\].*moments="):
-        teleport(optax.chain(_with_buffer()), list(case.symmetries)).init(params)
-    tx = teleport(optax.chain(_with_buffer()), list(case.symmetries), moments={"buffer": "first"})
+        teleport(optax.chain(_with_buffer()), list(case.symmetries), rho=0.1).init(params)
+    tx = teleport(
+        optax.chain(_with_buffer()), list(case.symmetries), rho=0.1, moments={"buffer": "first"}
+    )
     tx.init(params)
 
 
 def test_second_moments_under_linear_are_refused():
     case = support.CASES_BY_NAME["linear_deep"]
     with pytest.raises(ValueError, match="no exact transport under"):
-        teleport(optax.adam(1e-3), list(case.symmetries)).init(case.params())
+        teleport(optax.adam(1e-3), list(case.symmetries), rho=1e-3).init(case.params())
 
 
 def test_zero_norm_unit_without_nan():
@@ -319,7 +329,9 @@ def test_zero_norm_unit_without_nan():
     params = case.params()
     params["Dense_0"]["kernel"] = params["Dense_0"]["kernel"].at[:, 1].set(0.0)
     params["Dense_0"]["bias"] = params["Dense_0"]["bias"].at[1].set(0.0)
-    tx = teleport(optax.sgd(0.1, momentum=0.9), list(case.symmetries), every=1, value_fn=case.loss)
+    tx = teleport(
+        optax.sgd(0.1, momentum=0.9), list(case.symmetries), every=1, rho=1.0, value_fn=case.loss
+    )
     step = support.jit(tx.update)
     state = tx.init(params)
     for _ in range(2):

@@ -289,7 +289,7 @@ TRANSFORMS: tuple[Spec, ...] = (
     Spec(
         "teleport",
         lambda sym, every=1, step_size=0.1, *, value_fn: ksbopt.teleport(
-            optax.sgd(0.1, momentum=0.9), sym, every, 2, step_size, value_fn=value_fn
+            optax.sgd(0.1, momentum=0.9), sym, every, 2, step_size, rho=1.0, value_fn=value_fn
         ),
         hyperparams={"every": 1, "step_size": 0.1},
         schedules={"step_size": optax.linear_schedule(0.1, 0.3, 3)},

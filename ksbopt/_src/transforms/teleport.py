@@ -46,7 +46,7 @@ class TeleportState(NamedTuple):
     Example:
       >>> import jax.numpy as jnp, optax, ksbopt
       >>> sym = ksbopt.Rescale(incoming="a", outgoing="b")
-      >>> tx = ksbopt.teleport(optax.sgd(1e-3), sym, every=10)
+      >>> tx = ksbopt.teleport(optax.sgd(1e-3), sym, every=10, rho=1e-3)
       >>> state = tx.init({"a": jnp.ones((1, 2)), "b": jnp.ones((2, 1))})
       >>> int(state.count), state.element
       (0, (Array([0., 0.], dtype=float32),))
@@ -67,7 +67,6 @@ def _check_args(every, steps, step_size, rho, objective, value_fn) -> None:
     checks.check_positive_int(owner, "every", every, example=100)
     checks.check_positive_int(owner, "steps", steps, example=8)
     checks.check_positive(owner, "step_size", step_size, example=0.1)
-    checks.check_positive(owner, "rho", rho, example=0.1)
     if not (objective in OBJECTIVES or callable(objective)):
         raise ValueError(
             f"{owner}: objective={objective!r} is not one of {OBJECTIVES}; write "
@@ -75,6 +74,15 @@ def _check_args(every, steps, step_size, rho, objective, value_fn) -> None:
             "'lookahead' (minimise L(w - rho g)) or "
             "a callable (loss, params) -> scalar to maximise."
         )
+    if rho is None:
+        if objective in ("lookahead", "sharpness"):
+            raise ValueError(
+                f"{owner}: objective={objective!r} needs rho, the length of the base's step "
+                "from the new point; got rho=None. Pass rho=learning_rate (heavy-ball SGD "
+                "with momentum b: learning_rate / (1 - b))."
+            )
+    else:
+        checks.check_positive(owner, "rho", rho, example=0.1)
     if value_fn is not None and not callable(value_fn):
         raise TypeError(f"{owner}: value_fn={value_fn!r} must be a callable params -> loss.")
 
@@ -312,9 +320,9 @@ def teleport(
     every: int = 100,
     steps: int = 8,
     step_size: float = 0.1,
-    rho: float = 0.05,
+    rho: float | None = None,
     *,
-    objective: str | Callable = "grad_norm",
+    objective: str | Callable = "lookahead",
     value_fn: Callable | None = None,
     moments: dict[str, str] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -328,9 +336,9 @@ def teleport(
     - ``"sharpness"``: :math:`J = -L(\psi + \rho\, \nabla L / \lVert\nabla L\rVert)`, i.e. the
       one-step sharpness proxy :math:`L(\theta + \rho\, g/|g|) - L(\theta)` of SAM is
       minimised (the loss itself is the same everywhere on the orbit);
-    - ``"lookahead"``: :math:`J = -L(\psi - \rho\, \nabla L(\psi))`, the loss after one
-      gradient step of length ``rho`` from the new point (set ``rho`` to the base's learning
-      rate). To second order :math:`J = -L + \rho \lVert g\rVert^2 - \tfrac{\rho^2}{2}
+    - ``"lookahead"`` (the default): :math:`J = -L(\psi - \rho\, \nabla L(\psi))`, the loss
+      after one gradient step of length ``rho`` from the new point (``rho``: the base's
+      learning rate). To second order :math:`J = -L + \rho \lVert g\rVert^2 - \tfrac{\rho^2}{2}
       g^\top H g`: the gradient-norm gain of ``"grad_norm"`` minus the curvature along the
       step, so a teleport never moves to where the next step would be unstable;
     - a callable ``objective(loss, params) -> scalar``, maximised.
@@ -356,8 +364,8 @@ def teleport(
     symmetries. On non-compact orbits (rescale chains, linear symmetries of deep linear or
     attention layers) raising the gradient norm also raises the sharpness without bound, so
     ``"grad_norm"`` with a fixed learning rate can teleport past the stability limit and
-    diverge (a plain deep linear network does at every learning rate); ``"lookahead"`` is
-    the stable choice there.
+    diverge (a plain deep linear network does at every learning rate); that is why the
+    default is ``"lookahead"``, which trains there.
 
     The loss is ``value_fn(params, **kw)``: given here or as the extra argument ``value_fn``
     of ``update`` (which wins), its other arguments (a batch) taken by name from the extra
@@ -375,8 +383,10 @@ def teleport(
       steps: ascent steps per teleport (each costs one gradient of J: a second-order
         derivative of the loss).
       step_size: largest step in log coordinates (trust-region length), > 0.
-      rho: radius of the sharpness proxy (``objective="sharpness"``) or length of the
-        lookahead gradient step (``objective="lookahead"``: the base's learning rate), > 0.
+      rho: length of the lookahead gradient step (``objective="lookahead"``, the default:
+        the base's learning rate, for heavy-ball SGD ``learning_rate / (1 - momentum)``) or
+        radius of the sharpness proxy (``objective="sharpness"``), > 0; required by those
+        two objectives (no default could match the base's step), unused by the others.
       objective: ``"grad_norm"``, ``"sharpness"``, ``"lookahead"`` or a callable
         (keyword-only).
       value_fn: the loss, ``value_fn(params, **extra) -> scalar`` (keyword-only).
@@ -393,7 +403,9 @@ def teleport(
       ...     return jnp.sum((jnp.maximum(x @ p["a"], 0) @ p["b"] - 1.0) ** 2)
       >>> params = {"a": jnp.array([[1.0, 2.0]]), "b": jnp.array([[3.0], [0.5]])}
       >>> sym = ksbopt.Rescale(incoming="a", outgoing="b")
-      >>> tx = ksbopt.teleport(optax.sgd(1e-3, momentum=0.9), sym, every=10, value_fn=loss)
+      >>> tx = ksbopt.teleport(
+      ...     optax.sgd(1e-3, momentum=0.9), sym, every=10, rho=1e-2, value_fn=loss
+      ... )
       >>> x = jnp.ones((4, 1))
       >>> g = jax.grad(loss)(params, x)
       >>> u, state = tx.update(g, tx.init(params), params, x=x)
