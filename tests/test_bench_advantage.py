@@ -118,3 +118,24 @@ def test_reference_of_a_loss_is_the_lowest_and_no_practitioner_means_no_verdict(
     assert advantages(task)[0].reference == "adamw"
     only_ke = {"higher_is_better": True, "optimizers": {"noether_rmsprop": _row(0.9)}}
     assert advantages(only_ke) == []
+
+
+def test_markdown_lists_every_pair_and_names_an_entry_paying_on_three_tasks():
+    def task(steps):
+        return {
+            "higher_is_better": True,
+            "optimizers": {
+                "sgd+wd": _row(0.9, 900, 90, test=SEEDS),
+                "noether_rmsprop": _row(0.9, steps, steps / 10, test=SEEDS),
+                "sgd+steer_eq": _row(0.9, 900, 90, test=SEEDS),
+            },
+        }
+
+    arm = {"a": task(600), "b": task(600), "c": task(600), "d": task(900)}
+    lines = advantage.markdown(arm, ["a", "b", "c", "d", "missing"])
+    table = [ln for ln in lines if ln.startswith("| ") and "`" in ln and "task" not in ln]
+    assert len(table) == 8  # 4 tasks x 2 kinetic energies; the missing task is skipped
+    assert sum(ln.endswith("| **yes** |") for ln in table) == 3
+    assert "`noether_rmsprop` pays on 3 tasks (a, b, c)" in lines[-2]
+    two = advantage.markdown({"a": task(600), "b": task(600)})
+    assert two[-2] == "No kinetic energy pays on three or more of these tasks."

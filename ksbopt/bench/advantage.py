@@ -35,6 +35,7 @@ __all__ = [
     "Advantage",
     "advantages",
     "is_kinetic_energy",
+    "markdown",
 ]
 
 PRACTITIONERS = ("sgd+wd", "rmsprop", "adamw")
@@ -180,3 +181,69 @@ def advantages(task: Mapping) -> list[Advantage]:
 
 def _by_seed(row) -> dict[int, float]:
     return {int(s): v for s, v in (row.get("test_by_seed") or {}).items()}
+
+
+def _times(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return "only it" if math.isinf(x) else f"{x:.2f}x"
+
+
+def markdown(arm: Mapping[str, Mapping], tasks: list[str] | None = None) -> list[str]:
+    """The criteria as a Markdown section: one row per (task, kinetic energy).
+
+    Args:
+      arm: one schedule arm of :func:`ksbopt.bench.summary.grid_summary` (task -> summary).
+      tasks: the tasks to show, in order (default: every task of ``arm``).
+
+    Returns:
+      Lines of Markdown (empty when no task has a practitioner to compare with); below the
+      table, every kinetic energy that pays on at least three of the tasks shown, or a line
+      saying that none does.
+
+    Example:
+      >>> markdown({})
+      []
+    """
+    rows, pays = [], {}
+    for t in tasks if tasks is not None else list(arm):
+        if t not in arm:
+            continue
+        for a in advantages(arm[t]):
+            mean, low, high, _ = a.final
+            final = "-" if low is None else f"{mean:+.4f} [{low:+.4f}, {high:+.4f}] {a.verdict}"
+            band = "-" if a.band_ratio is None else f"{a.band_ratio:.2f}x"
+            if not a.bands_closed and a.band_ratio is not None:
+                band += " (their band open)"
+            rows.append(
+                f"| {t} | `{a.optimizer}` | `{a.reference}` | {_times(a.steps_ratio)} | "
+                f"{_times(a.time_ratio)} | {band} | {final} | {'**yes**' if a.pays else 'no'} |"
+            )
+            if a.pays:
+                pays.setdefault(a.optimizer, []).append(t)
+    if not rows:
+        return []
+    winners = {o: ts for o, ts in pays.items() if len(ts) >= 3}
+    verdict = (
+        "; ".join(f"`{o}` pays on {len(ts)} tasks ({', '.join(ts)})" for o, ts in winners.items())
+        if winners
+        else "No kinetic energy pays on three or more of these tasks."
+    )
+    return [
+        "## Does engineering the kinetic energy pay?",
+        "",
+        f"Each ksbopt kinetic energy against {', '.join(f'`{p}`' for p in PRACTITIONERS)} at "
+        f"their own tuned settings: fewer steps to the target (fastest of them / it; it pays "
+        f"at >= {FEWER_STEPS}x with less time), wider good band (it / the widest of theirs, "
+        f"each plus {LATTICE_DECADES} decade; it pays at >= {WIDER_BAND}x when their bands "
+        "are closed), and its test metric minus the reference's (best of them on validation; "
+        "paired by seed, 95% bootstrap interval), which must not be worse.",
+        "",
+        "| task | kinetic energy | reference | fewer steps | less time | wider band "
+        "| test difference | pays |",
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        verdict,
+        "",
+    ]
