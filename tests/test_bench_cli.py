@@ -664,8 +664,8 @@ def test_gpu_suite_plans_its_tasks_at_the_large_scale_with_its_step_budget(tmp_p
 
     got = {}
 
-    def capture(suite, out, fixed, grid_args, est):
-        got.update(grid_args, suite=suite)
+    def capture(plan):
+        got.update(plan.grid_args, suite=plan.suite)
         return 0
 
     monkeypatch.setattr(cli, "_dry_run", capture)
