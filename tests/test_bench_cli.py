@@ -29,7 +29,7 @@ pytest.importorskip("tqdm")
 
 from flax import nnx
 
-from ksbopt.bench import cli, registry, runner
+from ksbopt.bench import cli, compiled, diagnostics, registry, runner
 from ksbopt.bench.report import fmt
 from ksbopt.bench.tasks import TASKS, build_task
 
@@ -450,7 +450,7 @@ def test_registry_entries_share_the_tuning_budget_and_inject_the_lr():
 
 def _init(task):
     """(train graphdef, params, rest) of seed 0, initialised as the runner does."""
-    graph, _, params, rest = runner.Runner(Path("unused"), progress=False)._split(task, 0)
+    graph, _, params, rest = compiled.init_model(task, 0)
     return graph, params, rest
 
 
@@ -633,7 +633,7 @@ def test_angular_update_from_charges_matches_the_direct_angle():
     params = {"w": jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)}
     updates = {"w": jnp.asarray(0.05 * rng.normal(size=(6, 4)), jnp.float32)}
     new = optax.apply_updates(params, updates)
-    got = runner._angular_updates([ks.Scale("w", axis=-1)], params, updates, new)
+    got = diagnostics.angular_updates([ks.Scale("w", axis=-1)], params, updates, new)
     w, v = np.asarray(params["w"], np.float64), np.asarray(new["w"], np.float64)
     cos = np.sum(w * v, 0) / np.linalg.norm(w, axis=0) / np.linalg.norm(v, axis=0)
     sin = np.sqrt(np.maximum(1 - cos**2, 0))
@@ -664,8 +664,8 @@ def test_gpu_suite_plans_its_tasks_at_the_large_scale_with_its_step_budget(tmp_p
 
     got = {}
 
-    def capture(suite, out, fixed, grid_args, est):
-        got.update(grid_args, suite=suite)
+    def capture(plan):
+        got.update(plan.grid_args, suite=plan.suite)
         return 0
 
     monkeypatch.setattr(cli, "_dry_run", capture)

@@ -25,7 +25,7 @@ pytest.importorskip("mnist1d")
 
 from flax import nnx
 
-from ksbopt.bench import cli, data, registry, runner, tasks
+from ksbopt.bench import cli, compiled, data, registry, runner, tasks
 from ksbopt.bench.suites import SUITES, arms_of
 from ksbopt.bench.tasks import GPU_TASKS, HEADLINE_TASKS, TASKS, build_task
 
@@ -47,7 +47,7 @@ def no_network(monkeypatch):
 
 
 def _params(task, seed=0):
-    return runner.Runner(Path("unused"), progress=False)._split(task, seed)[2]
+    return compiled.init_model(task, seed)[2]
 
 
 def _n_params(model) -> int:
@@ -309,14 +309,14 @@ def test_runner_starts_from_the_entrys_prepared_parameters(cache, name, feature)
     r = runner.Runner(Path("unused"), progress=False)
     params = _params(task)
     cfg = RunConfig("grid", task.name, name, 0.01, 0, "tiny")
-    got = r._prepared(cfg, task, params)
+    got = compiled.prepared(cfg, task, params)
     want = getattr(ksbopt.peers, feature)(params)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
     assert any(not np.allclose(g, p) for g, p in zip(jax.tree.leaves(got), jax.tree.leaves(params)))
     assert r.full_config(cfg)["prepare_params"].endswith(registry.get(name).prepare_params.__name__)
     plain = RunConfig("grid", task.name, "sgd+wd", 0.01, 0, "tiny")
-    assert r._prepared(plain, task, params) is params
+    assert compiled.prepared(plain, task, params) is params
     assert "prepare_params" not in r.full_config(plain)
 
 
@@ -328,10 +328,12 @@ def test_schedule_free_runs_without_the_suites_schedule_and_is_evaluated_at_x(ca
     sf = RunConfig("grid", task.name, "sf_adamw", 1e-2, 0, "tiny", (), None, "cosine")
     full = r.full_config(sf)
     assert "own" in full["schedule_definition"] and "eval_params" in full
-    assert not runner._scheduled(sf) and runner._scheduled(
+    assert not compiled.scheduled(sf) and compiled.scheduled(
         dataclasses.replace(sf, optimizer="adamw")
     )
-    assert runner._train_key(sf) == runner._train_key(dataclasses.replace(sf, schedule="constant"))
+    assert compiled.train_key(sf) == compiled.train_key(
+        dataclasses.replace(sf, schedule="constant")
+    )
     # the evaluation point is the averaged iterate x, not the training iterate y
     params = _params(task)
     tx = registry.make("sf_adamw", 1e-2, task)
@@ -340,7 +342,7 @@ def test_schedule_free_runs_without_the_suites_schedule_and_is_evaluated_at_x(ca
     for _ in range(3):
         updates, state = tx.update(grads, state, params)
         params = optax.apply_updates(params, updates)
-    x = r._eval_point(sf)(params, state)
+    x = compiled.eval_point(sf)(params, state)
     want = registry.get("sf_adamw").eval_params(state, params)
     for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
@@ -357,7 +359,7 @@ def test_tuned_weight_decay_is_injected_one_compilation_serves_every_value(cache
     r = runner.Runner(tmp_path, progress=False)
     a = RunConfig("grid", task.name, "sgd+wd", 0.1, 0, "tiny", (("weight_decay", 5e-5),))
     b = dataclasses.replace(a, hparams=(("weight_decay", 0.5),))
-    assert runner._train_key(a) == runner._train_key(b)
+    assert compiled.train_key(a) == compiled.train_key(b)
     rec_a, _ = r.run(a)
     rec_b, _ = r.run(b)
     assert rec_a["timing"]["compiled_here"] and not rec_b["timing"]["compiled_here"]
@@ -366,4 +368,4 @@ def test_tuned_weight_decay_is_injected_one_compilation_serves_every_value(cache
     assert rec_b["curves"]["param_norm"][-1] < rec_a["curves"]["param_norm"][-1]
     # an untuned hyperparameter (sgd+wd's momentum) is still compiled in
     c = dataclasses.replace(a, hparams=(("momentum", 0.5), ("weight_decay", 5e-5)))
-    assert runner._train_key(c) != runner._train_key(a)
+    assert compiled.train_key(c) != compiled.train_key(a)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ksbopt.bench import protocol
 
-__all__ = ["Estimate", "estimate", "grid_runs", "load_costs", "search_runs"]
+__all__ = ["Estimate", "estimate", "estimate_plan", "grid_runs", "load_costs", "search_runs"]
 
 CASES = ("at_centre", "typical")
 
@@ -190,3 +190,18 @@ def estimate(
         total = sum(r * costs[k][0] + c * costs[k][1] for k, (r, c) in per.items() if k in costs)
         hours[case] = total / 3600
     return Estimate(runs, hours, tuple(sorted(unknown)), costs_note)
+
+
+def estimate_plan(suite, fixed: list, grid_args: Mapping | None, costs) -> Estimate:
+    """The planned runs and hours of a whole invocation: the ``fixed`` runs and, unless
+    ``grid_args`` is None, the tuned grid (``grid_args``: its tasks, optimizers, seeds and
+    scale); ``costs``: :func:`load_costs`'s (table, note), or None."""
+    import collections
+
+    grid = {}
+    if grid_args is not None:
+        keep = ("tasks", "optimizers", "seeds", "scale")
+        grid = grid_runs(suite, **{k: grid_args[k] for k in keep})
+    per_task = collections.Counter((r.task, r.scale) for r in fixed)
+    table, note = costs if costs is not None else ({}, "")
+    return estimate(grid, per_task, table, note)

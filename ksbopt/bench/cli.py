@@ -11,6 +11,10 @@ Every input is checked before training starts. Finished runs are kept as JSON un
 ``OUT/runs``; rerunning the same command skips them (resume after an interruption). A run that
 raises is reported (stderr, the report's notes, exit status 1) and the suite goes on without
 the rest of that optimizer/task combination; a rerun retries it.
+
+:func:`main` reads the arguments, checks them and plans the runs (``_plan``), then takes one
+action: list, report only, dry run, or run (the training session is
+:mod:`ksbopt.bench.session`).
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ import os
 import shlex
 import sys
 import time
-import traceback
 from pathlib import Path
+from typing import Any
 
 __all__ = ["main"]
 
@@ -179,10 +183,6 @@ def _check_out(p, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``ksbopt-bench``; returns the exit status."""
-    from ksbopt.bench import registry
-    from ksbopt.bench.suites import EXPERIMENTS, SUITES, plan
-    from ksbopt.bench.tasks import SCALES, TASKS
-
     argv = list(sys.argv[1:] if argv is None else argv)
     p = _parser()
     a = p.parse_args(argv)
@@ -191,26 +191,119 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.report_only:
         return _report_only(p, a, argv)
+    plan = _plan(p, a)  # every input checked before any training
+    if a.dry_run:
+        return _dry_run(plan)
+    if a.max_hours is not None and (plan.estimate.hours["typical"] or 0.0) > a.max_hours:
+        print("\n".join(plan.estimate.lines()), file=sys.stderr)
+        p.error(
+            f"--max-hours={a.max_hours:g}: the suite is estimated at "
+            f"{plan.estimate.hours['typical']:.1f} h; give fewer tasks, optimizers or seeds, or "
+            "raise it"
+        )
+    return _run(plan, a, argv)
 
-    # ---- validate everything before any training ----
-    if a.suite not in SUITES:
-        p.error(f"--suite={a.suite!r} is not a suite; valid suites: {', '.join(SUITES)}")
-    suite = SUITES[a.suite]
-    scale = a.scale or os.environ.get("KSBOPT_BENCH_SCALE") or None  # None: the suite's
-    if scale is not None and scale not in SCALES:
-        p.error(f"scale {scale!r} (from KSBOPT_BENCH_SCALE) is not one of {', '.join(SCALES)}")
-    from ksbopt.bench import user
 
+# ---- what to run ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Plan:
+    """The checked inputs of one invocation and the runs they make."""
+
+    suite: Any  # ksbopt.bench.suites.Suite, its schedules replaced by --schedules
+    scale: str | None  # None: the suite's
+    seeds: tuple[int, ...]
+    fixed: list  # the RunConfigs of the fixed experiments
+    grid_args: dict | None  # the tuned grid's arguments of suites.tuning_round; None: no tuning
+    out: Path
+    estimate: Any  # ksbopt.bench.budget.Estimate
+    notes: list[str]
+
+
+def _plan(p, a) -> _Plan:
+    """Checks every input (``p.error`` on the first that is wrong) and plans the runs."""
+    from ksbopt.bench import budget, registry, user
+    from ksbopt.bench.suites import plan
+    from ksbopt.bench.tasks import TASKS
+
+    suite, scale = _suite_and_scale(p, a)
     try:
         user_opts, user_tasks = user.parse_cli(a.optimizer, a.grid, a.task)
     except (ValueError, TypeError) as e:
         p.error(f"--optimizer, --grid or --task: {e}")
+    tasks = _tasks(p, a, suite, user_tasks)
+    opts, notes = _optimizers(p, a, suite, user_opts)
+    seeds = _seeds(p, a.seeds, suite.seeds)
+    lrs = _lrs(p, a.lrs)
+    if a.steps is not None and a.steps < 1:
+        p.error(f"--steps={a.steps}: must be a positive integer")
+    steps = a.steps
+    if steps is None and (scale or suite.scale) == suite.scale:
+        steps = suite.steps  # the suite's step budget holds at its own scale only
+    costs = _costs(p, a)
+    suite = _schedules(p, a, suite)
+    experiments = _experiments(p, a, suite)
+    fixed = plan(
+        suite,
+        tasks=tasks,
+        optimizers=opts,
+        seeds=seeds,
+        scale=scale,
+        lrs=lrs,
+        steps=steps,
+        experiments=experiments,
+    )
+    tuned = "grid" in experiments and not lrs
+    pairs = [
+        (t, o) for t in tasks for o in opts if registry.get(o, check=False).applies_to(TASKS[t])
+    ]
+    if not fixed and not (tuned and pairs):
+        p.error(
+            "nothing to run: no optimizer applies to the chosen tasks (e.g. sgd+retract "
+            "needs a task with a scale symmetry such as mnist1d_cnn_bn)"
+        )
+    used = {r.task for r in fixed} | ({t for t, _ in pairs} if tuned else set())
+    _check_packages(p, a, used)
+    out = Path(a.out or f"bench_results/{a.suite}")
+    _check_out(p, out)
+    grid_args = dict(tasks=tasks, optimizers=opts, seeds=seeds, scale=scale, steps=steps)
+    grid_args = grid_args if tuned else None
+    est = budget.estimate_plan(suite, fixed, grid_args, costs)
+    return _Plan(suite, scale, seeds, fixed, grid_args, out, est, notes)
+
+
+def _suite_and_scale(p, a):
+    """The suite named by ``--suite`` and the scale of ``--scale`` or the environment (None:
+    the suite's)."""
+    from ksbopt.bench.suites import SUITES
+    from ksbopt.bench.tasks import SCALES
+
+    if a.suite not in SUITES:
+        p.error(f"--suite={a.suite!r} is not a suite; valid suites: {', '.join(SUITES)}")
+    scale = a.scale or os.environ.get("KSBOPT_BENCH_SCALE") or None  # None: the suite's
+    if scale is not None and scale not in SCALES:
+        p.error(f"scale {scale!r} (from KSBOPT_BENCH_SCALE) is not one of {', '.join(SCALES)}")
+    return SUITES[a.suite], scale
+
+
+def _tasks(p, a, suite, user_tasks) -> tuple[str, ...]:
+    from ksbopt.bench.tasks import TASKS
+
     tasks = (*(_csv(a.tasks) if a.tasks else suite.tasks), *user_tasks)
     bad = [t for t in tasks if t not in TASKS]
     if bad or not tasks:
         p.error(
             f"unknown task(s) {', '.join(bad) or '(none given)'}; valid tasks: {', '.join(TASKS)}"
         )
+    return tasks
+
+
+def _optimizers(p, a, suite, user_opts) -> tuple[tuple[str, ...], list[str]]:
+    """The optimizers of ``--optimizers`` (each must be available) or the suite's available
+    ones (a note for each left out), then the user's; and the notes."""
+    from ksbopt.bench import registry
+
     notes = []
     if a.optimizers:
         opts = tuple(_csv(a.optimizers))
@@ -234,38 +327,51 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 opts.append(o)
         opts = tuple(opts)
-    opts = (*opts, *user_opts)
-    seeds = _seeds(p, a.seeds, suite.seeds)
-    lrs = None
-    if a.lrs:
-        try:
-            lrs = tuple(float(x) for x in _csv(a.lrs))
-        except ValueError:
-            p.error(f"--lrs={a.lrs!r}: write positive numbers separated by commas, e.g. 0.01,0.1")
-        if not lrs or any(not x > 0 for x in lrs):
-            p.error(f"--lrs={a.lrs!r}: learning rates must be positive, e.g. --lrs 0.01,0.1")
-    if a.steps is not None and a.steps < 1:
-        p.error(f"--steps={a.steps}: must be a positive integer")
-    steps = a.steps
-    if steps is None and (scale or suite.scale) == suite.scale:
-        steps = suite.steps  # the suite's step budget holds at its own scale only
+    return (*opts, *user_opts), notes
+
+
+def _lrs(p, s: str | None) -> tuple[float, ...] | None:
+    if not s:
+        return None
+    try:
+        lrs = tuple(float(x) for x in _csv(s))
+    except ValueError:
+        p.error(f"--lrs={s!r}: write positive numbers separated by commas, e.g. 0.01,0.1")
+    if not lrs or any(not x > 0 for x in lrs):
+        p.error(f"--lrs={s!r}: learning rates must be positive, e.g. --lrs 0.01,0.1")
+    return lrs
+
+
+def _costs(p, a):
+    """The measured costs of ``--costs`` (None without it); ``--max-hours`` needs them."""
     if a.max_hours is not None and (not a.costs or not a.max_hours > 0):
         p.error(f"--max-hours={a.max_hours}: give a positive number and --costs FILE")
-    costs = None
-    if a.costs:
-        from ksbopt.bench import budget
+    if not a.costs:
+        return None
+    from ksbopt.bench import budget
 
-        try:
-            costs = budget.load_costs(a.costs)
-        except ValueError as e:
-            p.error(f"--costs={a.costs!r} cannot be used: {e}")
-    if a.schedules:
-        from ksbopt.bench.protocol import SCHEDULES
+    try:
+        return budget.load_costs(a.costs)
+    except ValueError as e:
+        p.error(f"--costs={a.costs!r} cannot be used: {e}")
 
-        arms = tuple(dict.fromkeys(_csv(a.schedules)))
-        if not arms or (bad := [x for x in arms if x not in SCHEDULES]):
-            p.error(f"--schedules={a.schedules!r}: valid arms are {', '.join(SCHEDULES)}")
-        suite = dataclasses.replace(suite, schedules=arms)
+
+def _schedules(p, a, suite):
+    """The suite with the schedule arms of ``--schedules`` (the suite itself without it)."""
+    if not a.schedules:
+        return suite
+    from ksbopt.bench.protocol import SCHEDULES
+
+    arms = tuple(dict.fromkeys(_csv(a.schedules)))
+    if not arms or any(x not in SCHEDULES for x in arms):
+        p.error(f"--schedules={a.schedules!r}: valid arms are {', '.join(SCHEDULES)}")
+    return dataclasses.replace(suite, schedules=arms)
+
+
+def _experiments(p, a, suite) -> tuple[str, ...]:
+    from ksbopt.bench import registry
+    from ksbopt.bench.suites import EXPERIMENTS
+
     experiments = tuple(_csv(a.experiments)) if a.experiments else suite.experiments
     bad = [e for e in experiments if e not in EXPERIMENTS]
     if bad or not experiments:
@@ -275,27 +381,15 @@ def main(argv: list[str] | None = None) -> int:
     for e, need in (("nld", "sgd+retract"),):
         if e in experiments and (miss := registry.REGISTRY[need].missing()):
             p.error(f"experiment {e!r} needs {', '.join(miss)}, which this ksbopt lacks")
-    fixed = plan(
-        suite,
-        tasks=tasks,
-        optimizers=opts,
-        seeds=seeds,
-        scale=scale,
-        lrs=lrs,
-        steps=steps,
-        experiments=experiments,
-    )
-    tuned = "grid" in experiments and not lrs
-    pairs = [
-        (t, o) for t in tasks for o in opts if registry.get(o, check=False).applies_to(TASKS[t])
-    ]
-    if not fixed and not (tuned and pairs):
-        p.error(
-            "nothing to run: no optimizer applies to the chosen tasks (e.g. sgd+retract "
-            "needs a task with a scale symmetry such as mnist1d_cnn_bn)"
-        )
+    return experiments
+
+
+def _check_packages(p, a, tasks) -> None:
+    """Every package the runs of ``tasks`` (and the plots) import is installed."""
+    from ksbopt.bench.tasks import TASKS
+
     needed = {"flax", "tqdm"} | ({"matplotlib"} if not a.no_plots else set())
-    for t in {r.task for r in fixed} | ({t for t, _ in pairs} if tuned else set()):
+    for t in tasks:
         needed |= set(TASKS[t].requires)
     for m in sorted(needed):
         if not _installed(m):
@@ -303,95 +397,120 @@ def main(argv: list[str] | None = None) -> int:
                 f"the package {_PACKAGES.get(m, m)!r} is needed by this suite but is not "
                 f"installed: {EXTRA_HINT}"
             )
-    out = Path(a.out or f"bench_results/{a.suite}")
-    _check_out(p, out)
-    grid_args = dict(tasks=tasks, optimizers=opts, seeds=seeds, scale=scale, steps=steps)
-    est = _estimate(suite, fixed, grid_args if tuned else None, costs)
-    if a.dry_run:
-        return _dry_run(suite, out, fixed, grid_args if tuned else None, est)
-    if a.max_hours is not None and (est.hours["typical"] or 0.0) > a.max_hours:
-        print("\n".join(est.lines()), file=sys.stderr)
-        p.error(
-            f"--max-hours={a.max_hours:g}: the suite is estimated at "
-            f"{est.hours['typical']:.1f} h; give fewer tasks, optimizers or seeds, or raise it"
-        )
 
-    # ---- run ----
+
+# ---- actions ----------------------------------------------------------------------------------
+
+
+def _run(plan: _Plan, a, argv) -> int:
+    """Trains the planned runs (the fixed ones, then the tuning rounds) and writes the report."""
     import jax
 
-    from ksbopt.bench.report import write_report
     from ksbopt.bench.runner import Runner
-    from ksbopt.bench.suites import PUBLISHED
+    from ksbopt.bench.session import Session, protocol_meta, search_notes
 
     t0 = time.perf_counter()
-    scales = {r.scale for r in fixed} | ({scale or suite.scale_of("grid")} if tuned else set())
+    suite, grid_args, notes = plan.suite, plan.grid_args, list(plan.notes)
+    tuned = grid_args is not None
+    scales = {r.scale for r in plan.fixed} | (
+        {plan.scale or suite.scale_of("grid")} if tuned else set()
+    )
     print(
         f"ksbopt-bench: suite={a.suite} scale: {', '.join(sorted(scales))}; "
-        f"{len(fixed)} fixed runs{', tuned grid in rounds' if tuned else ''}; out={out}",
+        f"{len(plan.fixed)} fixed runs{', tuned grid in rounds' if tuned else ''}; out={plan.out}",
         flush=True,
     )
     print(f"jax devices: {jax.devices()}", flush=True)
     for n in notes:
         print(f"note: {n}", flush=True)
-    cache = Path(a.cache_dir) if a.cache_dir else out / "cache"
-    runner = Runner(out, cache_dir=cache, progress=not a.no_progress)
-    session = _Session(runner)
+    cache = Path(a.cache_dir) if a.cache_dir else plan.out / "cache"
+    session = Session(Runner(plan.out, cache_dir=cache, progress=not a.no_progress))
     try:
-        first = _round(suite, session, grid_args) if tuned else []
-        checked, user_failed = user.preflight([*first, *fixed], runner)
-        notes += user_failed
-        for n in user_failed:
-            print(n, file=sys.stderr, flush=True)
-        session.excluded |= {(r.optimizer, r.task) for r in [*first, *fixed]} - {
-            (r.optimizer, r.task) for r in checked
-        }
-        session.train([r for r in fixed if r in checked], "fixed runs")
-        rnd = 1
-        while tuned:
-            todo = _round(suite, session, grid_args)
-            if not todo:
-                break
-            session.train(todo, f"tuning round {rnd}")
-            rnd += 1
+        user_failed = _train(plan, session)
     except KeyboardInterrupt:
         print(
             f"\ninterrupted: {len(session.records)} finished runs are saved under "
-            f"{out / 'runs'}; rerun the same command to resume.",
+            f"{plan.out / 'runs'}; rerun the same command to resume.",
             file=sys.stderr,
         )
         return 130
-    records, trained, failed = list(session.records.values()), session.trained, session.failed
+    notes += user_failed
+    records = list(session.records.values())
     if tuned:
-        notes += _search_notes(suite, session, grid_args)
-    meta = {
-        "suite": a.suite,
-        "scale": scale,
-        "command": "ksbopt-bench " + shlex.join(argv),
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "devices": str(jax.devices()),
-        "trained": trained,
-        "reused": len(records) - trained,
-        "protocol": _protocol_meta(suite, seeds) if tuned else None,
-        "wall_s": time.perf_counter() - t0,
-        "notes": notes
-        + [
-            f"FAILED (no record; a rerun retries): {c[3]} on {c[1]} ({c[0]}): {why}"
-            for c, why in failed.items()
-        ],
-    }
-    path = write_report(out, records, meta, published=PUBLISHED, plots=not a.no_plots)
+        notes += search_notes(suite, session, grid_args)
+    failed = [
+        f"FAILED (no record; a rerun retries): {c[3]} on {c[1]} ({c[0]}): {why}"
+        for c, why in session.failed.items()
+    ]
+    meta = _meta(
+        a,
+        argv,
+        scale=plan.scale,
+        devices=str(jax.devices()),
+        trained=session.trained,
+        reused=len(records) - session.trained,
+        protocol=protocol_meta(suite, plan.seeds) if tuned else None,
+        wall_s=time.perf_counter() - t0,
+        notes=notes + failed,
+    )
+    path = _write_report(plan.out, records, meta, a)
     print(f"report: {path} ({time.perf_counter() - t0:.1f} s in all)", flush=True)
-    if failed or user_failed:
-        n = len(failed) + len(user_failed)
+    if session.failed or user_failed:
+        n = len(session.failed) + len(user_failed)
         print(f"{n} optimizer/task combinations failed; see the report", file=sys.stderr)
         return 1
     return 0
 
 
-def _report_only(p, a, argv) -> int:
-    from ksbopt.bench.records import load_record
+def _train(plan: _Plan, session) -> list[str]:
+    """The user's entries' preflight, the fixed runs, then tuning rounds until the protocol
+    asks for no more runs; returns the notes of the user's entries that failed preflight."""
+    from ksbopt.bench import user
+    from ksbopt.bench.session import tuning_round
+
+    suite, grid_args = plan.suite, plan.grid_args
+    first = tuning_round(suite, session, grid_args)[0] if grid_args is not None else []
+    checked, user_failed = user.preflight([*first, *plan.fixed], session.runner)
+    for n in user_failed:
+        print(n, file=sys.stderr, flush=True)
+    session.excluded |= {(r.optimizer, r.task) for r in [*first, *plan.fixed]} - {
+        (r.optimizer, r.task) for r in checked
+    }
+    session.train([r for r in plan.fixed if r in checked], "fixed runs")
+    rnd = 1
+    while grid_args is not None:
+        todo = tuning_round(suite, session, grid_args)[0]
+        if not todo:
+            break
+        session.train(todo, f"tuning round {rnd}")
+        rnd += 1
+    return user_failed
+
+
+def _meta(a, argv, *, scale, devices, trained, reused, **more) -> dict:
+    """The report's metadata of this invocation; ``more`` (in order) after the common keys."""
+    return {
+        "suite": a.suite,
+        "scale": scale,
+        "command": "ksbopt-bench " + shlex.join(argv),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "devices": devices,
+        "trained": trained,
+        "reused": reused,
+        **more,
+    }
+
+
+def _write_report(out: Path, records: list, meta: dict, a) -> Path:
     from ksbopt.bench.report import write_report
     from ksbopt.bench.suites import PUBLISHED
+
+    return write_report(out, records, meta, published=PUBLISHED, plots=not a.no_plots)
+
+
+def _report_only(p, a, argv) -> int:
+    """Rebuilds the report from every record under ``OUT/runs``; trains nothing."""
+    from ksbopt.bench.records import load_record
 
     out = Path(a.out or f"bench_results/{a.suite}")
     paths = sorted((out / "runs").glob("*.json"))
@@ -399,149 +518,20 @@ def _report_only(p, a, argv) -> int:
     if not records:
         p.error(f"--report-only: no finished run records under {str(out / 'runs')!r}")
     _check_out(p, out)
-    meta = {
-        "suite": a.suite,
-        "scale": ", ".join(
-            f"{e}={s}"
-            for e, s in dict.fromkeys(
-                (r["config"]["experiment"], r["config"]["scale"]) for r in records
-            )
-        ),
-        "command": "ksbopt-bench " + shlex.join(argv),
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "devices": records[0]["env"].get("device", "?"),
-        "trained": 0,
-        "reused": len(records),
-        "wall_s": None,
-        "notes": [f"rebuilt from {len(records)} records in {out / 'runs'}"],
-    }
-    path = write_report(out, records, meta, published=PUBLISHED, plots=not a.no_plots)
+    scales = dict.fromkeys((r["config"]["experiment"], r["config"]["scale"]) for r in records)
+    meta = _meta(
+        a,
+        argv,
+        scale=", ".join(f"{e}={s}" for e, s in scales),
+        devices=records[0]["env"].get("device", "?"),
+        trained=0,
+        reused=len(records),
+        wall_s=None,
+        notes=[f"rebuilt from {len(records)} records in {out / 'runs'}"],
+    )
+    path = _write_report(out, records, meta, a)
     print(f"report: {path}")
     return 0
-
-
-def _f(x) -> str:
-    return "-" if x is None else f"{x:.4f}"
-
-
-class _Session:
-    """The records of one invocation, the runs that failed, and training with progress lines."""
-
-    def __init__(self, runner):
-        self.runner = runner
-        self.records: dict[str, dict] = {}
-        self.trained = 0
-        self.failed: dict[tuple, str] = {}
-        self.excluded: set[tuple[str, str]] = set()  # (optimizer, task) that cannot start
-
-    def blocked(self, cfg) -> bool:
-        combo = (cfg.experiment, cfg.task, cfg.scale, cfg.optimizer, cfg.hparams, cfg.schedule)
-        return combo in self.failed or (cfg.optimizer, cfg.task) in self.excluded
-
-    def result(self, cfg):
-        """Final validation metric of ``cfg`` (None: diverged or cannot run; MISSING: not yet)."""
-        from ksbopt.bench.protocol import MISSING
-        from ksbopt.bench.records import load_record, record_path
-
-        rec = self.records.get(cfg.run_id)
-        if rec is None:
-            rec = load_record(record_path(self.runner.out, cfg), self.runner.full_config(cfg))
-            if rec is not None:
-                self.records[cfg.run_id] = rec
-        if rec is None:
-            return None if self.blocked(cfg) else MISSING
-        return None if rec["status"] == "diverged" else rec["final"]["val_metric"]
-
-    def train(self, runs, what: str) -> None:
-        runs = [r for r in runs if r.run_id not in self.records]
-        if runs:
-            print(f"-- {what}: {len(runs)} runs", flush=True)
-        for i, cfg in enumerate(runs, 1):
-            pos = f"[{i}/{len(runs)}] "
-            combo = (cfg.experiment, cfg.task, cfg.scale, cfg.optimizer, cfg.hparams, cfg.schedule)
-            if self.blocked(cfg):  # the same error again: do not pay its compilation 15 times
-                why = self.failed.get(combo, "cannot start")
-                print(f"{pos}{cfg.run_id}: skipped, {why}", flush=True)
-                continue
-            try:
-                rec, new = self.runner.run(cfg, position=pos)
-            except Exception as e:  # one broken optimizer must not stop a long suite
-                self.failed[combo] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-                print(
-                    f"{pos}{cfg.run_id}: FAILED, {self.failed[combo]}", file=sys.stderr, flush=True
-                )
-                traceback.print_exc()
-                continue
-            self.trained += new
-            self.records[cfg.run_id] = rec
-            f = rec["final"]
-            how = (
-                f"{rec['timing']['total_s']:.1f}s, {rec['timing']['step_ms_median']:.2f} ms/step"
-                if new
-                else "kept from an earlier run"
-            )
-            print(
-                f"{pos}{cfg.experiment} {cfg.task} {cfg.optimizer}"
-                f"{''.join(f' {k}={v:g}' for k, v in cfg.hparams)} lr={cfg.learning_rate:g} "
-                f"{cfg.schedule} seed={cfg.seed}: val {rec['task']['metric']} "
-                f"{_f(f['val_metric'])}, test {_f(f['test_metric'])}"
-                f"{' DIVERGED' if rec['status'] == 'diverged' else ''} ({how})",
-                flush=True,
-            )
-
-
-def _round(suite, session: _Session, grid_args: dict) -> list:
-    from ksbopt.bench.suites import tuning_round
-
-    runs, _ = tuning_round(
-        suite,
-        **grid_args,
-        result=session.result,
-        higher_is_better=lambda t: (
-            session.runner.task(t, grid_args["scale"] or suite.scale_of("grid")).higher_is_better
-        ),
-    )
-    return [r for r in runs if not session.blocked(r)]
-
-
-def _search_notes(suite, session: _Session, grid_args: dict) -> list[str]:
-    """Report notes: every search stopped by the extension budget or with no finite point."""
-    from ksbopt.bench.protocol import lattice_lr
-    from ksbopt.bench.suites import tuning_round
-
-    _, searches = tuning_round(
-        suite,
-        **grid_args,
-        result=session.result,
-        higher_is_better=lambda t: (
-            session.runner.task(t, grid_args["scale"] or suite.scale_of("grid")).higher_is_better
-        ),
-    )
-    out = []
-    for (t, arm, o), s in searches.items():
-        if s.best is None or s.needed:
-            continue
-        if s.scores.get(s.best) is None:
-            out.append(f"no finite point: {o} on {t} ({arm}) diverged at every learning rate tried")
-        elif s.edge:
-            why = " (extension budget spent)" if s.exhausted else ""
-            out.append(
-                f"edge: {o} on {t} ({arm}) chose lr {lattice_lr(s.best[0]):g} at the edge of "
-                f"its searched range{why}"
-            )
-    return out
-
-
-def _protocol_meta(suite, seeds) -> dict:
-    from ksbopt.bench.protocol import WARMUP_FRACTION
-
-    return {
-        **dataclasses.asdict(suite.protocol),
-        "schedules": list(suite.schedules),
-        "arm_scope": {a: [list(t), list(o)] for a, (t, o) in suite.arm_scope.items()},
-        "warmup_fraction": WARMUP_FRACTION,
-        "seeds": list(seeds),
-    }
 
 
 def _direction(out: Path, task: str) -> bool:
@@ -555,27 +545,14 @@ def _direction(out: Path, task: str) -> bool:
     return True
 
 
-def _estimate(suite, fixed: list, grid_args: dict | None, costs):
-    """The planned runs and hours (:mod:`ksbopt.bench.budget`) of the whole invocation."""
-    import collections
-
-    from ksbopt.bench import budget
-
-    grid = {}
-    if grid_args is not None:
-        keep = ("tasks", "optimizers", "seeds", "scale")
-        grid = budget.grid_runs(suite, **{k: grid_args[k] for k in keep})
-    per_task = collections.Counter((r.task, r.scale) for r in fixed)
-    table, note = costs if costs is not None else ({}, "")
-    return budget.estimate(grid, per_task, table, note)
-
-
-def _dry_run(suite, out: Path, fixed: list, grid_args: dict | None, est) -> int:
+def _dry_run(plan: _Plan) -> int:
     """Prints the runs the next invocation would train first and the estimate of the whole
     suite; trains nothing."""
     from ksbopt.bench.protocol import MISSING
     from ksbopt.bench.records import load_record, record_path
     from ksbopt.bench.suites import tuning_round
+
+    suite, out, fixed, grid_args = plan.suite, plan.out, plan.fixed, plan.grid_args
 
     def result(cfg):
         rec = load_record(record_path(out, cfg))
@@ -601,7 +578,7 @@ def _dry_run(suite, out: Path, fixed: list, grid_args: dict | None, est) -> int:
         f"{over} of them over); later rounds depend on the results",
         flush=True,
     )
-    print("\n".join(est.lines()), flush=True)
+    print("\n".join(plan.estimate.lines()), flush=True)
     return 0
 
 

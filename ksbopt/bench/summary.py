@@ -1,4 +1,5 @@
-"""The grid experiment's numbers: chosen settings, sensitivity, targets and paired verdicts.
+"""The numbers the report shows (:func:`summarize`), most of them the grid experiment's:
+chosen settings, sensitivity, targets and paired verdicts.
 
 Per schedule arm, task and optimizer (the protocol is :mod:`ksbopt.bench.protocol`; the
 statistics :mod:`ksbopt.bench.stats`):
@@ -17,6 +18,9 @@ statistics :mod:`ksbopt.bench.stats`):
 - **paired verdicts**: the reference is the best *baseline* (an entry that uses no ksbopt
   feature) on validation; every other optimizer's test metric minus the reference's, paired by
   seed, with a 95% bootstrap interval (:func:`ksbopt.bench.stats.paired_bootstrap`).
+
+Besides the grid: the NLD control (free against constrained norm, mean ± std over seeds per
+learning rate, momentum and weight decay) and the published baselines.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import numpy as np
 
 from ksbopt.bench import stats
 
-__all__ = ["ARMS_ORDER", "grid_summary", "is_baseline"]
+__all__ = ["ARMS_ORDER", "grid_summary", "is_baseline", "summarize"]
 
 ARMS_ORDER = ("cosine", "constant")
 
@@ -252,3 +256,126 @@ def grid_summary(records: Sequence[dict]) -> dict[str, dict]:
         arm: _arm_summary(rs)
         for arm, rs in sorted(by_arm.items(), key=lambda kv: (order.get(kv[0], 99), kv[0]))
     }
+
+
+# ---- every experiment's numbers, as the report shows them ---------------------------------
+
+
+def summarize(records: Sequence[dict], published: Mapping[str, float] | None = None) -> dict:
+    """The numbers the report shows, per experiment."""
+    by_exp: dict[str, list] = defaultdict(list)
+    for r in records:
+        by_exp[r["config"]["experiment"]].append(r)
+    arms = _grid_with_diagnostics(by_exp["grid"]) if by_exp["grid"] else {}
+    return {
+        # the first arm (warm-up + cosine when it ran) answers the questions; all arms in "arms"
+        "grid": next(iter(arms.values())) if arms else {},
+        "grid_arm": next(iter(arms), None),
+        "arms": arms,
+        "nld": _nld_summary(by_exp["nld"]) if by_exp["nld"] else [],
+        "baselines": (
+            _baseline_summary(by_exp["baselines"], published or {}) if by_exp["baselines"] else []
+        ),
+    }
+
+
+def _grid_with_diagnostics(recs: list[dict]) -> dict[str, dict]:
+    """Schedule arm -> task -> rows (:func:`grid_summary`), with the data line and the
+    symmetry diagnostics of the chosen runs added."""
+    by_id = {r["id"]: r for r in recs}
+    arms = grid_summary(recs)
+    for tasks in arms.values():
+        for t in tasks.values():
+            t["data"] = _data_line(t["data"])
+            for row in t["optimizers"].values():
+                row.update(_diag_stats([by_id[i] for i in row["runs"]]))
+    return arms
+
+
+def _diag_stats(rs: list[dict]) -> dict:
+    """Means over seeds and groups of the recorded diagnostics of the runs ``rs``.
+
+    ``angle_first`` / ``angle_last``: angular update per step (radians) of the units in the
+    first and the last chunk of steps; ``charge_growth``: last / first scale charge (mean over
+    the scale groups). None where the runs recorded no such diagnostic.
+    """
+    first, last, growth = [], [], []
+    for r in rs:
+        summ = r.get("diagnostics", {}).get("summary") or {}
+        a = [v["angular_update"] for v in summ.values() if "angular_update" in v]
+        if a:
+            first.append(np.mean([x["first"] for x in a]))
+            last.append(np.mean([x["last"] for x in a]))
+        q = [v["charge"] for v in summ.values() if "eff_lr" in v and v["charge"]["first"]]
+        if q:
+            growth.append(np.mean([x["last"] / x["first"] for x in q]))
+
+    def mean(v):
+        return float(np.mean(v)) if v else None
+
+    return {"angle_first": mean(first), "angle_last": mean(last), "charge_growth": mean(growth)}
+
+
+def _data_line(info: Mapping) -> str:
+    sizes = info.get("sizes")
+    if isinstance(sizes, Mapping):
+        return "train/val/test = " + "/".join(str(sizes[k]) for k in ("train", "val", "test"))
+    if isinstance(sizes, list):
+        return "train/val/test = " + "/".join(map(str, sizes))
+    if "bytes" in info:
+        b = info["bytes"]
+        return (
+            f"train/val/test = {b['train']:,}/{b['val']:,}/{b['test']:,} bytes "
+            f"(Python {info.get('python', '?')} stdlib)"
+        )
+    return ""
+
+
+def _mean_std(vals: Sequence) -> tuple[float | None, float | None, int]:
+    v = [x for x in vals if x is not None]
+    if not v or len(v) < len(vals):  # any diverged / missing seed spoils the mean
+        return None, None, len(v)
+    a = np.asarray(v, dtype=np.float64)
+    return float(a.mean()), float(a.std()), len(v)
+
+
+def _nld_summary(recs: list[dict]) -> list[dict]:
+    cells: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    for r in recs:
+        c = r["config"]
+        key = (c["learning_rate"], c["hparams"]["momentum"], c["hparams"]["weight_decay"])
+        cells[key][c["optimizer"]].append(r)
+    rows = []
+    for (lr, m, wd), by in sorted(cells.items()):
+        row = {"learning_rate": lr, "momentum": m, "weight_decay": wd}
+        for opt, label in (("sgd", "free"), ("sgd+retract", "constrained")):
+            rs = by.get(opt, [])
+            tm, ts, n = (
+                _mean_std([x["final"]["test_metric"] for x in rs]) if rs else (None, None, 0)
+            )
+            row[label] = {"test_mean": tm, "test_std": ts, "seeds": len(rs), "finite": n}
+        f, c = row["free"]["test_mean"], row["constrained"]["test_mean"]
+        row["free_minus_constrained"] = None if f is None or c is None else f - c
+        rows.append(row)
+    return rows
+
+
+def _baseline_summary(recs: list[dict], published: Mapping[str, float]) -> list[dict]:
+    by: dict[str, list] = defaultdict(list)
+    for r in recs:
+        by[r["config"]["task"]].append(r)
+    rows = []
+    for task, rs in sorted(by.items()):
+        tm, ts, _ = _mean_std([x["final"]["test_metric"] for x in rs])
+        rows.append(
+            {
+                "task": task,
+                "test_mean": tm,
+                "test_std": ts,
+                "seeds": len(rs),
+                "published": published.get(task),
+                "steps": rs[0]["config"]["steps"],
+                "learning_rate": rs[0]["config"]["learning_rate"],
+            }
+        )
+    return rows

@@ -1,7 +1,8 @@
-"""Benchmark tasks: data + Flax NNX model + loss + metric + symmetry declarations.
+"""The built-in benchmark tasks: their sizes per scale, data, models and symmetries.
 
 A task is looked up by name in :data:`TASKS`, which maps to a :class:`TaskSpec` (cheap: no
-Flax import, no data) whose ``build(scale)`` makes the :class:`Task`. Scales (:data:`SCALES`):
+Flax import, no data) whose ``build(scale)`` makes the :class:`Task` (both defined in
+:mod:`ksbopt.bench.task_types`). Scales (:data:`SCALES`):
 
 - ``tiny``: a few seconds on CPU, for tests;
 - ``small``: the CPU size of the quick and full suites (for the headline tasks, the size at
@@ -13,31 +14,28 @@ Flax import, no data) whose ``build(scale)`` makes the :class:`Task`. Scales (:d
 
 Each family of tasks has one table of sizes per scale (``_MNIST1D_HEADLINE_SIZES``,
 ``_LM_LONG``, ...): that table alone decides a task's model, data, steps, batch and evaluation
-interval.
+interval. The data come from :mod:`ksbopt.bench.data`, the models from
+:mod:`ksbopt.bench.models`.
 :data:`HEADLINE_TASKS` names the tasks whose results the report leads with; the others are
 small smoke and reproduction tasks. :data:`GPU_TASKS` names the tasks of the gpu suite.
-
-Each task declares its parameter symmetries as plain data (:class:`SymDecl`); they turn into
-``ksbopt`` objects only when an optimizer or a diagnostic asks for them, so tasks work while a
-``ksbopt`` feature is still missing. Grouping follows :doc:`/concepts/symmetries` with Flax's
-layout (the output unit is the last axis).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from ksbopt.bench.task_types import Sampler, SymDecl, Task, TaskSpec, unit_decls
 
 __all__ = [
     "GPU_TASKS",
     "HEADLINE_TASKS",
     "SCALES",
     "TASKS",
+    "Sampler",
     "SymDecl",
     "Task",
     "TaskSpec",
@@ -49,262 +47,53 @@ __all__ = [
 SCALES = ("tiny", "small", "base", "large")
 
 
-@dataclasses.dataclass(frozen=True)
-class SymDecl:
-    """One symmetry declaration as data: ``kind`` in scale/rescale/translation/linear."""
-
-    kind: str
-    args: tuple
-    kwargs: Mapping[str, Any]
-    label: str
-    constructor: str | None = None  # e.g. "Linear.query_key"; default: the kind's class
-
-    def build(self):
-        """The ``ksbopt`` object, e.g. ``ksbopt.Scale(*args, **kwargs)``."""
-        from ksbopt.bench.registry import ksbopt_feature
-
-        name = (
-            self.constructor
-            or {
-                "scale": "Scale",
-                "rescale": "Rescale",
-                "translation": "Translation",
-                "linear": "Linear",
-            }[self.kind]
-        )
-        return ksbopt_feature(name)(*self.args, **self.kwargs)
+# ---- the parts every builder shares ----------------------------------------------------------
 
 
-class Sampler:
-    """Deterministic minibatch indices: epochs of permutations, or random window starts."""
+def _model(name: str, *args, **kwargs) -> Callable[[Any], Any]:
+    """``seed -> ksbopt.bench.models.<name>(*args, **kwargs, rngs=nnx.Rngs(seed))`` (a seed
+    or a PRNG key)."""
 
-    def __init__(self, n: int, batch: int, seed: int, *, windows: bool = False):
-        self.n, self.batch, self.windows = n, batch, windows
-        self.rng = np.random.default_rng(seed)
-        self.buf = np.zeros(0, np.int32)
+    def make(seed):
+        from flax import nnx
 
-    def next(self, steps: int) -> np.ndarray:
-        """Indices of shape (steps, batch), int32."""
-        need = steps * self.batch
-        if self.windows:
-            return self.rng.integers(0, self.n, size=(steps, self.batch), dtype=np.int32)
-        while self.buf.size < need:
-            self.buf = np.concatenate([self.buf, self.rng.permutation(self.n).astype(np.int32)])
-        out, self.buf = self.buf[:need], self.buf[need:]
-        return out.reshape(steps, self.batch)
+        from ksbopt.bench import models
+
+        return getattr(models, name)(*args, **kwargs, rngs=nnx.Rngs(seed))
+
+    return make
 
 
-@dataclasses.dataclass
-class Task:
-    """A built task. ``loss``/``evaluate``/``batch`` are pure JAX functions of their inputs."""
-
-    name: str
-    description: str
-    metric: str
-    higher_is_better: bool
-    target: float
-    steps: int
-    batch_size: int
-    eval_every: int
-    make_model: Callable[[Any], Any]  # seed (int or PRNG key) -> nnx.Module
-    arrays: Mapping[str, np.ndarray]
-    kind: str
-    decls: Sequence[SymDecl]
-    config: Mapping[str, Any]
-    data_info: Mapping[str, Any]
-    seq_len: int = 0
-    eval_batch: int = 1024
-    path_input_shape: tuple[int, ...] | None = None  # ReLU nets without normalisation
-    _path_fn: Any = dataclasses.field(default=None, repr=False, compare=False)
-
-    # ---- symmetries -------------------------------------------------------------------------
-    @property
-    def kinds(self) -> tuple[str, ...]:
-        """The symmetry kinds this task declares."""
-        return tuple(dict.fromkeys(d.kind for d in self.decls))
-
-    @property
-    def features(self) -> tuple[str, ...]:
-        """What optimizers may need besides symmetries: ``units``, ``path_norm``."""
-        return (
-            *(("units",) if self.unit_decls else ()),
-            *(("path_norm",) if self.path_input_shape else ()),
-        )
-
-    @property
-    def unit_decls(self) -> list[SymDecl]:
-        """The units (see :func:`unit_decls`) as ``scale`` declarations."""
-        return unit_decls(self.decls)
-
-    def has_symmetry(self, kind: str) -> bool:
-        return any(d.kind == kind for d in self.decls)
-
-    def symmetries(self, kind: str | Sequence[str] | None = None) -> list:
-        """``ksbopt`` symmetry objects of the given kind(s) (all kinds when ``None``)."""
-        kinds = None if kind is None else {kind} if isinstance(kind, str) else set(kind)
-        return [d.build() for d in self.decls if kinds is None or d.kind in kinds]
-
-    def unit_symmetries(self) -> list:
-        """``ksbopt.Scale`` objects of the units (:attr:`unit_decls`)."""
-        return [d.build() for d in self.unit_decls]
-
-    def path_norm_fn(self) -> Callable:
-        """``sq -> squared l2 path norm``: the net without ReLUs on squared weights, ones in.
-
-        The function Path-SGD needs (:func:`ksbopt.peers.path_sgd`); built once per task, so every
-        optimizer made for this task gets the same object.
-        """
-        if self.path_input_shape is None:
-            raise ValueError(
-                f"task {self.name!r} has no path norm (it has normalisation layers, non-ReLU "
-                "activations or average pooling); Path-SGD applies to ReLU networks without "
-                "normalisation or pooling, e.g. mnist1d_deep_mlp, mnist1d_cnn or teacher_relu."
-            )
-        if self._path_fn is None:
-            import jax
-            import jax.numpy as jnp
-            from flax import nnx
-
-            abstract = nnx.eval_shape(lambda: self.make_model(jax.random.key(0, impl="rbg")))
-            graph, _, rest = nnx.split(abstract, nnx.Param, ...)
-            if jax.tree.leaves(rest):  # pragma: no cover - path tasks have no model state
-                raise ValueError(f"task {self.name!r}: the path norm needs a stateless model.")
-            shape = self.path_input_shape
-
-            def path_norm(sq):
-                out = nnx.merge(graph, sq, rest)(jnp.ones(shape, jnp.float32), linear=True)
-                return jnp.sum(out)
-
-            self._path_fn = path_norm
-        return self._path_fn
-
-    # ---- data -------------------------------------------------------------------------------
-    def sampler(self, seed: int) -> Sampler:
-        if self.kind == "lm":
-            n = int(self.arrays["train_bytes"].size) - self.seq_len - 1
-            return Sampler(n, self.batch_size, seed, windows=True)
-        return Sampler(int(self.arrays["train_y"].shape[0]), self.batch_size, seed)
-
-    def batch(self, arrays, idx):
-        import jax
-        import jax.numpy as jnp
-
-        if self.kind == "lm":
-            win = jax.vmap(
-                lambda s: jax.lax.dynamic_slice(arrays["train_bytes"], (s,), (self.seq_len + 1,))
-            )(idx)
-            return win.astype(jnp.int32)
-        return arrays["train_x"][idx], arrays["train_y"][idx]
-
-    # ---- loss and metric --------------------------------------------------------------------
-    def _per_example(self, model, batch):
-        """Per-example (loss, metric numerator) of a batch."""
-        import jax.numpy as jnp
-        import optax
-
-        if self.kind == "lm":
-            logits = model(batch[:, :-1])
-            ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:])
-            return ce.mean(-1), ce.mean(-1) / math.log(2.0)
-        x, y = batch
-        out = model(x)
-        if self.kind == "classification":
-            ce = optax.softmax_cross_entropy_with_integer_labels(out, y)
-            return ce, (jnp.argmax(out, -1) == y).astype(jnp.float32)
-        se = jnp.mean((out - y) ** 2, axis=-1)
-        return se, se / self.config["target_var"]
-
-    def loss(self, model, batch):
-        return self._per_example(model, batch)[0].mean()
-
-    def eval_sets(self) -> dict[str, tuple[np.ndarray, ...]]:
-        """Validation and test data as (chunks, chunk, ...) arrays plus a mask.
-
-        Both splits share the chunk size and are zero-padded to whole chunks of their own
-        length: the validation split, evaluated every 2% of a run, is not padded to the
-        (larger) test split's, which is evaluated only at the start and the end.
-        """
-        if self.kind == "lm":
-            raw = {s: (self.arrays[f"{s}_windows"].astype(np.int32),) for s in ("val", "test")}
-        else:
-            raw = {s: (self.arrays[f"{s}_x"], self.arrays[f"{s}_y"]) for s in ("val", "test")}
-        n_max = max(d[0].shape[0] for d in raw.values())
-        chunk = min(n_max, self.eval_batch)
-        out = {}
-        for s, data in raw.items():
-            n = data[0].shape[0]
-            n_chunks = max(1, -(-n // chunk))
-            total = n_chunks * chunk
-            padded = [
-                np.concatenate([a, np.zeros((total - n, *a.shape[1:]), a.dtype)]).reshape(
-                    n_chunks, chunk, *a.shape[1:]
-                )
-                for a in data
-            ]
-            mask = (np.arange(total) < n).reshape(n_chunks, chunk)
-            out[s] = (*padded, mask)
-        return out
-
-    def evaluate(self, model, *data) -> dict:
-        """Mean loss and metric over one split given as :meth:`eval_sets` arrays."""
-        import jax
-        import jax.numpy as jnp
-
-        *xs, mask = data
-
-        def one(args):
-            *xs, m = args
-            b = xs[0] if self.kind == "lm" else tuple(xs)
-            lo, me = self._per_example(model, b)
-            return jnp.sum(jnp.where(m, lo, 0.0)), jnp.sum(jnp.where(m, me, 0.0))
-
-        lo, me = jax.lax.map(one, (*xs, mask))
-        n = jnp.sum(mask)
-        return {"loss": lo.sum() / n, "metric": me.sum() / n}
+def _task(name: str, s: Mapping[str, Any], **fields) -> Task:
+    """Task ``name`` with its registered description and the steps, batch and evaluation
+    interval of its row ``s`` of a size table."""
+    return Task(
+        name=name,
+        description=TASKS[name].description,
+        steps=s["steps"],
+        batch_size=s["batch"],
+        eval_every=s["eval_every"],
+        **fields,
+    )
 
 
-@dataclasses.dataclass(frozen=True)
-class TaskSpec:
-    """A task's name, what it needs installed, and how to build it at a scale.
-
-    ``kinds`` and ``features`` repeat what the built task declares (a test checks it), so
-    that a suite can tell which optimizers apply without building anything.
-    """
-
-    name: str
-    description: str
-    requires: tuple[str, ...]
-    build: Callable[[str, Any], Task]
-    kinds: tuple[str, ...] = ()  # symmetry kinds the built task declares
-    features: tuple[str, ...] = ()  # "units", "path_norm" (see Task.features)
-
-
-def unit_decls(decls: Sequence[SymDecl]) -> list[SymDecl]:
-    """The units of a network as ``scale`` declarations, for :func:`ksbopt.noether_rmsprop`.
-
-    With normalisation: the scale groups themselves. Without: the incoming weights of every
-    hidden unit whose norm the next layer can absorb (the incoming side of each rescale
-    group, the left factor of each plain linear pair: the diagonal of GL(k)), per output unit
-    (axis -1). These are not symmetries of the loss on their own: an optimizer that holds
-    their norms fixed loses nothing, because the rescale symmetry moves the norm to the next
-    layer (:doc:`/concepts/symmetries`).
-    """
-    scale = [d for d in decls if d.kind == "scale"]
-    if scale:
-        return scale
-    out = []
-    for d in decls:
-        if d.kind == "rescale":
-            inc = d.kwargs["incoming"]
-        elif d.kind == "linear" and d.constructor is None:
-            inc = d.args[0]
-        else:
-            continue
-        out.append(SymDecl("scale", (inc,), {"axis": -1}, f"{d.label.split('>')[0]} units"))
-    return out
-
-
-# ---- builders ---------------------------------------------------------------------------------
+def _classification(name, s, split, make, decls, *, target, config, path_input_shape) -> Task:
+    """An accuracy task on ``split``'s (x, y) arrays; the head's translation symmetry is
+    declared after ``decls``."""
+    return _task(
+        name,
+        s,
+        metric="accuracy",
+        higher_is_better=True,
+        target=target,
+        make_model=make,
+        arrays=_classif_arrays(split),
+        kind="classification",
+        decls=[*decls, _head_translation()],
+        config=config,
+        data_info=split.info,
+        path_input_shape=path_input_shape,
+    )
 
 
 def _classif_arrays(split) -> dict:
@@ -315,23 +104,60 @@ def _classif_arrays(split) -> dict:
     return out
 
 
-def _cnn_scale_decls(n_conv: int) -> list[SymDecl]:
-    return [
-        SymDecl("scale", (f"conv{i}/kernel",), {"axis": -1}, f"conv{i}")
-        for i in range(1, n_conv + 1)
-    ]
+# ---- symmetry declarations (Flax layout: the output unit is the last axis) ---------------------
+
+
+def _filter_scales(convs: Sequence[str]) -> list[SymDecl]:
+    """Each output filter of each conv (normalisation after it) is a scale group."""
+    return [SymDecl("scale", (f"{c}/kernel",), {"axis": -1}, c) for c in convs]
+
+
+def _layer_scales(layers: Sequence[str]) -> list[SymDecl]:
+    """Each whole layer, kernel and bias (LayerNorm after it), is one scale group."""
+    return [SymDecl("scale", ([f"{a}/kernel", f"{a}/bias"],), {"axis": None}, a) for a in layers]
 
 
 def _head_translation() -> SymDecl:
     return SymDecl("translation", (["head/kernel", "head/bias"],), {"axis": -1}, "head")
 
 
-def _rescale_chain(names: Sequence[str], *, bias: bool = True) -> list[SymDecl]:
+def _rescale_chain(names: Sequence[str]) -> list[SymDecl]:
+    """ReLU rescaling between consecutive layers: a hidden unit's incoming weights and bias
+    against its outgoing weights."""
     out = []
     for a, b in itertools.pairwise(names):
-        inc = [f"{a}/kernel", f"{a}/bias"] if bias else f"{a}/kernel"
+        inc = [f"{a}/kernel", f"{a}/bias"]
         out.append(SymDecl("rescale", (), {"incoming": inc, "outgoing": f"{b}/kernel"}, f"{a}>{b}"))
     return out
+
+
+def _attention_decls(layers: int, qk_norm: bool) -> list[SymDecl]:
+    """Per attention block: the query-key symmetry and the value-output one."""
+    decls = []
+    for i in range(layers):
+        p = f"blocks/{i}/attn"
+        kb = {n: [f"{p}/{n}/kernel", f"{p}/{n}/bias"] for n in ("query", "key", "value")}
+        if qk_norm:  # LayerNorm over the head dim: one scale group per head (axis -2)
+            decls += [
+                SymDecl("scale", (kb[n],), {"axis": -2}, f"b{i}.{n}") for n in ("query", "key")
+            ]
+        else:  # q k^T is unchanged by W_q -> W_q G, W_k -> W_k G^-T, per head
+            decls.append(
+                SymDecl("linear", (kb["query"], kb["key"]), {}, f"b{i}.qk", "Linear.query_key")
+            )
+        decls.append(
+            SymDecl(
+                "linear",
+                (kb["value"], f"{p}/out/kernel"),
+                {},
+                f"b{i}.vo",
+                "Linear.value_output",
+            )
+        )
+    return decls
+
+
+# ---- MNIST-1D and digits: classification ------------------------------------------------------
 
 
 _MNIST1D_SCALES = {
@@ -345,66 +171,47 @@ _MNIST1D_LARGE_SAMPLES = {"tiny": 2000, "small": 20000, "base": 20000, "large": 
 _MNIST1D_TARGETS = {"cnn": 0.9, "mlp": 0.6}
 
 
+def _mnist1d_sizes(scale: str, large: bool, published: bool) -> dict:
+    """The row of :data:`_MNIST1D_SCALES`, for the larger set or the published setting."""
+    s = dict(_MNIST1D_SCALES[scale])
+    if published:  # the MNIST-1D paper's setting: all 4000 training examples, 6000 steps
+        s.update(val_size=0, width=1)
+        if scale != "tiny":
+            s.update(num_samples=5000, batch=100, steps=6000, eval_every=500)
+    if large:
+        s["num_samples"] = _MNIST1D_LARGE_SAMPLES[scale]
+        s["val_size"] = s["num_samples"] // 10
+    return s
+
+
 def _mnist1d(model: str, norm: bool, large: bool, published: bool = False):
     def build(scale: str, cache_dir) -> Task:
         from ksbopt.bench import data
 
-        s = dict(_MNIST1D_SCALES[scale])
-        if published:  # the MNIST-1D paper's setting: all 4000 training examples, 6000 steps
-            s.update(val_size=0, width=1)
-            if scale != "tiny":
-                s.update(num_samples=5000, batch=100, steps=6000, eval_every=500)
-        if large:
-            s["num_samples"] = _MNIST1D_LARGE_SAMPLES[scale]
-            s["val_size"] = s["num_samples"] // 10
+        s = _mnist1d_sizes(scale, large, published)
         split = data.mnist1d(s["num_samples"], val_size=s["val_size"], cache_dir=cache_dir)
         if model == "cnn":
             channels = max(4, round(25 * s["width"]))
-
-            def make(seed):
-                from flax import nnx
-
-                from ksbopt.bench.models import CNN1D
-
-                return CNN1D(channels, batchnorm=norm, rngs=nnx.Rngs(seed))
-
-            decls = _cnn_scale_decls(3) if norm else _rescale_chain(["conv1", "conv2", "conv3"])
+            make = _model("CNN1D", channels, batchnorm=norm)
+            convs = ["conv1", "conv2", "conv3"]
+            decls = _filter_scales(convs) if norm else _rescale_chain(convs)
             cfg = {"channels": channels}
         else:
             hidden = max(8, round(100 * s["width"]))
-
-            def make(seed):
-                from flax import nnx
-
-                from ksbopt.bench.models import MLP
-
-                return MLP(40, hidden, 2, layernorm=norm, rngs=nnx.Rngs(seed))
-
-            if norm:
-                decls = [
-                    SymDecl("scale", ([f"fc{i}/kernel", f"fc{i}/bias"],), {"axis": None}, f"fc{i}")
-                    for i in (1, 2)
-                ]
-            else:
-                decls = _rescale_chain(["fc1", "fc2", "head"])
+            make = _model("MLP", 40, hidden, 2, layernorm=norm)
+            decls = (
+                _layer_scales(["fc1", "fc2"]) if norm else _rescale_chain(["fc1", "fc2", "head"])
+            )
             cfg = {"hidden": hidden}
-        decls = [*decls, _head_translation()]
         name = _mnist1d_name(model, norm, large) + ("_published" if published else "")
-        return Task(
-            name=name,
-            description=TASKS[name].description,
-            metric="accuracy",
-            higher_is_better=True,
+        return _classification(
+            name,
+            s,
+            split,
+            make,
+            decls,
             target=_MNIST1D_TARGETS[model],
-            steps=s["steps"],
-            batch_size=s["batch"],
-            eval_every=s["eval_every"],
-            make_model=make,
-            arrays=_classif_arrays(split),
-            kind="classification",
-            decls=decls,
             config={**cfg, "scale": scale, **s},
-            data_info=split.info,
             path_input_shape=None if norm else (1, 40),
         )
 
@@ -435,33 +242,15 @@ def _digits(norm: bool):
 
         s = _DIGITS_SCALES[scale]
         split = data.digits()
-
-        def make(seed):
-            from flax import nnx
-
-            from ksbopt.bench.models import DigitsCNN
-
-            return DigitsCNN(s["c1"], s["c2"], batchnorm=norm, rngs=nnx.Rngs(seed))
-
-        decls = _cnn_scale_decls(2) if norm else []
-        if not norm:
-            decls = _rescale_chain(["conv1", "conv2"])
-        name = "digits_cnn_bn" if norm else "digits_cnn"
-        return Task(
-            name=name,
-            description=TASKS[name].description,
-            metric="accuracy",
-            higher_is_better=True,
+        convs = ["conv1", "conv2"]
+        return _classification(
+            "digits_cnn_bn" if norm else "digits_cnn",
+            s,
+            split,
+            _model("DigitsCNN", s["c1"], s["c2"], batchnorm=norm),
+            _filter_scales(convs) if norm else _rescale_chain(convs),
             target=0.97,
-            steps=s["steps"],
-            batch_size=s["batch"],
-            eval_every=s["eval_every"],
-            make_model=make,
-            arrays=_classif_arrays(split),
-            kind="classification",
-            decls=[*decls, _head_translation()],
             config={"scale": scale, **s},
-            data_info=split.info,
             path_input_shape=None if norm else (1, 8, 8, 1),
         )
 
@@ -507,124 +296,58 @@ def _mnist1d_headline(name: str, model: str, norm: bool):
         )
         if model == "resnet":
             widths, blocks = tuple(s["widths"]), s["blocks"]
-
-            def make(seed):
-                from flax import nnx
-
-                from ksbopt.bench.models import ResNet1D
-
-                return ResNet1D(widths, blocks=blocks, batchnorm=norm, rngs=nnx.Rngs(seed))
-
+            make = _model("ResNet1D", widths, blocks=blocks, batchnorm=norm)
             convs = [f"s{i}b{j}" for i in range(len(widths)) for j in range(blocks)]
             if norm:
-                decls = [
-                    SymDecl("scale", (f"{c}/kernel",), {"axis": -1}, c)
-                    for c in ["stem", *(f"{b}{ab}" for b in convs for ab in "ab")]
-                ]
+                decls = _filter_scales(["stem", *(f"{b}{ab}" for b in convs for ab in "ab")])
             else:  # the hidden channels of each residual branch
-                decls = [
-                    SymDecl(
-                        "rescale",
-                        (),
-                        {"incoming": [f"{b}a/kernel", f"{b}a/bias"], "outgoing": f"{b}b/kernel"},
-                        f"{b}a>{b}b",
-                    )
-                    for b in convs
-                ]
+                decls = [d for b in convs for d in _rescale_chain([f"{b}a", f"{b}b"])]
             cfg = {"widths": widths, "blocks": blocks}
             path_shape = None  # average pooling: the path norm is not the net on squared weights
         else:
             width, depth = s["mlp_width"], s["mlp_depth"]
-
-            def make(seed):
-                from flax import nnx
-
-                from ksbopt.bench.models import MLP
-
-                return MLP(40, width, depth, layernorm=norm, rngs=nnx.Rngs(seed))
-
+            make = _model("MLP", 40, width, depth, layernorm=norm)
             layers = [f"fc{i}" for i in range(1, depth + 1)]
-            if norm:  # LayerNorm after each hidden layer: the whole layer is one scale group
-                decls = [
-                    SymDecl("scale", ([f"{a}/kernel", f"{a}/bias"],), {"axis": None}, a)
-                    for a in layers
-                ]
-            else:
-                decls = _rescale_chain([*layers, "head"])
+            # LayerNorm after each hidden layer: the whole layer is one scale group
+            decls = _layer_scales(layers) if norm else _rescale_chain([*layers, "head"])
             cfg = {"width": width, "depth": depth}
             path_shape = None if norm else (1, 40)
-        return Task(
-            name=name,
-            description=TASKS[name].description,
-            metric="accuracy",
-            higher_is_better=True,
+        return _classification(
+            name,
+            s,
+            split,
+            make,
+            decls,
             target=_HEADLINE_TARGETS[model],
-            steps=s["steps"],
-            batch_size=s["batch"],
-            eval_every=s["eval_every"],
-            make_model=make,
-            arrays=_classif_arrays(split),
-            kind="classification",
-            decls=[*decls, _head_translation()],
             config={**cfg, "scale": scale, **s},
-            data_info=split.info,
             path_input_shape=path_shape,
         )
 
     return build
 
 
+# ---- byte-level language model ----------------------------------------------------------------
+
+
 _LM_SCALES = {
     "tiny": dict(
-        d=32,
-        layers=1,
-        heads=2,
-        seq_len=32,
-        batch=8,
-        steps=20,
-        eval_every=10,
-        eval_windows=16,
-        max_train_bytes=200_000,
-        target=6.0,
+        d=32, layers=1, heads=2, seq_len=32, batch=8, steps=20, eval_every=10, eval_windows=16,
+        max_train_bytes=200_000, target=6.0,
     ),
     # CPU sizes are small on purpose: a step costs about 23 us per token on 2 cores (d=32).
     "small": dict(
-        d=32,
-        layers=2,
-        heads=4,
-        seq_len=32,
-        batch=8,
-        steps=200,
-        eval_every=50,
-        eval_windows=64,
-        max_train_bytes=None,
-        target=4.0,
+        d=32, layers=2, heads=4, seq_len=32, batch=8, steps=200, eval_every=50, eval_windows=64,
+        max_train_bytes=None, target=4.0,
     ),
     "base": dict(
-        d=32,
-        layers=2,
-        heads=4,
-        seq_len=64,
-        batch=16,
-        steps=1000,
-        eval_every=100,
-        eval_windows=256,
-        max_train_bytes=None,
-        target=3.2,
+        d=32, layers=2, heads=4, seq_len=64, batch=16, steps=1000, eval_every=100,
+        eval_windows=256, max_train_bytes=None, target=3.2,
     ),
     "large": dict(
-        d=512,
-        layers=8,
-        heads=8,
-        seq_len=256,
-        batch=64,
-        steps=800,
-        eval_every=100,
-        eval_windows=512,
-        max_train_bytes=None,
-        target=2.5,
+        d=512, layers=8, heads=8, seq_len=256, batch=64, steps=800, eval_every=100,
+        eval_windows=512, max_train_bytes=None, target=2.5,
     ),
-}
+}  # fmt: skip
 
 
 def _eval_windows(b: np.ndarray, seq_len: int, count: int) -> np.ndarray:
@@ -640,30 +363,15 @@ def _eval_windows(b: np.ndarray, seq_len: int, count: int) -> np.ndarray:
 _LM_LONG = {
     "tiny": _LM_SCALES["tiny"],
     "small": dict(
-        d=64,
-        layers=2,
-        heads=4,
-        seq_len=128,
-        batch=8,
-        steps=2000,
-        eval_every=40,
-        eval_windows=256,
-        max_train_bytes=None,
+        d=64, layers=2, heads=4, seq_len=128, batch=8, steps=2000, eval_every=40,
+        eval_windows=256, max_train_bytes=None,
         target=2.6,  # AdamW at lr 3e-3 ends at 2.42 bits per byte
     ),
     "large": dict(
-        d=512,
-        layers=8,
-        heads=8,
-        seq_len=256,
-        batch=64,
-        steps=2000,
-        eval_every=40,
-        eval_windows=2048,
-        max_train_bytes=None,
-        target=2.0,
+        d=512, layers=8, heads=8, seq_len=256, batch=64, steps=2000, eval_every=40,
+        eval_windows=2048, max_train_bytes=None, target=2.0,
     ),
-}
+}  # fmt: skip
 _LM_LONG["base"] = _LM_LONG["small"]
 
 
@@ -678,55 +386,24 @@ def _lm(name: str, qk_norm: bool, sizes: Mapping[str, Mapping[str, Any]]):
             arrays[f"{sp}_windows"] = _eval_windows(
                 getattr(split, sp)["bytes"], s["seq_len"], s["eval_windows"]
             )
-
-        def make(seed):
-            from flax import nnx
-
-            from ksbopt.bench.models import TransformerLM
-
-            return TransformerLM(
-                d=s["d"],
-                layers=s["layers"],
-                heads=s["heads"],
-                seq_len=s["seq_len"],
-                qk_norm=qk_norm,
-                rngs=nnx.Rngs(seed),
-            )
-
-        decls = [_head_translation()]
-        for i in range(s["layers"]):
-            p = f"blocks/{i}/attn"
-            kb = {n: [f"{p}/{n}/kernel", f"{p}/{n}/bias"] for n in ("query", "key", "value")}
-            if qk_norm:  # LayerNorm over the head dim: one scale group per head (axis -2)
-                decls += [
-                    SymDecl("scale", (kb[n],), {"axis": -2}, f"b{i}.{n}") for n in ("query", "key")
-                ]
-            else:  # q k^T is unchanged by W_q -> W_q G, W_k -> W_k G^-T, per head
-                decls.append(
-                    SymDecl("linear", (kb["query"], kb["key"]), {}, f"b{i}.qk", "Linear.query_key")
-                )
-            decls.append(
-                SymDecl(
-                    "linear",
-                    (kb["value"], f"{p}/out/kernel"),
-                    {},
-                    f"b{i}.vo",
-                    "Linear.value_output",
-                )
-            )
-        return Task(
-            name=name,
-            description=TASKS[name].description,
+        make = _model(
+            "TransformerLM",
+            d=s["d"],
+            layers=s["layers"],
+            heads=s["heads"],
+            seq_len=s["seq_len"],
+            qk_norm=qk_norm,
+        )
+        return _task(
+            name,
+            s,
             metric="bits_per_byte",
             higher_is_better=False,
             target=s["target"],
-            steps=s["steps"],
-            batch_size=s["batch"],
-            eval_every=s["eval_every"],
             make_model=make,
             arrays=arrays,
             kind="lm",
-            decls=decls,
+            decls=[_head_translation(), *_attention_decls(s["layers"], qk_norm)],
             config={"scale": scale, **s},
             data_info=split.info,
             seq_len=s["seq_len"],
@@ -734,6 +411,9 @@ def _lm(name: str, qk_norm: bool, sizes: Mapping[str, Mapping[str, Any]]):
         )
 
     return build
+
+
+# ---- teacher-student regression ---------------------------------------------------------------
 
 
 _TEACHER_SCALES = {
@@ -753,16 +433,7 @@ def _teacher(relu: bool):
         split = data.teacher_student(
             kind=kind, depth=s["depth"], width=max(8, s["width"] // 2), n_train=s["n_train"]
         )
-        arrays = _classif_arrays(split)
         target_var = float(np.var(split.val["y"]))
-
-        def make(seed):
-            from flax import nnx
-
-            from ksbopt.bench.models import DeepMLP
-
-            return DeepMLP(32, 8, s["width"], s["depth"], relu=relu, rngs=nnx.Rngs(seed))
-
         names = [f"fc{i}" for i in range(1, s["depth"] + 1)]
         if relu:
             decls = _rescale_chain(names)
@@ -771,18 +442,14 @@ def _teacher(relu: bool):
                 SymDecl("linear", (f"{a}/kernel", f"{b}/kernel"), {}, f"{a}>{b}")
                 for a, b in itertools.pairwise(names)
             ]
-        name = f"teacher_{kind}"
-        return Task(
-            name=name,
-            description=TASKS[name].description,
+        return _task(
+            f"teacher_{kind}",
+            s,
             metric="nmse",
             higher_is_better=False,
             target=0.2 if relu else 0.01,
-            steps=s["steps"],
-            batch_size=s["batch"],
-            eval_every=s["eval_every"],
-            make_model=make,
-            arrays=arrays,
+            make_model=_model("DeepMLP", 32, 8, s["width"], s["depth"], relu=relu),
+            arrays=_classif_arrays(split),
             kind="regression",
             decls=decls,
             config={"scale": scale, "target_var": target_var, **s},
@@ -793,166 +460,67 @@ def _teacher(relu: bool):
     return build
 
 
+# ---- the catalogue ----------------------------------------------------------------------------
+
 _BASE = ("flax",)
 _MNIST = (*_BASE, "mnist1d")
 _SK = (*_BASE, "sklearn")
 _N, _R, _T, _L = "scale", "rescale", "translation", "linear"
-TASKS: dict[str, TaskSpec] = {}
-
-
-def _add(name, description, requires, build, kinds, features=()):
-    TASKS[name] = TaskSpec(name, description, requires, build, kinds, features)
-
-
+_U, _P = ("units",), ("units", "path_norm")  # features with / without normalisation
 _STD = "MNIST-1D, standard 4000/1000 split"
 _BIG = "larger generated MNIST-1D set"
-_U, _P = ("units",), ("units", "path_norm")  # features with / without normalisation
-_add(
-    "mnist1d_cnn_bn",
-    f"1-D CNN with BatchNorm; {_STD}",
-    _MNIST,
-    _mnist1d("cnn", True, False),
-    (_N, _T),
-    _U,
-)
-_add(
-    "mnist1d_cnn",
-    f"1-D CNN, no normalisation; {_STD}",
-    _MNIST,
-    _mnist1d("cnn", False, False),
-    (_R, _T),
-    _P,
-)
-_add(
-    "mnist1d_mlp_ln",
-    f"MLP with LayerNorm; {_STD}",
-    _MNIST,
-    _mnist1d("mlp", True, False),
-    (_N, _T),
-    _U,
-)
-_add(
-    "mnist1d_mlp",
-    f"MLP, no normalisation; {_STD}",
-    _MNIST,
-    _mnist1d("mlp", False, False),
-    (_R, _T),
-    _P,
-)
-_add(
-    "mnist1d_large_cnn_bn",
-    f"1-D CNN with BatchNorm; {_BIG}",
-    _MNIST,
-    _mnist1d("cnn", True, True),
-    (_N, _T),
-    _U,
-)
-_add(
-    "mnist1d_large_cnn",
-    f"1-D CNN, no normalisation; {_BIG}",
-    _MNIST,
-    _mnist1d("cnn", False, True),
-    (_R, _T),
-    _P,
-)
-for _model in ("mlp", "cnn"):
-    _add(
-        f"mnist1d_{_model}_published",
-        f"MNIST-1D published {_model.upper()} baseline: all 4000 training examples, 6000 steps, "
-        "batch 100 (validation = test: no tuning)",
-        _MNIST,
-        _mnist1d(_model, False, False, published=True),
-        (_R, _T),
-        _P,
-    )
-_add(
-    "digits_cnn_bn",
-    "small 2-D CNN with BatchNorm; sklearn digits",
-    _SK,
-    _digits(True),
-    (_N, _T),
-    _U,
-)
-_add(
-    "digits_cnn",
-    "small 2-D CNN, no normalisation; sklearn digits",
-    _SK,
-    _digits(False),
-    (_R, _T),
-    _P,
-)
-_add(
-    "lm_stdlib",
-    "pre-LN byte Transformer; stdlib source; bits/byte",
-    _BASE,
-    _lm("lm_stdlib", False, _LM_SCALES),
-    (_L, _T),
-)
-_add(
-    "lm_stdlib_qknorm",
-    "pre-LN byte Transformer with QK-norm; stdlib source; bits/byte",
-    _BASE,
-    _lm("lm_stdlib_qknorm", True, _LM_SCALES),
-    (_N, _L, _T),
-    _U,
-)
 _HARD = "harder MNIST-1D (40k/4k/8k train/val/test on CPU)"
-_add(
-    "mnist1d_resnet_bn",
-    f"ResNet-1D (3 stages x 2 basic blocks) with BatchNorm; {_HARD}",
-    _MNIST,
-    _mnist1d_headline("mnist1d_resnet_bn", "resnet", True),
-    (_N, _T),
-    _U,
+_RESNET = "ResNet-1D (3 stages x 2 basic blocks)"
+_LM = "pre-LN byte Transformer"
+
+# name, description, packages it needs, builder, symmetry kinds, features (see TaskSpec)
+# fmt: off
+_CATALOGUE = (
+    ("mnist1d_cnn_bn", f"1-D CNN with BatchNorm; {_STD}",
+     _MNIST, _mnist1d("cnn", True, False), (_N, _T), _U),
+    ("mnist1d_cnn", f"1-D CNN, no normalisation; {_STD}",
+     _MNIST, _mnist1d("cnn", False, False), (_R, _T), _P),
+    ("mnist1d_mlp_ln", f"MLP with LayerNorm; {_STD}",
+     _MNIST, _mnist1d("mlp", True, False), (_N, _T), _U),
+    ("mnist1d_mlp", f"MLP, no normalisation; {_STD}",
+     _MNIST, _mnist1d("mlp", False, False), (_R, _T), _P),
+    ("mnist1d_large_cnn_bn", f"1-D CNN with BatchNorm; {_BIG}",
+     _MNIST, _mnist1d("cnn", True, True), (_N, _T), _U),
+    ("mnist1d_large_cnn", f"1-D CNN, no normalisation; {_BIG}",
+     _MNIST, _mnist1d("cnn", False, True), (_R, _T), _P),
+    *(
+        (f"mnist1d_{m}_published",
+         f"MNIST-1D published {m.upper()} baseline: all 4000 training examples, 6000 steps, "
+         "batch 100 (validation = test: no tuning)",
+         _MNIST, _mnist1d(m, False, False, published=True), (_R, _T), _P)
+        for m in ("mlp", "cnn")
+    ),
+    ("digits_cnn_bn", "small 2-D CNN with BatchNorm; sklearn digits",
+     _SK, _digits(True), (_N, _T), _U),
+    ("digits_cnn", "small 2-D CNN, no normalisation; sklearn digits",
+     _SK, _digits(False), (_R, _T), _P),
+    ("lm_stdlib", f"{_LM}; stdlib source; bits/byte",
+     _BASE, _lm("lm_stdlib", False, _LM_SCALES), (_L, _T), ()),
+    ("lm_stdlib_qknorm", f"{_LM} with QK-norm; stdlib source; bits/byte",
+     _BASE, _lm("lm_stdlib_qknorm", True, _LM_SCALES), (_N, _L, _T), _U),
+    ("mnist1d_resnet_bn", f"{_RESNET} with BatchNorm; {_HARD}",
+     _MNIST, _mnist1d_headline("mnist1d_resnet_bn", "resnet", True), (_N, _T), _U),
+    ("mnist1d_resnet", f"{_RESNET}, no normalisation; {_HARD}",
+     _MNIST, _mnist1d_headline("mnist1d_resnet", "resnet", False), (_R, _T), _U),
+    ("mnist1d_deep_mlp_ln", f"deep MLP (5 hidden layers) with LayerNorm; {_HARD}",
+     _MNIST, _mnist1d_headline("mnist1d_deep_mlp_ln", "mlp", True), (_N, _T), _U),
+    ("mnist1d_deep_mlp", f"deep ReLU MLP (5 hidden layers), no normalisation; {_HARD}",
+     _MNIST, _mnist1d_headline("mnist1d_deep_mlp", "mlp", False), (_R, _T), _P),
+    ("lm_stdlib_long",
+     f"{_LM} with QK-norm, context >= 128; stdlib source split by file; bits/byte",
+     _BASE, _lm("lm_stdlib_long", True, _LM_LONG), (_N, _L, _T), _U),
+    ("teacher_relu", "deep ReLU MLP, teacher-student regression; test NMSE",
+     _BASE, _teacher(True), (_R,), _P),
+    ("teacher_linear", "deep linear net, teacher-student regression; test NMSE",
+     _BASE, _teacher(False), (_L,), _P),
 )
-_add(
-    "mnist1d_resnet",
-    f"ResNet-1D (3 stages x 2 basic blocks), no normalisation; {_HARD}",
-    _MNIST,
-    _mnist1d_headline("mnist1d_resnet", "resnet", False),
-    (_R, _T),
-    _U,
-)
-_add(
-    "mnist1d_deep_mlp_ln",
-    f"deep MLP (5 hidden layers) with LayerNorm; {_HARD}",
-    _MNIST,
-    _mnist1d_headline("mnist1d_deep_mlp_ln", "mlp", True),
-    (_N, _T),
-    _U,
-)
-_add(
-    "mnist1d_deep_mlp",
-    f"deep ReLU MLP (5 hidden layers), no normalisation; {_HARD}",
-    _MNIST,
-    _mnist1d_headline("mnist1d_deep_mlp", "mlp", False),
-    (_R, _T),
-    _P,
-)
-_add(
-    "lm_stdlib_long",
-    "pre-LN byte Transformer with QK-norm, context >= 128; stdlib source split by file; bits/byte",
-    _BASE,
-    _lm("lm_stdlib_long", True, _LM_LONG),
-    (_N, _L, _T),
-    _U,
-)
-_add(
-    "teacher_relu",
-    "deep ReLU MLP, teacher-student regression; test NMSE",
-    _BASE,
-    _teacher(True),
-    (_R,),
-    _P,
-)
-_add(
-    "teacher_linear",
-    "deep linear net, teacher-student regression; test NMSE",
-    _BASE,
-    _teacher(False),
-    (_L,),
-    _P,
-)
+# fmt: on
+TASKS: dict[str, TaskSpec] = {name: TaskSpec(name, *rest) for name, *rest in _CATALOGUE}
 
 
 # The tasks the report leads with (sizes above: every one at least 100k parameters and 2000
