@@ -139,3 +139,18 @@ def test_markdown_lists_every_pair_and_names_an_entry_paying_on_three_tasks():
     assert "`noether_rmsprop` pays on 3 tasks (a, b, c)" in lines[-2]
     two = advantage.markdown({"a": task(600), "b": task(600)})
     assert two[-2] == "No kinetic energy pays on three or more of these tasks."
+
+
+def test_time_is_cpu_seconds_when_every_run_timed_them_else_wall_clock():
+    def task(entry_cpu):
+        rows = {
+            "sgd+wd": {**_row(0.9, 900, 90, test=SEEDS), "cpu_to_target": 180.0},
+            # more wall-clock (the machine was busy during its runs) but less CPU time
+            "noether_rmsprop": {**_row(0.9, 600, 120, test=SEEDS), "cpu_to_target": entry_cpu},
+        }
+        return {"higher_is_better": True, "optimizers": rows}
+
+    (a,) = advantages(task(150.0))
+    assert a.time_basis == "cpu" and a.time_ratio == 1.2 and a.faster
+    (b,) = advantages(task(None))
+    assert b.time_basis == "wall" and b.time_ratio == 0.75 and not b.faster

@@ -4,7 +4,8 @@ The numbers come from :func:`ksbopt.bench.summary.summarize` (the grid experimen
 arm, task and optimizer: the setting chosen on the VALIDATION split, TEST metric at that setting
 over its seeds, sensitivity, good band, targets, paired-bootstrap verdicts; the NLD control; the
 published baselines). :func:`write_report` writes them to ``summary.json`` and ``report.md``:
-protocol, the four questions (:mod:`ksbopt.bench.questions`), overview, one section per task
+protocol, the four questions (:mod:`ksbopt.bench.questions`), whether a kinetic energy pays
+(:mod:`ksbopt.bench.advantage`), overview, one section per task
 and arm (:mod:`ksbopt.bench.tables`), with the figures of :func:`ksbopt.bench.plots.write`.
 """
 
@@ -16,8 +17,8 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from ksbopt.bench import advantage, profiles, questions, tables
 from ksbopt.bench import plots as figures
-from ksbopt.bench import profiles, questions, tables
 from ksbopt.bench.summary import summarize
 from ksbopt.bench.tables import fmt
 
@@ -41,6 +42,7 @@ def write_report(
     L = _header(records, meta)
     L += ["", *tables.protocol_lines(meta.get("protocol"), summary.get("grid_arm")), ""]
     L += questions.lines(summary)
+    L += advantage.markdown(summary["grid"], _headline_first(summary["grid"]))
     L += tables.overview(summary["grid"])
     L += _task_sections(summary, by_id, made)
     if summary["nld"]:
@@ -52,6 +54,13 @@ def write_report(
     path = out / "report.md"
     path.write_text("\n".join(L) + "\n")
     return path
+
+
+def _headline_first(grid: Mapping) -> list[str]:
+    """The headline tasks of the run if it has any (the question is asked of them), else all."""
+    from ksbopt.bench.tasks import HEADLINE_TASKS
+
+    return [t for t in HEADLINE_TASKS if t in grid] or list(grid)
 
 
 def _header(records: Sequence[dict], meta: Mapping) -> list[str]:

@@ -14,7 +14,9 @@ statistics :mod:`ksbopt.bench.stats`):
   ``edge`` (the chosen learning rate lacks an evaluated worse neighbour on some side).
 - **targets**: one target per task and arm, :data:`~ksbopt.bench.stats.TARGET_FRACTION` of
   the best mean final validation metric of any optimizer; steps and training seconds
-  (compilation and evaluation excluded) to reach it, median over the seeds that did.
+  (compilation and evaluation excluded) to reach it, median over the seeds that did; and
+  ``cpu_to_target``, the steps times the run's median CPU seconds per step, which a loaded
+  machine inflates far less than wall-clock.
 - **paired verdicts**: the reference is the best *baseline* (an entry that uses no ksbopt
   feature) on validation; every other optimizer's test metric minus the reference's, paired by
   seed, with a 95% bootstrap interval (:func:`ksbopt.bench.stats.paired_bootstrap`).
@@ -199,7 +201,7 @@ def _targets(rows: dict, opts: Mapping, higher: bool) -> None:
     target = stats.target_value((max if higher else min)(vals), higher) if vals else None
     for opt, row in rows.items():
         row["target"] = target
-        steps, secs = [], []
+        steps, secs, cpu = [], [], []
         if target is not None:
             for r in opts[opt][(row["best_lr"], tuple(sorted(row["hparams"].items())))]:
                 c = r["curves"]
@@ -208,8 +210,13 @@ def _targets(rows: dict, opts: Mapping, higher: bool) -> None:
                     steps.append(s)
                     if "time_s" in c:
                         secs.append(c["time_s"][c["step"].index(s)])
+                    if "step_cpu_ms_median" in r["timing"]:
+                        cpu.append(s * r["timing"]["step_cpu_ms_median"] / 1000)
         row["steps_to_target"] = float(np.median(steps)) if steps else None
         row["time_to_target"] = float(np.median(secs)) if secs else None
+        # steps x CPU seconds per step: unlike wall-clock, it does not grow with whatever
+        # else the machine runs (None unless every run that reached the target timed it)
+        row["cpu_to_target"] = float(np.median(cpu)) if cpu and len(cpu) == len(steps) else None
         row["reached"] = len(steps)
 
 
