@@ -355,6 +355,7 @@ def test_tuned_weight_decay_is_injected_one_compilation_serves_every_value(cache
     at two weight decays share one compiled step, and each trains at its own decay."""
     from ksbopt.bench.records import RunConfig
 
+    compiled.clear_caches()  # an earlier test may have compiled this step: count from zero
     task = build_task("mnist1d_deep_mlp_ln", "tiny", cache)
     r = runner.Runner(tmp_path, progress=False)
     a = RunConfig("grid", task.name, "sgd+wd", 0.1, 0, "tiny", (("weight_decay", 5e-5),))
