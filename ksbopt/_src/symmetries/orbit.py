@@ -8,8 +8,11 @@ share no leaf are handled group by group; overlapping ones are solved jointly:
   closed form for a symmetry alone, by preconditioned conjugate gradients on the normal
   equations (J^T J) c = J^T u over overlapping symmetries (matrix-free: each iteration is
   one pass over their leaves, never a dense Gram matrix);
-- :func:`move` applies group actions until every charge equals its target, sweeping over
-  overlapping symmetries until the largest relative residual is below 64 eps.
+- :func:`move` applies group actions until every charge equals its target: in closed form
+  for a symmetry alone, by Newton's method on the generator coefficients over overlapping
+  Scale / Rescale / Translation symmetries (each Newton step one conjugate-gradient solve
+  with the same Gram operator as the projection), by sweeps of each symmetry's own move
+  where a Linear overlaps others; until the largest relative residual is below 64 eps.
 """
 
 from __future__ import annotations
@@ -159,6 +162,37 @@ def _expand_all(syms: Sequence[BoundSymmetry], flat: Flat, coefs: Sequence[jax.A
     return out
 
 
+def _normal_equations(syms: Sequence[BoundSymmetry], flat: Flat, mask=None):
+    """The Gram operator J^T J of overlapping symmetries at ``flat``, matrix-free.
+
+    Returns ``(matvec, solve, reduce)`` acting on lists of coefficient arrays (one per
+    symmetry): ``matvec`` applies J^T J as J^T (J p), one pass over the component's leaves
+    that reads the parameters and writes nothing leaf-sized; ``solve`` the block-diagonal
+    preconditioner, each symmetry's own Gram operator solved in closed form; ``reduce`` maps
+    leaves (leaf index -> array) to J^T v. With ``mask`` (one 0/1 array per symmetry, shaped
+    like its coefficients) the masked coefficients are held at zero: the operators act on
+    the other groups only.
+    """
+    precond = [s.gram_solver(flat) for s in syms]
+
+    def reduce(sub: Moved) -> list[jax.Array]:
+        full: Flat = [None] * len(flat)
+        for i, v in sub.items():
+            full[i] = v
+        return [s.reduce(flat, full) for s in syms]
+
+    def masked(c: Sequence[jax.Array]) -> list[jax.Array]:
+        return list(c) if mask is None else [m * x for m, x in zip(mask, c)]
+
+    def matvec(p: Sequence[jax.Array]) -> list[jax.Array]:
+        return masked(reduce(_expand_all(syms, flat, masked(p))))
+
+    def solve(r: Sequence[jax.Array]) -> list[jax.Array]:
+        return masked([m(x) for m, x in zip(precond, masked(r))])
+
+    return matvec, solve, reduce
+
+
 def _inner(a: Sequence[jax.Array], b: Sequence[jax.Array]) -> jax.Array:
     return sum(jnp.sum(x * y) for x, y in zip(a, b))
 
@@ -167,18 +201,19 @@ def _pcg(matvec, solve, b: list[jax.Array], max_iter, stop) -> tuple[list[jax.Ar
     """Preconditioned conjugate gradients for A x = b (A symmetric positive semi-definite).
 
     ``matvec`` applies A, ``solve`` the preconditioner's (pseudo-)inverse M^+; both act on
-    lists of arrays. Iterates while ``stop(r^T M^+ r)`` is false, at most ``max_iter`` times.
+    lists of arrays. Iterates while ``stop(r^T M^+ r, b^T M^+ b)`` is false, at most
+    ``max_iter`` times.
     Rounding-robust choices: the step length is the exact line search <r, p> / <p, A p> for
     the current residual (equal to r^T M^+ r / <p, A p> in exact arithmetic, and never
     increasing the A-norm of the error) and beta is Polak-Ribiere's, clipped at 0 (a restart
     whenever rounding has cost the directions their conjugacy). Returns x and r^T M^+ r.
     """
     z = solve(b)
-    rz = jnp.maximum(_inner(b, z), 0)
+    rz0 = jnp.maximum(_inner(b, z), 0)
 
     def cond(state):
         it, _, _, _, rz = state
-        return (it < max_iter) & ~stop(rz)
+        return (it < max_iter) & ~stop(rz, rz0)
 
     def body(state):
         it, x, r, p, rz = state
@@ -193,7 +228,7 @@ def _pcg(matvec, solve, b: list[jax.Array], max_iter, stop) -> tuple[list[jax.Ar
         return it + 1, x, r_new, p, rz_new
 
     x0 = [jnp.zeros_like(v) for v in b]
-    _, x, _, _, rz = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), x0, b, z, rz))
+    _, x, _, _, rz = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), x0, b, z, rz0))
     return x, rz
 
 
@@ -221,16 +256,7 @@ def _joint_project(
     finite on the component).
     """
     leaves = _component_leaves(syms)
-    precond = [s.gram_solver(flat) for s in syms]
-
-    def reduce(sub: Moved) -> list[jax.Array]:
-        full: Flat = [None] * len(flat)
-        for i, v in sub.items():
-            full[i] = v
-        return [s.reduce(flat, full) for s in syms]
-
-    def solve(r: Sequence[jax.Array]) -> list[jax.Array]:
-        return [m(x) for m, x in zip(precond, r)]
+    matvec, solve, reduce = _normal_equations(syms, flat)
 
     def left(r: Sequence[jax.Array]) -> jax.Array:
         return jnp.maximum(_inner(r, solve(r)), 0)
@@ -238,13 +264,7 @@ def _joint_project(
     sub = {i: u[i] for i in leaves}
     uu = sum(jnp.sum(jnp.square(x)) for x in sub.values())
     tol = jnp.asarray(tol, uu.dtype)
-    c, _ = _pcg(
-        lambda p: reduce(_expand_all(syms, flat, p)),
-        solve,
-        reduce(sub),
-        max_iter,
-        lambda rz: rz <= tol * tol * uu,
-    )
+    c, _ = _pcg(matvec, solve, reduce(sub), max_iter, lambda rz, _: rz <= tol * tol * uu)
     removed = _expand_all(syms, flat, c)
     out = {i: v - removed[i] if i in removed else v for i, v in sub.items()}
     # NaN when u is not finite: the NaN reaches the caller's checks.
@@ -300,6 +320,167 @@ def project(
     return out, coefs, jnp.max(jnp.stack(residuals))
 
 
+#: Default cap of Newton steps of a joint orbit move.
+MOVE_MAX_ITER = 32
+
+#: Cap of conjugate-gradient iterations per Newton step of a joint orbit move.
+MOVE_CG_MAX_ITER = 64
+
+
+def _exp_action(sym: BoundSymmetry, flat: Flat, c: jax.Array) -> Moved:
+    """psi(flat, exp(c)): the group element whose generator coefficients are ``c``.
+
+    Multiplicative kinds (Scale, Rescale) act by the factor e^c (incoming) and e^-c
+    (outgoing); Translation by the shift c itself.
+    """
+    return sym.act(flat, c if sym.symmetry.kind == "translation" else jnp.exp(c))
+
+
+def _movable(sym: BoundSymmetry, q: jax.Array, norms: jax.Array, target: jax.Array) -> jax.Array:
+    """1 where the group can reach ``target`` along its own orbit, else 0 (float mask).
+
+    [derived] Along exp(c), a multiplicative group's charge is
+    (e^{2c} x_+ - e^{-2c} x_-) / 2 with x_+ = |incoming|^2 = N/2 + Q and
+    x_- = |outgoing|^2 = N/2 - Q (N = |xi|^2; Scale has no outgoing part): it covers the
+    reals if both are positive, only positive values without outgoing weights, only negative
+    ones without incoming weights and nothing for a zero group. A Translation group reaches
+    every value. A group that cannot reach its target stays where it is, as in the closed
+    form of a symmetry alone.
+    """
+    if sym.symmetry.kind == "translation":
+        return jnp.ones_like(q)
+    x_in = 0.5 * norms + q
+    x_out = jnp.zeros_like(q) if sym.symmetry.kind == "scale" else 0.5 * norms - q
+    ok = ((x_in > 0) | (target < 0)) & ((x_out > 0) | (target > 0)) & (norms > 0)
+    return ok.astype(q.dtype)
+
+
+def _joint_move(
+    syms: Sequence[BoundSymmetry],
+    cand: Flat,
+    targets: Sequence[jax.Array],
+    charges: Sequence[jax.Array],
+    max_iter: int,
+    tol: float,
+) -> tuple[Moved, jax.Array]:
+    """Move ``cand`` along the orbits of overlapping Scale / Rescale / Translation symmetries
+    until every charge equals its target: Newton's method on the generator coefficients.
+
+    [derived] The charges are moment maps of the group actions: the gradient of Q_k is the
+    generator field xi_k, so along psi(theta, exp(c)) the Jacobian of the charges is
+    dQ_k / dc_l = <xi_k, xi_l>, the Gram operator J^T J of the generators that
+    :func:`project` solves with. Each Newton step solves J^T J c = T - Q(theta) by the same
+    matrix-free preconditioned conjugate gradients (one pass over the component's leaves per
+    iteration) and applies the group elements exp(c) exactly, so every iterate is on the
+    orbit of ``cand``. The linear solves are inexact (Eisenstat and Walker's forcing terms):
+    each stops once its relative residual is below max(tol / (4 rho), min(rho, 0.1)) for the
+    current charge residual rho, enough for the step to reach ``tol`` when rho is small and no
+    more work than the quadratic convergence can use when it is not. A trust region keeps
+    every multiplicative factor within e^(+-1) per step (large steered moves). Groups that
+    cannot reach their target are held where they are (:func:`_movable`).
+
+    Stops when the largest relative residual |Q - T| / scale over the movable groups is
+    below ``tol`` or after ``max_iter`` steps. Returns the moved leaves and the largest
+    relative residual over all groups, measured on the result (NaN for non-finite input).
+    """
+    leaves = _component_leaves(syms)
+
+    def view(sub: Sequence[jax.Array]) -> Flat:
+        full = list(cand)
+        for i, v in zip(leaves, sub):
+            full[i] = v
+        return full
+
+    def measure(cur: Flat, qs: Sequence[jax.Array]):
+        norms = [s.norms(cur) for s in syms]
+        errs = [t - q for t, q in zip(targets, qs)]
+        masks = [_movable(s, q, n, t) for s, q, n, t in zip(syms, qs, norms, targets)]
+        rel = [
+            _safe_div(jnp.abs(e), jnp.maximum(jnp.max(jnp.abs(t)), s.charge_scale(cur)))
+            for s, e, t in zip(syms, errs, targets)
+        ]
+        worst = jnp.max(jnp.stack([jnp.max(r) for r in rel]))
+        # NaN (non-finite input) stops the loop at once and is reported.
+        moving = jnp.max(jnp.stack([jnp.max(r * m) for r, m in zip(rel, masks)])) + 0 * worst
+        return errs, masks, worst, moving
+
+    def cond(state):
+        it, _, _, _, _, moving = state
+        return (it < max_iter) & (moving > tol)
+
+    def body(state):
+        it, sub, errs, masks, _, moving = state
+        cur = view(sub)
+        matvec, solve, _ = _normal_equations(syms, cur, masks)
+        eta = jnp.maximum(0.25 * tol / moving, jnp.minimum(moving, 0.1))
+        c, _ = _pcg(
+            matvec,
+            solve,
+            [m * e for m, e in zip(masks, errs)],
+            MOVE_CG_MAX_ITER,
+            lambda rz, rz0: rz <= eta * eta * rz0,
+        )
+        big = jnp.max(
+            jnp.stack(
+                [
+                    jnp.max(jnp.abs(x), initial=0)
+                    for s, x in zip(syms, c)
+                    if s.symmetry.kind != "translation"
+                ]
+                + [jnp.zeros((), moving.dtype)]
+            )
+        )
+        shrink = jnp.where(big > 1, 1 / jnp.where(big > 1, big, 1), 1)
+        for s, x in zip(syms, c):
+            cur = _apply(cur, _exp_action(s, cur, shrink * x), add=False)
+        errs, masks, worst, moving = measure(cur, [s.charge(cur) for s in syms])
+        return it + 1, [cur[i] for i in leaves], errs, masks, worst, moving
+
+    errs, masks, worst, moving = measure(cand, charges)
+    state = (jnp.zeros((), jnp.int32), [cand[i] for i in leaves], errs, masks, worst, moving)
+    _, sub, _, _, worst, _ = jax.lax.while_loop(cond, body, state)
+    return dict(zip(leaves, sub)), worst
+
+
+def _sweep_move(
+    syms: Sequence[BoundSymmetry], cand: Flat, targets: Sequence[jax.Array], max_sweeps: int
+) -> Moved:
+    """Move ``cand`` to the targets of overlapping symmetries, one Linear among them, by
+    sweeps of each symmetry's own move in turn (block Gauss-Seidel on the charges) until the
+    largest relative residual is below 64 eps or after ``max_sweeps`` sweeps."""
+    leaves = _component_leaves(syms)
+    tol = 64 * jnp.finfo(cand[leaves[0]].dtype).eps
+
+    def view(sub):
+        return _apply(cand, dict(zip(leaves, sub)), add=False)
+
+    def sweep(sub):
+        cur = view(sub)
+        for s, t in zip(syms, targets):
+            cur = _apply(cur, s.move_to(cur, t), add=False)
+        return [cur[i] for i in leaves]
+
+    def worst(sub):
+        cur = view(sub)
+        return jnp.max(jnp.stack([s.residual(cur, t) for s, t in zip(syms, targets)]))
+
+    def cond(state):
+        # At least one sweep (the candidate is not measured); the sweep is traced once,
+        # in the loop body, which halves the compile time of this loop.
+        it, sub = state
+        return (it == 0) | (
+            (it < max_sweeps)
+            & jax.lax.cond(it == 0, lambda x: False, lambda x: worst(x) > tol, sub)
+        )
+
+    def body(state):
+        it, sub = state
+        return it + 1, sweep(sub)
+
+    _, sub = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), [cand[i] for i in leaves]))
+    return dict(zip(leaves, sub))
+
+
 def move(
     binding: Binding,
     w: Flat,
@@ -307,19 +488,28 @@ def move(
     targets: Sequence[jax.Array],
     max_sweeps: int = 256,
     charges: Sequence[jax.Array] | None = None,
+    max_iter: int = MOVE_MAX_ITER,
 ) -> tuple[Flat, jax.Array]:
     """Replace the step ``u`` by u' so that w + u' is on the orbit of w + u with the target
     charges.
 
+    A symmetry alone moves in closed form (Scale, Rescale, Translation) or by its own Newton
+    solve (Linear). Overlapping Scale, Rescale and Translation symmetries move jointly by
+    Newton's method on their generator coefficients (:func:`_joint_move`, at most
+    ``max_iter`` steps); overlapping symmetries with a Linear among them by sweeps of their
+    own moves (at most ``max_sweeps``).
+
     ``charges``, if given, are the charges Q(w + u) per symmetry that the caller computed
-    already; closed-form moves use them instead of measuring them again.
+    already; closed-form moves and the joint Newton solves use them instead of measuring
+    them again.
 
     Returns the new update leaves and the largest relative residual |Q - target| / scale over
     the iterative solves (Linear, overlapping symmetries); closed-form moves are exact up to
     rounding and are not re-measured (that would cost a pass over the parameters).
     """
     out = list(u)
-    measured = []
+    measured, residuals = [], [jnp.zeros((), jnp.float32)]
+    cand = None
     for comp in binding.components:
         syms = [binding.bound[i] for i in comp]
         tgts = [targets[i] for i in comp]
@@ -329,43 +519,20 @@ def move(
             if not syms[0].closed_form_move:
                 measured.append(comp[0])
             continue
-        measured.extend(comp)
-        leaves = sorted({i for s in syms for i in s.leaves})
-        cand = [w[i] + u[i] if i in leaves else w[i] for i in range(len(w))]
-        tol = 64 * jnp.finfo(cand[leaves[0]].dtype).eps
-
-        def sweep(sub, syms=syms, tgts=tgts, leaves=leaves, cand=cand):
-            cur = _apply(cand, dict(zip(leaves, sub)), add=False)
-            for s, t in zip(syms, tgts):
-                cur = _apply(cur, s.move_to(cur, t), add=False)
-            return [cur[i] for i in leaves]
-
-        def worst(sub, syms=syms, tgts=tgts, leaves=leaves, cand=cand):
-            cur = _apply(cand, dict(zip(leaves, sub)), add=False)
-            return jnp.max(jnp.stack([s.residual(cur, t) for s, t in zip(syms, tgts)]))
-
-        def cond(state, worst=worst, tol=tol):
-            # At least one sweep (the candidate is not measured); the sweep is traced once,
-            # in the loop body, which halves the compile time of this loop.
-            it, sub = state
-            return (it == 0) | (
-                (it < max_sweeps)
-                & jax.lax.cond(it == 0, lambda x: False, lambda x: worst(x) > tol, sub)
-            )
-
-        def body(state, sweep=sweep):
-            it, sub = state
-            return it + 1, sweep(sub)
-
-        _, sub = jax.lax.while_loop(
-            cond, body, (jnp.zeros((), jnp.int32), [cand[i] for i in leaves])
-        )
-        out = _apply(out, {i: v - w[i] for i, v in zip(leaves, sub)}, add=False)
-    new_w = [w[i] + out[i] for i in range(len(w))] if measured else w
-    residual = jnp.max(
-        jnp.stack(
-            [jnp.zeros((), jnp.float32)]
-            + [binding.bound[i].residual(new_w, targets[i]).astype(jnp.float32) for i in measured]
-        )
-    )
-    return out, residual
+        if cand is None:
+            cand = [a + b for a, b in zip(w, u)]
+        if any(s.symmetry.kind == "linear" for s in syms):
+            moved = _sweep_move(syms, cand, tgts, max_sweeps)
+            measured.extend(comp)
+        else:
+            qs = [s.charge(cand) for s in syms] if charges is None else [charges[i] for i in comp]
+            dtype = cand[syms[0].leaves[0]].dtype
+            moved, res = _joint_move(syms, cand, tgts, qs, max_iter, default_tol(dtype))
+            residuals.append(res.astype(jnp.float32))
+        out = _apply(out, {i: v - w[i] for i, v in moved.items()}, add=False)
+    if measured:
+        new_w = [w[i] + out[i] for i in range(len(w))]
+        residuals += [
+            binding.bound[i].residual(new_w, targets[i]).astype(jnp.float32) for i in measured
+        ]
+    return out, jnp.max(jnp.stack(residuals))
