@@ -162,16 +162,70 @@ def _expand_all(syms: Sequence[BoundSymmetry], flat: Flat, coefs: Sequence[jax.A
     return out
 
 
+def _is_axis(sym: BoundSymmetry) -> bool:
+    """Scale, Rescale and Translation: every entry belongs to exactly one group."""
+    return sym.symmetry.kind in ("scale", "rescale", "translation")
+
+
+def _contract(m: jax.Array, p: groups_lib.AxisPart, c: jax.Array, q: groups_lib.AxisPart):
+    """``q.reduce(m * p.broadcast(c))`` as one contraction (a matrix-vector product)."""
+    ax = "abcdefghijklmnopqrstuvwxyz"[: m.ndim]
+    c = jnp.repeat(c, p.block) if p.block > 1 else c
+    c = c.reshape([p.shape[a] for a in p.group_axes])
+    spec = f"{ax},{''.join(ax[a] for a in p.group_axes)}->{''.join(ax[a] for a in q.group_axes)}"
+    return jnp.sum(jnp.einsum(spec, m, c).reshape(q.size, q.block), axis=1)
+
+
+def _axis_gram(syms: Sequence[BoundSymmetry], flat: Flat):
+    """J^T J of overlapping Scale / Rescale / Translation symmetries as contractions.
+
+    [derived] Groups of one symmetry are disjoint, so its own block of J^T J is diagonal
+    (the squared generator norms). Two symmetries k, l that share a leaf couple through it:
+    for their parts p and q there, <xi_k c, xi_l> summed over q's groups is a contraction of
+    the leaf-sized array x*x (two multiplicative parts), x (one of them a Translation) or 1
+    with c spread over p's group axes: a matrix-vector product, which reads x*x once and
+    runs at the speed of the matrix libraries (a reduction over the leading axes of a leaf
+    does not on XLA:CPU). x*x is formed once per leaf and point, then reused by every product.
+    """
+    norms = [s.norms(flat) for s in syms]
+    by_leaf: dict[int, list] = {}
+    for k, s in enumerate(syms):
+        for part, sign in zip(s.parts, s.signs):
+            by_leaf.setdefault(part.leaf, []).append((k, part, sign, s.symmetry.kind))
+    couplings = []  # (k, p, j, q, sign, operand): symmetry k's part p acts on j's part q
+    for i, entries in by_leaf.items():
+        powers: dict[int, jax.Array] = {}
+        for k, p, sp, kind_p in entries:
+            for j, q, sq, kind_q in entries:
+                if k == j:
+                    continue
+                power = (kind_p != "translation") + (kind_q != "translation")
+                if power not in powers:
+                    x = flat[i]
+                    powers[power] = (jnp.ones_like(x), x, x * x)[power]
+                couplings.append((k, p, j, q, sp * sq, powers[power]))
+
+    def matvec(c: Sequence[jax.Array]) -> list[jax.Array]:
+        out = [n * x for n, x in zip(norms, c)]
+        for k, p, j, q, sign, m in couplings:
+            term = sign * _contract(m, p, c[k][p.offset : p.offset + p.size], q)
+            out[j] = out[j].at[q.offset : q.offset + q.size].add(term)
+        return out
+
+    return matvec
+
+
 def _normal_equations(syms: Sequence[BoundSymmetry], flat: Flat, mask=None):
     """The Gram operator J^T J of overlapping symmetries at ``flat``, matrix-free.
 
     Returns ``(matvec, solve, reduce)`` acting on lists of coefficient arrays (one per
-    symmetry): ``matvec`` applies J^T J as J^T (J p), one pass over the component's leaves
-    that reads the parameters and writes nothing leaf-sized; ``solve`` the block-diagonal
-    preconditioner, each symmetry's own Gram operator solved in closed form; ``reduce`` maps
-    leaves (leaf index -> array) to J^T v. With ``mask`` (one 0/1 array per symmetry, shaped
-    like its coefficients) the masked coefficients are held at zero: the operators act on
-    the other groups only.
+    symmetry): ``matvec`` applies J^T J (:func:`_axis_gram` for Scale, Rescale and
+    Translation; J^T (J p) otherwise, one pass over the component's leaves that reads the
+    parameters and writes nothing leaf-sized); ``solve`` the block-diagonal preconditioner,
+    each symmetry's own Gram operator solved in closed form; ``reduce`` maps leaves (leaf
+    index -> array) to J^T v. With ``mask`` (one 0/1 array per symmetry, shaped like its
+    coefficients) the masked coefficients are held at zero: the operators act on the other
+    groups only.
     """
     precond = [s.gram_solver(flat) for s in syms]
 
@@ -184,8 +238,18 @@ def _normal_equations(syms: Sequence[BoundSymmetry], flat: Flat, mask=None):
     def masked(c: Sequence[jax.Array]) -> list[jax.Array]:
         return list(c) if mask is None else [m * x for m, x in zip(mask, c)]
 
+    sharded = any(
+        groups_lib.explicit_sharding(flat[i]) is not None for i in _component_leaves(syms)
+    )
+    if all(map(_is_axis, syms)) and not sharded:
+        gram = _axis_gram(syms, flat)
+    else:
+
+        def gram(p: Sequence[jax.Array]) -> list[jax.Array]:
+            return reduce(_expand_all(syms, flat, p))
+
     def matvec(p: Sequence[jax.Array]) -> list[jax.Array]:
-        return masked(reduce(_expand_all(syms, flat, masked(p))))
+        return masked(gram(masked(p)))
 
     def solve(r: Sequence[jax.Array]) -> list[jax.Array]:
         return masked([m(x) for m, x in zip(precond, masked(r))])
@@ -370,17 +434,18 @@ def _joint_move(
     generator field xi_k, so along psi(theta, exp(c)) the Jacobian of the charges is
     dQ_k / dc_l = <xi_k, xi_l>, the Gram operator J^T J of the generators that
     :func:`project` solves with. Each Newton step solves J^T J c = T - Q(theta) by the same
-    matrix-free preconditioned conjugate gradients (one pass over the component's leaves per
-    iteration) and applies the group elements exp(c) exactly, so every iterate is on the
-    orbit of ``cand``. The linear solves are inexact (Eisenstat and Walker's forcing terms):
-    each stops once its relative residual is below max(tol / (4 rho), min(rho, 0.1)) for the
-    current charge residual rho, enough for the step to reach ``tol`` when rho is small and no
-    more work than the quadratic convergence can use when it is not. A trust region keeps
+    matrix-free preconditioned conjugate gradients (:func:`_normal_equations`) and applies
+    the group elements exp(c) exactly, so every iterate is on the orbit of ``cand``. The
+    linear solves are inexact (forcing terms in the manner of Eisenstat and Walker): each
+    stops once its relative residual is below min(max(tol / (16 rho), rho), 0.1) for the
+    current charge residual rho, enough for the step to land well below ``tol`` when rho is
+    small (the solver's norm and the largest relative charge error differ by a small factor)
+    and no more work than the quadratic convergence can use when it is not. A trust region keeps
     every multiplicative factor within e^(+-1) per step (large steered moves). Groups that
     cannot reach their target are held where they are (:func:`_movable`).
 
-    Stops when the largest relative residual |Q - T| / scale over the movable groups is
-    below ``tol`` or after ``max_iter`` steps. Returns the moved leaves and the largest
+    Takes at least one step and stops when the largest relative residual |Q - T| / scale over
+    the movable groups is below ``tol`` or after ``max_iter`` steps. Returns the moved leaves and the largest
     relative residual over all groups, measured on the result (NaN for non-finite input).
     """
     leaves = _component_leaves(syms)
@@ -405,14 +470,16 @@ def _joint_move(
         return errs, masks, worst, moving
 
     def cond(state):
+        # At least one step (as a closed-form move, which is exact to rounding, would make):
+        # a charge already within tol of its target is still brought well below it.
         it, _, _, _, _, moving = state
-        return (it < max_iter) & (moving > tol)
+        return (it < max_iter) & ((moving > tol) | ((it == 0) & jnp.isfinite(moving)))
 
     def body(state):
         it, sub, errs, masks, _, moving = state
         cur = view(sub)
         matvec, solve, _ = _normal_equations(syms, cur, masks)
-        eta = jnp.maximum(0.25 * tol / moving, jnp.minimum(moving, 0.1))
+        eta = jnp.minimum(jnp.maximum(tol / (16 * moving), moving), 0.1)
         c, _ = _pcg(
             matvec,
             solve,
