@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from ksbopt._src import groups as groups_lib
-from ksbopt._src import numerics
+from ksbopt._src import numerics, reductions
 from ksbopt._src.symmetries.declarations import BoundSymmetry, Flat, Moved, Symmetry
 
 
@@ -176,7 +176,31 @@ def _contract(m: jax.Array, p: groups_lib.AxisPart, c: jax.Array, q: groups_lib.
     return jnp.sum(jnp.einsum(spec, m, c).reshape(q.size, q.block), axis=1)
 
 
-def _axis_gram(syms: Sequence[BoundSymmetry], flat: Flat):
+def _parts_by_leaf(syms: Sequence[BoundSymmetry]) -> dict[int, list]:
+    """leaf index -> [(symmetry index, part, sign, kind)] of Scale / Rescale / Translation."""
+    by_leaf: dict[int, list] = {}
+    for k, s in enumerate(syms):
+        for part, sign in zip(s.parts, s.signs):
+            by_leaf.setdefault(part.leaf, []).append((k, part, sign, s.symmetry.kind))
+    return by_leaf
+
+
+def _squares(syms: Sequence[BoundSymmetry], flat: Flat) -> dict[int, jax.Array]:
+    """x*x of every leaf that two multiplicative symmetries share (the operand of their
+    coupling in :func:`_axis_gram`), as the charges and norms compute it (one array)."""
+    out = {}
+    for i, entries in _parts_by_leaf(syms).items():
+        if len({k for k, _, _, kind in entries if kind != "translation"}) > 1:
+            out[i] = jnp.square(flat[i])
+    return out
+
+
+def _axis_gram(
+    syms: Sequence[BoundSymmetry],
+    flat: Flat,
+    norms: Sequence[jax.Array],
+    squares: dict[int, jax.Array],
+):
     """J^T J of overlapping Scale / Rescale / Translation symmetries as contractions.
 
     [derived] Groups of one symmetry are disjoint, so its own block of J^T J is diagonal
@@ -185,25 +209,19 @@ def _axis_gram(syms: Sequence[BoundSymmetry], flat: Flat):
     the leaf-sized array x*x (two multiplicative parts), x (one of them a Translation) or 1
     with c spread over p's group axes: a matrix-vector product, which reads x*x once and
     runs at the speed of the matrix libraries (a reduction over the leading axes of a leaf
-    does not on XLA:CPU). x*x is formed once per leaf and point, then reused by every product.
+    does not on XLA:CPU). x*x is formed once per leaf and point (``squares``, shared with the
+    charges and norms measured there), then reused by every product.
     """
-    norms = [s.norms(flat) for s in syms]
-    by_leaf: dict[int, list] = {}
-    for k, s in enumerate(syms):
-        for part, sign in zip(s.parts, s.signs):
-            by_leaf.setdefault(part.leaf, []).append((k, part, sign, s.symmetry.kind))
     couplings = []  # (k, p, j, q, sign, operand): symmetry k's part p acts on j's part q
-    for i, entries in by_leaf.items():
-        powers: dict[int, jax.Array] = {}
+    for i, entries in _parts_by_leaf(syms).items():
         for k, p, sp, kind_p in entries:
             for j, q, sq, kind_q in entries:
                 if k == j:
                     continue
                 power = (kind_p != "translation") + (kind_q != "translation")
-                if power not in powers:
-                    x = flat[i]
-                    powers[power] = (jnp.ones_like(x), x, x * x)[power]
-                couplings.append((k, p, j, q, sp * sq, powers[power]))
+                x = flat[i]
+                operand = (jnp.ones_like(x), x, squares[i] if power == 2 else None)[power]
+                couplings.append((k, p, j, q, sp * sq, operand))
 
     def matvec(c: Sequence[jax.Array]) -> list[jax.Array]:
         out = [n * x for n, x in zip(norms, c)]
@@ -212,22 +230,35 @@ def _axis_gram(syms: Sequence[BoundSymmetry], flat: Flat):
             out[j] = out[j].at[q.offset : q.offset + q.size].add(term)
         return out
 
-    return matvec
+    def coarse(e: Sequence[jax.Array]) -> jax.Array:
+        """E^T (J^T J) E for E with one column per symmetry, ``e[k]`` on k's coefficients."""
+        a = [[jnp.zeros((), norms[0].dtype)] * len(syms) for _ in syms]
+        for k in range(len(syms)):
+            a[k][k] = jnp.sum(e[k] * norms[k] * e[k])
+        for k, p, j, q, sign, m in couplings:
+            term = _contract(m, p, e[k][p.offset : p.offset + p.size], q)
+            a[j][k] = a[j][k] + sign * jnp.sum(e[j][q.offset : q.offset + q.size] * term)
+        a = jnp.stack([jnp.stack(row) for row in a])
+        return 0.5 * (a + a.T)
+
+    return matvec, coarse
 
 
-def _normal_equations(syms: Sequence[BoundSymmetry], flat: Flat, mask=None):
+def _normal_equations(syms: Sequence[BoundSymmetry], flat: Flat, mask=None, point=None):
     """The Gram operator J^T J of overlapping symmetries at ``flat``, matrix-free.
 
-    Returns ``(matvec, solve, reduce)`` acting on lists of coefficient arrays (one per
+    Returns ``(matvec, solve, own, reduce)`` acting on lists of coefficient arrays (one per
     symmetry): ``matvec`` applies J^T J (:func:`_axis_gram` for Scale, Rescale and
     Translation; J^T (J p) otherwise, one pass over the component's leaves that reads the
-    parameters and writes nothing leaf-sized); ``solve`` the block-diagonal preconditioner,
-    each symmetry's own Gram operator solved in closed form; ``reduce`` maps leaves (leaf
-    index -> array) to J^T v. With ``mask`` (one 0/1 array per symmetry, shaped like its
-    coefficients) the masked coefficients are held at zero: the operators act on the other
-    groups only.
+    parameters and writes nothing leaf-sized); ``own`` the block-diagonal part's
+    (pseudo-)inverse, each symmetry's own Gram operator solved in closed form; ``solve`` the
+    conjugate gradients' preconditioner (``own``, plus a coarse correction for Scale,
+    Rescale and Translation); ``reduce`` maps leaves (leaf index -> array) to J^T v. With
+    ``mask`` (one 0/1 array per symmetry, shaped like its coefficients) the masked
+    coefficients are held at zero: the operators act on the other groups only. ``point``, for
+    Scale, Rescale and Translation, is ``(norms, squares)`` at ``flat`` already computed (see
+    :func:`_squares`).
     """
-    precond = [s.gram_solver(flat) for s in syms]
 
     def reduce(sub: Moved) -> list[jax.Array]:
         full: Flat = [None] * len(flat)
@@ -241,20 +272,61 @@ def _normal_equations(syms: Sequence[BoundSymmetry], flat: Flat, mask=None):
     sharded = any(
         groups_lib.explicit_sharding(flat[i]) is not None for i in _component_leaves(syms)
     )
+
     if all(map(_is_axis, syms)) and not sharded:
-        gram = _axis_gram(syms, flat)
+        norms, squares = point or ([s.norms(flat) for s in syms], _squares(syms, flat))
+        gram, coarse = _axis_gram(syms, flat, norms, squares)
+
+        def block_jacobi(r: Sequence[jax.Array]) -> list[jax.Array]:
+            # Each symmetry's own Gram operator is diagonal: r / |xi_g|^2, 0 * r for a
+            # zero-norm group (0 for finite r, a NaN kept visible otherwise).
+            return [jnp.where(n != 0, x / jnp.where(n != 0, n, 1), 0 * x) for n, x in zip(norms, r)]
+
+        # [derived] Two-level preconditioner: block Jacobi plus the exact solve on the span
+        # of one vector per symmetry (its coefficients all alike, masked). The slowest modes
+        # of block Jacobi on a chain are such layer-wide moves, coupled only to neighbours,
+        # which the small coarse system resolves at once.
+        basis = [
+            jnp.ones(s.charge_shape, n.dtype) if mask is None else m
+            for s, n, m in zip(syms, norms, mask or [None] * len(syms))
+        ]
+        coarse_inv = _pinv(coarse(basis))
+
+        def preconditioner(r: Sequence[jax.Array]) -> list[jax.Array]:
+            y = coarse_inv @ jnp.stack([jnp.sum(e * x) for e, x in zip(basis, r)])
+            return [z + y[k] * e for k, (z, e) in enumerate(zip(block_jacobi(r), basis))]
+
     else:
 
         def gram(p: Sequence[jax.Array]) -> list[jax.Array]:
             return reduce(_expand_all(syms, flat, p))
 
+        precond = [s.gram_solver(flat) for s in syms]
+
+        def block_jacobi(r: Sequence[jax.Array]) -> list[jax.Array]:
+            return [m(x) for m, x in zip(precond, r)]
+
+        preconditioner = block_jacobi
+
     def matvec(p: Sequence[jax.Array]) -> list[jax.Array]:
         return masked(gram(masked(p)))
 
     def solve(r: Sequence[jax.Array]) -> list[jax.Array]:
-        return masked([m(x) for m, x in zip(precond, masked(r))])
+        return masked(preconditioner(masked(r)))
 
-    return matvec, solve, reduce
+    def own(r: Sequence[jax.Array]) -> list[jax.Array]:
+        return masked(block_jacobi(masked(r)))
+
+    return matvec, solve, own, reduce
+
+
+def _pinv(a: jax.Array) -> jax.Array:
+    """Pseudo-inverse of a small symmetric positive semi-definite matrix (eigenvalues below
+    64 eps of the largest are dropped)."""
+    lam, v = jnp.linalg.eigh(a)
+    keep = lam > default_tol(a.dtype) * jnp.max(lam)
+    inv = jnp.where(keep, 1 / jnp.where(keep, lam, 1), 0)
+    return (v * inv) @ v.T
 
 
 def _inner(a: Sequence[jax.Array], b: Sequence[jax.Array]) -> jax.Array:
@@ -303,10 +375,11 @@ def _joint_project(
 
     [derived] The coefficients solve the normal equations (J^T J) c = J^T u of
     min_c |u - J c|^2, here by preconditioned conjugate gradients without ever forming
-    J^T J: each iteration applies it as J^T (J p), one pass over the component's leaves
-    that reads the parameters and writes nothing leaf-sized. The preconditioner M is the
-    block diagonal of J^T J: each symmetry's own Gram operator, solved in closed form
-    (diagonal for Scale / Rescale / Translation, a Sylvester equation per head for Linear).
+    J^T J (:func:`_normal_equations`). M is the block diagonal of J^T J: each symmetry's own
+    Gram operator, solved in closed form (diagonal for Scale / Rescale / Translation, a
+    Sylvester equation per head for Linear); the solver's preconditioner is M, plus a
+    coarse correction for Scale / Rescale / Translation (which only adds to its measure of
+    the residual below, so stopping on it is conservative).
 
     Iterations stop when the relative residual rho = sqrt(r^T M^+ r) / |u|,
     r = J^T (u - J c), is below ``tol`` or after ``max_iter`` iterations. Since
@@ -320,10 +393,10 @@ def _joint_project(
     finite on the component).
     """
     leaves = _component_leaves(syms)
-    matvec, solve, reduce = _normal_equations(syms, flat)
+    matvec, solve, own, reduce = _normal_equations(syms, flat)
 
     def left(r: Sequence[jax.Array]) -> jax.Array:
-        return jnp.maximum(_inner(r, solve(r)), 0)
+        return jnp.maximum(_inner(r, own(r)), 0)
 
     sub = {i: u[i] for i in leaves}
     uu = sum(jnp.sum(jnp.square(x)) for x in sub.values())
@@ -391,13 +464,13 @@ MOVE_MAX_ITER = 32
 MOVE_CG_MAX_ITER = 64
 
 
-def _exp_action(sym: BoundSymmetry, flat: Flat, c: jax.Array) -> Moved:
-    """psi(flat, exp(c)): the group element whose generator coefficients are ``c``.
+def _group_element(sym: BoundSymmetry, c: jax.Array) -> jax.Array:
+    """The group element exp(c) of generator coefficients ``c``, as ``act`` takes it.
 
     Multiplicative kinds (Scale, Rescale) act by the factor e^c (incoming) and e^-c
     (outgoing); Translation by the shift c itself.
     """
-    return sym.act(flat, c if sym.symmetry.kind == "translation" else jnp.exp(c))
+    return c if sym.symmetry.kind == "translation" else jnp.exp(c)
 
 
 def _movable(sym: BoundSymmetry, q: jax.Array, norms: jax.Array, target: jax.Array) -> jax.Array:
@@ -445,8 +518,9 @@ def _joint_move(
     cannot reach their target are held where they are (:func:`_movable`).
 
     Takes at least one step and stops when the largest relative residual |Q - T| / scale over
-    the movable groups is below ``tol`` or after ``max_iter`` steps. Returns the moved leaves and the largest
-    relative residual over all groups, measured on the result (NaN for non-finite input).
+    the movable groups is below ``tol`` or after ``max_iter`` steps. Returns the moved leaves
+    and the largest relative residual over all groups, measured on the result (NaN for
+    non-finite input).
     """
     leaves = _component_leaves(syms)
 
@@ -457,6 +531,7 @@ def _joint_move(
         return full
 
     def measure(cur: Flat, qs: Sequence[jax.Array]):
+        squares = _squares(syms, cur)
         norms = [s.norms(cur) for s in syms]
         errs = [t - q for t, q in zip(targets, qs)]
         masks = [_movable(s, q, n, t) for s, q, n, t in zip(syms, qs, norms, targets)]
@@ -467,18 +542,18 @@ def _joint_move(
         worst = jnp.max(jnp.stack([jnp.max(r) for r in rel]))
         # NaN (non-finite input) stops the loop at once and is reported.
         moving = jnp.max(jnp.stack([jnp.max(r * m) for r, m in zip(rel, masks)])) + 0 * worst
-        return errs, masks, worst, moving
+        return (norms, squares), errs, masks, worst, moving
 
     def cond(state):
         # At least one step (as a closed-form move, which is exact to rounding, would make):
         # a charge already within tol of its target is still brought well below it.
-        it, _, _, _, _, moving = state
+        it, _, _, _, _, _, moving = state
         return (it < max_iter) & ((moving > tol) | ((it == 0) & jnp.isfinite(moving)))
 
     def body(state):
-        it, sub, errs, masks, _, moving = state
+        it, sub, point, errs, masks, _, moving = state
         cur = view(sub)
-        matvec, solve, _ = _normal_equations(syms, cur, masks)
+        matvec, solve, _, _ = _normal_equations(syms, cur, masks, point)
         eta = jnp.minimum(jnp.maximum(tol / (16 * moving), moving), 0.1)
         c, _ = _pcg(
             matvec,
@@ -498,14 +573,16 @@ def _joint_move(
             )
         )
         shrink = jnp.where(big > 1, 1 / jnp.where(big > 1, big, 1), 1)
-        for s, x in zip(syms, c):
-            cur = _apply(cur, _exp_action(s, cur, shrink * x), add=False)
-        errs, masks, worst, moving = measure(cur, [s.charge(cur) for s in syms])
-        return it + 1, [cur[i] for i in leaves], errs, masks, worst, moving
+        # The group elements, computed once (not redone for every entry of the leaves).
+        elements = reductions.finished(
+            jnp.isfinite(moving), [_group_element(s, shrink * x) for s, x in zip(syms, c)]
+        )
+        for s, a in zip(syms, elements):
+            cur = _apply(cur, s.act(cur, a), add=False)
+        return it + 1, [cur[i] for i in leaves], *measure(cur, [s.charge(cur) for s in syms])
 
-    errs, masks, worst, moving = measure(cand, charges)
-    state = (jnp.zeros((), jnp.int32), [cand[i] for i in leaves], errs, masks, worst, moving)
-    _, sub, _, _, worst, _ = jax.lax.while_loop(cond, body, state)
+    state = (jnp.zeros((), jnp.int32), [cand[i] for i in leaves], *measure(cand, charges))
+    _, sub, _, _, _, worst, _ = jax.lax.while_loop(cond, body, state)
     return dict(zip(leaves, sub)), worst
 
 
