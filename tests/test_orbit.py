@@ -156,10 +156,10 @@ def test_tangent_coefficients_of_a_generator_are_its_coefficients(x64):
 def test_move_lands_on_the_targets_on_the_same_orbit(x64, case):
     """Retract's use: w + u' has the charges of w, and the same loss as w + u.
 
-    The step is SGD-sized (1% of the weights), where the overlapping sweeps converge within
-    their 256-sweep cap. Charges per symmetry, relative to its largest charge (Linear: to
-    |A|^2 + |B|^2, the scale of the solver's tolerance): within the solver's 64 eps plus one
-    rounding of w + u' (2 x 64 eps in all).
+    The step is SGD-sized (1% of the weights), where the joint solves (Newton; sweeps where a
+    Linear overlaps) converge within their caps. Charges per symmetry, relative to its
+    largest charge (Linear: to |A|^2 + |B|^2, the scale of the solver's tolerance): within the
+    solver's 64 eps plus one rounding of w + u' (2 x 64 eps in all).
     """
     params = case.params()
     binding = case.bind(params)
