@@ -26,7 +26,8 @@ exactness of the joint solves). The load average is recorded: on a shared machin
 ratios.
 
 Run:  python -m benchmarks.bench_models [--models transformer,relu_mlp,bn_cnn]
-      [--sizes small,large] [--bases adam,sgd] [--repeats 5] [--inner 5]
+      [--sizes small,large] [--bases adam,sgd] [--variants retract,steer,project,monitor]
+      [--repeats 5] [--inner 5]
       [--out benchmarks/results/models-cpu]
 
 Writes ``bench_models_<models>.json`` and the same figures as markdown tables (``.md``);
@@ -102,14 +103,19 @@ def bases() -> dict:
     return {"adam": optax.adam(1e-3), "sgd": optax.sgd(1e-2, momentum=0.9)}
 
 
-def variants(base, syms) -> dict:
-    return {
-        "base": base,
-        "+ retract": optax.chain(base, ksbopt.retract(syms)),
-        "+ steer": optax.chain(base, ksbopt.steer(syms, "initial", rate=0.5)),
-        "+ project": optax.chain(base, ksbopt.project(syms)),
-        "monitor(base)": ksbopt.monitor(base, syms),
+#: The variants of every model (``--variants`` picks some; the base always runs).
+VARIANTS = ("retract", "steer", "project", "monitor")
+
+
+def variants(base, syms, names=VARIANTS) -> dict:
+    every = {
+        "+ retract": lambda: optax.chain(base, ksbopt.retract(syms)),
+        "+ steer": lambda: optax.chain(base, ksbopt.steer(syms, "initial", rate=0.5)),
+        "+ project": lambda: optax.chain(base, ksbopt.project(syms)),
+        "monitor(base)": lambda: ksbopt.monitor(base, syms),
     }
+    chosen = {k: make() for (k, make), name in zip(every.items(), VARIANTS) if name in names}
+    return {"base": base, **chosen}
 
 
 def train_step_fn(graphdef, loss, tx):
@@ -184,7 +190,9 @@ def time_variants(graphdef, params, rest, loss, txs: dict, batch, repeats, inner
     return out
 
 
-def run_model(model: str, size: str, base_names, repeats: int, inner: int) -> dict:
+def run_model(
+    model: str, size: str, base_names, repeats: int, inner: int, variant_names=VARIANTS
+) -> dict:
     net, loss, batches = build(model, size)
     loss_fn, params = ksbopt.flax.nnx_loss(net, loss)
     t0 = time.perf_counter()
@@ -210,7 +218,7 @@ def run_model(model: str, size: str, base_names, repeats: int, inner: int) -> di
     }
     all_bases = bases()
     for bname in base_names:
-        txs = variants(all_bases[bname], syms)
+        txs = variants(all_bases[bname], syms, variant_names)
         rows = time_variants(graphdef, params, rest, loss, txs, batch, repeats, inner)
         ref = rows["base"]
         for vname, r in rows.items():
@@ -262,6 +270,11 @@ def main() -> None:
     parser.add_argument("--models", default="transformer,relu_mlp,bn_cnn")
     parser.add_argument("--sizes", default="small,large")
     parser.add_argument("--bases", default="adam,sgd")
+    parser.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"which of {','.join(VARIANTS)} to run beside the base (default all)",
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--inner", type=int, default=5)
     parser.add_argument("--out", default="benchmarks/results/models-cpu")
@@ -279,15 +292,22 @@ def main() -> None:
     for m in models:
         if m not in SIZES:
             raise SystemExit(f"--models: {m!r} is not one of {sorted(SIZES)}")
+    chosen = args.variants.split(",")
+    for v in chosen:
+        if v not in VARIANTS:
+            raise SystemExit(f"--variants: {v!r} is not one of {list(VARIANTS)}")
     results = []
     for model in models:
         for size in args.sizes.split(","):
             if size not in SIZES[model]:
                 raise SystemExit(f"--sizes: {size!r} is not one of {sorted(SIZES[model])}")
-            results.append(run_model(model, size, args.bases.split(","), args.repeats, args.inner))
+            results.append(
+                run_model(model, size, args.bases.split(","), args.repeats, args.inner, chosen)
+            )
     record = {
         "command": "python -m benchmarks.bench_models "
         f"--models {args.models} --sizes {args.sizes} --bases {args.bases} "
+        f"--variants {args.variants} "
         f"--repeats {args.repeats} --inner {args.inner} --out {args.out}",
         "cpu_cores": os.cpu_count(),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),

@@ -156,10 +156,10 @@ def test_tangent_coefficients_of_a_generator_are_its_coefficients(x64):
 def test_move_lands_on_the_targets_on_the_same_orbit(x64, case):
     """Retract's use: w + u' has the charges of w, and the same loss as w + u.
 
-    The step is SGD-sized (1% of the weights), where the overlapping sweeps converge within
-    their 256-sweep cap. Charges per symmetry, relative to its largest charge (Linear: to
-    |A|^2 + |B|^2, the scale of the solver's tolerance): within the solver's 64 eps plus one
-    rounding of w + u' (2 x 64 eps in all).
+    The step is SGD-sized (1% of the weights), where the joint solves (Newton; sweeps where a
+    Linear overlaps) converge within their caps. Charges per symmetry, relative to its
+    largest charge (Linear: to |A|^2 + |B|^2, the scale of the solver's tolerance): within the
+    solver's 64 eps plus one rounding of w + u' (2 x 64 eps in all).
     """
     params = case.params()
     binding = case.bind(params)
@@ -200,3 +200,39 @@ def test_move_with_the_charges_it_already_has_keeps_the_step(x64):
 def test_promote_gives_the_compute_dtype():
     flat = [jnp.ones(2, jnp.bfloat16), jnp.ones(2, jnp.float16), jnp.ones(2, jnp.float32)]
     assert [x.dtype for x in orbit.promote(flat)] == [jnp.float32] * 3
+
+
+def test_joint_move_holds_a_group_that_cannot_reach_its_target(x64):
+    """A Rescale group without outgoing weights only has positive charges: asked for a
+    negative one inside an overlapping chain, it keeps its own scale (as the closed form of a
+    symmetry alone does), the report shows the miss, and every other group lands exactly."""
+    case = support.CASES_BY_NAME["mlp3"]
+    params = case.params()
+    params["Dense_2"]["kernel"] = params["Dense_2"]["kernel"].at[1].set(0.0)
+    binding = case.bind(params)
+    assert len(binding.components) == 1
+    w = _flat(params)
+    step = support.random_like(params, seed=8, scale=0.01)
+    step["Dense_2"]["kernel"] = step["Dense_2"]["kernel"].at[1].set(0.0)
+    u = _flat(step)
+    targets = list(orbit.charges(binding, w))
+    assert float(targets[1][1]) > 0
+    targets[1] = targets[1].at[1].set(-1.0)  # unreachable: |incoming|^2 / 2 > 0 is all it has
+    new_u, residual = jax.jit(lambda w, u, t: orbit.move(binding, w, u, t))(w, u, targets)
+    moved = [a + b for a, b in zip(w, new_u)]
+    q = orbit.charges(binding, moved)
+    # The miss is reported (|Q - T| / scale of order 1), never hidden.
+    assert float(residual) > 0.1
+    # Every reachable group within 2 x 64 eps of its target (relative to the charge scale).
+    for b, qk, tk in zip(binding.bound, q, targets):
+        ok = np.ones(qk.shape, bool) if b is not binding.bound[1] else np.arange(4) != 1
+        scale = float(b.charge_scale(moved))
+        assert np.max(np.abs(np.asarray(qk - tk))[ok]) <= 2 * 64 * EPS64 * scale
+    # The held group keeps its own factor: its bias (scaled by that factor only) is as in
+    # w + u, to rounding.
+    i_bias = next(p.leaf for p in binding.bound[1].parts if p.path.endswith("Dense_1/bias"))
+    np.testing.assert_allclose(moved[i_bias][1], w[i_bias][1] + u[i_bias][1], rtol=1e-15)
+    # On the orbit: the loss is that of w + u.
+    stepped = _unflatten(params, [a + b for a, b in zip(w, u)])
+    want = float(case.loss(stepped))
+    assert abs(float(case.loss(_unflatten(params, moved))) - want) <= RTOL_LOSS * abs(want)

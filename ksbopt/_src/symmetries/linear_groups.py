@@ -54,9 +54,25 @@ def _sym(m: jax.Array) -> jax.Array:
     return 0.5 * (m + jnp.swapaxes(m, -1, -2))
 
 
+def _eigh(m: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Eigenvalues and eigenvectors of a batch (heads, k, k) of symmetric matrices, one
+    matrix after the other.
+
+    ``jnp.linalg.eigh`` on a batch runs, on CPU, as one LAPACK call that splits the batch
+    over XLA's intra-op thread pool and waits for the parts; several such calls that XLA
+    runs at once (the Gram solves of independent attention blocks) can occupy every thread
+    of a small pool while waiting, and the program never finishes (seen with jax 0.10 on 2
+    cores). A loop over the matrices makes each call a single matrix, which never waits on
+    the pool; the matrices are k x k per head, so the loop costs little.
+    """
+    if m.ndim == 2:
+        return jnp.linalg.eigh(m)
+    return jax.lax.map(jnp.linalg.eigh, m)
+
+
 def _eigh_fn(m: jax.Array, fn) -> jax.Array:
     """fn applied to the eigenvalues of a batch of symmetric matrices."""
-    lam, u = jnp.linalg.eigh(_sym(m))
+    lam, u = _eigh(_sym(m))
     return jnp.einsum("...ij,...j,...kj->...ik", u, fn(lam), u)
 
 
@@ -151,8 +167,8 @@ class BoundLinear(BoundSymmetry):
     def gram_solver(self, flat: Flat) -> Callable[[jax.Array], jax.Array]:
         # Sylvester equation P X + X R = M through the eigenbases of P and R.
         p, rr = self._pr(flat)
-        lp, up = jnp.linalg.eigh(p)
-        lr, ur = jnp.linalg.eigh(rr)
+        lp, up = _eigh(p)
+        lr, ur = _eigh(rr)
         den = lp[:, :, None] + lr[:, None, :]
         tol = finfo_tol(den) * jnp.max(jnp.abs(den), axis=(1, 2), keepdims=True)
         ok = den > tol
@@ -215,7 +231,7 @@ class BoundLinear(BoundSymmetry):
             cur = view(s)
             p, r = self._pr(cur)
             e = target - (p - r)
-            lam, u = jnp.linalg.eigh(p + r)
+            lam, u = _eigh(p + r)
             et = jnp.einsum("hai,hab,hbj->hij", u, e, u)
             den = lam[:, :, None] + lam[:, None, :]
             ok = den > finfo_tol(den) * jnp.max(jnp.abs(den), axis=(1, 2), keepdims=True)

@@ -190,9 +190,10 @@ class RetractState(NamedTuple):
     Attributes:
       initial: the charges at ``init``, one array per symmetry: the level set kept.
       residual: the largest relative charge error after the last step, over all groups
-        (float32), :math:`\max_g |Q_g - Q_g(w_0)| / \mathrm{scale}_g`. It is ~eps for
-        converged moves; a value far above that reports a Linear retraction whose Newton
-        solve did not converge.
+        (float32), :math:`\max_g |Q_g - Q_g(w_0)| / \mathrm{scale}_g`. It is at most 64 eps
+        for converged moves; a value far above that reports an iterative solve (a Linear
+        symmetry, overlapping symmetries) that did not converge or a group that cannot reach
+        its charge.
 
     Example:
       >>> import jax.numpy as jnp, ksbopt
@@ -227,7 +228,11 @@ def retract(symmetries) -> optax.GradientTransformationExtraArgs:
     - translation: shift by (Q(w_0) - Q(w + u)) / n;
     - linear: G from Newton's method on symmetric G = exp(X) (see :class:`~ksbopt.Linear`).
 
-    Overlapping symmetries are retracted in sweeps until every charge is within 64 eps.
+    Overlapping Scale, Rescale and Translation symmetries (a ReLU chain, a normalised layer
+    feeding a softmax head) are retracted jointly by Newton's method on the group elements,
+    each step one conjugate-gradient solve with the generators' Gram operator (the one
+    :func:`project` uses; cost linear in the parameters); overlaps with a Linear by sweeps of
+    each symmetry's own move. Both stop once every charge is within 64 eps.
     The move is along the orbit, so the loss is unchanged by it (exactly, for a true
     symmetry). Charges are computed in float32 or wider whatever the parameter dtype.
 
