@@ -621,6 +621,10 @@ def test_budget_replays_the_search_on_a_synthetic_curve():
     assert budget.search_runs(wds=(), **kw) == 3 + 4
     # one point outside the window at a larger decay: more runs, never fewer
     assert budget.search_runs(wds=(5e-5, 5e-4, 5e-3), case="typical", **kw) > 9
+    # a flat "typical" curve: the band walk adds the rate two above the optimum (the one two
+    # below is in the window already)
+    plain = budget.search_runs(wds=(), case="typical", **kw)
+    assert budget.search_runs(wds=(), case="typical", band_reach=3, **kw) == plain + 1
     with pytest.raises(ValueError, match="case="):
         budget.search_runs(wds=(), case="worst", **kw)
     est = budget.estimate(
