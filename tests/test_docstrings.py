@@ -60,6 +60,8 @@ NO_MATH = {
     "ksbopt.targets.schedule": "the target is the user's function of the step",
     "ksbopt.theory.NLD_COEFFICIENTS": "a tuple of names; nld_coefficient has the formulas",
     "ksbopt.flax.param_paths": "lists path strings; no formula",
+    "ksbopt.bench.advantage.is_kinetic_energy": "reads the registry; no formula",
+    "ksbopt.bench.advantage.markdown": "formats advantages' numbers; advantages has the math",
     "ksbopt.flax.nnx_loss": "builds a loss function from a model; no formula",
     "ksbopt.flax.linen_loss": "builds a loss function from a model; no formula",
     "ksbopt.bench.make_task": "a container of user parts; the harness's protocol is compare's",

@@ -6,10 +6,11 @@ tuning protocol, the runner, and the report. The command line is ``ksbopt-bench`
 your optimizers (factories ``lr -> optax transformation``) with the registry's on built-in
 tasks or your own (:func:`make_task`), and read the :class:`Results`; see
 ``docs/howto/compare.md``. The tuning rules and statistics every suite uses are the public
-modules :mod:`ksbopt.bench.protocol` and :mod:`ksbopt.bench.stats`.
+modules :mod:`ksbopt.bench.protocol` and :mod:`ksbopt.bench.stats`; whether a ksbopt kinetic
+energy pays against the practitioners' optimizers, :mod:`ksbopt.bench.advantage`.
 """
 
-__all__ = ["Results", "compare", "make_task", "protocol", "stats"]
+__all__ = ["Results", "advantage", "compare", "make_task", "protocol", "stats"]
 
 
 def __getattr__(name: str):
@@ -22,7 +23,7 @@ def __getattr__(name: str):
         from ksbopt.bench.user import make_task
 
         return make_task
-    if name in ("protocol", "stats"):  # the tuning protocol and its statistics, public modules
+    if name in ("advantage", "protocol", "stats"):  # the rules every suite is scored by
         import importlib
 
         return importlib.import_module(f"ksbopt.bench.{name}")

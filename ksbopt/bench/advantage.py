@@ -48,8 +48,26 @@ LATTICE_DECADES = 0.5  # the protocol's lattice: neighbours a factor sqrt(10) ap
 
 
 def is_kinetic_energy(optimizer: str) -> bool:
-    """A registry entry built from ksbopt's own parts: it needs a ksbopt feature, and none of
-    ``ksbopt.peers`` (the published peers are reproductions, not ksbopt's designs)."""
+    """Whether a registry entry is one of ksbopt's own kinetic energies.
+
+    It needs a ksbopt feature and none of ``ksbopt.peers`` (the published peers are
+    reproductions, not ksbopt's designs).
+
+    Args:
+      optimizer: a registry name (an unknown name is not a kinetic energy).
+
+    Returns:
+      True for the entries :func:`advantages` judges.
+
+    Example:
+      >>> is_kinetic_energy("noether_rmsprop"), is_kinetic_energy("nero")
+      (True, False)
+
+    References:
+      Tanaka, Kunin, "Noether's Learning Dynamics: Role of Symmetry Breaking in Neural
+      Networks", NeurIPS 2021, https://arxiv.org/abs/2105.02716 (the learning rule as a
+      kinetic energy).
+    """
     from ksbopt.bench.registry import REGISTRY
 
     spec = REGISTRY.get(optimizer)
@@ -62,7 +80,14 @@ def is_kinetic_energy(optimizer: str) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Advantage:
-    """One kinetic energy on one task against :data:`PRACTITIONERS` (see the module).
+    r"""One kinetic energy on one task against :data:`PRACTITIONERS` (see :func:`advantages`).
+
+    With the ratios of :func:`advantages`, it pays when
+
+    .. math::
+
+        \text{not worse} \;\wedge\; \big[(r_{\rm steps} \ge 1.3 \wedge r_{\rm time} > 1)
+        \;\vee\; (r_{\rm band} \ge 3 \wedge \text{their bands closed})\big].
 
     Attributes:
       optimizer: the kinetic energy's registry name.
@@ -76,6 +101,18 @@ class Advantage:
       bands_closed: every practitioner's band was followed to its end on both sides.
       final: the paired test difference entry - reference: ``(mean, low, high, n)``.
       verdict: ``better`` / ``tie`` / ``worse`` / ``-`` of ``final``.
+
+    Example:
+      >>> a = Advantage("noether_rmsprop", "sgd+wd", steps_ratio=1.5, time_ratio=1.2,
+      ...               time_basis="cpu", band_ratio=1.0, bands_closed=True,
+      ...               final=(0.002, -0.001, 0.005, 5), verdict="tie")
+      >>> a.faster, a.wider, a.pays
+      (True, False, True)
+
+    References:
+      Dahl et al., "Benchmarking Neural Network Training Algorithms",
+      https://arxiv.org/abs/2306.07179 (time to a validation target as the measure of a
+      training algorithm).
     """
 
     optimizer: str
@@ -122,7 +159,19 @@ def _width(row) -> float | None:
 
 
 def advantages(task: Mapping) -> list[Advantage]:
-    """The criteria of the module for every kinetic energy of one task's summary.
+    r"""The criteria of the module for every kinetic energy of one task's summary.
+
+    With :math:`P` the practitioners present, :math:`s`, :math:`t` the steps and seconds to
+    the target and :math:`w` a good band's width in decades,
+
+    .. math::
+
+        r_{\rm steps} = \frac{\min_{p \in P} s_p}{s}, \qquad
+        r_{\rm time} = \frac{\min_{p \in P} t_p}{t}, \qquad
+        r_{\rm band} = \frac{w + 0.5}{\max_{p \in P} w_p + 0.5},
+
+    and the final check is the paired test difference against the practitioner of best mean
+    validation metric (its 95% bootstrap interval must not lie below 0).
 
     Args:
       task: one task of one arm of :func:`ksbopt.bench.summary.grid_summary`.
@@ -143,6 +192,12 @@ def advantages(task: Mapping) -> list[Advantage]:
       >>> a, = advantages(task)
       >>> a.reference, round(a.steps_ratio, 2), round(a.band_ratio, 2), a.verdict, a.pays
       ('sgd+wd', 1.5, 2.56, 'tie', True)
+
+    References:
+      Schmidt, Schneider, Hennig, "Descending through a Crowded Valley - Benchmarking Deep
+      Learning Optimizers", https://arxiv.org/abs/2007.01547 (compare against tuned
+      baselines under one protocol); Dahl et al., https://arxiv.org/abs/2306.07179 (time to
+      target).
     """
     higher = task["higher_is_better"]
     rows = task["optimizers"]
@@ -212,6 +267,10 @@ def markdown(arm: Mapping[str, Mapping], tasks: list[str] | None = None) -> list
     Example:
       >>> markdown({})
       []
+
+    References:
+      Schmidt, Schneider, Hennig, "Descending through a Crowded Valley - Benchmarking Deep
+      Learning Optimizers", https://arxiv.org/abs/2007.01547.
     """
     rows, pays = [], {}
     for t in tasks if tasks is not None else list(arm):

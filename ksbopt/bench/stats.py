@@ -133,6 +133,19 @@ def in_band(value: float | None, best: float, higher_is_better: bool = True) -> 
     :math:`v \le 1.01\, v^*` (lower is better, :math:`v^* \ge 0`; :math:`v \le v^*` for a
     negative best). A diverged (None) or non-finite value is never in the band.
 
+    Args:
+      value: the validation metric of a learning rate (None: diverged).
+      best: the best validation metric of the curve.
+      higher_is_better: the direction of the metric.
+
+    Returns:
+      True when ``value`` is in the good band of ``best``.
+
+    References:
+      Schmidt, Schneider, Hennig, "Descending through a Crowded Valley - Benchmarking Deep
+      Learning Optimizers", https://arxiv.org/abs/2007.01547 (an optimizer's sensitivity to
+      its learning rate, reported beside its best result).
+
     Example:
       >>> in_band(0.895, 0.90), in_band(0.88, 0.90), in_band(None, 0.90)
       (True, False, False)
