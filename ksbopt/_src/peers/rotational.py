@@ -17,6 +17,7 @@ The defaults follow the authors' code, https://github.com/epfml/REQ
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -32,6 +33,7 @@ from ksbopt._src.peers._common import (
     check_range,
     concrete_float,
     is_kernel,
+    map_leaves,
     one_minus_power,
 )
 
@@ -280,7 +282,7 @@ def _unit_sums(w: jax.Array, u: jax.Array, rule: _Rule) -> list[jax.Array]:
     return [jnp.reshape(x, shape) for x in reductions.part_sums(part, products)]
 
 
-def _closed_form(w, u, nu, n, bc, *, eta_r, rule: _Rule):
+def _closed_form(w, u, nu, n, eta_r, bc, rule: _Rule):
     """The rotational step of one kernel as per-unit coefficients, from one pass of sums.
 
     [derived] With ``N`` entries per unit, ``w_c = w - mean(w)``, ``u_c = u - mean(u)``
@@ -323,7 +325,7 @@ def _closed_form(w, u, nu, n, bc, *, eta_r, rule: _Rule):
     return coefficients, nu_new, ok
 
 
-def _elementwise_form(w, u, nu, n, bc, *, eta_r, rule: _Rule):
+def _elementwise_form(w, u, nu, n, eta_r, bc, rule: _Rule):
     """:func:`_closed_form`'s coefficients and running average from elementwise centring,
     tangent and max-scaled norm (several passes: finite for every finite kernel)."""
     per_neuron = rule.per_neuron
@@ -339,48 +341,31 @@ def _elementwise_form(w, u, nu, n, bc, *, eta_r, rule: _Rule):
     return (k * a - 1, -k * h, -k * (a * mw - h * mu)), nu_new
 
 
-def _turns(kernels: list, eta_r, rule: _Rule) -> list:
-    """Every kernel's coefficients ``(A, B, C)`` and running average, from ``(w, u, nu, n,
-    bc)`` each: the one-pass closed forms where all their sums are trusted, else the
-    elementwise forms (one conditional: the per-unit numbers are computed once, not inside
-    the passes that apply them)."""
-    fast = [_closed_form(*kernel, eta_r=eta_r, rule=rule) for kernel in kernels]
-    if not fast:
-        return []
+def _kernel_coefficients(w, u, nu, n, eta_r, bc, rule: _Rule):
+    """The turned kernel's coefficients ``(A, B, C)`` and running average: the one-pass
+    closed form where its sums are trusted, else the elementwise form (a conditional: the
+    per-unit numbers are computed once, not inside the pass that applies them)."""
+    fast, nu_fast, ok = _closed_form(w, u, nu, n, eta_r, bc, rule)
     return jax.lax.cond(
-        jnp.all(jnp.stack([ok for _, _, ok in fast])),
-        lambda: [(coefficients, nu) for coefficients, nu, _ in fast],
-        lambda: [_elementwise_form(*kernel, eta_r=eta_r, rule=rule) for kernel in kernels],
+        ok,
+        lambda: (fast, nu_fast),
+        lambda: _elementwise_form(w, u, nu, n, eta_r, bc, rule),
     )
 
 
-def _leaf_updates(directions, rms, norms, params, *, lr, eta_r, count, rotating, rule: _Rule):
-    """Every leaf's update and running average: the base step ``-lr u`` (plus the decoupled
+def _leaf_update(u, nu, n, w, *, lr, eta_r, count, rotating, rule: _Rule):
+    """One leaf's update and running average: the base step ``-lr u`` (plus the decoupled
     decay for ``kind="adamw"``) on leaves that follow the base, the turn on kernels."""
-    treedef = jax.tree.structure(directions)
-    leaves = [treedef.flatten_up_to(t) for t in (directions, rms, norms, params)]
-    kernels = {}
-    for i, (u, nu, n, w) in enumerate(zip(*leaves, strict=True)):
-        if is_kernel(w):
-            cd = compute_dtype(w)
-            bc = one_minus_power(rule.rms_decay, count, cd)
-            kernels[i] = (w.astype(cd), u.astype(cd), nu.astype(cd), n, bc)
-    turns = dict(zip(kernels, _turns(list(kernels.values()), eta_r, rule), strict=True))
-    out, new_rms = [], []
-    for i, (u, nu, _, w) in enumerate(zip(*leaves, strict=True)):
-        cd = compute_dtype(w)
-        uc, wc = u.astype(cd), w.astype(cd)
-        decay = 0.0 if rule.kind == "sgdm" else lr * rule.weight_decay
-        if i not in turns:
-            out.append((-lr * uc - decay * wc).astype(u.dtype))
-            new_rms.append(nu)
-            continue
-        turn, nu_new = turns[i]
-        plain = (-decay * jnp.ones_like(nu_new), -lr * jnp.ones_like(nu_new), 0 * nu_new)
-        (a, b, shift), nu_new = _pick(rotating, (turn, nu_new), (plain, nu.astype(cd)))
-        out.append((a * wc + b * uc + shift).astype(u.dtype))
-        new_rms.append(nu_new.astype(nu.dtype))
-    return treedef.unflatten(out), treedef.unflatten(new_rms)
+    cd = compute_dtype(w)
+    uc, wc = u.astype(cd), w.astype(cd)
+    decay = 0.0 if rule.kind == "sgdm" else lr * rule.weight_decay
+    if not is_kernel(w):
+        return (-lr * uc - decay * wc).astype(u.dtype), nu
+    bc = one_minus_power(rule.rms_decay, count, cd)
+    turn, nu_new = _kernel_coefficients(wc, uc, nu.astype(cd), n, eta_r, bc, rule)
+    plain = (-decay * jnp.ones_like(nu_new), -lr * jnp.ones_like(nu_new), jnp.zeros_like(nu_new))
+    (a, b, shift), nu_new = _pick(rotating, (turn, nu_new), (plain, nu.astype(cd)))
+    return (a * wc + b * uc + shift).astype(u.dtype), nu_new.astype(nu.dtype)
 
 
 def _check_arguments(owner, base, learning_rate, rule: _Rule) -> None:
@@ -504,17 +489,15 @@ def rotational(
         lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
         base_in = _with_coupled_decay(updates, params, rule) if kind == "sgdm" else updates
         directions, base_state = base.update(base_in, state.base_state, params, **extra_args)
-        out, rms = _leaf_updates(
-            directions,
-            state.rms,
-            state.target_norm,
-            params,
+        leaf = functools.partial(
+            _leaf_update,
             lr=lr,
             eta_r=jnp.sqrt(_eta_r_squared(lr, weight_decay, momentum, kind)),
             count=optax.safe_increment(state.count),
             rotating=rotating,
             rule=rule,
         )
+        out, rms = map_leaves(leaf, directions, state.rms, state.target_norm, params, n_out=2)
         return out, RotationalState(
             count=optax.safe_increment(state.count),
             base_state=base_state,
