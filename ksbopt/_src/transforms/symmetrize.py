@@ -386,7 +386,8 @@ def symmetrize(
         # A non-finite gradient, step or base state skips the step: zero updates, state kept.
         # Every such value reaches a per-group sum (or the sums of the ungrouped leaves).
         ok = jnp.isfinite(sum(_checks(groups, g, v)))
-        coefficients = reductions.finished(ok, [grp.coefficients() for grp in groups])
+        # ``ok`` too, so that its sum of every group's checks is not redone for every entry.
+        ok, coefficients = reductions.finished(ok, (ok, [grp.coefficients() for grp in groups]))
         new = list(v)
         for grp, c in zip(groups, coefficients, strict=True):
             for i in grp.b.leaves:
