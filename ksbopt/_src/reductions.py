@@ -126,3 +126,18 @@ def finished(ok: jax.Array, small):
     XLA:CPU's fusion passes.)
     """
     return jax.lax.cond(ok, lambda x: x, lambda x: jax.tree.map(jnp.zeros_like, x), small)
+
+
+def unless_trusted(ok: jax.Array, fast, fallback):
+    """``fast`` (a pytree of small per-group values) where ``ok``, else ``fallback()``,
+    which is evaluated only when ``ok`` is false.
+
+    For a closed form computed from one-pass sums with a slower, more careful form for the
+    rare inputs it cannot be trusted with (overflow, cancellation). Only the careful form is
+    inside the conditional, which returns zeros when ``ok``; a select then picks. Measured on
+    XLA:CPU (jax 0.10), a conditional that passes ``fast`` through instead costs about as
+    much as the step's own work on a 10M-parameter tree.
+    """
+    zeros = jax.tree.map(jnp.zeros_like, fast)
+    careful = jax.lax.cond(ok, lambda: zeros, fallback)
+    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), fast, careful)

@@ -489,11 +489,11 @@ def _unit_sums(g: jax.Array, w: jax.Array) -> list[jax.Array]:
 def _balanced_step(g, w, f, sums):
     """``C(C(w) + f g) - w`` for a kernel (``C`` :func:`balance_units`, ``f`` per unit) as
     ``A w + B g + D``: the closed form where its sums are trusted, else the elementwise one
-    (a conditional: the per-unit numbers are computed once)."""
+    (computed only then)."""
     cd = compute_dtype(w)
     wc, gc = w.astype(cd), g.astype(cd)
     fast, ok = _closed_form(f, sums, count=math.prod(w.shape[:-1]))
-    a, b, d = jax.lax.cond(ok, lambda: fast, lambda: _elementwise_form(wc, gc, f))
+    a, b, d = reductions.unless_trusted(ok, fast, lambda: _elementwise_form(wc, gc, f))
     return (a * wc + b * gc + d).astype(g.dtype)
 
 

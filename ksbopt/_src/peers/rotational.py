@@ -343,13 +343,11 @@ def _elementwise_form(w, u, nu, n, eta_r, bc, rule: _Rule):
 
 def _kernel_coefficients(w, u, nu, n, eta_r, bc, rule: _Rule):
     """The turned kernel's coefficients ``(A, B, C)`` and running average: the one-pass
-    closed form where its sums are trusted, else the elementwise form (a conditional: the
-    per-unit numbers are computed once, not inside the pass that applies them)."""
+    closed form where its sums are trusted, else the elementwise form (computed only
+    then)."""
     fast, nu_fast, ok = _closed_form(w, u, nu, n, eta_r, bc, rule)
-    return jax.lax.cond(
-        ok,
-        lambda: (fast, nu_fast),
-        lambda: _elementwise_form(w, u, nu, n, eta_r, bc, rule),
+    return reductions.unless_trusted(
+        ok, (fast, nu_fast), lambda: _elementwise_form(w, u, nu, n, eta_r, bc, rule)
     )
 
 
