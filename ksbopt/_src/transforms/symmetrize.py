@@ -196,7 +196,7 @@ class _Group:
 
     def coefficients(self) -> dict:
         """The per-group numbers the last pass applies (see :meth:`update`,
-        :meth:`transport`), to be computed once (``reductions.finished``)."""
+        :meth:`transport`)."""
         if self.scale:
             a, r, t = self.a, self.r, self.t
             d = [safe_div(x, self.cand_sq) for x in self.first_cand]
@@ -385,9 +385,10 @@ def symmetrize(
             grp.retract_to(q0)
         # A non-finite gradient, step or base state skips the step: zero updates, state kept.
         # Every such value reaches a per-group sum (or the sums of the ungrouped leaves).
-        ok = jnp.isfinite(sum(_checks(groups, g, v)))
-        # ``ok`` too, so that its sum of every group's checks is not redone for every entry.
-        ok, coefficients = reductions.finished(ok, (ok, [grp.coefficients() for grp in groups]))
+        # One reduction of every check: its one scalar, not the sum of the checks, is what
+        # the elementwise passes below read.
+        ok = jnp.isfinite(jnp.sum(jnp.stack(_checks(groups, g, v))))
+        coefficients = [grp.coefficients() for grp in groups]
         new = list(v)
         for grp, c in zip(groups, coefficients, strict=True):
             for i in grp.b.leaves:
