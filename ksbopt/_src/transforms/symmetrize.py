@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ksbopt._src import reductions
+from ksbopt._src import checks, reductions
 from ksbopt._src.numerics import safe_div
 from ksbopt._src.symmetries import orbit
 from ksbopt._src.transforms import transport
@@ -266,9 +266,9 @@ def _first_moments(inner: Any, params: Any, table: dict) -> list:
 
 def _checks(groups: list, g: list, v: list) -> list:
     """Scalars that are finite iff the gradient, the base's step and first moments are."""
-    checks = [x for grp in groups for x in grp.checks()]
+    values = [x for grp in groups for x in grp.checks()]
     grouped = {i for grp in groups for i in grp.b.leaves}
-    return checks + [jnp.sum(g[i]) + jnp.sum(v[i]) for i in range(len(g)) if i not in grouped]
+    return values + [jnp.sum(g[i]) + jnp.sum(v[i]) for i in range(len(g)) if i not in grouped]
 
 
 def _transport(inner, params, table, groups_and_coefficients, w, v, firsts):
@@ -349,11 +349,7 @@ def symmetrize(
       (projection retraction and vector transport by projection).
     """
     owner = "ksbopt.symmetrize"
-    if not isinstance(base, optax.GradientTransformation):
-        raise TypeError(
-            f"{owner}: base={base!r} is not an optax GradientTransformation; pass an optimizer "
-            "such as optax.adam(1e-3)."
-        )
+    checks.check_transformation(owner, "base", base, example="optax.adam(1e-3)")
     syms = orbit.as_symmetries(symmetries)
     _check_symmetries(syms, owner=owner)
     table = transport.check_moments(moments, owner=owner)
