@@ -94,3 +94,26 @@ def test_project_takes_one_pass_on_large_leaves_and_stays_exact(x64):
     got_m = np.concatenate([np.asarray(got["k"]).reshape(-1, 20), np.asarray(got["b"])[None]])
     support.assert_rel_close(got_m, want, 1e-12, "projection")
     assert np.max(np.abs(np.sum(w * got_m, axis=0))) <= 1e-12 * np.max(np.sum(w * w, axis=0))
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+def test_unless_trusted_runs_the_careful_form_only_when_needed(trusted):
+    """The closed form where it is trusted; otherwise the careful form, and only then (a
+    host callback counts its evaluations)."""
+    calls = []
+
+    def careful():
+        jax.debug.callback(lambda: calls.append(1))
+        return {"a": jnp.full(3, 2.0), "b": jnp.ones(())}
+
+    @jax.jit
+    def pick(ok):
+        fast = {"a": jnp.array([1.0, jnp.nan, 3.0]), "b": jnp.zeros(())}
+        return reductions.unless_trusted(ok, fast, careful)
+
+    out = jax.block_until_ready(pick(jnp.asarray(trusted)))
+    if trusted:
+        assert np.isnan(out["a"][1]) and float(out["b"]) == 0 and not calls
+    else:
+        np.testing.assert_array_equal(out["a"], [2.0, 2.0, 2.0])
+        assert float(out["b"]) == 1 and calls == [1]

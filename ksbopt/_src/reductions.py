@@ -126,3 +126,18 @@ def finished(ok: jax.Array, small):
     XLA:CPU's fusion passes.)
     """
     return jax.lax.cond(ok, lambda x: x, lambda x: jax.tree.map(jnp.zeros_like, x), small)
+
+
+def unless_trusted(ok: jax.Array, fast, fallback):
+    """``fast`` (a pytree of small per-group values) where ``ok``, else ``fallback()``,
+    which is evaluated only when ``ok`` is false.
+
+    For a closed form computed from one-pass sums with a slower, more careful form for the
+    rare inputs it cannot be trusted with (overflow, cancellation). Only the careful form is
+    inside the conditional, which returns zeros when ``ok``; a select then picks, so the
+    closed form stays outside the conditional, where XLA schedules it with the rest of the
+    step. Under ``vmap`` the conditional becomes a select and both forms are computed.
+    """
+    zeros = jax.tree.map(jnp.zeros_like, fast)
+    careful = jax.lax.cond(ok, lambda: zeros, fallback)
+    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), fast, careful)

@@ -10,13 +10,16 @@ Flax layout: a unit is ``kernel[..., j]`` (the LAST axis), reduced over every ot
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from ksbopt._src import checks
+from ksbopt._src import checks, reductions
+from ksbopt._src import groups as groups_lib
 from ksbopt._src.numerics import compute_dtype, safe_div
 from ksbopt._src.peers._common import (
     check_bool,
@@ -384,7 +387,9 @@ def nero(
 
     Returns:
       ``optax.chain(scale_by_nero(...), optax.scale_by_learning_rate(learning_rate)[,
-      nero_retraction()])``; ``update`` needs ``params``.
+      nero_retraction()])``; ``update`` needs ``params``. With constraints the three run as
+      one step (same state, same numbers to rounding): one pass of per-unit sums of ``g``
+      and ``w`` per kernel, then the pass writing the step.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
@@ -412,10 +417,123 @@ def nero(
         low=0.0,
         hint="Pass the positive step size (paper default 0.01).",
     )
-    parts = [
-        scale_by_nero(beta, constraints=constraints, debias=debias, step_scale=step_scale),
-        optax.scale_by_learning_rate(learning_rate),
+    direction = scale_by_nero(beta, constraints=constraints, debias=debias, step_scale=step_scale)
+    rate = optax.scale_by_learning_rate(learning_rate)
+    if not constraints:
+        return optax.chain(direction, rate)
+    chained = optax.chain(direction, rate, nero_retraction())
+    rule = _Rule(beta=beta, debias=debias, rate=rate)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
+        return _constrained_update(updates, state, params, rule)
+
+    return optax.GradientTransformationExtraArgs(chained.init, update_fn)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rule:
+    """What one fused step of :func:`nero` with constraints reads."""
+
+    beta: Any
+    debias: bool
+    rate: optax.GradientTransformation  # the learning rate, as optax scales by it
+
+
+#: The largest factor by which centring may shrink a sum of squares for the one-pass closed
+#: form to be used (see :func:`_closed_form`).
+_CANCELLATION = 64.0
+
+
+def _constrained_update(updates, state, params, rule: _Rule):
+    """``optax.chain(scale_by_nero, scale_by_learning_rate, nero_retraction)`` in two passes
+    over each kernel: the per-unit sums of ``g`` and ``w`` (:func:`_unit_sums`), then the
+    elementwise pass writing the step. The chain's state, updated as the chain would."""
+    checks.require_params(params, "nero")
+    nero_state, rate_state, retraction_state = state
+    count = optax.safe_increment(nero_state.count)
+    treedef = jax.tree.structure(updates)
+    grads = treedef.flatten_up_to(updates)
+    nus, scales = treedef.flatten_up_to(nero_state.nu), treedef.flatten_up_to(nero_state.scale)
+    ws = treedef.flatten_up_to(params)
+    sums, factors, new_nu = [], [], []
+    for g, nu, s, w in zip(grads, nus, scales, ws, strict=True):
+        cd = compute_dtype(g)
+        bc = one_minus_power(rule.beta, count, cd) if rule.debias else 1
+        gc = g.astype(cd)
+        if is_kernel(g):  # per unit: the factor f of the step f g
+            sums.append(_unit_sums(gc, w.astype(cd)))
+            nu_new = rule.beta * nu + (1 - rule.beta) * sums[-1][1]
+            factors.append(s * safe_div(1.0, jnp.sqrt(nu_new / bc)))
+        else:  # per entry: the step itself
+            sums.append(None)
+            nu_new = rule.beta * nu + (1 - rule.beta) * gc * gc
+            factors.append(s * safe_div(gc, jnp.sqrt(nu_new / bc)))
+        new_nu.append(nu_new.astype(nu.dtype))
+    # The learning rate (a schedule counts in its own state) scales the small factors.
+    factors, rate_state = rule.rate.update(treedef.unflatten(factors), rate_state)
+    out = [
+        _balanced_step(g, w, f, sums_g) if sums_g is not None else f.astype(g.dtype)
+        for g, w, f, sums_g in zip(grads, ws, treedef.flatten_up_to(factors), sums, strict=True)
     ]
-    if constraints:
-        parts.append(nero_retraction())
-    return optax.chain(*parts)
+    nero_state = ScaleByNeroState(count=count, nu=treedef.unflatten(new_nu), scale=nero_state.scale)
+    return treedef.unflatten(out), (nero_state, rate_state, retraction_state)
+
+
+def _unit_sums(g: jax.Array, w: jax.Array) -> list[jax.Array]:
+    """``sum g``, ``|g|^2``, ``sum w``, ``|w|^2``, ``<w, g>`` per unit, in one pass."""
+    part = groups_lib.AxisPart(leaf=0, path="", shape=g.shape, group_axes=(g.ndim - 1,))
+    return reductions.part_sums(part, [g, g * g, w, w * w, w * g])
+
+
+def _balanced_step(g, w, f, sums):
+    """``C(C(w) + f g) - w`` for a kernel (``C`` :func:`balance_units`, ``f`` per unit) as
+    ``A w + B g + D``: the closed form where its sums are trusted, else the elementwise one
+    (computed only then)."""
+    cd = compute_dtype(w)
+    wc, gc = w.astype(cd), g.astype(cd)
+    fast, ok = _closed_form(f, sums, count=math.prod(w.shape[:-1]))
+    a, b, d = reductions.unless_trusted(ok, fast, lambda: _elementwise_form(wc, gc, f))
+    return (a * wc + b * gc + d).astype(g.dtype)
+
+
+def _closed_form(f, sums, *, count: int):
+    """:func:`_balanced_step`'s coefficients from the per-unit sums, and whether to trust
+    them.
+
+    [derived] With ``N`` entries per unit, mean ``m_w`` and ``s_w = |w - m_w|``, the
+    balanced unit is ``b = (w - m_w) / s_w`` (0 if ``s_w = 0``): ``sum b = 0``,
+    ``|b|^2 = 1``, ``<b, g> = (<w, g> - m_w sum g) / s_w``. Then ``x = b + f g`` has mean
+    ``f m_g`` and ``s_x^2 = |b|^2 + 2 f <b, g> + f^2 |g - m_g|^2``, and
+    ``C(x) = (x - f m_g) / s_x``. Trusted: finite sums, centring and the last sum cancelling
+    at most a factor ``_CANCELLATION``, ``s_w^2`` and ``s_x^2`` zero or normal floats.
+    """
+    sg, gg, sw, ww, wg = sums
+    mw, mg = sw / count, sg / count
+    sww, sgg = ww - count * mw * mw, gg - count * mg * mg  # centred sums of squares
+    inv_sw = safe_div(1.0, jnp.sqrt(sww))
+    bb = sww * inv_sw * inv_sw
+    bg = (wg - mw * sg) * inv_sw
+    sxx = bb + 2 * f * bg + f * f * sgg
+    inv_sx = safe_div(1.0, jnp.sqrt(sxx))
+    coefficients = (inv_sx * inv_sw - 1, inv_sx * f, -inv_sx * (mw * inv_sw + f * mg))
+    tiny = jnp.finfo(sww.dtype).tiny / jnp.finfo(sww.dtype).eps
+    ok = jnp.all(jnp.isfinite(jnp.stack([jnp.sum(x) for x in (*sums, sxx, *coefficients)])))
+    ok &= jnp.all(
+        (count * mw * mw <= _CANCELLATION * sww) & (count * mg * mg <= _CANCELLATION * sgg)
+    )
+    ok &= jnp.all(_CANCELLATION * sxx >= bb + f * f * sgg)
+    ok &= jnp.all(((sww == 0) | (sww >= tiny)) & ((sxx == 0) | (sxx >= tiny)))
+    return coefficients, ok
+
+
+def _elementwise_form(w, g, f):
+    """:func:`_closed_form`'s coefficients from elementwise centring and norms (as
+    :func:`balance_units` computes them; several passes)."""
+    axes = tuple(range(w.ndim - 1))
+    mw = jnp.mean(w, axis=axes)
+    inv_sw = safe_div(1.0, unit_norm(w - mw))
+    x = (w - mw) * inv_sw + f * g
+    mx = jnp.mean(x, axis=axes)
+    inv_sx = safe_div(1.0, unit_norm(x - mx))
+    return inv_sx * inv_sw - 1, inv_sx * f, -inv_sx * (mw * inv_sw + mx)

@@ -16,6 +16,8 @@ The defaults follow the authors' code, https://github.com/epfml/REQ
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -23,7 +25,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ksbopt._src import checks
+from ksbopt._src import checks, reductions
+from ksbopt._src import groups as groups_lib
 from ksbopt._src.numerics import compute_dtype, safe_div
 from ksbopt._src.peers._common import (
     check_bool,
@@ -240,11 +243,138 @@ class RotationalState(NamedTuple):
     target_norm: optax.Updates
 
 
-def _pick(flag: Any, a: jax.Array, b: jax.Array) -> jax.Array:
-    """``a`` where ``flag`` else ``b``: a Python choice for a Python bool, else ``where``."""
+def _pick(flag: Any, a: Any, b: Any) -> Any:
+    """``a`` where ``flag`` else ``b`` (pytrees alike): a Python choice for a Python bool,
+    else ``where`` leaf by leaf."""
     if isinstance(flag, bool):
         return a if flag else b
-    return jnp.where(flag, a, b)
+    return jax.tree.map(lambda x, y: jnp.where(flag, x, y), a, b)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rule:
+    """The hyperparameters one step of :func:`rotational` reads (checked by the factory)."""
+
+    weight_decay: Any
+    momentum: Any
+    rms_decay: Any
+    kind: str
+    eps: Any
+    zero_mean: bool
+    per_neuron: bool
+
+
+#: The largest factor by which centring or the tangent projection may shrink a sum of squares
+#: for the one-pass closed form to be used (see :func:`_closed_form`).
+_CANCELLATION = 64.0
+
+
+def _unit_sums(w: jax.Array, u: jax.Array, rule: _Rule) -> list[jax.Array]:
+    """``[sum w, sum u,] |w|^2, <u, w>, |u|^2`` per unit (or per kernel), in one pass."""
+    ndim = w.ndim
+    part = groups_lib.AxisPart(
+        leaf=0, path="", shape=w.shape, group_axes=(ndim - 1,) if rule.per_neuron else ()
+    )
+    products = [w * w, u * w, u * u]
+    if rule.zero_mean:
+        products = [w, u, *products]
+    shape = w.shape[-1:] if rule.per_neuron else ()
+    return [jnp.reshape(x, shape) for x in reductions.part_sums(part, products)]
+
+
+def _closed_form(w, u, nu, n, eta_r, bc, rule: _Rule):
+    """The rotational step of one kernel as per-unit coefficients, from one pass of sums.
+
+    [derived] With ``N`` entries per unit, ``w_c = w - mean(w)``, ``u_c = u - mean(u)``
+    (``zero_mean``; else ``w``, ``u``), ``c = <u_c, w_c> / |w_c|^2`` and the tangent
+    ``u_c - c w_c`` (``|.|^2 = |u_c|^2 - c <u_c, w_c>``), the moved unit is
+    ``moved = (1 + h c) w_c - h u_c`` with ``h = eta_r n / (sqrt(nu / bc) + eps)`` and
+    ``|moved|^2 = |w_c|^2 + h^2 |tangent|^2`` (the tangent is orthogonal to ``w_c``); the
+    new unit is ``k moved``, ``k = n / |moved|``. The update ``A w + B u + C`` has
+    ``A = k (1 + h c) - 1``, ``B = -k h``, ``C = -k ((1 + h c) mean(w) - h mean(u))``.
+
+    Returns ``(A, B, C)``, the new running average, and whether the sums are trusted:
+    finite, clear of float underflow, and cancelling at most a factor ``_CANCELLATION`` in
+    the centring (``N mean^2`` against ``|w_c|^2``, ``|u_c|^2``) or the tangent
+    (``|tangent|^2`` against ``|u_c|^2``), so that their rounding error stays within a few
+    dozen ulps, as the elementwise form's. Otherwise :func:`_elementwise_form` decides.
+    """
+    sums = _unit_sums(w, u, rule)
+    ww, uw, uu = sums[-3:]
+    count = math.prod(w.shape[:-1] if rule.per_neuron else w.shape)
+    ok = jnp.all(jnp.isfinite(jnp.stack([jnp.sum(x) for x in sums])))
+    if rule.zero_mean:
+        mw, mu = sums[0] / count, sums[1] / count
+        lost_w, lost_u = count * mw * mw, count * mu * mu
+        ww, uw, uu = ww - lost_w, uw - count * mw * mu, uu - lost_u
+        ok &= jnp.all((lost_w <= _CANCELLATION * ww) & (lost_u <= _CANCELLATION * uu))
+    c = safe_div(uw, ww)
+    tt = jnp.maximum(uu - c * uw, 0)
+    nu_new = rule.rms_decay * nu + (1 - rule.rms_decay) * tt
+    h = (eta_r * n) * safe_div(1.0, jnp.sqrt(nu_new / bc) + rule.eps)
+    mm = ww + h * h * tt
+    k = n * safe_div(1.0, jnp.sqrt(mm))
+    a = 1 + h * c
+    shift = -k * (a * mw - h * mu) if rule.zero_mean else jnp.zeros_like(k)
+    coefficients = (k * a - 1, -k * h, shift)
+    # A unit of frozen norm 0 is mapped to 0 whatever its sums; any other needs sums of
+    # squares in the normal float range (a kernel of 1e-30 entries has |w|^2 = 0 in float32).
+    tiny = jnp.finfo(ww.dtype).tiny / jnp.finfo(ww.dtype).eps
+    ok &= jnp.all(_CANCELLATION * tt >= uu) & jnp.all((n == 0) | ((ww >= tiny) & (mm >= tiny)))
+    ok &= jnp.all(jnp.isfinite(jnp.stack([jnp.sum(x) for x in (mm, *coefficients)])))
+    return coefficients, nu_new, ok
+
+
+def _elementwise_form(w, u, nu, n, eta_r, bc, rule: _Rule):
+    """:func:`_closed_form`'s coefficients and running average from elementwise centring,
+    tangent and max-scaled norm (several passes: finite for every finite kernel)."""
+    per_neuron = rule.per_neuron
+    mw = jnp.mean(w, axis=_axes(w, per_neuron)) if rule.zero_mean else jnp.zeros_like(nu)
+    mu = jnp.mean(u, axis=_axes(u, per_neuron)) if rule.zero_mean else jnp.zeros_like(nu)
+    wc, uc = w - mw, u - mu
+    c = safe_div(_sum(uc * wc, per_neuron), _sum(wc * wc, per_neuron))
+    tangent = uc - c * wc
+    nu_new = rule.rms_decay * nu + (1 - rule.rms_decay) * _sum(tangent * tangent, per_neuron)
+    h = (eta_r * n) * safe_div(1.0, jnp.sqrt(nu_new / bc) + rule.eps)
+    a = 1 + h * c
+    k = n * safe_div(1.0, _norm(a * wc - h * uc, per_neuron))
+    return (k * a - 1, -k * h, -k * (a * mw - h * mu)), nu_new
+
+
+def _kernel_coefficients(w, u, nu, n, eta_r, bc, rule: _Rule):
+    """The turned kernel's coefficients ``(A, B, C)`` and running average: the one-pass
+    closed form where its sums are trusted, else the elementwise form (computed only
+    then)."""
+    fast, nu_fast, ok = _closed_form(w, u, nu, n, eta_r, bc, rule)
+    return reductions.unless_trusted(
+        ok, (fast, nu_fast), lambda: _elementwise_form(w, u, nu, n, eta_r, bc, rule)
+    )
+
+
+def _leaf_update(u, nu, n, w, *, lr, eta_r, count, rotating, rule: _Rule):
+    """One leaf's update and running average: the base step ``-lr u`` (plus the decoupled
+    decay for ``kind="adamw"``) on leaves that follow the base, the turn on kernels."""
+    cd = compute_dtype(w)
+    uc, wc = u.astype(cd), w.astype(cd)
+    decay = 0.0 if rule.kind == "sgdm" else lr * rule.weight_decay
+    if not is_kernel(w):
+        return (-lr * uc - decay * wc).astype(u.dtype), nu
+    bc = one_minus_power(rule.rms_decay, count, cd)
+    turn, nu_new = _kernel_coefficients(wc, uc, nu.astype(cd), n, eta_r, bc, rule)
+    plain = (-decay * jnp.ones_like(nu_new), -lr * jnp.ones_like(nu_new), jnp.zeros_like(nu_new))
+    (a, b, shift), nu_new = _pick(rotating, (turn, nu_new), (plain, nu.astype(cd)))
+    return (a * wc + b * uc + shift).astype(u.dtype), nu_new.astype(nu.dtype)
+
+
+def _check_arguments(owner, base, learning_rate, rule: _Rule) -> None:
+    checks.check_transformation(
+        owner, "base", base, example="optax.trace(0.9) or optax.scale_by_adam()"
+    )
+    _check_kind(owner, rule.kind)
+    _check_hparams(owner, learning_rate, rule.weight_decay, rule.momentum, rule.rms_decay)
+    check_range(owner, "eps", rule.eps, low=0.0, hint="Use a small non-negative number, e.g. 1e-8.")
+    check_bool(owner, "zero_mean", rule.zero_mean)
+    check_bool(owner, "per_neuron", rule.per_neuron)
 
 
 def rotational(
@@ -337,75 +467,63 @@ def rotational(
       Learning Across Neural Networks", ICML 2024, https://arxiv.org/abs/2305.17212
     """
     owner = "rotational"
-    if not (hasattr(base, "init") and hasattr(base, "update")):
-        raise TypeError(
-            f"{owner}: base={base!r} is not an optax transformation; pass e.g. "
-            "optax.trace(0.9) or optax.scale_by_adam()."
-        )
-    _check_kind(owner, kind)
-    _check_hparams(owner, learning_rate, weight_decay, momentum, rms_decay)
-    check_range(owner, "eps", eps, low=0.0, hint="Use a small non-negative number, e.g. 1e-8.")
-    check_bool(owner, "zero_mean", zero_mean)
-    check_bool(owner, "per_neuron", per_neuron)
+    rule = _Rule(weight_decay, momentum, rms_decay, kind, eps, zero_mean, per_neuron)
+    _check_arguments(owner, base, learning_rate, rule)
     base = optax.with_extra_args_support(base)
     wd = concrete_float(weight_decay)
     # Python bool where the weight decay is known now, a traced flag otherwise.
     rotating = (wd != 0) if wd is not None else (jnp.asarray(weight_decay) != 0)
 
     def init_fn(params):
-        def zeros(w):
-            cd = compute_dtype(w)
-            shape = w.shape[-1:] if per_neuron else ()
-            return jnp.zeros(shape if is_kernel(w) else (), cd)
-
-        def norm0(w):
-            return _norm(w.astype(compute_dtype(w)), per_neuron) if is_kernel(w) else zeros(w)
-
         return RotationalState(
             count=jnp.zeros([], jnp.int32),
             base_state=base.init(params),
-            rms=jax.tree.map(zeros, params),
-            target_norm=jax.tree.map(norm0, params),
+            rms=jax.tree.map(lambda w: _zeros_per_unit(w, per_neuron), params),
+            target_norm=jax.tree.map(lambda w: _initial_norm(w, per_neuron), params),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
         checks.require_params(params, owner)
-        count = optax.safe_increment(state.count)
         lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-        eta_r = jnp.sqrt(_eta_r_squared(lr, weight_decay, momentum, kind))
-        if kind == "sgdm":
-            # Coupled decay on the leaves that follow the base; on a kernel it is either not
-            # wanted (rotational) or zero (weight_decay = 0), so kernels get the gradient.
-            def coupled(g, w):
-                return g if is_kernel(w) else g + (weight_decay * w).astype(g.dtype)
-
-            base_in = jax.tree.map(coupled, updates, params)
-        else:
-            base_in = updates
+        base_in = _with_coupled_decay(updates, params, rule) if kind == "sgdm" else updates
         directions, base_state = base.update(base_in, state.base_state, params, **extra_args)
-
-        def leaf(u, nu, n, w):
-            cd = compute_dtype(w)
-            uc, wc = u.astype(cd), w.astype(cd)
-            plain = -lr * (uc if kind == "sgdm" else uc + weight_decay * wc)
-            if not is_kernel(w):
-                return plain.astype(u.dtype), nu
-            if zero_mean:
-                wc, uc = _centre(wc, per_neuron), _centre(uc, per_neuron)
-            tangent = uc - safe_div(_sum(uc * wc, per_neuron), _sum(wc * wc, per_neuron)) * wc
-            nu_new = rms_decay * nu + (1 - rms_decay) * _sum(tangent * tangent, per_neuron)
-            avg = jnp.sqrt(nu_new / one_minus_power(rms_decay, count, cd))
-            moved = wc - (eta_r * n) * safe_div(tangent, avg + eps)
-            new = n * safe_div(moved, _norm(moved, per_neuron))
-            turned = new - w.astype(cd)
-            return (
-                _pick(rotating, turned, plain).astype(u.dtype),
-                _pick(rotating, nu_new, nu).astype(nu.dtype),
-            )
-
+        leaf = functools.partial(
+            _leaf_update,
+            lr=lr,
+            eta_r=jnp.sqrt(_eta_r_squared(lr, weight_decay, momentum, kind)),
+            count=optax.safe_increment(state.count),
+            rotating=rotating,
+            rule=rule,
+        )
         out, rms = map_leaves(leaf, directions, state.rms, state.target_norm, params, n_out=2)
         return out, RotationalState(
-            count=count, base_state=base_state, rms=rms, target_norm=state.target_norm
+            count=optax.safe_increment(state.count),
+            base_state=base_state,
+            rms=rms,
+            target_norm=state.target_norm,
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _zeros_per_unit(w: jax.Array, per_neuron: bool) -> jax.Array:
+    """A zero running average: one number per unit of a kernel (per kernel), else one."""
+    shape = w.shape[-1:] if per_neuron else ()
+    return jnp.zeros(shape if is_kernel(w) else (), compute_dtype(w))
+
+
+def _initial_norm(w: jax.Array, per_neuron: bool) -> jax.Array:
+    """The frozen norm of each unit (or kernel); a zero placeholder for other leaves."""
+    if not is_kernel(w):
+        return _zeros_per_unit(w, per_neuron)
+    return _norm(w.astype(compute_dtype(w)), per_neuron)
+
+
+def _with_coupled_decay(grads: Any, params: Any, rule: _Rule) -> Any:
+    """The gradient plus ``lambda w`` on the leaves that follow the base (``kind="sgdm"``);
+    on a kernel the decay is either not wanted (rotational) or zero, so kernels get ``g``."""
+
+    def leaf(g, w):
+        return g if is_kernel(w) else g + (rule.weight_decay * w).astype(g.dtype)
+
+    return jax.tree.map(leaf, grads, params)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ksbopt._src import reductions
+from ksbopt._src import checks, reductions
 from ksbopt._src.numerics import safe_div
 from ksbopt._src.symmetries import orbit
 from ksbopt._src.transforms import transport
@@ -194,17 +194,30 @@ class _Group:
             self.shift = (q0 - self.sum_w) / self.count
             self.residual = jnp.zeros((), q0.dtype)
 
-    def update(self, i, w, v):
+    def coefficients(self) -> dict:
+        """The per-group numbers the last pass applies (see :meth:`update`,
+        :meth:`transport`)."""
         if self.scale:
-            a, r = self.a, self.r
-            return self._per(i, a * (1 - r * self.t) - 1) * w + self._per(i, a * r) * v
-        return v + self._per(i, self.shift - self.mean_v)
+            a, r, t = self.a, self.r, self.t
+            d = [safe_div(x, self.cand_sq) for x in self.first_cand]
+            return {
+                "w": a * (1 - r * t) - 1,
+                "v": a * r,
+                "mw": [x * (1 - r * t) for x in d],
+                "mv": [x * r for x in d],
+            }
+        return {"v": self.shift - self.mean_v, "m": self.mean_first}
 
-    def transport(self, i, k, w, v, m):
+    def update(self, i, w, v, coefficients):
         if self.scale:
-            d = safe_div(self.first_cand[k], self.cand_sq)
-            return m - self._per(i, d * (1 - self.r * self.t)) * w - self._per(i, d * self.r) * v
-        return m - self._per(i, self.mean_first[k])
+            return self._per(i, coefficients["w"]) * w + self._per(i, coefficients["v"]) * v
+        return v + self._per(i, coefficients["v"])
+
+    def transport(self, i, k, w, v, m, coefficients):
+        if self.scale:
+            mw, mv = coefficients["mw"][k], coefficients["mv"][k]
+            return m - self._per(i, mw) * w - self._per(i, mv) * v
+        return m - self._per(i, coefficients["m"][k])
 
     def checks(self) -> list:
         if self.scale:
@@ -225,6 +238,57 @@ def _products(names, vectors):
         return out
 
     return products
+
+
+def _invariant_trees(groups: list, w: list, g: list, params: Any, updates: Any):
+    """The parameters and the gradient in orbit-invariant coordinates, as trees of the
+    caller's dtypes (what the base optimizer sees)."""
+    inv_w, inv_g = list(w), list(g)
+    for grp in groups:
+        for i in grp.b.leaves:
+            inv_w[i], inv_g[i] = grp.invariant(i, w[i]), grp.gradient(i, w[i], g[i])
+
+    def like(xs, tree):
+        leaves = jax.tree.leaves(tree)
+        return jax.tree.unflatten(
+            jax.tree.structure(tree), [x.astype(y.dtype) for x, y in zip(xs, leaves, strict=True)]
+        )
+
+    return like(inv_w, params), like(inv_g, updates)
+
+
+def _first_moments(inner: Any, params: Any, table: dict) -> list:
+    """The first-moment trees of the base state, as lists of promoted leaves."""
+    firsts = []
+    transport.map_moments(inner, params, table, {"first": lambda t: firsts.append(t) or t})
+    return [orbit.promote(jax.tree.leaves(t)) for t in firsts]
+
+
+def _checks(groups: list, g: list, v: list) -> list:
+    """Scalars that are finite iff the gradient, the base's step and first moments are."""
+    values = [x for grp in groups for x in grp.checks()]
+    grouped = {i for grp in groups for i in grp.b.leaves}
+    return values + [jnp.sum(g[i]) + jnp.sum(v[i]) for i in range(len(g)) if i not in grouped]
+
+
+def _transport(inner, params, table, groups_and_coefficients, w, v, firsts):
+    """The base state with every first moment projected on the tangent space at the new
+    point (second moments and other fields kept)."""
+    groups, coefficients = groups_and_coefficients
+    moved = iter(range(len(firsts)))
+
+    def project_first(tree):
+        k = next(moved)
+        out = list(firsts[k])
+        for grp, c in zip(groups, coefficients, strict=True):
+            for i in grp.b.leaves:
+                out[i] = grp.transport(i, k, w[i], v[i], out[i], c)
+        leaves = jax.tree.leaves(tree)
+        return jax.tree.unflatten(
+            jax.tree.structure(tree), [o.astype(x.dtype) for o, x in zip(out, leaves)]
+        )
+
+    return transport.map_moments(inner, params, table, {"first": project_first})
 
 
 def symmetrize(
@@ -285,11 +349,7 @@ def symmetrize(
       (projection retraction and vector transport by projection).
     """
     owner = "ksbopt.symmetrize"
-    if not isinstance(base, optax.GradientTransformation):
-        raise TypeError(
-            f"{owner}: base={base!r} is not an optax GradientTransformation; pass an optimizer "
-            "such as optax.adam(1e-3)."
-        )
+    checks.check_transformation(owner, "base", base, example="optax.adam(1e-3)")
     syms = orbit.as_symmetries(symmetries)
     _check_symmetries(syms, owner=owner)
     table = transport.check_moments(moments, owner=owner)
@@ -309,59 +369,36 @@ def symmetrize(
     def update_fn(updates, state, params=None, **extra_args):
         orbit.require_params(params, "symmetrize")
         binding = _bind(syms, params, owner=owner)
-        treedef = jax.tree.structure(params)
-        flat_p = jax.tree.leaves(params)
-        flat_u = jax.tree.leaves(updates)
-        w = orbit.promote(flat_p)
-        g = orbit.promote(flat_u)
+        w = orbit.promote(jax.tree.leaves(params))
+        g = orbit.promote(jax.tree.leaves(updates))
         groups = [_Group(b, w, g) for b in binding.bound]  # first pass: sums of w, g
-        inv_w, inv_g = list(w), list(g)
-        for grp in groups:
-            for i in grp.b.leaves:
-                inv_w[i], inv_g[i] = grp.invariant(i, w[i]), grp.gradient(i, w[i], g[i])
-        inv_params = jax.tree.unflatten(treedef, [x.astype(p.dtype) for x, p in zip(inv_w, flat_p)])
-        inv_updates = jax.tree.unflatten(
-            jax.tree.structure(updates), [x.astype(u.dtype) for x, u in zip(inv_g, flat_u)]
-        )
+        inv_params, inv_updates = _invariant_trees(groups, w, g, params, updates)
         steps, inner = base.update(inv_updates, state.inner_state, inv_params, **extra_args)
         v = orbit.promote(jax.tree.leaves(steps))
-        firsts = []  # the first-moment trees of the new base state, to transport
-        transport.map_moments(inner, params, table, {"first": lambda t: firsts.append(t) or t})
-        first_leaves = [orbit.promote(jax.tree.leaves(t)) for t in firsts]
+        firsts = _first_moments(inner, params, table)
         for grp, q0 in zip(groups, state.initial, strict=True):
-            grp.measure_step(w, v, first_leaves)  # second pass: the step, the first moments
+            grp.measure_step(w, v, firsts)  # second pass: the step, the first moments
             grp.retract_to(q0)
-        new, checks = list(v), []
-        for grp in groups:
-            for i in grp.b.leaves:
-                new[i] = grp.update(i, w[i], v[i])
-            checks += grp.checks()
-        grouped = {i for grp in groups for i in grp.b.leaves}
-        checks += [jnp.sum(g[i]) + jnp.sum(v[i]) for i in range(len(w)) if i not in grouped]
-        moved = iter(range(len(firsts)))
-
-        def project_first(tree):
-            k = next(moved)
-            out = list(first_leaves[k])
-            for grp in groups:
-                for i in grp.b.leaves:
-                    out[i] = grp.transport(i, k, w[i], v[i], out[i])
-            leaves = jax.tree.leaves(tree)
-            return jax.tree.unflatten(
-                jax.tree.structure(tree), [o.astype(x.dtype) for o, x in zip(out, leaves)]
-            )
-
-        inner = transport.map_moments(inner, params, table, {"first": project_first})
-        residual = jnp.max(jnp.stack([grp.residual for grp in groups])).astype(jnp.float32)
         # A non-finite gradient, step or base state skips the step: zero updates, state kept.
-        # Every such value reaches a per-group sum above (or the sums of the ungrouped leaves).
-        ok = jnp.isfinite(sum(checks))
-        new = [jnp.where(ok, n, 0).astype(u.dtype) for n, u in zip(new, flat_u)]
-        inner = jax.tree.map(lambda a, b: jnp.where(ok, a, b), inner, state.inner_state)
-        residual = jnp.where(ok, residual, state.residual)
+        # Every such value reaches a per-group sum (or the sums of the ungrouped leaves).
+        # One reduction of every check: its one scalar, not the sum of the checks, is what
+        # the elementwise passes below read.
+        ok = jnp.isfinite(jnp.sum(jnp.stack(_checks(groups, g, v))))
+        coefficients = [grp.coefficients() for grp in groups]
+        new = list(v)
+        for grp, c in zip(groups, coefficients, strict=True):
+            for i in grp.b.leaves:
+                new[i] = grp.update(i, w[i], v[i], c)
+        inner = _transport(inner, params, table, (groups, coefficients), w, v, firsts)
+        residual = jnp.max(jnp.stack([grp.residual for grp in groups])).astype(jnp.float32)
+        new = [jnp.where(ok, n, 0).astype(u.dtype) for n, u in zip(new, jax.tree.leaves(updates))]
         return (
             jax.tree.unflatten(jax.tree.structure(updates), new),
-            SymmetrizeState(state.initial, residual, inner),
+            SymmetrizeState(
+                state.initial,
+                jnp.where(ok, residual, state.residual),
+                jax.tree.map(lambda a, b: jnp.where(ok, a, b), inner, state.inner_state),
+            ),
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
