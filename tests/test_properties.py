@@ -41,6 +41,7 @@ from hypothesis import strategies as st
 import ksbopt
 from ksbopt._src import groups as groups_lib
 from ksbopt._src.symmetries import orbit
+from ksbopt._src.symmetries.declarations import apply_moved
 
 _COMMON = {
     "deadline": None,
@@ -600,7 +601,7 @@ def _check_orbit_moves_keep_the_loss(problem: Problem, seed: int) -> None:
         # 1. the group actions, one after the other, with random elements
         acted = list(flat)
         for i, b in enumerate(binding.bound):
-            acted = orbit._apply(
+            acted = apply_moved(
                 acted, b.act(acted, _element(b, jax.random.fold_in(key, i))), add=False
             )
         errs = [jnp.abs(problem.loss(jax.tree.unflatten(treedef, acted)) - value) / scale]

@@ -58,3 +58,14 @@ def compute_dtype(x: Any) -> Any:
       (True, True)
     """
     return jnp.promote_types(getattr(x, "dtype", x), jnp.float32)
+
+
+def default_tol(dtype) -> float:
+    """Default relative residual of the iterative orbit solves: 64 eps of ``dtype``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> default_tol(jnp.float32) == 64 * float(jnp.finfo(jnp.float32).eps)
+      True
+    """
+    return float(64 * jnp.finfo(dtype).eps)

@@ -170,7 +170,7 @@ def monitor(
         return MonitorState(inner_state, jnp.zeros((), jnp.int32), diagnostics, recursion)
 
     def update_fn(updates, state, params=None, **extra_args):
-        orbit.require_params(params, "monitor")
+        checks.require_params(params, "ksbopt.monitor")
         new_updates, inner_state = inner.update(updates, state.inner, params, **extra_args)
         binding = orbit.bind(setup.syms, params)
         source, plans = setup.check(binding, state.inner, params)

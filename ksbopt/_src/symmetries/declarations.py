@@ -21,7 +21,7 @@ from ksbopt._src.groups import AxisPart
 # Re-exported for modules that still import them from here.
 from ksbopt._src.numerics import safe_div as _safe_div  # noqa: F401
 from ksbopt._src.symmetries.axis_groups import BoundRescale, BoundScale, BoundTranslation
-from ksbopt._src.symmetries.bound import BoundSymmetry, Flat, Moved  # noqa: F401
+from ksbopt._src.symmetries.bound import BoundSymmetry, Flat, Moved
 from ksbopt._src.symmetries.linear_groups import BoundLinear, LinearPart
 
 
@@ -477,3 +477,11 @@ def _check_axis_arg(value, name):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name}={value!r} must be an int (negative counts from the end).")
     return int(value)
+
+
+def apply_moved(flat: Flat, moved: Moved, sign: float = 1.0, add: bool = True) -> Flat:
+    """``flat`` with the leaves of ``moved`` added (``add``, times ``sign``) or replaced."""
+    out = list(flat)
+    for i, v in moved.items():
+        out[i] = out[i] + sign * v if add else v
+    return out

@@ -20,6 +20,7 @@ from ksbopt._src import checks, theory
 from ksbopt._src.numerics import safe_div
 from ksbopt._src.symmetries import orbit
 from ksbopt._src.symmetries.bound import BoundSymmetry
+from ksbopt._src.symmetries.declarations import apply_moved
 from ksbopt._src.targets.prescribed import Target
 
 
@@ -42,7 +43,7 @@ def _check_scale(owner: str, bound: BoundSymmetry) -> None:
 def _tangent(b: BoundSymmetry, w: list, v: list) -> list:
     """``v`` minus its radial part <v, w> w / |w|^2 on the group's leaves."""
     coef = safe_div(b.reduce(w, v), b.norms(w))
-    return orbit._apply(v, b.expand(w, coef), sign=-1.0)
+    return apply_moved(v, b.expand(w, coef), sign=-1.0)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -252,12 +253,12 @@ class nld(Target):
         g_t = _tangent(bound, params, orbit.promote(grad))
         r = jnp.sqrt(bound.norms(params))
         g_v = bound.act(g_t, safe_div(r, jnp.sqrt(x)))  # gradient of the virtual layer
-        g_v_flat = orbit._apply(params, g_v, add=False)
+        g_v_flat = apply_moved(params, g_v, add=False)
         # tangent part of the virtual momentum, carried to the current tangent space
         m = _tangent(
             bound,
             params,
-            orbit._apply(params, dict(zip(bound.leaves, buf, strict=True)), add=False),
+            apply_moved(params, dict(zip(bound.leaves, buf, strict=True)), add=False),
         )
         corr = bound.reduce(m, g_v_flat)  # <v_k, g_k> per group (only the tangent part counts)
         # |v_{k+1}|^2 of v_{k+1} = beta v_k + g_k + lam w_k, with <w_k, v_k> = P_{k-1} -

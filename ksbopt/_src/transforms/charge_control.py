@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ksbopt._src import reductions
+from ksbopt._src import checks, reductions
 from ksbopt._src.symmetries import orbit
 from ksbopt._src.targets import prescribed as targets_lib
 
@@ -171,7 +171,7 @@ def project(
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
-        orbit.require_params(params, "project")
+        checks.require_params(params, "ksbopt.project")
         binding = orbit.bind(syms, params)
         flat_u = _flat(updates)
         w = orbit.promote(_flat(params))
@@ -351,7 +351,7 @@ def _orbit_move(syms, target: targets_lib.Target, *, rate, name: str):
         return SteerState(jnp.zeros((), jnp.int32), initial, residual, target_state)
 
     def update_fn(updates, state, params=None, **extra_args):
-        orbit.require_params(params, name)
+        checks.require_params(params, f"ksbopt.{name}")
         binding = orbit.bind(syms, params)
         flat_u = _flat(updates)
         w = orbit.promote(_flat(params))

@@ -19,6 +19,7 @@ import optax
 from ksbopt._src import checks, reductions
 from ksbopt._src.numerics import safe_div
 from ksbopt._src.symmetries import orbit
+from ksbopt._src.symmetries.declarations import apply_moved
 from ksbopt._src.transforms import transport
 
 SUPPORTED_KINDS = ("scale", "translation")
@@ -100,12 +101,12 @@ def invariant_coordinates(binding: orbit.Binding, w: list, g: list | None = None
         if b.symmetry.kind == "scale":
             r = jnp.sqrt(2 * b.charge(w))
             radii.append(r)
-            inv_w = orbit._apply(inv_w, b.act(w, safe_div(jnp.ones_like(r), r)), add=False)
+            inv_w = apply_moved(inv_w, b.act(w, safe_div(jnp.ones_like(r), r)), add=False)
             if g is not None:
-                inv_g = orbit._apply(inv_g, b.act(g, r), add=False)
+                inv_g = apply_moved(inv_g, b.act(g, r), add=False)
         else:
             radii.append(None)
-            inv_w = orbit._apply(inv_w, b.act(w, -b.charge(w) / b.norms(w)), add=False)
+            inv_w = apply_moved(inv_w, b.act(w, -b.charge(w) / b.norms(w)), add=False)
     if g is not None:
         inv_g = _project(binding, inv_w, inv_g)
     return inv_w, inv_g, radii
@@ -367,7 +368,7 @@ def symmetrize(
         return SymmetrizeState(initial, jnp.zeros((), jnp.float32), base.init(inv))
 
     def update_fn(updates, state, params=None, **extra_args):
-        orbit.require_params(params, "symmetrize")
+        checks.require_params(params, "ksbopt.symmetrize")
         binding = _bind(syms, params, owner=owner)
         w = orbit.promote(jax.tree.leaves(params))
         g = orbit.promote(jax.tree.leaves(updates))

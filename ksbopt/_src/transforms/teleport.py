@@ -24,6 +24,7 @@ from ksbopt._src import checks
 from ksbopt._src.numerics import all_finite
 from ksbopt._src.symmetries import orbit
 from ksbopt._src.symmetries.bound import BoundSymmetry
+from ksbopt._src.symmetries.declarations import apply_moved
 from ksbopt._src.transforms import transport
 
 OBJECTIVES = ("grad_norm", "sharpness", "lookahead")
@@ -101,7 +102,7 @@ def _act(binding: orbit.Binding, flat: list, s: tuple) -> list:
     """psi(theta, a) for every symmetry in turn."""
     out = list(flat)
     for b, sb in zip(binding.bound, s):
-        out = orbit._apply(out, b.act(out, _element(b, sb)), add=False)
+        out = apply_moved(out, b.act(out, _element(b, sb)), add=False)
     return out
 
 
@@ -120,10 +121,10 @@ def _transport(binding: orbit.Binding, flat: list, s: tuple, power: int) -> list
             continue
         if kind == "linear":
             g = _element(b, sb)
-            out = orbit._apply(out, b.act(out, jnp.swapaxes(jnp.linalg.inv(g), -1, -2)), add=False)
+            out = apply_moved(out, b.act(out, jnp.swapaxes(jnp.linalg.inv(g), -1, -2)), add=False)
             continue
         for _ in range(power):
-            out = orbit._apply(out, b.act(out, jnp.exp(-sb)), add=False)
+            out = apply_moved(out, b.act(out, jnp.exp(-sb)), add=False)
     return out
 
 

@@ -1,0 +1,457 @@
+"""Joint solves over overlapping symmetries: the Gram operator, conjugate gradients, Newton.
+
+Symmetries that share leaves (a chain of rescales, LayerNorm rescales and translations, a
+Transformer's heads) form a connected component; :mod:`ksbopt._src.symmetries.orbit` hands
+each component here:
+
+- :func:`joint_project` removes the component of a vector along the span of all its
+  generators by preconditioned conjugate gradients on the normal equations (J^T J) c = J^T u
+  (matrix-free: each iteration is one pass over the component's leaves, never a dense Gram
+  matrix; block-Jacobi preconditioner plus an exact coarse solve on one vector per symmetry);
+- :func:`joint_move` moves overlapping Scale / Rescale / Translation symmetries to their
+  target charges by Newton's method on the generator coefficients (each Newton step one
+  conjugate-gradient solve with the same Gram operator, trust region, unreachable groups
+  held);
+- :func:`sweep_move` moves a component with a Linear symmetry among them by sweeps of each
+  symmetry's own move (block Gauss-Seidel on the charges).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from ksbopt._src import groups as groups_lib
+from ksbopt._src import reductions
+from ksbopt._src.numerics import default_tol, safe_div
+from ksbopt._src.symmetries.declarations import BoundSymmetry, Flat, Moved, apply_moved
+
+
+def _component_leaves(syms: Sequence[BoundSymmetry]) -> list[int]:
+    return sorted({i for s in syms for i in s.leaves})
+
+
+def _expand_all(syms: Sequence[BoundSymmetry], flat: Flat, coefs: Sequence[jax.Array]) -> Moved:
+    """J c = sum over the symmetries of their tangent vectors, as leaf index -> array."""
+    out: Moved = {}
+    for s, c in zip(syms, coefs):
+        for i, t in s.expand(flat, c).items():
+            out[i] = out[i] + t if i in out else t
+    return out
+
+
+def _is_axis(sym: BoundSymmetry) -> bool:
+    """Scale, Rescale and Translation: every entry belongs to exactly one group."""
+    return sym.symmetry.kind in ("scale", "rescale", "translation")
+
+
+def _contract(m: jax.Array, p: groups_lib.AxisPart, c: jax.Array, q: groups_lib.AxisPart):
+    """``q.reduce(m * p.broadcast(c))`` as one contraction (a matrix-vector product)."""
+    ax = "abcdefghijklmnopqrstuvwxyz"[: m.ndim]
+    c = jnp.repeat(c, p.block) if p.block > 1 else c
+    c = c.reshape([p.shape[a] for a in p.group_axes])
+    spec = f"{ax},{''.join(ax[a] for a in p.group_axes)}->{''.join(ax[a] for a in q.group_axes)}"
+    return jnp.sum(jnp.einsum(spec, m, c).reshape(q.size, q.block), axis=1)
+
+
+def _parts_by_leaf(syms: Sequence[BoundSymmetry]) -> dict[int, list]:
+    """leaf index -> [(symmetry index, part, sign, kind)] of Scale / Rescale / Translation."""
+    by_leaf: dict[int, list] = {}
+    for k, s in enumerate(syms):
+        for part, sign in zip(s.parts, s.signs):
+            by_leaf.setdefault(part.leaf, []).append((k, part, sign, s.symmetry.kind))
+    return by_leaf
+
+
+def _squares(syms: Sequence[BoundSymmetry], flat: Flat) -> dict[int, jax.Array]:
+    """x*x of every leaf that two multiplicative symmetries share (the operand of their
+    coupling in :func:`_axis_gram`), as the charges and norms compute it (one array)."""
+    out = {}
+    for i, entries in _parts_by_leaf(syms).items():
+        if len({k for k, _, _, kind in entries if kind != "translation"}) > 1:
+            out[i] = jnp.square(flat[i])
+    return out
+
+
+def _axis_gram(
+    syms: Sequence[BoundSymmetry],
+    flat: Flat,
+    norms: Sequence[jax.Array],
+    squares: dict[int, jax.Array],
+):
+    """J^T J of overlapping Scale / Rescale / Translation symmetries as contractions.
+
+    [derived] Groups of one symmetry are disjoint, so its own block of J^T J is diagonal
+    (the squared generator norms). Two symmetries k, l that share a leaf couple through it:
+    for their parts p and q there, <xi_k c, xi_l> summed over q's groups is a contraction of
+    the leaf-sized array x*x (two multiplicative parts), x (one of them a Translation) or 1
+    with c spread over p's group axes: a matrix-vector product, which reads x*x once and
+    runs at the speed of the matrix libraries (a reduction over the leading axes of a leaf
+    does not on XLA:CPU). x*x is formed once per leaf and point (``squares``, shared with the
+    charges and norms measured there), then reused by every product.
+    """
+    couplings = []  # (k, p, j, q, sign, operand): symmetry k's part p acts on j's part q
+    for i, entries in _parts_by_leaf(syms).items():
+        for k, p, sp, kind_p in entries:
+            for j, q, sq, kind_q in entries:
+                if k == j:
+                    continue
+                power = (kind_p != "translation") + (kind_q != "translation")
+                x = flat[i]
+                operand = (jnp.ones_like(x), x, squares[i] if power == 2 else None)[power]
+                couplings.append((k, p, j, q, sp * sq, operand))
+
+    def matvec(c: Sequence[jax.Array]) -> list[jax.Array]:
+        out = [n * x for n, x in zip(norms, c)]
+        for k, p, j, q, sign, m in couplings:
+            term = sign * _contract(m, p, c[k][p.offset : p.offset + p.size], q)
+            out[j] = out[j].at[q.offset : q.offset + q.size].add(term)
+        return out
+
+    def coarse(e: Sequence[jax.Array]) -> jax.Array:
+        """E^T (J^T J) E for E with one column per symmetry, ``e[k]`` on k's coefficients."""
+        a = [[jnp.zeros((), norms[0].dtype)] * len(syms) for _ in syms]
+        for k in range(len(syms)):
+            a[k][k] = jnp.sum(e[k] * norms[k] * e[k])
+        for k, p, j, q, sign, m in couplings:
+            term = _contract(m, p, e[k][p.offset : p.offset + p.size], q)
+            a[j][k] = a[j][k] + sign * jnp.sum(e[j][q.offset : q.offset + q.size] * term)
+        a = jnp.stack([jnp.stack(row) for row in a])
+        return 0.5 * (a + a.T)
+
+    return matvec, coarse
+
+
+def _normal_equations(syms: Sequence[BoundSymmetry], flat: Flat, mask=None, point=None):
+    """The Gram operator J^T J of overlapping symmetries at ``flat``, matrix-free.
+
+    Returns ``(matvec, solve, own, reduce)`` acting on lists of coefficient arrays (one per
+    symmetry): ``matvec`` applies J^T J (:func:`_axis_gram` for Scale, Rescale and
+    Translation; J^T (J p) otherwise, one pass over the component's leaves that reads the
+    parameters and writes nothing leaf-sized); ``own`` the block-diagonal part's
+    (pseudo-)inverse, each symmetry's own Gram operator solved in closed form; ``solve`` the
+    conjugate gradients' preconditioner (``own``, plus a coarse correction for Scale,
+    Rescale and Translation); ``reduce`` maps leaves (leaf index -> array) to J^T v. With
+    ``mask`` (one 0/1 array per symmetry, shaped like its coefficients) the masked
+    coefficients are held at zero: the operators act on the other groups only. ``point``, for
+    Scale, Rescale and Translation, is ``(norms, squares)`` at ``flat`` already computed (see
+    :func:`_squares`).
+    """
+
+    def reduce(sub: Moved) -> list[jax.Array]:
+        full: Flat = [None] * len(flat)
+        for i, v in sub.items():
+            full[i] = v
+        return [s.reduce(flat, full) for s in syms]
+
+    def masked(c: Sequence[jax.Array]) -> list[jax.Array]:
+        return list(c) if mask is None else [m * x for m, x in zip(mask, c)]
+
+    sharded = any(
+        groups_lib.explicit_sharding(flat[i]) is not None for i in _component_leaves(syms)
+    )
+
+    if all(map(_is_axis, syms)) and not sharded:
+        norms, squares = point or ([s.norms(flat) for s in syms], _squares(syms, flat))
+        gram, coarse = _axis_gram(syms, flat, norms, squares)
+
+        def block_jacobi(r: Sequence[jax.Array]) -> list[jax.Array]:
+            # Each symmetry's own Gram operator is diagonal: r / |xi_g|^2, 0 * r for a
+            # zero-norm group (0 for finite r, a NaN kept visible otherwise).
+            return [jnp.where(n != 0, x / jnp.where(n != 0, n, 1), 0 * x) for n, x in zip(norms, r)]
+
+        # [derived] Two-level preconditioner: block Jacobi plus the exact solve on the span
+        # of one vector per symmetry (its coefficients all alike, masked). The slowest modes
+        # of block Jacobi on a chain are such layer-wide moves, coupled only to neighbours,
+        # which the small coarse system resolves at once.
+        basis = [
+            jnp.ones(s.charge_shape, n.dtype) if mask is None else m
+            for s, n, m in zip(syms, norms, mask or [None] * len(syms))
+        ]
+        coarse_inv = _pinv(coarse(basis))
+
+        def preconditioner(r: Sequence[jax.Array]) -> list[jax.Array]:
+            y = coarse_inv @ jnp.stack([jnp.sum(e * x) for e, x in zip(basis, r)])
+            return [z + y[k] * e for k, (z, e) in enumerate(zip(block_jacobi(r), basis))]
+
+    else:
+
+        def gram(p: Sequence[jax.Array]) -> list[jax.Array]:
+            return reduce(_expand_all(syms, flat, p))
+
+        precond = [s.gram_solver(flat) for s in syms]
+
+        def block_jacobi(r: Sequence[jax.Array]) -> list[jax.Array]:
+            return [m(x) for m, x in zip(precond, r)]
+
+        preconditioner = block_jacobi
+
+    def matvec(p: Sequence[jax.Array]) -> list[jax.Array]:
+        return masked(gram(masked(p)))
+
+    def solve(r: Sequence[jax.Array]) -> list[jax.Array]:
+        return masked(preconditioner(masked(r)))
+
+    def own(r: Sequence[jax.Array]) -> list[jax.Array]:
+        return masked(block_jacobi(masked(r)))
+
+    return matvec, solve, own, reduce
+
+
+def _pinv(a: jax.Array) -> jax.Array:
+    """Pseudo-inverse of a small symmetric positive semi-definite matrix (eigenvalues below
+    64 eps of the largest are dropped)."""
+    lam, v = jnp.linalg.eigh(a)
+    keep = lam > default_tol(a.dtype) * jnp.max(lam)
+    inv = jnp.where(keep, 1 / jnp.where(keep, lam, 1), 0)
+    return (v * inv) @ v.T
+
+
+def _inner(a: Sequence[jax.Array], b: Sequence[jax.Array]) -> jax.Array:
+    return sum(jnp.sum(x * y) for x, y in zip(a, b))
+
+
+def _pcg(matvec, solve, b: list[jax.Array], max_iter, stop) -> tuple[list[jax.Array], jax.Array]:
+    """Preconditioned conjugate gradients for A x = b (A symmetric positive semi-definite).
+
+    ``matvec`` applies A, ``solve`` the preconditioner's (pseudo-)inverse M^+; both act on
+    lists of arrays. Iterates while ``stop(r^T M^+ r, b^T M^+ b)`` is false, at most
+    ``max_iter`` times.
+    Rounding-robust choices: the step length is the exact line search <r, p> / <p, A p> for
+    the current residual (equal to r^T M^+ r / <p, A p> in exact arithmetic, and never
+    increasing the A-norm of the error) and beta is Polak-Ribiere's, clipped at 0 (a restart
+    whenever rounding has cost the directions their conjugacy). Returns x and r^T M^+ r.
+    """
+    z = solve(b)
+    rz0 = jnp.maximum(_inner(b, z), 0)
+
+    def cond(state):
+        it, _, _, _, rz = state
+        return (it < max_iter) & ~stop(rz, rz0)
+
+    def body(state):
+        it, x, r, p, rz = state
+        ap = matvec(p)
+        alpha = safe_div(_inner(r, p), _inner(p, ap))
+        x = [xi + alpha * pi for xi, pi in zip(x, p)]
+        r_new = [ri - alpha * ai for ri, ai in zip(r, ap)]
+        z = solve(r_new)
+        rz_new = jnp.maximum(_inner(r_new, z), 0)
+        beta = jnp.maximum(safe_div(rz_new - _inner(r, z), rz), 0)
+        p = [zi + beta * pi for zi, pi in zip(z, p)]
+        return it + 1, x, r_new, p, rz_new
+
+    x0 = [jnp.zeros_like(v) for v in b]
+    _, x, _, _, rz = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), x0, b, z, rz0))
+    return x, rz
+
+
+def joint_project(
+    syms: Sequence[BoundSymmetry], flat: Flat, u: Flat, max_iter, tol
+) -> tuple[Moved, list[jax.Array], jax.Array]:
+    """Project ``u`` on the orthogonal complement of the span of overlapping symmetries.
+
+    [derived] The coefficients solve the normal equations (J^T J) c = J^T u of
+    min_c |u - J c|^2, here by preconditioned conjugate gradients without ever forming
+    J^T J (:func:`_normal_equations`). M is the block diagonal of J^T J: each symmetry's own
+    Gram operator, solved in closed form (diagonal for Scale / Rescale / Translation, a
+    Sylvester equation per head for Linear); the solver's preconditioner is M, plus a
+    coarse correction for Scale / Rescale / Translation (which only adds to its measure of
+    the residual below, so stopping on it is conservative).
+
+    Iterations stop when the relative residual rho = sqrt(r^T M^+ r) / |u|,
+    r = J^T (u - J c), is below ``tol`` or after ``max_iter`` iterations. Since
+    r^T M^+ r = sum_k |P_k s|^2 for s = u - J c and P_k the orthogonal projection on
+    symmetry k's own generators, rho is the generator component left in the result relative
+    to the size of u (a gradient already orthogonal to the generators stops at once). The
+    rho returned is measured again on the result (not the solver's running estimate), so it
+    is the orthogonality actually achieved.
+
+    Returns the projected leaves, the coefficients per symmetry and rho (NaN if ``u`` is not
+    finite on the component).
+    """
+    leaves = _component_leaves(syms)
+    matvec, solve, own, reduce = _normal_equations(syms, flat)
+
+    def left(r: Sequence[jax.Array]) -> jax.Array:
+        return jnp.maximum(_inner(r, own(r)), 0)
+
+    sub = {i: u[i] for i in leaves}
+    uu = sum(jnp.sum(jnp.square(x)) for x in sub.values())
+    tol = jnp.asarray(tol, uu.dtype)
+    c, _ = _pcg(matvec, solve, reduce(sub), max_iter, lambda rz, _: rz <= tol * tol * uu)
+    removed = _expand_all(syms, flat, c)
+    out = {i: v - removed[i] if i in removed else v for i, v in sub.items()}
+    # NaN when u is not finite: the NaN reaches the caller's checks.
+    residual = jnp.sqrt(safe_div(left(reduce(out)), uu)) + 0 * uu
+    return out, c, residual
+
+
+#: Default cap of Newton steps of a joint orbit move.
+MOVE_MAX_ITER = 32
+
+#: Cap of conjugate-gradient iterations per Newton step of a joint orbit move.
+MOVE_CG_MAX_ITER = 64
+
+
+def _group_element(sym: BoundSymmetry, c: jax.Array) -> jax.Array:
+    """The group element exp(c) of generator coefficients ``c``, as ``act`` takes it.
+
+    Multiplicative kinds (Scale, Rescale) act by the factor e^c (incoming) and e^-c
+    (outgoing); Translation by the shift c itself.
+    """
+    return c if sym.symmetry.kind == "translation" else jnp.exp(c)
+
+
+def _movable(sym: BoundSymmetry, q: jax.Array, norms: jax.Array, target: jax.Array) -> jax.Array:
+    """1 where the group can reach ``target`` along its own orbit, else 0 (float mask).
+
+    [derived] Along exp(c), a multiplicative group's charge is
+    (e^{2c} x_+ - e^{-2c} x_-) / 2 with x_+ = |incoming|^2 = N/2 + Q and
+    x_- = |outgoing|^2 = N/2 - Q (N = |xi|^2; Scale has no outgoing part): it covers the
+    reals if both are positive, only positive values without outgoing weights, only negative
+    ones without incoming weights and nothing for a zero group. A Translation group reaches
+    every value. A group that cannot reach its target stays where it is, as in the closed
+    form of a symmetry alone.
+    """
+    if sym.symmetry.kind == "translation":
+        return jnp.ones_like(q)
+    x_in = 0.5 * norms + q
+    x_out = jnp.zeros_like(q) if sym.symmetry.kind == "scale" else 0.5 * norms - q
+    ok = ((x_in > 0) | (target < 0)) & ((x_out > 0) | (target > 0)) & (norms > 0)
+    return ok.astype(q.dtype)
+
+
+def joint_move(
+    syms: Sequence[BoundSymmetry],
+    cand: Flat,
+    targets: Sequence[jax.Array],
+    charges: Sequence[jax.Array],
+    max_iter: int,
+    tol: float,
+) -> tuple[Moved, jax.Array]:
+    """Move ``cand`` along the orbits of overlapping Scale / Rescale / Translation symmetries
+    until every charge equals its target: Newton's method on the generator coefficients.
+
+    [derived] The charges are moment maps of the group actions: the gradient of Q_k is the
+    generator field xi_k, so along psi(theta, exp(c)) the Jacobian of the charges is
+    dQ_k / dc_l = <xi_k, xi_l>, the Gram operator J^T J of the generators that
+    :func:`project` solves with. Each Newton step solves J^T J c = T - Q(theta) by the same
+    matrix-free preconditioned conjugate gradients (:func:`_normal_equations`) and applies
+    the group elements exp(c) exactly, so every iterate is on the orbit of ``cand``. The
+    linear solves are inexact (forcing terms in the manner of Eisenstat and Walker): each
+    stops once its relative residual is below min(max(tol / (16 rho), rho), 0.1) for the
+    current charge residual rho, enough for the step to land well below ``tol`` when rho is
+    small (the solver's norm and the largest relative charge error differ by a small factor)
+    and no more work than the quadratic convergence can use when it is not. A trust region keeps
+    every multiplicative factor within e^(+-1) per step (large steered moves). Groups that
+    cannot reach their target are held where they are (:func:`_movable`).
+
+    Takes at least one step and stops when the largest relative residual |Q - T| / scale over
+    the movable groups is below ``tol`` or after ``max_iter`` steps. Returns the moved leaves
+    and the largest relative residual over all groups, measured on the result (NaN for
+    non-finite input).
+    """
+    leaves = _component_leaves(syms)
+
+    def view(sub: Sequence[jax.Array]) -> Flat:
+        full = list(cand)
+        for i, v in zip(leaves, sub):
+            full[i] = v
+        return full
+
+    def measure(cur: Flat, qs: Sequence[jax.Array]):
+        squares = _squares(syms, cur)
+        norms = [s.norms(cur) for s in syms]
+        errs = [t - q for t, q in zip(targets, qs)]
+        masks = [_movable(s, q, n, t) for s, q, n, t in zip(syms, qs, norms, targets)]
+        rel = [
+            safe_div(jnp.abs(e), jnp.maximum(jnp.max(jnp.abs(t)), s.charge_scale(cur)))
+            for s, e, t in zip(syms, errs, targets)
+        ]
+        worst = jnp.max(jnp.stack([jnp.max(r) for r in rel]))
+        # NaN (non-finite input) stops the loop at once and is reported.
+        moving = jnp.max(jnp.stack([jnp.max(r * m) for r, m in zip(rel, masks)])) + 0 * worst
+        return (norms, squares), errs, masks, worst, moving
+
+    def cond(state):
+        # At least one step (as a closed-form move, which is exact to rounding, would make):
+        # a charge already within tol of its target is still brought well below it.
+        it, _, _, _, _, _, moving = state
+        return (it < max_iter) & ((moving > tol) | ((it == 0) & jnp.isfinite(moving)))
+
+    def body(state):
+        it, sub, point, errs, masks, _, moving = state
+        cur = view(sub)
+        matvec, solve, _, _ = _normal_equations(syms, cur, masks, point)
+        eta = jnp.minimum(jnp.maximum(tol / (16 * moving), moving), 0.1)
+        c, _ = _pcg(
+            matvec,
+            solve,
+            [m * e for m, e in zip(masks, errs)],
+            MOVE_CG_MAX_ITER,
+            lambda rz, rz0: rz <= eta * eta * rz0,
+        )
+        big = jnp.max(
+            jnp.stack(
+                [
+                    jnp.max(jnp.abs(x), initial=0)
+                    for s, x in zip(syms, c)
+                    if s.symmetry.kind != "translation"
+                ]
+                + [jnp.zeros((), moving.dtype)]
+            )
+        )
+        shrink = jnp.where(big > 1, 1 / jnp.where(big > 1, big, 1), 1)
+        # The group elements, computed once (not redone for every entry of the leaves).
+        elements = reductions.finished(
+            jnp.isfinite(moving), [_group_element(s, shrink * x) for s, x in zip(syms, c)]
+        )
+        for s, a in zip(syms, elements):
+            cur = apply_moved(cur, s.act(cur, a), add=False)
+        return it + 1, [cur[i] for i in leaves], *measure(cur, [s.charge(cur) for s in syms])
+
+    state = (jnp.zeros((), jnp.int32), [cand[i] for i in leaves], *measure(cand, charges))
+    _, sub, _, _, _, worst, _ = jax.lax.while_loop(cond, body, state)
+    return dict(zip(leaves, sub)), worst
+
+
+def sweep_move(
+    syms: Sequence[BoundSymmetry], cand: Flat, targets: Sequence[jax.Array], max_sweeps: int
+) -> Moved:
+    """Move ``cand`` to the targets of overlapping symmetries, one Linear among them, by
+    sweeps of each symmetry's own move in turn (block Gauss-Seidel on the charges) until the
+    largest relative residual is below 64 eps or after ``max_sweeps`` sweeps."""
+    leaves = _component_leaves(syms)
+    tol = 64 * jnp.finfo(cand[leaves[0]].dtype).eps
+
+    def view(sub):
+        return apply_moved(cand, dict(zip(leaves, sub)), add=False)
+
+    def sweep(sub):
+        cur = view(sub)
+        for s, t in zip(syms, targets):
+            cur = apply_moved(cur, s.move_to(cur, t), add=False)
+        return [cur[i] for i in leaves]
+
+    def worst(sub):
+        cur = view(sub)
+        return jnp.max(jnp.stack([s.residual(cur, t) for s, t in zip(syms, targets)]))
+
+    def cond(state):
+        # At least one sweep (the candidate is not measured); the sweep is traced once,
+        # in the loop body, which halves the compile time of this loop.
+        it, sub = state
+        return (it == 0) | (
+            (it < max_sweeps)
+            & jax.lax.cond(it == 0, lambda x: False, lambda x: worst(x) > tol, sub)
+        )
+
+    def body(state):
+        it, sub = state
+        return it + 1, sweep(sub)
+
+    _, sub = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), [cand[i] for i in leaves]))
+    return dict(zip(leaves, sub))
