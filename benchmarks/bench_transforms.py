@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -464,6 +465,10 @@ def main(argv=None) -> dict:
             res = run(size, layout, chosen, args.repeats, args.inner)
             out["results"].append(res)
             _print(res, args.repeats, args.inner)
+            # every layout compiles its own steps: drop the last one's executables and
+            # buffers, or a 50M run holds all six layouts' at once (24 GB, killed for memory)
+            jax.clear_caches()
+            gc.collect()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
