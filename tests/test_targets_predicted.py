@@ -96,6 +96,83 @@ def test_equilibrium_with_adam_converges(x64):
     np.testing.assert_allclose(late, 1.0, atol=0.25)
 
 
+def _warmup_cosine(peak, steps, warmup):
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, steps, 0.0)
+
+
+def test_equilibrium_under_a_schedule_holds_the_peak_equilibrium_norm(x64):
+    """Warm-up from 0 + cosine decay to 0: the norms settle at the equilibrium of the peak
+    rate and are held through the decay (no blow-up as eta_t -> 0), while the angular update
+    falls with eta_t: A*(peak) eta_t / peak."""
+    peak, lam, momentum, steps, warmup = 0.05, 0.01, 0.9, 600, 30
+    sched = _warmup_cosine(peak, steps, warmup)
+    target = equilibrium(sched, lam, momentum)
+    tx = optax.chain(optax.sgd(sched, momentum=momentum), ksbopt.steer(SYM, target))
+    angles, norms = _run(tx, steps)
+    support.assert_finite((angles, norms))
+    # the stationary noise gives a constant m, so the held norm is constant once the EMA
+    # (decay 0.99) has forgotten the steps taken at the initial norms (1000x apart): from step
+    # 250 to the last, measured within 6 % (the EMA's sampling noise over ~100 steps), where a
+    # rule dividing the lagging EMA by A*(eta_t) -> 0 grows the norms without bound
+    held = norms[250:] / norms[250]
+    np.testing.assert_allclose(held, 1.0, atol=0.1)
+    # angular update over the decay, relative to A*(peak) eta_t / peak (RMS over 100-step
+    # windows: sampling error ~5 %); measured within 6 %
+    eta = np.asarray([sched(k) for k in range(steps)])
+    a_peak = float(theory.equilibrium_angular_update(peak, lam, momentum))
+    for lo in (100, 250, 400):
+        window = slice(lo, lo + 100)
+        ratio = np.sqrt(np.mean(angles[window] ** 2, axis=0)) / np.sqrt(
+            np.mean((a_peak * eta[window] / peak) ** 2)
+        )
+        np.testing.assert_allclose(ratio, 1.0, atol=0.15)
+
+
+def test_equilibrium_given_the_rate_of_each_step_equals_the_schedule(x64):
+    """``optax.inject_hyperparams`` rebuilds the target with each step's rate (a number):
+    that is the same rule as giving the schedule."""
+    peak, lam, steps = 0.05, 0.01, 60
+    sched = _warmup_cosine(peak, steps, 10)
+    by_schedule = optax.chain(
+        optax.sgd(sched, momentum=0.9), ksbopt.steer(SYM, equilibrium(sched, lam, 0.9))
+    )
+
+    @optax.inject_hyperparams
+    def injected(learning_rate):
+        return optax.chain(
+            optax.sgd(learning_rate, momentum=0.9),
+            ksbopt.steer(SYM, equilibrium(learning_rate, lam, 0.9), rate=jnp.ones(())),
+        )
+
+    a, norms_a = _run(by_schedule, steps)
+    b, norms_b = _run(injected(learning_rate=sched), steps)
+    # the same arithmetic up to the order of float64 rounding in the two traces
+    np.testing.assert_allclose(norms_b, norms_a, rtol=1e-10)
+    np.testing.assert_allclose(b, a, rtol=1e-8, atol=1e-14)
+
+
+def test_equilibrium_step_at_rate_zero_measures_nothing(x64):
+    """The first step of a warm-up from 0 moves nothing and must not divide by 0."""
+    sched = _warmup_cosine(0.05, 100, 10)  # sched(0) == 0
+    tx = optax.chain(optax.sgd(sched), ksbopt.steer(SYM, equilibrium(sched, 0.01)))
+    params = {"w": jnp.asarray(np.random.default_rng(2).normal(size=(8, 3)))}
+    g = jax.grad(_noisy_loss)(params, jax.random.PRNGKey(0))
+    u, state = support.jit(tx.update)(g, tx.init(params), params)
+    support.assert_finite((u, state))
+    assert float(jnp.max(jnp.abs(u["w"]))) == 0.0
+    target_state = jax.tree.leaves(state[1].target_state)
+    assert all(float(jnp.max(jnp.abs(x))) == 0.0 for x in target_state)
+
+
+def test_equilibrium_angular_update_of_a_schedule_needs_the_rate():
+    target = equilibrium(_warmup_cosine(0.1, 100, 10), 5e-4, 0.9)
+    with pytest.raises(TypeError, match=r"angular_update\(schedule\(step\)\)"):
+        target.angular_update()
+    np.testing.assert_allclose(
+        float(target.angular_update(0.1)), float(theory.equilibrium_angular_update(0.1, 5e-4, 0.9))
+    )
+
+
 # --------------------------------------------------------------------------- nld
 
 

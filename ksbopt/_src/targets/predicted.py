@@ -11,7 +11,7 @@ They keep per-group state (an EMA, a simulated trajectory) in ``SteerState.targe
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +44,15 @@ def _tangent(b: BoundSymmetry, w: list, v: list) -> list:
     """``v`` minus its radial part <v, w> w / |w|^2 on the group's leaves."""
     coef = safe_div(b.reduce(w, v), b.norms(w))
     return apply_moved(v, b.expand(w, coef), sign=-1.0)
+
+
+class EquilibriumState(NamedTuple):
+    """Per-group state of :class:`equilibrium`: the EMA of the step per unit learning rate,
+    the weight that EMA has accumulated (its debiasing), and the largest rate seen."""
+
+    ema: jax.Array
+    weight: jax.Array
+    peak: jax.Array
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -88,8 +97,29 @@ class equilibrium(Target):
 
     A group with no tangent step yet (or a zero-norm group) keeps its charge.
 
+    **Under a learning-rate schedule** :math:`\eta_t` (a warm-up, a cosine decay) the step is
+    measured per unit of the current rate, :math:`m_t = \lVert w \rVert^2
+    \lVert u_\perp \rVert^2 / \eta_t^2` (debiased by the weight its EMA has accumulated; a
+    step at :math:`\eta_t = 0` measures nothing), and the target is the equilibrium of the
+    largest rate seen so far, :math:`\hat\eta_t = \max_{s \le t} \eta_s`:
+
+    .. math::
+
+        x^* = \hat\eta_t \sqrt{\hat m} / A^*(\hat\eta_t)
+            = \sqrt{\hat\eta_t \hat m (1 + \beta) / (2 \lambda)} .
+
+    During a warm-up the groups follow the rising equilibrium; during the decay their norms are
+    held and the angular update falls in proportion to :math:`\eta_t`. That is what SGD +
+    weight decay itself does once the rate decays: a norm relaxes to its equilibrium at a rate
+    of order :math:`\eta_t \lambda` per step, which vanishes with the rate. Holding the
+    equilibrium of the decayed rate instead would shrink every norm toward 0 at the end of a
+    cosine, and a norm that moves in the last steps leaves BatchNorm's running statistics (the
+    evaluation-mode normalisation) behind. At a constant rate all of this is the rule above.
+
     Args:
-      learning_rate: eta of the heavy ball whose equilibrium is targeted (> 0).
+      learning_rate: eta of the heavy ball whose equilibrium is targeted (> 0): the base
+        optimizer's learning rate, a number or an optax schedule (step count -> rate; the count
+        is the steer's).
       weight_decay: its lambda (> 0).
       momentum: its beta in [0, 1).
       decay: EMA decay of the measured m, in [0, 1) (0: the last step only).
@@ -115,17 +145,29 @@ class equilibrium(Target):
 
     def __post_init__(self):
         owner = "targets.equilibrium"
-        _check(owner, self.learning_rate, self.weight_decay, self.momentum, positive_decay=True)
+        # a schedule's values are traced at each step: only a number is checked here
+        lr = 1.0 if callable(self.learning_rate) else self.learning_rate
+        _check(owner, lr, self.weight_decay, self.momentum, positive_decay=True)
         checks.check_unit_interval(owner, "decay", self.decay, example=0.99)
 
     def check(self, bound: BoundSymmetry) -> None:
         _check_scale("targets.equilibrium", bound)
 
-    def angular_update(self) -> jax.Array:
-        """A* = sqrt(2 eta lambda / (1 + beta)), the target angular update per step."""
-        return theory.equilibrium_angular_update(
-            self.learning_rate, self.weight_decay, self.momentum
-        )
+    def rate(self, count) -> jax.Array:
+        """The learning rate eta_t at step ``count`` (the number, or the schedule's value)."""
+        lr = self.learning_rate
+        return jnp.asarray(lr(count) if callable(lr) else lr)
+
+    def angular_update(self, learning_rate=None) -> jax.Array:
+        """A* = sqrt(2 eta lambda / (1 + beta)), the target angular update per step, at
+        ``learning_rate`` (default: the target's own, when it is a number)."""
+        lr = self.learning_rate if learning_rate is None else learning_rate
+        if callable(lr):
+            raise TypeError(
+                "targets.equilibrium.angular_update: the learning rate is a schedule; pass the "
+                "rate to evaluate it at, e.g. angular_update(schedule(step))."
+            )
+        return theory.equilibrium_angular_update(lr, self.weight_decay, self.momentum)
 
     def charge_for(self, bound, charge, initial, count):
         raise TypeError(
@@ -134,18 +176,27 @@ class equilibrium(Target):
         )
 
     def init_state(self, bound, flat):
-        return jnp.zeros(bound.charge_shape, flat[bound.leaves[0]].dtype)
+        dtype = flat[bound.leaves[0]].dtype
+        zero = jnp.zeros((), dtype)
+        return EquilibriumState(jnp.zeros(bound.charge_shape, dtype), zero, zero)
 
     def step(self, bound, state, *, params, updates, charge, initial, count, extra_args):
         del initial, extra_args
+        dtype = state.ema.dtype
+        eta = self.rate(count).astype(dtype)
         u_t = _tangent(bound, params, updates)
-        m = bound.norms(params) * 2 * bound.charge(u_t)  # |w|^2 |u_perp|^2 per group
-        ema = self.decay * state + (1 - self.decay) * m
-        k = jnp.asarray(count + 1, ema.dtype)
-        m_hat = safe_div(ema, 1 - jnp.asarray(self.decay, ema.dtype) ** k)
-        x_star = jnp.sqrt(m_hat) / self.angular_update().astype(ema.dtype)
+        # |w|^2 |u_perp|^2 / eta^2 per group: the step per unit of the current rate
+        m = safe_div(bound.norms(params) * 2 * bound.charge(u_t), eta * eta)
+        measured = eta > 0
+        decay = jnp.asarray(self.decay, dtype)
+        ema = jnp.where(measured, decay * state.ema + (1 - decay) * m, state.ema)
+        weight = jnp.where(measured, decay * state.weight + (1 - decay), state.weight)
+        peak = jnp.maximum(state.peak, eta)
+        m_hat = safe_div(ema, weight)
+        a_star = self.angular_update(peak).astype(dtype)
+        x_star = safe_div(peak * jnp.sqrt(m_hat), a_star)
         target = jnp.where(x_star > 0, x_star / 2, charge)
-        return target, ema
+        return target, EquilibriumState(ema, weight, peak)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
