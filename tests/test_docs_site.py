@@ -224,6 +224,20 @@ def test_bench_tables_of_the_committed_suite_state_its_run():
     assert ("### NLD control" in benchtables.render("quick-cpu")) == bool(quick.get("nld"))
 
 
+def test_bench_tables_advantage_part_is_the_advantage_module_per_arm():
+    """``{bench-tables} FOLDER advantage``: ksbopt.bench.advantage's section for each arm."""
+    from ksbopt.bench import advantage
+
+    summary = json.loads((benchtables.RESULTS / "quick-cpu" / "summary.json").read_text())
+    text = benchtables.render("quick-cpu", "advantage")
+    for arm, tasks in summary["arms"].items():
+        want = advantage.markdown(tasks)
+        assert want, "the quick suite compares ksbopt entries with sgd+wd and adamw"
+        assert f"Schedule arm `{arm}`:" in text
+        assert "\n".join(want) in text
+    assert f"- command: `{summary['meta']['command']}`" in text
+
+
 # ------------------------------------------------------------------ the built site (slow)
 
 

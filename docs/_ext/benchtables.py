@@ -13,7 +13,9 @@ what is rendered:
 - ``summary.json`` (a suite written by the benchmark harness): the date, command and devices
   of the run, the machine from the ``env`` of the per-run records in ``runs/``, the overview
   table (test metric at the learning rate chosen on validation, best of each row in bold),
-  the NLD control and the published baselines;
+  the NLD control and the published baselines; asked for by name (``{bench-tables} FOLDER
+  advantage``), whether a ksbopt kinetic energy pays against the practitioners' optimizers
+  per schedule arm (``ksbopt.bench.advantage``);
 - any other ``*.json`` with a ``results`` list: a per-step record, rendered by the module
   that wrote it (its ``command``): ``bench_models``' tables, or for ``bench_transforms --json``
   the tables of ``benchmarks.tables`` (per size and layout: time, ratios to the optax base
@@ -202,12 +204,30 @@ def _baselines(summary: _Json) -> list[str]:
     return [_table(["task", "steps", "lr", "ours (test)", "published"], rows), ""]
 
 
+def _advantage(summary: _Json) -> list[str]:
+    """Does a ksbopt kinetic energy pay (``ksbopt.bench.advantage``), per schedule arm."""
+    from ksbopt.bench import advantage
+
+    out = []
+    for arm, tasks in summary.get("arms", {}).items():
+        lines = advantage.markdown(tasks.data)
+        if lines:
+            out += [f"Schedule arm `{arm}`:", "", *lines]
+    return out or ["No task of this run has a practitioner's optimizer to compare with.", ""]
+
+
 # The parts of a suite a page may ask for: ``{bench-tables} full-cpu nld``.
-_PARTS = {"overview": _overview, "nld": _nld, "baselines": _baselines}
+_PARTS = {
+    "overview": _overview,
+    "nld": _nld,
+    "baselines": _baselines,
+    "advantage": _advantage,
+}
 _TITLES = {
     "overview": "Overview",
     "nld": "NLD control: free vs constrained filter norm",
     "baselines": "Published baselines",
+    "advantage": "Does engineering the kinetic energy pay?",
 }
 
 
@@ -302,7 +322,8 @@ def render(name: str, part: str | None = None) -> str:
     """The Markdown of ``{bench-tables} name [part]``.
 
     ``name``: a folder of benchmarks/results/, or ``all``; ``part``: one table of a suite
-    (``overview``, ``nld``, ``baselines``) with the facts of its run, instead of everything.
+    (``overview``, ``nld``, ``baselines``, ``advantage``) with the facts of its run, instead of
+    everything.
     """
     if name == "all":
         folders = sorted(p for p in RESULTS.iterdir() if p.is_dir())
