@@ -210,9 +210,10 @@ def _advantage(summary: _Json) -> list[str]:
 
     out = []
     for arm, tasks in summary.get("arms", {}).items():
-        lines = advantage.markdown(tasks.data)
+        # the section's own heading gives way to the arm's (the page has its own title)
+        lines = [x for x in advantage.markdown(tasks.data) if not x.startswith("#")]
         if lines:
-            out += [f"Schedule arm `{arm}`:", "", *lines]
+            out += [f"Schedule arm `{arm}`:", *lines]
     return out or ["No task of this run has a practitioner's optimizer to compare with.", ""]
 
 
