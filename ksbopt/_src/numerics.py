@@ -43,7 +43,12 @@ def all_finite(tree: Any) -> jax.Array:
     leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
     if not leaves:
         return jnp.asarray(True)
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+    finite = jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
+    # Counted, not and-reduced: XLA unrolls an and-reduction of stacked flags into a chain of
+    # scalar ands and fuses a copy of the chain into every consumer, so a step that selects
+    # each of N leaves with the flag compiles O(N^2) operations (minutes for a few hundred
+    # leaves); an integer count stays one reduction, computed once.
+    return jnp.sum(finite, dtype=jnp.int32) == len(leaves)
 
 
 def compute_dtype(x: Any) -> Any:
