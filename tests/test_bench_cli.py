@@ -125,6 +125,8 @@ def test_smoke_writes_json_report_and_plots_with_the_run_numbers(smoke):
     assert sorted(r["config"]["optimizer"] for r in recs) == sorted(SMOKE_OPTS)
     report = (out / "report.md").read_text()
     summary = json.loads((out / "summary.json").read_text())
+    # the scale the runs used, as a rebuild from the records states it (not the unset option)
+    assert summary["meta"]["scale"] == "grid=tiny" and "- scale: `grid=tiny`;" in report
     for r in recs:
         opt = r["config"]["optimizer"]
         assert r["config"]["steps"] == 20 and r["config"]["scale"] == "tiny"

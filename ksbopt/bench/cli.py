@@ -445,7 +445,7 @@ def _run(plan: _Plan, a, argv) -> int:
     meta = _meta(
         a,
         argv,
-        scale=plan.scale,
+        scale=_scales(records),
         devices=str(jax.devices()),
         trained=session.trained,
         reused=len(records) - session.trained,
@@ -487,6 +487,12 @@ def _train(plan: _Plan, session) -> list[str]:
     return user_failed
 
 
+def _scales(records: list) -> str:
+    """The scale of each experiment the records ran, e.g. ``grid=small, nld=base``."""
+    scales = dict.fromkeys((r["config"]["experiment"], r["config"]["scale"]) for r in records)
+    return ", ".join(f"{e}={s}" for e, s in scales)
+
+
 def _meta(a, argv, *, scale, devices, trained, reused, **more) -> dict:
     """The report's metadata of this invocation; ``more`` (in order) after the common keys."""
     return {
@@ -518,11 +524,10 @@ def _report_only(p, a, argv) -> int:
     if not records:
         p.error(f"--report-only: no finished run records under {str(out / 'runs')!r}")
     _check_out(p, out)
-    scales = dict.fromkeys((r["config"]["experiment"], r["config"]["scale"]) for r in records)
     meta = _meta(
         a,
         argv,
-        scale=", ".join(f"{e}={s}" for e, s in scales),
+        scale=_scales(records),
         devices=records[0]["env"].get("device", "?"),
         trained=0,
         reused=len(records),
