@@ -130,6 +130,14 @@ class equilibrium(Target):
       >>> tx = optax.chain(optax.sgd(0.1, momentum=0.9),
       ...                  ksbopt.steer(sym, ksbopt.targets.equilibrium(0.1, 5e-4, 0.9)))
 
+      Under a schedule, give the target the base optimizer's schedule:
+
+      >>> lr = optax.warmup_cosine_decay_schedule(0.0, 0.1, 100, 1000)
+      >>> target = ksbopt.targets.equilibrium(lr, 5e-4, 0.9)
+      >>> tx = optax.chain(optax.sgd(lr, momentum=0.9), ksbopt.steer(sym, target))
+      >>> round(float(target.angular_update(lr(100))), 6)  # A* at the peak rate
+      0.007255
+
     References:
       Kosson, Messmer, Jaggi, "Rotational Equilibrium: How Weight Decay Balances Learning
       Across Neural Networks", ICML 2024, https://arxiv.org/abs/2305.17212;
