@@ -6,6 +6,7 @@ is skipped" and "charges are computed in at least float32" mean the same thing e
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -49,6 +50,28 @@ def all_finite(tree: Any) -> jax.Array:
     # each of N leaves with the flag compiles O(N^2) operations (minutes for a few hundred
     # leaves); an integer count stays one reduction, computed once.
     return jnp.sum(finite, dtype=jnp.int32) == len(leaves)
+
+
+def all_finite_values(values: Sequence[Any]) -> jax.Array:
+    """Whether every entry of a list of small arrays (per-group sums, scalar checks) is finite:
+    one elementwise test and one reduction of their concatenation (True for an empty list).
+
+    The per-value sums of a step already hold every non-finite entry of the leaves they reduce,
+    so this flags a non-finite step without another pass over the parameters. Testing each
+    value (not their sum) is what keeps it one reduction once compiled: XLA unrolls a sum of
+    sums into a chain of scalar adds and copies that chain into every consumer of the flag.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from ksbopt._src.numerics import all_finite_values
+      >>> bool(all_finite_values([jnp.ones(3), jnp.float32(2.0)]))
+      True
+      >>> bool(all_finite_values([jnp.ones(3), jnp.float32(jnp.inf)]))
+      False
+    """
+    if not values:
+        return jnp.asarray(True)
+    return jnp.all(jnp.isfinite(jnp.concatenate([jnp.ravel(jnp.asarray(v)) for v in values])))
 
 
 def compute_dtype(x: Any) -> Any:

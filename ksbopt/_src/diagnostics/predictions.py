@@ -27,7 +27,7 @@ from ksbopt._src.diagnostics.fused_sums import (
     on_leaves,
 )
 from ksbopt._src.diagnostics.monitor_state import RecursionState
-from ksbopt._src.numerics import safe_div
+from ksbopt._src.numerics import all_finite_values, safe_div
 from ksbopt._src.symmetries.declarations import BoundSymmetry
 
 if TYPE_CHECKING:
@@ -141,7 +141,7 @@ def advance(ctx: StepContext, rec: RecursionState, sums: Sums) -> tuple[Recursio
             out["previous_carry"][i] = q
         out["predicted_carry"][i] = new.astype(dtype)
         out["learning_rate_carry"][i] = lr
-    ok = jnp.isfinite(sum(checks)) if checks else jnp.asarray(True)
+    ok = all_finite_values(checks)
     return RecursionState(**{k: tuple(v) for k, v in out.items()}), ok
 
 

@@ -20,7 +20,7 @@ import optax
 
 from ksbopt._src import checks, reductions
 from ksbopt._src import groups as groups_lib
-from ksbopt._src.numerics import compute_dtype, safe_div
+from ksbopt._src.numerics import all_finite_values, compute_dtype, safe_div
 from ksbopt._src.peers._common import (
     check_bool,
     check_range,
@@ -518,7 +518,7 @@ def _closed_form(f, sums, *, count: int):
     inv_sx = safe_div(1.0, jnp.sqrt(sxx))
     coefficients = (inv_sx * inv_sw - 1, inv_sx * f, -inv_sx * (mw * inv_sw + f * mg))
     tiny = jnp.finfo(sww.dtype).tiny / jnp.finfo(sww.dtype).eps
-    ok = jnp.all(jnp.isfinite(jnp.stack([jnp.sum(x) for x in (*sums, sxx, *coefficients)])))
+    ok = all_finite_values([*sums, sxx, *coefficients])
     ok &= jnp.all(
         (count * mw * mw <= _CANCELLATION * sww) & (count * mg * mg <= _CANCELLATION * sgg)
     )

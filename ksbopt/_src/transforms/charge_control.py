@@ -22,23 +22,13 @@ import numpy as np
 import optax
 
 from ksbopt._src import checks, reductions
+from ksbopt._src.numerics import all_finite_values
 from ksbopt._src.symmetries import orbit
 from ksbopt._src.targets import prescribed as targets_lib
 
 
 def _flat(tree: Any) -> list:
     return jax.tree.leaves(tree)
-
-
-def _all_finite(values) -> jax.Array:
-    """Whether every per-group reduction is finite.
-
-    A NaN or infinity anywhere in a group's numbers makes its reductions (charges, inner
-    products with generators) non-finite, so this detects non-finite updates on every leaf a
-    symmetry touches without another pass over the parameters. The small per-group arrays are
-    checked in one fused reduction.
-    """
-    return jnp.all(jnp.isfinite(jnp.concatenate([jnp.ravel(v) for v in values])))
 
 
 def _unflatten_like(updates: Any, flat: list) -> Any:
@@ -177,7 +167,7 @@ def project(
         w = orbit.promote(_flat(params))
         u = orbit.promote(flat_u)
         projected, coefs, residual = orbit.project(binding, w, u, max_iter=max_iter, tol=tol)
-        ok = _all_finite([*coefs, residual])
+        ok = all_finite_values([*coefs, residual])
         new = _new_updates(ok, binding, flat_u, projected)
         return _unflatten_like(updates, new), ProjectState(jnp.where(ok, residual, state.residual))
 
@@ -368,7 +358,7 @@ def _orbit_move(syms, target: targets_lib.Target, *, rate, name: str):
             )
             new_t_states.append(ts)
             goals.append(q + rate * (t - q))
-        ok = _all_finite(charges)
+        ok = all_finite_values(charges)
         charges, goals = reductions.finished(ok, (charges, goals))
         stepped, residual = orbit.move(binding, w, u, goals, charges=charges)
         new = _new_updates(ok, binding, flat_u, stepped)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from ksbopt._src import checks, reductions, theory
-from ksbopt._src.numerics import safe_div
+from ksbopt._src.numerics import all_finite_values, safe_div
 from ksbopt._src.symmetries import orbit
 
 MODES = ("exact", "nld")
@@ -266,7 +266,7 @@ def _block(owner, symmetries, learning_rate, weight_decay, momentum, mode):
         # whose squared norm or accumulator is not finite (|w|^2 beyond the compute dtype's
         # range): its ratios would be inf / inf = NaN. The per-group sums hold every
         # non-finite entry of a grouped gradient.
-        ok = jnp.isfinite(sum(finite))
+        ok = all_finite_values(finite)
         for b, coef in zip(binding.bound, reductions.finished(ok, coefs)):
             _write_group(b, coef, w, g, vc, beta, directions, buffers)
         out = [jnp.where(ok, d, 0).astype(u.dtype) for d, u in zip(directions, flat_u)]

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from ksbopt._src import checks, reductions
-from ksbopt._src.numerics import safe_div
+from ksbopt._src.numerics import all_finite_values, safe_div
 from ksbopt._src.symmetries import orbit
 from ksbopt._src.symmetries.declarations import apply_moved
 from ksbopt._src.transforms import transport
@@ -382,9 +382,8 @@ def symmetrize(
             grp.retract_to(q0)
         # A non-finite gradient, step or base state skips the step: zero updates, state kept.
         # Every such value reaches a per-group sum (or the sums of the ungrouped leaves).
-        # One reduction of every check: its one scalar, not the sum of the checks, is what
-        # the elementwise passes below read.
-        ok = jnp.isfinite(jnp.sum(jnp.stack(_checks(groups, g, v))))
+        # One reduction of every check: its one scalar is what the elementwise passes below read.
+        ok = all_finite_values(_checks(groups, g, v))
         coefficients = [grp.coefficients() for grp in groups]
         new = list(v)
         for grp, c in zip(groups, coefficients, strict=True):
