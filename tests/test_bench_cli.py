@@ -127,6 +127,9 @@ def test_smoke_writes_json_report_and_plots_with_the_run_numbers(smoke):
     summary = json.loads((out / "summary.json").read_text())
     # the scale the runs used, as a rebuild from the records states it (not the unset option)
     assert summary["meta"]["scale"] == "grid=tiny" and "- scale: `grid=tiny`;" in report
+    # a run that changes its suite's plan says so (the quick suite's own plan is not this)
+    label = "quick, customised by --tasks --optimizers --seeds --lrs --steps --scale"
+    assert summary["meta"]["suite"] == label and f"suite `{label}`" in report
     for r in recs:
         opt = r["config"]["optimizer"]
         assert r["config"]["steps"] == 20 and r["config"]["scale"] == "tiny"

@@ -493,10 +493,23 @@ def _scales(records: list) -> str:
     return ", ".join(f"{e}={s}" for e, s in scales)
 
 
+# Options that make a run differ from its suite's plan (the report then says so).
+_CUSTOMISING = (
+    "tasks", "optimizers", "seeds", "lrs", "steps", "scale", "schedules", "experiments",
+    "optimizer", "grid", "task",
+)  # fmt: skip
+
+
+def _suite_label(a) -> str:
+    """``quick``, or ``quick, customised by --tasks --lrs`` when options changed its plan."""
+    given = [f"--{k}" for k in _CUSTOMISING if getattr(a, k, None)]
+    return f"{a.suite}, customised by {' '.join(given)}" if given else a.suite
+
+
 def _meta(a, argv, *, scale, devices, trained, reused, **more) -> dict:
     """The report's metadata of this invocation; ``more`` (in order) after the common keys."""
     return {
-        "suite": a.suite,
+        "suite": _suite_label(a),
         "scale": scale,
         "command": "ksbopt-bench " + shlex.join(argv),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
