@@ -518,7 +518,8 @@ def _closed_form(f, sums, *, count: int):
     inv_sx = safe_div(1.0, jnp.sqrt(sxx))
     coefficients = (inv_sx * inv_sw - 1, inv_sx * f, -inv_sx * (mw * inv_sw + f * mg))
     tiny = jnp.finfo(sww.dtype).tiny / jnp.finfo(sww.dtype).eps
-    ok = all_finite_values([*sums, sxx, *coefficients])
+    # one scalar per per-unit array: the sums stay outputs of the one-pass reduction only
+    ok = all_finite_values([jnp.sum(x) for x in (*sums, sxx, *coefficients)])
     ok &= jnp.all(
         (count * mw * mw <= _CANCELLATION * sww) & (count * mg * mg <= _CANCELLATION * sgg)
     )

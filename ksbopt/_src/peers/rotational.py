@@ -302,7 +302,8 @@ def _closed_form(w, u, nu, n, eta_r, bc, rule: _Rule):
     sums = _unit_sums(w, u, rule)
     ww, uw, uu = sums[-3:]
     count = math.prod(w.shape[:-1] if rule.per_neuron else w.shape)
-    ok = all_finite_values(sums)
+    # one scalar per per-unit array: the sums stay outputs of the one-pass reduction only
+    ok = all_finite_values([jnp.sum(x) for x in sums])
     if rule.zero_mean:
         mw, mu = sums[0] / count, sums[1] / count
         lost_w, lost_u = count * mw * mw, count * mu * mu
@@ -321,7 +322,7 @@ def _closed_form(w, u, nu, n, eta_r, bc, rule: _Rule):
     # squares in the normal float range (a kernel of 1e-30 entries has |w|^2 = 0 in float32).
     tiny = jnp.finfo(ww.dtype).tiny / jnp.finfo(ww.dtype).eps
     ok &= jnp.all(_CANCELLATION * tt >= uu) & jnp.all((n == 0) | ((ww >= tiny) & (mm >= tiny)))
-    ok &= all_finite_values([mm, *coefficients])
+    ok &= all_finite_values([jnp.sum(x) for x in (mm, *coefficients)])
     return coefficients, nu_new, ok
 
 
