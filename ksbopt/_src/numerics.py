@@ -44,12 +44,10 @@ def all_finite(tree: Any) -> jax.Array:
     leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
     if not leaves:
         return jnp.asarray(True)
-    finite = jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
-    # Counted, not and-reduced: XLA unrolls an and-reduction of stacked flags into a chain of
-    # scalar ands and fuses a copy of the chain into every consumer, so a step that selects
-    # each of N leaves with the flag compiles O(N^2) operations (minutes for a few hundred
-    # leaves); an integer count stays one reduction, computed once.
-    return jnp.sum(finite, dtype=jnp.int32) == len(leaves)
+    # XLA unrolls this and-reduction of per-leaf flags into a chain of scalar ands and copies
+    # the chain into every consumer: for a tree of many small arrays (per-group values) use
+    # all_finite_values, which compiles to one reduction.
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
 def all_finite_values(values: Sequence[Any]) -> jax.Array:

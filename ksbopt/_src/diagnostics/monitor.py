@@ -51,7 +51,7 @@ from ksbopt._src.diagnostics.monitor_state import (
 )
 from ksbopt._src.diagnostics.monitor_step import StepContext, diagnose, diagnose_requests
 from ksbopt._src.diagnostics.predictions import advance, advance_requests, plan_for, with_recursion
-from ksbopt._src.numerics import all_finite
+from ksbopt._src.numerics import all_finite_values
 from ksbopt._src.symmetries import orbit
 
 __all__ = ["MonitorState", "NoetherDiagnostics", "RecursionState", "monitor", "symmetry_labels"]
@@ -259,6 +259,12 @@ def _start(setup: _Setup, params, inner_state, lr):
     return strong((diagnostics, recursion))
 
 
+def _finite(diagnostics) -> jax.Array:
+    """Whether every floating diagnostic (small per-group arrays) is finite, in one reduction."""
+    leaves = jax.tree.leaves(diagnostics)
+    return all_finite_values([x for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)])
+
+
 def _record(ctx: StepContext, state: MonitorState, every):
     """One step: the recursions always, the diagnostics every ``every`` steps; a step whose
     gradient (or diagnostics) is not finite keeps the old state. Returns the diagnostics,
@@ -285,11 +291,11 @@ def _record(ctx: StepContext, state: MonitorState, every):
 
     def compute_or_keep():
         new = compute()
-        return keep(ok & all_finite(new), new, state.diagnostics)
+        return keep(ok & _finite(new), new, state.diagnostics)
 
     if static_every and every == 1:
         diagnostics = compute(sums)
-        ok = ok & all_finite(diagnostics)
+        ok = ok & _finite(diagnostics)
         diagnostics = keep(ok, diagnostics, state.diagnostics)
     else:
         record = (step % every) == 0
