@@ -445,3 +445,22 @@ def test_overflowing_charges_are_inf_not_nan():
     charges = support.jit(lambda p: ksbopt.charges(p, list(MIXED_SYMS)))(params)
     state = ksbopt.retract(list(MIXED_SYMS)).init(params)
     assert not _nonfinite_paths((charges, state), allow_inf=True), (charges, state)
+
+
+def test_balanced_overflowing_rescale_skips_the_step():
+    """|w_in| = |w_out| = 1e20 per unit in float32: both squared norms overflow, yet the
+    guarded charge is finite (Q = m^2 Q(w / m) = 0). The move's own arithmetic (x_in, x_out)
+    overflows, so retract and steer measure the candidate without the guard and skip the
+    step on the symmetry's leaves (zero update, state unchanged) instead of passing an
+    unretracted step through; the public charges keep the guard (exactly 0 here)."""
+    # Two entries per unit on each side: |w_in|^2 = |w_out|^2 = 2e40 > 3.4e38.
+    params = {"a": jnp.full((2, 4), 1e20, jnp.float32), "b": jnp.full((4, 2), 1e20, jnp.float32)}
+    sym = ksbopt.Rescale("a", "b", incoming_axis=-1, outgoing_axis=0)
+    grads = {"a": jnp.full((2, 4), 0.1, jnp.float32), "b": jnp.full((4, 2), -0.1, jnp.float32)}
+    np.testing.assert_array_equal(ksbopt.charges(params, sym)[0], 0.0)
+    for tx in (ksbopt.retract([sym]), ksbopt.steer([sym], "initial", rate=0.5)):
+        state = tx.init(params)
+        u, new_state = support.jit(tx.update)(grads, state, params)
+        for leaf in jax.tree.leaves(u):
+            np.testing.assert_array_equal(leaf, 0.0)
+        support.assert_equal(new_state, state)

@@ -165,7 +165,10 @@ class BoundScale(BoundMultiplicative):
 
 class BoundRescale(BoundMultiplicative):
     def charge(self, flat: Flat) -> jax.Array:
-        return without_overflow(super().charge, flat, self.leaves)
+        return without_overflow(self.raw_charge, flat, self.leaves)
+
+    def raw_charge(self, flat: Flat) -> jax.Array:
+        return super().charge(flat)
 
     def _squared_norms(self, flat: Flat, sign: int) -> jax.Array:
         """Per-group squared norm of the incoming (sign 1) or outgoing (sign -1) parts."""

@@ -100,6 +100,14 @@ class BoundSymmetry(abc.ABC):
     @abc.abstractmethod
     def charge(self, flat: Flat) -> jax.Array: ...
 
+    def raw_charge(self, flat: Flat) -> jax.Array:
+        """The charge without the overflow guard of :func:`without_overflow` (the same value
+        wherever the squared norms are finite). The iterative solves measure their residuals
+        with it: their own arithmetic (the norms, the Gram operator) overflows at the same
+        magnitudes, and the guard's second copy of the charge would be compiled into every
+        loop."""
+        return self.charge(flat)
+
     @abc.abstractmethod
     def quadratic(self, flat: Flat) -> jax.Array:
         """The second-order part Q(u) of Q(w + u) = Q(w) + <xi(w), u> + Q(u) (section 3)."""
@@ -152,9 +160,14 @@ class BoundSymmetry(abc.ABC):
         return {i: v - w[i] for i, v in self.move_to(cand, target).items()}
 
     def residual(self, flat: Flat, target: jax.Array) -> jax.Array:
-        """Largest relative distance of the charge from ``target``, a scalar."""
-        q = self.charge(flat)
-        scale = jnp.maximum(jnp.max(jnp.abs(target)), self.charge_scale(flat))
+        """Largest relative distance of the charge from ``target``, a scalar (NaN where the
+        squared norms overflow: see :meth:`raw_charge`)."""
+        return self._relative_error(self.raw_charge(flat), self.charge_scale(flat), target)
+
+    @staticmethod
+    def _relative_error(q: jax.Array, scale: jax.Array, target: jax.Array) -> jax.Array:
+        """max |q - target| / max(|target|, scale): the residual of :meth:`residual`."""
+        scale = jnp.maximum(jnp.max(jnp.abs(target)), scale)
         return safe_div(jnp.max(jnp.abs(q - target)), scale)
 
     def charge_scale(self, flat: Flat) -> jax.Array:

@@ -18,6 +18,8 @@ each component here:
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Sequence
 
 import jax
@@ -224,8 +226,26 @@ def _pcg(matvec, solve, b: list[jax.Array], max_iter, stop) -> tuple[list[jax.Ar
     increasing the A-norm of the error) and beta is Polak-Ribiere's, clipped at 0 (a restart
     whenever rounding has cost the directions their conjugacy). Returns x and r^T M^+ r.
     """
-    z = solve(b)
-    rz0 = jnp.maximum(_inner(b, z), 0)
+    # The iterates are single vectors (the coefficient arrays raveled and concatenated): each
+    # vector operation of the iteration is one operation, not one per symmetry.
+    shapes = [v.shape for v in b]
+    ends = list(itertools.accumulate(math.prod(sh) for sh in shapes))
+
+    def split(v: jax.Array) -> list[jax.Array]:
+        return [v[e - math.prod(sh) : e].reshape(sh) for sh, e in zip(shapes, ends)]
+
+    def joined(vs: Sequence[jax.Array]) -> jax.Array:
+        return jnp.concatenate([jnp.ravel(v) for v in vs])
+
+    def mv(v: jax.Array) -> jax.Array:
+        return joined(matvec(split(v)))
+
+    def pre(v: jax.Array) -> jax.Array:
+        return joined(solve(split(v)))
+
+    bv = joined(b)
+    z = pre(bv)
+    rz0 = jnp.maximum(jnp.vdot(bv, z), 0)
 
     def cond(state):
         it, _, _, _, rz = state
@@ -233,19 +253,18 @@ def _pcg(matvec, solve, b: list[jax.Array], max_iter, stop) -> tuple[list[jax.Ar
 
     def body(state):
         it, x, r, p, rz = state
-        ap = matvec(p)
-        alpha = safe_div(_inner(r, p), _inner(p, ap))
-        x = [xi + alpha * pi for xi, pi in zip(x, p)]
-        r_new = [ri - alpha * ai for ri, ai in zip(r, ap)]
-        z = solve(r_new)
-        rz_new = jnp.maximum(_inner(r_new, z), 0)
-        beta = jnp.maximum(safe_div(rz_new - _inner(r, z), rz), 0)
-        p = [zi + beta * pi for zi, pi in zip(z, p)]
-        return it + 1, x, r_new, p, rz_new
+        ap = mv(p)
+        alpha = safe_div(jnp.vdot(r, p), jnp.vdot(p, ap))
+        x = x + alpha * p
+        r_new = r - alpha * ap
+        z = pre(r_new)
+        rz_new = jnp.maximum(jnp.vdot(r_new, z), 0)
+        beta = jnp.maximum(safe_div(rz_new - jnp.vdot(r, z), rz), 0)
+        return it + 1, x, r_new, z + beta * p, rz_new
 
-    x0 = [jnp.zeros_like(v) for v in b]
-    _, x, _, _, rz = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), x0, b, z, rz0))
-    return x, rz
+    state = (jnp.zeros((), jnp.int32), jnp.zeros_like(bv), bv, z, rz0)
+    _, x, _, _, rz = jax.lax.while_loop(cond, body, state)
+    return split(x), rz
 
 
 def joint_project(
@@ -411,7 +430,7 @@ def joint_move(
         )
         for s, a in zip(syms, elements):
             cur = apply_moved(cur, s.act(cur, a), add=False)
-        return it + 1, [cur[i] for i in leaves], *measure(cur, [s.charge(cur) for s in syms])
+        return it + 1, [cur[i] for i in leaves], *measure(cur, [s.raw_charge(cur) for s in syms])
 
     state = (jnp.zeros((), jnp.int32), [cand[i] for i in leaves], *measure(cand, charges))
     _, sub, _, _, _, worst, _ = jax.lax.while_loop(cond, body, state)

@@ -70,10 +70,22 @@ def _eigh(m: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jax.lax.map(jnp.linalg.eigh, m)
 
 
-def _eigh_fn(m: jax.Array, fn) -> jax.Array:
-    """fn applied to the eigenvalues of a batch of symmetric matrices."""
+def _eigh_fn(m: jax.Array, *fns) -> jax.Array | tuple[jax.Array, ...]:
+    """Each of ``fns`` applied to the eigenvalues of a batch of symmetric matrices, from one
+    eigendecomposition (a matrix function and its inverse share it)."""
     lam, u = _eigh(_sym(m))
-    return jnp.einsum("...ij,...j,...kj->...ik", u, fn(lam), u)
+    out = tuple(jnp.einsum("...ij,...j,...kj->...ik", u, fn(lam), u) for fn in fns)
+    return out[0] if len(out) == 1 else out
+
+
+def _sqrt(v: jax.Array) -> jax.Array:
+    """Square root of eigenvalues, negative rounding clipped to 0."""
+    return jnp.sqrt(jnp.maximum(v, 0))
+
+
+def _inv_sqrt(v: jax.Array) -> jax.Array:
+    """Pseudo-inverse square root of eigenvalues (0 where not positive)."""
+    return jnp.where(v > 0, 1 / jnp.sqrt(jnp.where(v > 0, v, 1)), 0)
 
 
 class BoundLinear(BoundSymmetry):
@@ -113,11 +125,11 @@ class BoundLinear(BoundSymmetry):
         return p, r
 
     def charge(self, flat: Flat) -> jax.Array:
-        def difference(f: Flat) -> jax.Array:
-            p, r = self._pr(f)
-            return p - r
+        return without_overflow(self.raw_charge, flat, self.leaves)
 
-        return without_overflow(difference, flat, self.leaves)
+    def raw_charge(self, flat: Flat) -> jax.Array:
+        p, r = self._pr(flat)
+        return p - r
 
     def quadratic(self, flat: Flat) -> jax.Array:
         return self.charge(flat)
@@ -222,14 +234,19 @@ class BoundLinear(BoundSymmetry):
                 full[i] = v
             return full
 
+        def measured(s):
+            # P and R at the point, and its residual (as :meth:`residual`, from the same P, R).
+            p, r = self._pr(view(s))
+            scale = jnp.max(jnp.trace(p + r, axis1=-2, axis2=-1))
+            return p, r, self._relative_error(p - r, scale, target)
+
         def cond(state):
-            it, s = state
-            return (it < self.max_iter) & (self.residual(view(s), target) > tol)
+            it, _, _, _, res = state
+            return (it < self.max_iter) & (res > tol)
 
         def body(state):
-            it, s = state
+            it, s, p, r, _ = state
             cur = view(s)
-            p, r = self._pr(cur)
             e = target - (p - r)
             lam, u = _eigh(p + r)
             et = jnp.einsum("hai,hab,hbj->hij", u, e, u)
@@ -240,11 +257,12 @@ class BoundLinear(BoundSymmetry):
             scale = jnp.minimum(1.0, 1.0 / jnp.maximum(jnp.max(jnp.abs(xt)), 1e-30))
             xt = xt * scale
             x = jnp.einsum("hia,hab,hjb->hij", u, xt, u)
-            g = _eigh_fn(x, jnp.exp)
-            g_inv = _eigh_fn(x, lambda v: jnp.exp(-v))
-            return it + 1, self._act_pair(cur, g, g_inv)
+            g, g_inv = _eigh_fn(x, jnp.exp, lambda v: jnp.exp(-v))
+            moved = self._act_pair(cur, g, g_inv)
+            return it + 1, moved, *measured(moved)
 
-        _, sub = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), sub))
+        state = (jnp.zeros((), jnp.int32), sub, *measured(sub))
+        _, sub, _, _, _ = jax.lax.while_loop(cond, body, state)
         return sub
 
     def balance(self, flat: Flat) -> Moved:
@@ -254,10 +272,8 @@ class BoundLinear(BoundSymmetry):
         M = P^-1/2 (P^1/2 R P^1/2)^1/2 P^-1/2 gives G P G = G^-1 R G^-1, i.e. C = 0.
         """
         p, r = self._pr(flat)
-        ph = _eigh_fn(p, jnp.sqrt)
-        pih = _eigh_fn(p, lambda v: jnp.where(v > 0, 1 / jnp.sqrt(jnp.where(v > 0, v, 1)), 0))
-        m = pih @ _eigh_fn(ph @ r @ ph, lambda v: jnp.sqrt(jnp.maximum(v, 0))) @ pih
+        ph, pih = _eigh_fn(p, _sqrt, _inv_sqrt)
+        m = pih @ _eigh_fn(ph @ r @ ph, _sqrt) @ pih
         # G = M^(1/2) (G^2 P G^2 = M P M = R), not M^(1/4).
-        g = _eigh_fn(m, lambda v: jnp.sqrt(jnp.maximum(v, 0)))
-        g_inv = _eigh_fn(m, lambda v: jnp.where(v > 0, 1 / jnp.sqrt(jnp.where(v > 0, v, 1)), 0))
+        g, g_inv = _eigh_fn(m, _sqrt, _inv_sqrt)
         return self._act_pair(flat, g, g_inv)

@@ -351,7 +351,9 @@ def _orbit_move(syms, target: targets_lib.Target, *, rate, name: str):
         t_states = getattr(state, "target_state", None) or ((),) * len(binding.bound)
         goals, charges, new_t_states = [], [], []
         for b, q0, ts in zip(binding.bound, state.initial, t_states):
-            q = b.charge(cand)
+            # Unguarded (raw_charge): a candidate whose squared norms overflow cannot be
+            # moved (the move's own arithmetic overflows), so the step is skipped below.
+            q = b.raw_charge(cand)
             charges.append(q)
             t, ts = target.step(
                 b, ts, params=w, updates=u, charge=q, initial=q0, count=count, extra_args=extra_args
