@@ -428,12 +428,23 @@ register(
     description="SGD momentum 0.9 + ksbopt.retract on the scale groups: the NLD "
     "constrained-filter-norm control",
 )
+
+
+def _sgd_steer_eq(follow: str):
+    """sgd+wd steered to its own rotational equilibrium (``targets.equilibrium(follow=...)``)."""
+
+    def factory(lr, task, momentum, weight_decay):
+        target = ks("targets.equilibrium")(lr, weight_decay, momentum, follow=follow)
+        return optax.chain(
+            _sgd(lr, momentum, weight_decay), _steer(task.symmetries("scale"), target)
+        )
+
+    return factory
+
+
 register(
     "sgd+steer_eq",
-    lambda lr, task, momentum, weight_decay: optax.chain(
-        _sgd(lr, momentum, weight_decay),
-        _steer(task.symmetries("scale"), ks("targets.equilibrium")(lr, weight_decay, momentum)),
-    ),
+    _sgd_steer_eq("peak"),
     SGD_GRID,
     hparams={"momentum": 0.9, "weight_decay": 5e-4},
     needs=("steer", "targets.equilibrium", "Scale"),
@@ -441,6 +452,18 @@ register(
     description="sgd+wd with every scale group steered to the rotational equilibrium of its "
     "own heavy ball from the first step: no warm-up transient (see "
     ":doc:`/concepts/implicit_rmsprop`)",
+)
+register(
+    "sgd+steer_eq_rate",
+    _sgd_steer_eq("rate"),
+    SGD_GRID,
+    hparams={"momentum": 0.9, "weight_decay": 5e-4},
+    needs=("steer", "targets.equilibrium", "Scale"),
+    symmetry="scale",
+    description="sgd+steer_eq whose target follows the equilibrium of the current, decaying "
+    "rate (angular update ~ sqrt(eta_t) through the decay, as the rotational optimizers'; the "
+    "norms shrink with it, so BatchNorm's running statistics fall behind; see "
+    ":doc:`/when_it_helps`)",
 )
 register(
     "adam+steer_nld",

@@ -116,6 +116,15 @@ class equilibrium(Target):
     cosine, and a norm that moves in the last steps leaves BatchNorm's running statistics (the
     evaluation-mode normalisation) behind. At a constant rate all of this is the rule above.
 
+    ``follow="rate"`` targets the equilibrium of the current rate instead,
+    :math:`x^* = \sqrt{\eta_t \hat m (1 + \beta) / (2 \lambda)}`: the angular update stays
+    :math:`A^*(\eta_t) \propto \sqrt{\eta_t}` through the decay, as in the rotational
+    optimizers of Kosson et al., and the norms shrink like :math:`\eta_t^{1/4}` (a step at
+    :math:`\eta_t = 0` keeps its charge). Only for layers whose evaluation does not depend on
+    the norm (LayerNorm, weight normalisation): on a BatchNorm ResNet-1D it ends at chance
+    accuracy in evaluation mode while its train loss is fine (see
+    :doc:`/when_it_helps`).
+
     Args:
       learning_rate: eta of the heavy ball whose equilibrium is targeted (> 0): the base
         optimizer's learning rate, a number or an optax schedule (step count -> rate; the count
@@ -123,6 +132,9 @@ class equilibrium(Target):
       weight_decay: its lambda (> 0).
       momentum: its beta in [0, 1).
       decay: EMA decay of the measured m, in [0, 1) (0: the last step only).
+      follow: under a schedule, whose equilibrium to target: ``"peak"`` (default), the largest
+        rate seen so far (norms held during the decay); ``"rate"``, the current one (angular
+        update ~ sqrt(eta_t) during the decay; not for BatchNorm). The same at a constant rate.
 
     Example:
       >>> import optax, ksbopt
@@ -150,6 +162,7 @@ class equilibrium(Target):
     weight_decay: Any
     momentum: Any = 0.0
     decay: Any = 0.99
+    follow: str = "peak"
 
     def __post_init__(self):
         owner = "targets.equilibrium"
@@ -157,6 +170,12 @@ class equilibrium(Target):
         lr = 1.0 if callable(self.learning_rate) else self.learning_rate
         _check(owner, lr, self.weight_decay, self.momentum, positive_decay=True)
         checks.check_unit_interval(owner, "decay", self.decay, example=0.99)
+        if self.follow not in ("peak", "rate"):
+            raise ValueError(
+                f"{owner}: follow={self.follow!r} is not 'peak' (hold the equilibrium of the "
+                "largest rate seen, the default) or 'rate' (follow the current rate's "
+                "equilibrium through a decay)."
+            )
 
     def check(self, bound: BoundSymmetry) -> None:
         _check_scale("targets.equilibrium", bound)
@@ -201,8 +220,9 @@ class equilibrium(Target):
         weight = jnp.where(measured, decay * state.weight + (1 - decay), state.weight)
         peak = jnp.maximum(state.peak, eta)
         m_hat = safe_div(ema, weight)
-        a_star = self.angular_update(peak).astype(dtype)
-        x_star = safe_div(peak * jnp.sqrt(m_hat), a_star)
+        ref = peak if self.follow == "peak" else eta  # the rate whose equilibrium is targeted
+        a_star = self.angular_update(ref).astype(dtype)
+        x_star = safe_div(ref * jnp.sqrt(m_hat), a_star)
         target = jnp.where(x_star > 0, x_star / 2, charge)
         return target, EquilibriumState(ema, weight, peak)
 
