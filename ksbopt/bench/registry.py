@@ -430,8 +430,8 @@ register(
 )
 
 
-def _sgd_steer_eq(follow: str):
-    """sgd+wd steered to its own rotational equilibrium (``targets.equilibrium(follow=...)``)."""
+def _register_sgd_steer_eq(name: str, follow: str, description: str) -> None:
+    """sgd+wd steered to its own rotational equilibrium, ``targets.equilibrium(follow=...)``."""
 
     def factory(lr, task, momentum, weight_decay):
         target = ks("targets.equilibrium")(lr, weight_decay, momentum, follow=follow)
@@ -439,31 +439,29 @@ def _sgd_steer_eq(follow: str):
             _sgd(lr, momentum, weight_decay), _steer(task.symmetries("scale"), target)
         )
 
-    return factory
+    register(
+        name,
+        factory,
+        SGD_GRID,
+        hparams={"momentum": 0.9, "weight_decay": 5e-4},
+        needs=("steer", "targets.equilibrium", "Scale"),
+        symmetry="scale",
+        description=description,
+    )
 
 
-register(
+_register_sgd_steer_eq(
     "sgd+steer_eq",
-    _sgd_steer_eq("peak"),
-    SGD_GRID,
-    hparams={"momentum": 0.9, "weight_decay": 5e-4},
-    needs=("steer", "targets.equilibrium", "Scale"),
-    symmetry="scale",
-    description="sgd+wd with every scale group steered to the rotational equilibrium of its "
-    "own heavy ball from the first step: no warm-up transient (see "
-    ":doc:`/concepts/implicit_rmsprop`)",
+    "peak",
+    "sgd+wd with every scale group steered to the rotational equilibrium of its own heavy ball "
+    "from the first step: no warm-up transient (see :doc:`/concepts/implicit_rmsprop`)",
 )
-register(
+_register_sgd_steer_eq(
     "sgd+steer_eq_rate",
-    _sgd_steer_eq("rate"),
-    SGD_GRID,
-    hparams={"momentum": 0.9, "weight_decay": 5e-4},
-    needs=("steer", "targets.equilibrium", "Scale"),
-    symmetry="scale",
-    description="sgd+steer_eq whose target follows the equilibrium of the current, decaying "
-    "rate (angular update ~ sqrt(eta_t) through the decay, as the rotational optimizers'; the "
-    "norms shrink with it, so BatchNorm's running statistics fall behind; see "
-    ":doc:`/when_it_helps`)",
+    "rate",
+    "sgd+steer_eq whose target follows the equilibrium of the current, decaying rate (angular "
+    "update ~ sqrt(eta_t) through the decay, as the rotational optimizers'; the norms shrink "
+    "with it, so BatchNorm's running statistics fall behind; see :doc:`/when_it_helps`)",
 )
 register(
     "adam+steer_nld",
