@@ -150,6 +150,12 @@ class equilibrium(Target):
       >>> round(float(target.angular_update(lr(100))), 6)  # A* at the peak rate
       0.007255
 
+      On LayerNorm layers the target may follow the decaying rate's equilibrium instead (not
+      with BatchNorm, whose running statistics cannot follow the shrinking norms):
+
+      >>> target = ksbopt.targets.equilibrium(lr, 5e-4, 0.9, follow="rate")
+      >>> tx = optax.chain(optax.sgd(lr, momentum=0.9), ksbopt.steer(sym, target))
+
     References:
       Kosson, Messmer, Jaggi, "Rotational Equilibrium: How Weight Decay Balances Learning
       Across Neural Networks", ICML 2024, https://arxiv.org/abs/2305.17212;
