@@ -154,3 +154,47 @@ def test_time_is_cpu_seconds_when_every_run_timed_them_else_wall_clock():
     assert a.time_basis == "cpu" and a.time_ratio == 1.2 and a.faster
     (b,) = advantages(task(None))
     assert b.time_basis == "wall" and b.time_ratio == 0.75 and not b.faster
+
+
+def test_readme_advantage_block_is_the_tables_of_the_grid_arm(tmp_path):
+    import json
+
+    from ksbopt.bench import readme
+
+    task = {
+        "higher_is_better": True,
+        "optimizers": {
+            "sgd+wd": _row(0.9, 900, 90, test=SEEDS),
+            "noether_rmsprop": _row(0.9, 600, 60, test=SEEDS),
+        },
+    }
+    summary = {"meta": {"suite": "s", "date": "d"}, "grid_arm": "cosine"}
+    summary["arms"] = {"cosine": {"t": task}, "constant": {"t": _slow(task)}}
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "summary.json").write_text(json.dumps(summary))
+    doc = tmp_path / "README.md"
+    doc.write_text("<!-- bench-results mine advantage -->\nold\n<!-- /bench-results -->\n")
+    assert readme.main(["--readme", str(doc), "--results", str(tmp_path)]) == 0
+    text = doc.read_text()
+    # the cosine arm's row (900 / 600 steps), not the constant arm's, and no stale text
+    assert "| t | `noether_rmsprop` | `sgd+wd` | 1.50x | 1.50x" in text and "old" not in text
+    assert "schedule arm `cosine`" in text and "**yes**" in text
+
+
+def _slow(task):
+    rows = dict(task["optimizers"], noether_rmsprop=_row(0.9, 1800, 180, test=SEEDS))
+    return dict(task, optimizers=rows)
+
+
+def test_readme_tells_an_inapplicable_entry_from_one_the_suite_left_out():
+    from ksbopt.bench import readme
+
+    row = {"test_mean": 0.9, "seeds": 5}
+    grid = {
+        "mnist1d_cnn": {"metric": "accuracy", "optimizers": {"sgd": row}},
+        "mnist1d_cnn_bn": {"metric": "accuracy", "optimizers": {"sgd+retract": row}},
+    }
+    text = readme.render({"grid": grid}, "mine")
+    # sgd+retract needs a scale symmetry, which the unnormalised CNN lacks; sgd applies to both
+    assert "| mnist1d_cnn (accuracy, 5) | 0.9000 | n/a |" in text
+    assert "| mnist1d_cnn_bn (accuracy, 5) | not run | 0.9000 |" in text

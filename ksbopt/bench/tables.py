@@ -84,7 +84,7 @@ def _test_table(grid: Mapping, opts: Sequence[str]) -> list[str]:
         cells = []
         for o in opts:
             if o not in vals:
-                cells.append("n/a" if _not_applicable(o, task) else " ")
+                cells.append("n/a" if not_applicable(o, task) else " ")
             elif vals[o] is None:
                 cells.append("diverged")
             else:
@@ -94,7 +94,7 @@ def _test_table(grid: Mapping, opts: Sequence[str]) -> list[str]:
     na: dict[str, set] = {}
     for task in grid:
         for o in opts:
-            if o not in grid[task]["optimizers"] and (why := _not_applicable(o, task)):
+            if o not in grid[task]["optimizers"] and (why := not_applicable(o, task)):
                 na.setdefault(o, set()).add(why)
     if na:
         L += [
@@ -148,7 +148,7 @@ def _norm_pairs_table(grid: Mapping, opts: Sequence[str]) -> list[str]:
     return L
 
 
-def _not_applicable(optimizer: str, task: str) -> str | None:
+def not_applicable(optimizer: str, task: str) -> str | None:
     """Why a registry entry does not apply to a task (from metadata), or None."""
     from ksbopt.bench.registry import REGISTRY
     from ksbopt.bench.tasks import TASKS
