@@ -12,8 +12,8 @@ def _row(val, steps=None, secs=None, band=(0.1, 0.1, 0.0), band_open=(False, Fal
     test = test if test is not None else [val] * 5
     return {
         "val_mean": val,
-        "steps_to_target": steps,
-        "time_to_target": secs,
+        "steps_to_practitioners_target": steps,
+        "time_to_practitioners_target": secs,
         "band": list(band),
         "band_open": list(band_open),
         "test_by_seed": {str(s): v for s, v in enumerate(test)},
@@ -144,9 +144,12 @@ def test_markdown_lists_every_pair_and_names_an_entry_paying_on_three_tasks():
 def test_time_is_cpu_seconds_when_every_run_timed_them_else_wall_clock():
     def task(entry_cpu):
         rows = {
-            "sgd+wd": {**_row(0.9, 900, 90, test=SEEDS), "cpu_to_target": 180.0},
+            "sgd+wd": {**_row(0.9, 900, 90, test=SEEDS), "cpu_to_practitioners_target": 180.0},
             # more wall-clock (the machine was busy during its runs) but less CPU time
-            "noether_rmsprop": {**_row(0.9, 600, 120, test=SEEDS), "cpu_to_target": entry_cpu},
+            "noether_rmsprop": {
+                **_row(0.9, 600, 120, test=SEEDS),
+                "cpu_to_practitioners_target": entry_cpu,
+            },
         }
         return {"higher_is_better": True, "optimizers": rows}
 

@@ -482,6 +482,33 @@ def test_readme_block_is_generated_from_the_summary(tuned, tmp_path):
     assert readme.main(["--readme", str(doc), "--results", str(results), "--check"]) == 0
 
 
+def test_report_only_rebuilds_with_the_training_invocations_protocol(tuned, tmp_path):
+    import json
+    import shutil
+
+    out, _, _ = tuned
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    before = json.loads((copy / "summary.json").read_text())
+    rc, _, err = _cli(["--suite", "quick", "--out", copy, "--report-only", "--no-plots"])
+    assert rc == 0, err
+    after = json.loads((copy / "summary.json").read_text())
+    # the protocol of the runs survives the rebuild, and the note names their command
+    assert after["meta"]["protocol"] == before["meta"]["protocol"] is not None
+    assert after["meta"]["made_by"] == before["meta"]["command"]
+    assert after["arms"] == before["arms"]
+    report = (copy / "report.md").read_text()
+    assert "Protocol: learning rates on the half-decade lattice" in report
+    assert f"they were made by `{before['meta']['command']}`" in report
+    # a second rebuild still names the training command, not the first rebuild's
+    rc, _, err = _cli(["--suite", "quick", "--out", copy, "--report-only", "--no-plots"])
+    assert rc == 0, err
+    again = json.loads((copy / "summary.json").read_text())
+    assert again["meta"]["made_by"] == before["meta"]["command"]
+    with pytest.raises(SystemExit):
+        _cli(["--suite", "quick", "--out", tmp_path / "empty", "--report-only"])
+
+
 # ---- the summary on synthetic records ---------------------------------------------------------
 
 
@@ -551,6 +578,28 @@ def test_summary_chooses_on_tuning_seeds_and_pairs_against_the_best_baseline():
     assert rows["sgd"]["sampling_error"] == pytest.approx(
         math.sqrt(rows["sgd"]["test_mean"] * (1 - rows["sgd"]["test_mean"]) / 400)
     )
+
+
+def test_the_practitioners_target_is_set_by_their_best_not_by_a_runaway_optimizer():
+    from ksbopt.bench.summary import grid_summary
+
+    # muon far ahead (0.99): the task target (0.9405) is out of every other's reach, the
+    # practitioners' target (0.95 x adamw's 0.80 = 0.76) is not
+    recs = [_rec("muon", 0.01, s, 0.99, 0.99) for s in (0, 1)]
+    recs += [_rec("adamw", 0.01, s, 0.80, 0.80) for s in (0, 1)]
+    recs += [_rec("noether_rmsprop", 0.1, s, 0.70, 0.70) for s in (0, 1)]
+    (arm,) = grid_summary(recs).values()
+    rows = arm["t"]["optimizers"]
+    assert rows["adamw"]["target"] == pytest.approx(0.95 * 0.99)
+    assert rows["adamw"]["steps_to_target"] is None and rows["adamw"]["reached"] == 0
+    assert rows["adamw"]["practitioners_target"] == pytest.approx(0.95 * 0.80)
+    # the curves reach 0.97 x the final value at step 50: above 0.76 for adamw, not for the other
+    assert rows["adamw"]["steps_to_practitioners_target"] == 50
+    assert rows["adamw"]["time_to_practitioners_target"] == 1
+    assert rows["adamw"]["reached_practitioners_target"] == 2
+    assert rows["muon"]["steps_to_practitioners_target"] == 50
+    assert rows["noether_rmsprop"]["steps_to_practitioners_target"] is None
+    assert rows["noether_rmsprop"]["reached_practitioners_target"] == 0
 
 
 def test_summary_without_a_baseline_has_no_reference():

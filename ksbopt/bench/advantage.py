@@ -5,7 +5,10 @@ peer reproduced from a paper) *pays* on a task, in one schedule arm, when agains
 practitioners' baselines :data:`PRACTITIONERS` (normalisation + SGD, RMSProp, AdamW), each at
 its own tuned setting:
 
-- **faster**: it reaches the task's validation target in at least :data:`FEWER_STEPS` times
+- **faster**: it reaches the practitioners' validation target (a fixed fraction of the best of
+  their final validation metrics, :func:`ksbopt.bench.stats.target_value`: the task's own
+  target is set by the best optimizer of all, which on some tasks no other reaches) in at
+  least :data:`FEWER_STEPS` times
   fewer steps than the fastest of them, and in less training time than the fastest of them
   in time (CPU seconds to the target, steps times CPU seconds per step, when every run timed
   them: wall-clock on a shared machine measures the other jobs too; otherwise wall-clock,
@@ -28,7 +31,7 @@ import math
 from collections.abc import Mapping
 
 from ksbopt.bench import stats
-from ksbopt.bench.summary import is_baseline
+from ksbopt.bench.summary import PRACTITIONERS, is_baseline
 
 __all__ = [
     "FEWER_STEPS",
@@ -41,7 +44,6 @@ __all__ = [
     "markdown",
 ]
 
-PRACTITIONERS = ("sgd+wd", "rmsprop", "adamw")
 FEWER_STEPS = 1.3
 WIDER_BAND = 3.0
 LATTICE_DECADES = 0.5  # the protocol's lattice: neighbours a factor sqrt(10) apart
@@ -162,7 +164,7 @@ def advantages(task: Mapping) -> list[Advantage]:
     r"""The criteria of the module for every kinetic energy of one task's summary.
 
     With :math:`P` the practitioners present, :math:`s`, :math:`t` the steps and seconds to
-    the target and :math:`w` a good band's width in decades,
+    the practitioners' target and :math:`w` a good band's width in decades,
 
     .. math::
 
@@ -181,8 +183,9 @@ def advantages(task: Mapping) -> list[Advantage]:
       finished with a finite metric).
 
     Example:
-      >>> row = lambda val, steps, band, seeds: {"val_mean": val, "steps_to_target": steps,
-      ...     "time_to_target": steps / 10, "band": band, "band_open": [False, False],
+      >>> row = lambda val, steps, band, seeds: {"val_mean": val,
+      ...     "steps_to_practitioners_target": steps,
+      ...     "time_to_practitioners_target": steps / 10, "band": band, "band_open": [False, False],
       ...     "test_by_seed": {str(s): v for s, v in enumerate(seeds)}}
       >>> task = {"higher_is_better": True, "optimizers": {
       ...     "sgd+wd": row(0.90, 900, [0.1, 0.1, 0.0], [0.90, 0.91, 0.89, 0.90, 0.92]),
@@ -213,8 +216,12 @@ def advantages(task: Mapping) -> list[Advantage]:
     )
     ke = [o for o in rows if is_kinetic_energy(o)]
     timed = [r for o, r in rows.items() if o in practitioners or o in ke]
-    cpu = all(r.get("steps_to_target") is None or r.get("cpu_to_target") is not None for r in timed)
-    time_key = "cpu_to_target" if cpu else "time_to_target"
+    cpu = all(
+        r.get("steps_to_practitioners_target") is None
+        or r.get("cpu_to_practitioners_target") is not None
+        for r in timed
+    )
+    time_key = "cpu_to_practitioners_target" if cpu else "time_to_practitioners_target"
     out = []
     for opt in ke:
         row = rows[opt]
@@ -226,8 +233,8 @@ def advantages(task: Mapping) -> list[Advantage]:
                 optimizer=opt,
                 reference=ref,
                 steps_ratio=_ratio(
-                    [r.get("steps_to_target") for r in practitioners.values()],
-                    row.get("steps_to_target"),
+                    [r.get("steps_to_practitioners_target") for r in practitioners.values()],
+                    row.get("steps_to_practitioners_target"),
                 ),
                 time_ratio=_ratio(
                     [r.get(time_key) for r in practitioners.values()], row.get(time_key)
@@ -301,7 +308,8 @@ def markdown(arm: Mapping[str, Mapping], tasks: list[str] | None = None) -> list
         "## Does engineering the kinetic energy pay?",
         "",
         f"Each ksbopt kinetic energy against {', '.join(f'`{p}`' for p in PRACTITIONERS)} at "
-        f"their own tuned settings: fewer steps to the target (fastest of them / it; it pays "
+        f"their own tuned settings: fewer steps to their target ({stats.TARGET_FRACTION:g} x "
+        f"the best of their validation metrics; fastest of them / it; it pays "
         f"at >= {FEWER_STEPS}x with less time: CPU or wall-clock seconds, as marked), wider "
         f"good band (it / the widest of theirs, "
         f"each plus {LATTICE_DECADES} decade; it pays at >= {WIDER_BAND}x when their bands "

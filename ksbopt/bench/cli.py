@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import datetime
 import importlib.util
+import json
 import os
 import shlex
 import sys
@@ -530,6 +531,7 @@ def _write_report(out: Path, records: list, meta: dict, a) -> Path:
 def _report_only(p, a, argv) -> int:
     """Rebuilds the report from every record under ``OUT/runs``; trains nothing."""
     from ksbopt.bench.records import load_record
+    from ksbopt.bench.suites import SUITES
 
     out = Path(a.out or f"bench_results/{a.suite}")
     paths = sorted((out / "runs").glob("*.json"))
@@ -537,19 +539,39 @@ def _report_only(p, a, argv) -> int:
     if not records:
         p.error(f"--report-only: no finished run records under {str(out / 'runs')!r}")
     _check_out(p, out)
+    # the report of the invocation that trained them, if any, says how they were made
+    previous = _previous_meta(out)
+    made_by = previous.get("made_by") or previous.get("command")
+    # tasks in the order the invocation would run them (--tasks, else the suite's)
+    names = a.tasks.split(",") if a.tasks else SUITES[a.suite].tasks if a.suite in SUITES else ()
+    order = {t: i for i, t in enumerate(names)}
+    records.sort(key=lambda r: order.get(r["config"]["task"], len(order)))
     meta = _meta(
         a,
         argv,
         scale=_scales(records),
-        devices=records[0]["env"].get("device", "?"),
+        devices=previous.get("devices") or records[0]["env"].get("device", "?"),
         trained=0,
         reused=len(records),
+        protocol=previous.get("protocol"),
+        made_by=made_by,
         wall_s=None,
-        notes=[f"rebuilt from {len(records)} records in {out / 'runs'}"],
+        notes=[
+            f"rebuilt from {len(records)} records in {out / 'runs'}"
+            + (f"; they were made by `{made_by}`" if made_by else "")
+        ],
     )
     path = _write_report(out, records, meta, a)
     print(f"report: {path}")
     return 0
+
+
+def _previous_meta(out: Path) -> dict:
+    """The metadata of the summary in ``out`` (empty if there is none or it cannot be read)."""
+    try:
+        return json.loads((out / "summary.json").read_text()).get("meta") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
 
 
 def _direction(out: Path, task: str) -> bool:
