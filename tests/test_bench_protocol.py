@@ -496,15 +496,17 @@ def test_report_only_rebuilds_with_the_training_invocations_protocol(tuned, tmp_
     # the protocol of the runs survives the rebuild, and the note names their command
     assert after["meta"]["protocol"] == before["meta"]["protocol"] is not None
     assert after["meta"]["made_by"] == before["meta"]["command"]
+    assert after["meta"]["made_in_s"] == before["meta"]["wall_s"] > 0
     assert after["arms"] == before["arms"]
     report = (copy / "report.md").read_text()
     assert "Protocol: learning rates on the half-decade lattice" in report
-    assert f"they were made by `{before['meta']['command']}`" in report
+    assert f"the last invocation that trained them: `{before['meta']['command']}`" in report
     # a second rebuild still names the training command, not the first rebuild's
     rc, _, err = _cli(["--suite", "quick", "--out", copy, "--report-only", "--no-plots"])
     assert rc == 0, err
     again = json.loads((copy / "summary.json").read_text())
     assert again["meta"]["made_by"] == before["meta"]["command"]
+    assert again["meta"]["made_in_s"] == before["meta"]["wall_s"]
     with pytest.raises(SystemExit):
         _cli(["--suite", "quick", "--out", tmp_path / "empty", "--report-only"])
 

@@ -125,12 +125,26 @@ def _mean_std(entry: _Json) -> str:
 
 
 def _facts(folder: Path, meta: _Json) -> list[str]:
+    if meta.get("made_by"):  # a report rebuilt from the records (--report-only)
+        made = meta.get("made_in_s")
+        how = [
+            f"- last training command: `{meta['made_by']}`"
+            + ("" if made is None else f" (its wall time {meta.number('made_in_s'):.0f} s)")
+            + f"; report rebuilt from the folder's {meta['reused']} records on {meta['date']}",
+            f"- machine: {_machine(folder)}; devices `{meta['devices']}`",
+            f"- scale: `{meta['scale']}`",
+        ]
+    else:
+        how = [
+            f"- date: {meta['date']}",
+            f"- command: `{meta['command']}`",
+            f"- machine: {_machine(folder)}; devices `{meta['devices']}`",
+            f"- scale: `{meta['scale']}`; {meta['trained']} runs trained, {meta['reused']} "
+            f"reused from earlier records; wall time of the invocation "
+            f"{meta.number('wall_s'):.0f} s",
+        ]
     return [
-        f"- date: {meta['date']}",
-        f"- command: `{meta['command']}`",
-        f"- machine: {_machine(folder)}; devices `{meta['devices']}`",
-        f"- scale: `{meta['scale']}`; {meta['trained']} runs trained, {meta['reused']} reused "
-        f"from earlier records; wall time of the invocation {meta.number('wall_s'):.0f} s",
+        *how,
         f"- generated from `benchmarks/results/{folder.name}/summary.json` by this build; "
         f"the per-task tables and plots are in `benchmarks/results/{folder.name}/report.md`",
         "",

@@ -542,6 +542,7 @@ def _report_only(p, a, argv) -> int:
     # the report of the invocation that trained them, if any, says how they were made
     previous = _previous_meta(out)
     made_by = previous.get("made_by") or previous.get("command")
+    made_in_s = previous.get("made_in_s") or previous.get("wall_s")
     # tasks in the order the invocation would run them (--tasks, else the suite's)
     names = a.tasks.split(",") if a.tasks else SUITES[a.suite].tasks if a.suite in SUITES else ()
     order = {t: i for i, t in enumerate(names)}
@@ -555,10 +556,12 @@ def _report_only(p, a, argv) -> int:
         reused=len(records),
         protocol=previous.get("protocol"),
         made_by=made_by,
+        made_in_s=made_in_s,
         wall_s=None,
         notes=[
             f"rebuilt from {len(records)} records in {out / 'runs'}"
-            + (f"; they were made by `{made_by}`" if made_by else "")
+            + (f"; the last invocation that trained them: `{made_by}`" if made_by else "")
+            + (f" ({made_in_s:.0f} s)" if made_in_s else "")
         ],
     )
     path = _write_report(out, records, meta, a)
