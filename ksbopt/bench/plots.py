@@ -141,7 +141,7 @@ def _task_figures(plt, pdir: Path, task: str, t: Mapping, by_id: Mapping[str, di
 
     diag = {o: rs for o, rs in best.items() if rs[0]["diagnostics"]["curves"]}
     if diag:
-        made.append(_charges_figure(plt, pdir, task, diag, steps))
+        made.append(_charges_figure(plt, pdir, task, diag, steps, style))
     return made
 
 
@@ -168,16 +168,17 @@ def _curves_figure(plt, pdir, task, t, best, style, steps) -> str:
     return name
 
 
-def _charges_figure(plt, pdir, task, diag, steps) -> str:
-    """Scale charge, effective learning rate, angular update and parameter norm."""
+def _charges_figure(plt, pdir, task, diag, steps, style) -> str:
+    """Scale charge, effective learning rate, angular update and parameter norm; one legend,
+    outside the last panel."""
     fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     for o, rs in diag.items():
         for ax, key in zip(axes, ("charge", "eff_lr", "angular_update")):
             select = "eff_lr" if key != "angular_update" else key  # scale groups / units
             curves = [_group_mean(r, select, key, len(steps)) for r in rs]
             if all(c is not None for c in curves):
-                _mean_band(ax, steps, curves, o)
-        _mean_band(axes[3], steps, [r["curves"]["param_norm"] for r in rs], o)
+                _mean_band(ax, steps, curves, o, style[o])
+        _mean_band(axes[3], steps, [r["curves"]["param_norm"] for r in rs], o, style[o])
     axes[0].set(
         xlabel="step",
         ylabel="scale charge 1/2|w|^2 (mean over groups)",
@@ -188,7 +189,7 @@ def _charges_figure(plt, pdir, task, diag, steps) -> str:
         xlabel="step",
         ylabel="effective lr = lr/|w|^2 (mean over groups)",
         yscale="log",
-        title="effective learning rate of SGD (THEORY P2)",
+        title="effective learning rate of SGD (P2)",
     )
     axes[2].set(
         xlabel="step",
@@ -197,12 +198,10 @@ def _charges_figure(plt, pdir, task, diag, steps) -> str:
         title="angular update (the effective step of any optimizer)",
     )
     axes[3].set(xlabel="step", ylabel="global parameter norm", title="parameter norm")
-    for ax in axes:
-        if ax.lines:
-            ax.legend(fontsize=7)
+    legend_outside(axes[3])
     fig.tight_layout()
     name = f"{task}_charges.png"
-    fig.savefig(pdir / name, dpi=90)
+    fig.savefig(pdir / name, dpi=90, bbox_inches="tight")
     plt.close(fig)
     return name
 
