@@ -8,11 +8,10 @@ its own tuned setting:
 - **faster**: it reaches the practitioners' validation target (a fixed fraction of the best of
   their final validation metrics, :func:`ksbopt.bench.stats.target_value`: the task's own
   target is set by the best optimizer of all, which on some tasks no other reaches) in at
-  least :data:`FEWER_STEPS` times
-  fewer steps than the fastest of them, and in less training time than the fastest of them
-  in time (CPU seconds to the target, steps times CPU seconds per step, when every run timed
-  them: wall-clock on a shared machine measures the other jobs too; otherwise wall-clock,
-  and the result says which); or
+  least :data:`FEWER_STEPS` times fewer steps than the fastest of them, and in less training
+  time than the fastest of them in time (CPU seconds to the target, steps times CPU seconds
+  per step, when every run timed them: wall-clock on a shared machine measures the other jobs
+  too; otherwise wall-clock, and the result says which); or
 - **wider**: its good learning-rate band (:func:`ksbopt.bench.stats.band`) is at least
   :data:`WIDER_BAND` times as wide as the widest of theirs, widths counted at the lattice's
   resolution (a band of one lattice point is :data:`LATTICE_DECADES` wide), and the
