@@ -235,7 +235,11 @@ def test_bench_tables_advantage_part_is_the_advantage_module_per_arm():
         assert want, "the quick suite compares ksbopt entries with sgd+wd and adamw"
         assert want[0].startswith("## ") and want[1] == ""  # the heading gives way to the arm's
         assert f"Schedule arm `{arm}`:\n" + "\n".join(want[1:]) in text
-    assert f"- command: `{summary['meta']['command']}`" in text
+    # a summary rebuilt by --report-only names the command that trained its records
+    meta = summary["meta"]
+    assert meta["made_by"] != meta["command"] and "--report-only" in meta["command"]
+    assert f"- last training command: `{meta['made_by']}` (its wall time " in text
+    assert f"report rebuilt from the folder's {meta['reused']} records on {meta['date']}" in text
 
 
 # ------------------------------------------------------------------ the built site (slow)

@@ -7,10 +7,11 @@ your optimizers (factories ``lr -> optax transformation``) with the registry's o
 tasks or your own (:func:`make_task`), and read the :class:`Results`; see
 ``docs/howto/compare.md``. The tuning rules and statistics every suite uses are the public
 modules :mod:`ksbopt.bench.protocol` and :mod:`ksbopt.bench.stats`; whether a ksbopt kinetic
-energy pays against the practitioners' optimizers, :mod:`ksbopt.bench.advantage`.
+energy pays against the practitioners' optimizers, :mod:`ksbopt.bench.advantage`; whether two
+suites' verdicts agree where they overlap, :mod:`ksbopt.bench.agreement`.
 """
 
-__all__ = ["Results", "advantage", "compare", "make_task", "protocol", "stats"]
+__all__ = ["Results", "advantage", "agreement", "compare", "make_task", "protocol", "stats"]
 
 
 def __getattr__(name: str):
@@ -23,7 +24,8 @@ def __getattr__(name: str):
         from ksbopt.bench.user import make_task
 
         return make_task
-    if name in ("advantage", "protocol", "stats"):  # the rules every suite is scored by
+    # the rules every suite is scored by, and the check that two suites agree
+    if name in ("advantage", "agreement", "protocol", "stats"):
         import importlib
 
         return importlib.import_module(f"ksbopt.bench.{name}")

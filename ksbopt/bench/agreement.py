@@ -1,4 +1,4 @@
-"""Do two suites agree where they overlap? (Is the quick suite a faithful subset of the full one?)
+"""Whether two suites agree where they overlap, such as the quick suite and the full one.
 
 The quick suite runs the full suite's protocol on fewer tasks and seeds, so on every task they
 share it should choose the same settings and never reach the opposite verdict. This module
@@ -33,8 +33,25 @@ __all__ = ["Pair", "Verdict", "compare", "main", "markdown"]
 
 @dataclass(frozen=True)
 class Verdict:
-    """One suite's paired verdict on an entry: ``better``, ``tie``, ``worse`` against the
-    reference ``vs`` with the mean paired difference, or ``reference`` for the reference."""
+    """One suite's paired verdict on an entry.
+
+    Attributes:
+      verdict: ``better``, ``tie`` or ``worse`` against ``vs`` (the paired 95% interval of
+        :mod:`ksbopt.bench.summary`), ``-`` with too few shared seeds, or ``reference`` for the
+        suite's reference itself.
+      vs: the reference's registry name (None for the reference).
+      mean: the mean paired difference entry - reference (None for the reference).
+
+    Example:
+      >>> str(Verdict("tie", "adamw", 0.001)), str(Verdict("reference", None, None))
+      ('tie vs adamw', 'reference')
+
+    References:
+      Schmidt, Schneider, Hennig, "Descending through a Crowded Valley - Benchmarking Deep
+      Learning Optimizers", https://arxiv.org/abs/2007.01547 (one protocol for every
+      optimizer); Dahl et al., "Benchmarking Neural Network Training Algorithms",
+      https://arxiv.org/abs/2306.07179 (results that hold across reruns).
+    """
 
     verdict: str
     vs: str | None
@@ -46,7 +63,39 @@ class Verdict:
 
 @dataclass(frozen=True)
 class Pair:
-    """One (task, optimizer) that both suites ran, with both suites' choices and verdicts."""
+    r"""One (task, optimizer) that both suites ran, with both suites' choices and verdicts.
+
+    With :math:`v_s, v_l` the verdicts of the smaller and the larger suite, :math:`m_s, m_l`
+    their mean paired differences and :math:`r_s, r_l` their references, :attr:`status` is
+
+    .. math::
+
+        \text{same} \iff r_s = r_l \wedge v_s = v_l, \qquad
+        \text{resolved} \iff r_s = r_l \wedge v_s = \text{tie} \wedge
+        v_l \in \{\text{better}, \text{worse}\} \wedge m_s m_l > 0,
+
+    and ``contradiction`` otherwise.
+
+    Attributes:
+      task: the task's name.
+      optimizer: the registry name.
+      small_setting: the smaller suite's chosen ``(learning rate, sorted hyperparameters)``.
+      large_setting: the larger suite's.
+      small: the smaller suite's :class:`Verdict`.
+      large: the larger suite's.
+
+    Example:
+      >>> s = ((0.1, ()), (0.1, ()))
+      >>> Pair("t", "mine", *s, Verdict("tie", "adamw", -0.01),
+      ...      Verdict("worse", "adamw", -0.02)).status
+      'resolved'
+
+    References:
+      Schmidt, Schneider, Hennig, "Descending through a Crowded Valley - Benchmarking Deep
+      Learning Optimizers", https://arxiv.org/abs/2007.01547 (one protocol for every
+      optimizer); Dahl et al., "Benchmarking Neural Network Training Algorithms",
+      https://arxiv.org/abs/2306.07179 (results that hold across reruns).
+    """
 
     task: str
     optimizer: str
@@ -94,7 +143,11 @@ def _verdict(row: Mapping) -> Verdict:
 
 
 def compare(small: Mapping, large: Mapping) -> list[Pair]:
-    """Every (task, optimizer) of ``small``'s main arm that ``large`` also ran.
+    r"""Every (task, optimizer) of ``small``'s main arm that ``large`` also ran.
+
+    Each is a :class:`Pair` whose status follows its rule: with :math:`v` the verdicts and
+    :math:`m` the mean paired differences, the suites agree when :math:`v_s = v_l`, or when
+    :math:`v_s` is a tie that the larger suite resolves with :math:`m_s m_l > 0`.
 
     Args:
       small: the smaller suite's ``summary.json`` contents
@@ -109,6 +162,12 @@ def compare(small: Mapping, large: Mapping) -> list[Pair]:
       >>> s = {"grid": {"t": {"reference": "sgd", "optimizers": {"sgd": row}}}}
       >>> [p.status for p in compare(s, s)]
       ['same']
+
+    References:
+      Schmidt, Schneider, Hennig, "Descending through a Crowded Valley - Benchmarking Deep
+      Learning Optimizers", https://arxiv.org/abs/2007.01547 (one protocol for every
+      optimizer); Dahl et al., "Benchmarking Neural Network Training Algorithms",
+      https://arxiv.org/abs/2306.07179 (results that hold across reruns).
     """
     a, b = _arm(small), _arm(large)
     pairs = []
@@ -129,7 +188,26 @@ def _setting_text(s: tuple) -> str:
 
 
 def markdown(pairs: list[Pair]) -> list[str]:
-    """The comparison as a Markdown table and a one-line tally."""
+    """The comparison as a Markdown table and a one-line tally.
+
+    Args:
+      pairs: the result of :func:`compare`.
+
+    Returns:
+      Lines of Markdown: one table row per pair (both chosen settings, both verdicts, the
+      status), then the counts of same settings and of each status.
+
+    Example:
+      >>> v = Verdict("tie", "adamw", 0.0)
+      >>> markdown([Pair("t", "mine", (0.1, ()), (0.1, ()), v, v)])[2]
+      '| t | mine | lr 0.1 (both) | tie vs adamw / tie vs adamw | same |'
+
+    References:
+      Schmidt, Schneider, Hennig, "Descending through a Crowded Valley - Benchmarking Deep
+      Learning Optimizers", https://arxiv.org/abs/2007.01547 (one protocol for every
+      optimizer); Dahl et al., "Benchmarking Neural Network Training Algorithms",
+      https://arxiv.org/abs/2306.07179 (results that hold across reruns).
+    """
     lines = [
         "| task | optimizer | chosen setting (small / large) | verdict (small / large) | "
         "agreement |",
@@ -155,6 +233,26 @@ def markdown(pairs: list[Pair]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line: ``python -m ksbopt.bench.agreement SMALL_FOLDER LARGE_FOLDER``.
+
+    Args:
+      argv: the arguments (default: the process's): two suite output folders, each with a
+        ``summary.json``.
+
+    Returns:
+      The exit status: 0 when no pair contradicts, 1 otherwise (the table is printed either
+      way).
+
+    Example:
+      >>> main(["benchmarks/results/quick-cpu", "benchmarks/results/full-cpu-v2"])  # doctest: +SKIP
+      0
+
+    References:
+      Schmidt, Schneider, Hennig, "Descending through a Crowded Valley - Benchmarking Deep
+      Learning Optimizers", https://arxiv.org/abs/2007.01547 (one protocol for every
+      optimizer); Dahl et al., "Benchmarking Neural Network Training Algorithms",
+      https://arxiv.org/abs/2306.07179 (results that hold across reruns).
+    """
     p = argparse.ArgumentParser(prog="python -m ksbopt.bench.agreement", description=__doc__)
     p.add_argument("small", help="the smaller suite's output folder (e.g. the quick suite's)")
     p.add_argument("large", help="the larger suite's output folder (e.g. the full suite's)")
