@@ -244,7 +244,18 @@ def main(argv: list[str] | None = None) -> int:
       way).
 
     Example:
-      >>> main(["benchmarks/results/quick-cpu", "benchmarks/results/full-cpu-v2"])  # doctest: +SKIP
+      >>> import json, pathlib, tempfile
+      >>> root = pathlib.Path(tempfile.mkdtemp())
+      >>> row = {"best_lr": 0.1, "hparams": {}, "paired": None}
+      >>> for name in ("quick", "full"):
+      ...     (root / name).mkdir()
+      ...     _ = (root / name / "summary.json").write_text(
+      ...         json.dumps({"grid": {"t": {"optimizers": {"sgd": row}}}}))
+      >>> main([str(root / "quick"), str(root / "full")])  # doctest: +ELLIPSIS
+      | task | optimizer | ...
+      | t | sgd | lr 0.1 (both) | reference / reference | same |
+      <BLANKLINE>
+      1 shared pairs: 1 with the same chosen setting; ... 0 contradicting.
       0
 
     References:
