@@ -50,6 +50,13 @@ RTOL = 1e-6
 # leaves and charges can differ by up to 2 x 64 eps (measured: 1.6e-6). This is the solver's stated
 # accuracy, the same between two single-device runs with another reduction order.
 RTOL_NEWTON = 2 * 64 * EPS
+# The orbit search of teleport takes gradient steps on an objective made of the loss's
+# gradients, so the rounding of their sums is amplified: two single-device runs whose batches
+# differ only in the order of their rows differ by up to 2.0e-6 in the head bias (measured on
+# 2026-12-07; the sharded run: 2.7e-6). A search's run is held to twice that spread, measured
+# in the same process (``reorder_errs``), and the spread itself to REORDER_MAX, so the bound
+# stays a few ulps of amplification and cannot grow without the test saying so.
+REORDER_MAX = 1e-5
 
 CASES = ("data", "unit", "input")
 DEFAULT_RUNS = ("retract:data", "retract:unit", "retract:input", "monitor:unit")
@@ -154,7 +161,9 @@ def _params(keys, slow_keys=()):
 ALL_RUNS = _params(DEFAULT_RUNS + SLOW_RUNS, SLOW_RUNS)
 
 
-def _tolerance(name: str, what: str) -> float:
+def _tolerance(name: str, what: str, label: str, reorder: dict[str, float]) -> float:
+    if name in check.SEARCH:
+        return max(RTOL, 2 * reorder[label])
     newton = name in check.NEWTON and what in (*check.LINEAR_LEAVES, "Linear")
     return RTOL_NEWTON if newton else RTOL
 
@@ -165,7 +174,8 @@ def _tolerance(name: str, what: str) -> float:
 @pytest.mark.parametrize("key", ALL_RUNS)
 def test_sharded_run_matches_single_device(key):
     """Parameters after 3 steps, their charges and the monitor's recorded charges equal the
-    single-device run (see RTOL, RTOL_NEWTON), and the run really was sharded as declared."""
+    single-device run (see RTOL, RTOL_NEWTON, REORDER_MAX), and the run really was sharded as
+    declared."""
     name, case = key.split(":")
     res = _run(key)
     assert res["n_devices"] == 8
@@ -180,10 +190,14 @@ def test_sharded_run_matches_single_device(key):
     measured += [
         (f"monitor charges {k}", k, v) for k, v in res.get("monitor_charge_errs", {}).items()
     ]
+    reorder = res.get("reorder_errs", {})
+    assert all(v <= REORDER_MAX for v in reorder.values()), f"{key}: reorder spread {reorder}"
+    assert (name in check.SEARCH) == bool(reorder), f"{key}: reorder spread measured iff a search"
+    tol = {label: _tolerance(name, what, label, reorder) for label, what, _ in measured}
     bad = {
-        label: f"{err:.2e} > {_tolerance(name, what):.1e}"
-        for label, what, err in measured
-        if not err <= _tolerance(name, what)
+        label: f"{err:.2e} > {tol[label]:.1e}"
+        for label, _, err in measured
+        if not err <= tol[label]
     }
     assert not bad, f"{key}: sharded run differs from the single-device run: {bad}"
 

@@ -171,6 +171,13 @@ def build(name: str) -> tuple[optax.GradientTransformation, bool]:
 
 # Transforms that move along Linear orbits with the iterative (Newton) solve.
 NEWTON = ("retract", "steer", "monitor_retract")
+# Transforms that search the orbit by gradient steps on an objective made of the loss's
+# gradients: the search amplifies the rounding of those sums, so their run is compared with
+# the spread that another summation order gives on one device (``reorder_errs``).
+SEARCH = ("teleport",)
+# Row orders of each batch for that spread (the loss is a mean over the rows: the same numbers
+# summed in another order).
+REORDERS = 3
 
 # --------------------------------------------------------------------------- shardings
 
@@ -332,6 +339,23 @@ def _train(tx, step, params, batches, *, check: bool) -> tuple[Any, Any, Any, li
     return params, state, first, mismatches
 
 
+def _reorder_errs(tx, with_batch, params0, batches, p_ref, dev) -> dict[str, float]:
+    """Per leaf and per charge, the largest difference from the single-device run ``p_ref`` of
+    single-device runs whose batches differ only in the order of their rows."""
+    step, scales, q_ref = _step_fn(tx, with_batch, None), _charge_scales(p_ref), _charges(p_ref)
+    worst: dict[str, float] = {}
+    for seed in range(REORDERS):
+        order = np.random.default_rng(seed).permutation(BATCH)
+        shuffled = [jax.tree.map(lambda x, o=order: x[o], b) for b in batches]
+        p, _, _, _ = _train(
+            tx, step, jax.device_put(params0, dev), jax.device_put(shuffled, dev), check=False
+        )
+        errs = {f"params{k}": v for k, v in _leaf_errs(p, p_ref).items()}
+        errs |= {f"charges {k}": v for k, v in _charge_errs(_charges(p), q_ref, scales).items()}
+        worst = {k: max(v, worst.get(k, 0.0)) for k, v in errs.items()}
+    return worst
+
+
 def run(name: str, case: str, mesh: Mesh, reference: dict) -> dict:
     """Train ``name`` sharded as ``case`` and on one device; compare (see module doc)."""
     tx, with_batch = build(name)
@@ -347,6 +371,8 @@ def run(name: str, case: str, mesh: Mesh, reference: dict) -> dict:
             check=False,
         )
         reference[name] = (p, s, _charges(p))
+        if name in SEARCH:
+            reference[name + ":reorder"] = _reorder_errs(tx, with_batch, params0, batches, p, dev)
     p_ref, s_ref, q_ref = reference[name]
     shardings = param_shardings(mesh, params0, case)
     params = jax.device_put(params0, shardings)
@@ -369,6 +395,8 @@ def run(name: str, case: str, mesh: Mesh, reference: dict) -> dict:
         },
         "n_devices": len(p["conv"]["kernel"].sharding.device_set),
     }
+    if name in SEARCH:
+        out["reorder_errs"] = reference[name + ":reorder"]
     if name.startswith("monitor"):
         out["monitor_charge_errs"] = _charge_errs(
             optax.tree.get(s, "charges"), optax.tree.get(s_ref, "charges"), scales
