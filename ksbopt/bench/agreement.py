@@ -47,10 +47,8 @@ class Verdict:
       ('tie vs adamw', 'reference')
 
     References:
-      Schmidt, Schneider, Hennig, "Descending through a Crowded Valley - Benchmarking Deep
-      Learning Optimizers", https://arxiv.org/abs/2007.01547 (one protocol for every
-      optimizer); Dahl et al., "Benchmarking Neural Network Training Algorithms",
-      https://arxiv.org/abs/2306.07179 (results that hold across reruns).
+      Schmidt et al., "Descending through a Crowded Valley", https://arxiv.org/abs/2007.01547
+      (see :func:`compare`).
     """
 
     verdict: str
@@ -91,10 +89,8 @@ class Pair:
       'resolved'
 
     References:
-      Schmidt, Schneider, Hennig, "Descending through a Crowded Valley - Benchmarking Deep
-      Learning Optimizers", https://arxiv.org/abs/2007.01547 (one protocol for every
-      optimizer); Dahl et al., "Benchmarking Neural Network Training Algorithms",
-      https://arxiv.org/abs/2306.07179 (results that hold across reruns).
+      Schmidt et al., "Descending through a Crowded Valley", https://arxiv.org/abs/2007.01547
+      (see :func:`compare`).
     """
 
     task: str
@@ -203,10 +199,8 @@ def markdown(pairs: list[Pair]) -> list[str]:
       '| t | mine | lr 0.1 (both) | tie vs adamw / tie vs adamw | same |'
 
     References:
-      Schmidt, Schneider, Hennig, "Descending through a Crowded Valley - Benchmarking Deep
-      Learning Optimizers", https://arxiv.org/abs/2007.01547 (one protocol for every
-      optimizer); Dahl et al., "Benchmarking Neural Network Training Algorithms",
-      https://arxiv.org/abs/2306.07179 (results that hold across reruns).
+      Schmidt et al., "Descending through a Crowded Valley", https://arxiv.org/abs/2007.01547
+      (see :func:`compare`).
     """
     lines = [
         "| task | optimizer | chosen setting (small / large) | verdict (small / large) | "
@@ -259,10 +253,8 @@ def main(argv: list[str] | None = None) -> int:
       0
 
     References:
-      Schmidt, Schneider, Hennig, "Descending through a Crowded Valley - Benchmarking Deep
-      Learning Optimizers", https://arxiv.org/abs/2007.01547 (one protocol for every
-      optimizer); Dahl et al., "Benchmarking Neural Network Training Algorithms",
-      https://arxiv.org/abs/2306.07179 (results that hold across reruns).
+      Schmidt et al., "Descending through a Crowded Valley", https://arxiv.org/abs/2007.01547
+      (see :func:`compare`).
     """
     p = argparse.ArgumentParser(prog="python -m ksbopt.bench.agreement", description=__doc__)
     p.add_argument("small", help="the smaller suite's output folder (e.g. the quick suite's)")
