@@ -25,6 +25,10 @@ def _float64(x64):
 
 RTOL = 1e-9
 
+# The floors are the benchmark's reference rows, not the library: their check (about 75 s on
+# 2 cores, most of it compiling Adam-family transforms in float64) runs with the slow tests.
+pytestmark = pytest.mark.slow
+
 
 def _tree():
     layout = bench.LAYOUTS["cnn"](0.02)
