@@ -22,12 +22,12 @@ import optax
 Units = list[tuple[str, ...]]  # each entry: "/"-joined leaf paths that share output units
 
 
-def _blocks(dims: tuple[int, ...]) -> int | None:
+def _blocks(dims: tuple[int, ...]) -> int:
     """How many blocks of rows to sum at once: a number in [6, 12] that follows the leading
     axes (``3 * 3`` for a 3x3 convolution kernel, a divisor of the first axis), else any
-    divisor of the row count there; ``None`` if there is none. XLA:CPU unrolls a reduction
-    over so few blocks into vector code; blocks that cut across the axes compile to index
-    arithmetic several times slower."""
+    divisor of the row count there, else 8 (the rows left over are then summed apart).
+    XLA:CPU unrolls a reduction over so few blocks into vector code; blocks that cut across
+    the axes compile to index arithmetic several times slower."""
     prefixes = [math.prod(dims[: k + 1]) for k in range(len(dims))]
     rows = math.prod(dims)
     for fits in (
@@ -37,26 +37,31 @@ def _blocks(dims: tuple[int, ...]) -> int | None:
     ):
         if fits:
             return fits[0]
-    return None
+    return 8
 
 
 def unit_sums(*products: jax.Array) -> list[jax.Array]:
     """Per-unit sums (over all axes but the last) of every product, in one pass.
 
     One product: ``jnp.sum``. Several: one variadic ``lax.reduce`` over a few blocks of rows
-    (:func:`_blocks`), then small sums over the rows of a block. Leaves too small or too
-    oddly shaped for that are summed product by product.
+    (:func:`_blocks`), then small sums over the rows of a block (and over the rows left over
+    by the blocks). Leaves too small for that are summed product by product.
     """
     x = products[0]
     axes = tuple(range(x.ndim - 1))
-    s = _blocks(x.shape[:-1])
-    if len(products) == 1 or s is None or x.size < (1 << 16):
-        return [jnp.sum(p, axis=axes) for p in products]
     rows, units = math.prod(x.shape[:-1]), x.shape[-1]
-    blocks = tuple(p.reshape(s, rows // s, units) for p in products)
+    s = _blocks(x.shape[:-1])
+    if len(products) == 1 or rows < s or x.size < (1 << 16):
+        return [jnp.sum(p, axis=axes) for p in products]
+    mats = [p.reshape(rows, units) for p in products]
+    cut = rows // s * s
+    blocks = tuple(m[:cut].reshape(s, rows // s, units) for m in mats)
     zeros = tuple(jnp.zeros((), p.dtype) for p in products)
     partial = jax.lax.reduce(blocks, zeros, lambda a, b: tuple(i + j for i, j in zip(a, b)), (0,))
-    return [jnp.sum(p, axis=0) for p in partial]
+    sums = [jnp.sum(p, axis=0) for p in partial]
+    if cut < rows:
+        sums = [t + jnp.sum(m[cut:], axis=0) for t, m in zip(sums, mats)]
+    return sums
 
 
 def _get(tree: dict, path: str):
@@ -86,6 +91,19 @@ def _group_sums(units: Units, fn, *trees) -> list[list[jax.Array]]:
             total = sums if total is None else [a + b for a, b in zip(total, sums)]
         out.append(total)
     return out
+
+
+def _after(updates: dict, small) -> dict:
+    """``updates``, bit for bit, ordered after the per-unit values ``small``: an exact zero
+    derived from them is subtracted from every large leaf. The step's reductions read the
+    old parameters; without this order XLA may schedule one after ``apply_updates`` writes
+    the donated parameters in place, and copies the parameters to keep it (a full pass)."""
+    zero = jnp.isfinite(sum(jnp.sum(x) for x in jax.tree.leaves(small))) * 0.0
+
+    def after(u):
+        return u - zero.astype(u.dtype) if u.size >= (1 << 16) else u
+
+    return jax.tree.map(after, updates)
 
 
 def _safe_div(num, den):
@@ -122,14 +140,15 @@ def exact_retraction(units: Units) -> optax.GradientTransformation:
 
 
 def monitor_sums(units: Units, lr: float, momentum: float) -> optax.GradientTransformation:
-    """SGD with heavy ball, and the per-unit sums a monitor of it reads: ``w w``, ``w u``,
-    ``u u``, ``w g``, ``g g`` and ``v v`` (``v`` the new momentum buffer, ``u = -lr v``),
-    all in one pass; the sums are kept in the state (so that they are computed)."""
+    """SGD with heavy ball, and the per-unit sums a monitor of it reads (Scale groups, no
+    ``dynamics``): ``w w``, ``w u``, ``u u``, ``w g``, ``g g`` (``u = -lr v``, ``v`` the new
+    momentum buffer), all in one pass, ordered before the parameters are written
+    (:func:`_after`); the sums are kept in the state (so that they are computed)."""
     sgd = optax.sgd(lr, momentum=momentum)
 
     def init_fn(params):
         zeros = [jnp.zeros(_get(params, p[0]).shape[-1:]) for p in units]
-        return sgd.init(params), [[z] * 6 for z in zeros]
+        return sgd.init(params), [[z] * 5 for z in zeros]
 
     def update_fn(grads, state, params):
         inner, _ = state
@@ -137,11 +156,11 @@ def monitor_sums(units: Units, lr: float, momentum: float) -> optax.GradientTran
         v = jax.tree.map(lambda g, t: g + momentum * t, grads, trace.trace)
         u = jax.tree.map(lambda x: -lr * x, v)
 
-        def products(w, u, g, v):
-            return [w * w, w * u, u * u, w * g, g * g, v * v]
+        def products(w, u, g):
+            return [w * w, w * u, u * u, w * g, g * g]
 
-        sums = _group_sums(units, products, params, u, grads, v)
-        return u, ((optax.TraceState(trace=v), optax.EmptyState()), sums)
+        sums = _group_sums(units, products, params, u, grads)
+        return _after(u, sums), ((optax.TraceState(trace=v), optax.EmptyState()), sums)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
