@@ -21,6 +21,10 @@ import optax
 
 Units = list[tuple[str, ...]]  # each entry: "/"-joined leaf paths that share output units
 
+# Leaves with at least this many entries get the one-pass sums and the update ordering (below):
+# on smaller ones the extra operations cost more than the pass or the copy they save.
+LARGE = 1 << 16
+
 
 def _blocks(dims: tuple[int, ...]) -> int:
     """How many blocks of rows to sum at once: a number in [6, 12] that follows the leading
@@ -51,7 +55,7 @@ def unit_sums(*products: jax.Array) -> list[jax.Array]:
     axes = tuple(range(x.ndim - 1))
     rows, units = math.prod(x.shape[:-1]), x.shape[-1]
     s = _blocks(x.shape[:-1])
-    if len(products) == 1 or rows < s or x.size < (1 << 16):
+    if len(products) == 1 or rows < s or x.size < LARGE:
         return [jnp.sum(p, axis=axes) for p in products]
     mats = [p.reshape(rows, units) for p in products]
     cut = rows // s * s
@@ -101,7 +105,7 @@ def _after(updates: dict, small) -> dict:
     zero = jnp.isfinite(sum(jnp.sum(x) for x in jax.tree.leaves(small))) * 0.0
 
     def after(u):
-        return u - zero.astype(u.dtype) if u.size >= (1 << 16) else u
+        return u - zero.astype(u.dtype) if u.size >= LARGE else u
 
     return jax.tree.map(after, updates)
 
