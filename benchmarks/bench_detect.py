@@ -33,6 +33,7 @@ import ksbopt
 import ksbopt.flax
 from ksbopt._src.detection import compiled_loss
 from ksbopt._src.detection import detect as detect_lib
+from ksbopt.bench import host
 
 WIDTHS = (64, 128, 256, 256, 384, 512, 512, 512, 512)
 
@@ -128,6 +129,7 @@ def main() -> None:
     )
     parser.add_argument("--json", default=None, help="write the figures to this file")
     args = parser.parse_args()
+    host.reuse_large_buffers()  # see ksbopt.bench.host
 
     make = build if args.model == "cnn" else build_transformer
     loss_fn, params, batches = make(args.batch, args.size)
@@ -178,6 +180,7 @@ def main() -> None:
         "detect, first call, CPU time of all threads (s)": round(first_cpu, 2),
         "load average before the call": round(load, 2),
         "cpu cores": os.cpu_count(),
+        **host.setting(),
         "detect, later calls (s)": [round(t, 2) for t in again],
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "devices": [str(d) for d in jax.devices()],

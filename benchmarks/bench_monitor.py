@@ -40,6 +40,7 @@ import ksbopt
 from benchmarks.bench_transforms import cnn_tree
 from ksbopt._src.diagnostics import dynamics as dynamics_lib
 from ksbopt._src.diagnostics.monitor import monitor
+from ksbopt.bench import host
 
 LR, MOMENTUM, WD = 0.01, 0.9, 5e-4
 
@@ -178,9 +179,11 @@ def main(argv=None) -> dict:
     )
     parser.add_argument("--json", default=None, help="write the results to this file")
     args = parser.parse_args(argv)
+    host.reuse_large_buffers()  # see ksbopt.bench.host
     out = {
         "devices": [str(d) for d in jax.devices()],
         "machine": platform.processor() or platform.machine(),
+        **host.setting(),
         "jax": jax.__version__,
         "optax": optax.__version__,
         "results": [],

@@ -78,6 +78,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import ksbopt  # noqa: E402
+from ksbopt.bench import host  # noqa: E402
 from ksbopt.bench.tasks import Task, build_task  # noqa: E402
 
 __all__ = [
@@ -281,6 +282,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", default=None, help="write the results to this file")
     args = parser.parse_args(argv)
+    host.reuse_large_buffers()  # see ksbopt.bench.host
     data, model = parse_mesh(args.mesh)
     mesh = make_mesh(data, model)
     out = {
@@ -288,6 +290,7 @@ def main(argv=None) -> dict:
         "devices": [str(d) for d in mesh.devices.flat],
         "machine": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
+        **host.setting(),
         "jax": jax.__version__,
         "optax": optax.__version__,
     }

@@ -52,6 +52,7 @@ import optax
 
 import ksbopt
 from benchmarks import floors
+from ksbopt.bench import host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -435,6 +436,7 @@ def main(argv=None) -> dict:
     )
     parser.add_argument("--json", default=None, help="write the results to this file")
     args = parser.parse_args(argv)
+    host.reuse_large_buffers()  # see ksbopt.bench.host
     group_names = tuple(args.groups.split(","))
     layouts = tuple(args.layouts.split(","))
     family = (
@@ -451,6 +453,7 @@ def main(argv=None) -> dict:
         "devices": [str(d) for d in jax.devices()],
         "machine": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
+        **host.setting(),
         "jax": jax.__version__,
         "optax": optax.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),

@@ -48,8 +48,8 @@ def _source(path: Path, doc: dict) -> str:
     load = f"{loads[0]:.1f}-{loads[-1]:.1f}" if loads else "not recorded"
     return (
         f"`{shown}`: `{doc['command']}`, {doc['date']}, {doc['machine']} with "
-        f"{doc['cpu_count']} CPU cores, jax {doc['jax']}, optax {doc['optax']}; load average "
-        f"during the run {load}."
+        f"{doc['cpu_count']} CPU cores, jax {doc['jax']}, optax {doc['optax']}, allocator "
+        f"{doc.get('allocator', 'default')}; load average during the run {load}."
     )
 
 

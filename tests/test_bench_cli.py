@@ -29,7 +29,7 @@ pytest.importorskip("tqdm")
 
 from flax import nnx
 
-from ksbopt.bench import cli, compiled, diagnostics, registry, runner
+from ksbopt.bench import cli, compiled, diagnostics, host, registry, runner
 from ksbopt.bench.report import fmt
 from ksbopt.bench.tasks import TASKS, build_task
 
@@ -150,6 +150,8 @@ def test_smoke_writes_json_report_and_plots_with_the_run_numbers(smoke):
         t = r["timing"]
         assert t["compile_s"] > 0 and t["step_ms_median"] > 0
         assert r["env"]["platform"] == jax.default_backend()
+        assert r["env"]["allocator"] == host.setting()["allocator"]  # what the run had
+    assert f"allocator {host.setting()['allocator']}" in report
     if RETRACT:  # the first of the report's four questions, with the recorded numbers
         sgd = next(r for r in recs if r["config"]["optimizer"] == "sgd")["final"]["test_metric"]
         assert "### 1. Does the implicit adaptivity of normalisation + SGD matter?" in report
@@ -283,6 +285,7 @@ def test_diverged_run_is_recorded_and_never_chosen(tmp_path, cache):
     assert row["best_lr"] == 0.01 and row["val_by_lr"]["10000.0"] is None
 
 
+@pytest.mark.slow  # ~15 s; the default run's gpu-suite coverage is the planning test below
 def test_gpu_suite_runs_tiny_on_cpu(tmp_path, cache, monkeypatch):
     monkeypatch.setenv("KSBOPT_BENCH_SCALE", "tiny")
     opt = "sgd+retract" if RETRACT else "sgd"

@@ -465,6 +465,43 @@ def test_dry_run_estimates_hours_from_measured_costs_and_max_hours_guards(tmp_pa
         _cli([*argv[:-1], bad, "--dry-run"])
 
 
+def test_records_are_priced_with_one_compilation_per_train_step(tuned, tmp_path, capsys):
+    import json
+
+    from ksbopt.bench import budget
+
+    out, _, _ = tuned
+    recs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    # sgd and sgd+wd (its weight decay tuned: in the state, so one step for all of them)
+    configs = {(r["config"]["optimizer"], r["config"]["schedule"]) for r in recs}
+    costs = {("teacher_relu", "tiny"): (10.0, 100.0)}
+    priced = budget.price_records(recs, costs)
+    task = priced["tasks"][("teacher_relu", "tiny")]
+    assert task == {
+        "runs": len(recs),
+        "compilations": len(configs),
+        "hours": (10.0 * len(recs) + 100.0 * len(configs)) / 3600,
+    }
+    assert priced["hours"] == task["hours"] and priced["unpriced"] == []
+    unpriced = budget.price_records(recs, {})
+    assert unpriced["hours"] == 0.0 and unpriced["unpriced"] == [("teacher_relu", "tiny")]
+    # a user's entry (not in the registry): one compilation per hyperparameter setting
+    mine = [{**r, "config": {**r["config"], "optimizer": "mine"}} for r in recs]
+    settings = {json.dumps(r["config"]["hparams"], sort_keys=True) for r in recs}
+    assert budget.price_records(mine, costs)["tasks"][("teacher_relu", "tiny")][
+        "compilations"
+    ] == len({(r["config"]["schedule"], json.dumps(r["config"]["hparams"])) for r in recs})
+    assert len(settings) > 1  # sgd+wd's weight decays: the registry's entries share a step
+
+    file = tmp_path / "costs.json"
+    row = {"task": "teacher_relu", "scale": "tiny", "run_s": 10.0, "compile_s": 100.0}
+    file.write_text(json.dumps({"env": {}, "load_average": [1.0], "results": [row]}))
+    assert budget.main([str(out), "--costs", str(file)])["hours"] == task["hours"]
+    assert f"{len(recs)} records: {task['hours']:.2f} h in one sitting" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        budget.main([str(tmp_path), "--costs", str(file)])  # no records there
+
+
 def test_readme_block_is_generated_from_the_summary(tuned, tmp_path):
     from ksbopt.bench import readme
 

@@ -63,8 +63,12 @@ def test_blocks_are_regenerated_between_markers():
     assert "| `+ ksbopt.retract` / `sgd` | 1.61 (1.07) |" in out  # summary: floors left out
     assert "`floor: exact retraction` /" not in out
     assert "| + ksbopt.retract | 3.00 | 1.61 | 1.07 | 1.50 | 1.00 | 1.00 |" in out  # full
-    assert "load average during the run 1.0-1.5" in out
+    assert "allocator default; load average during the run 1.0-1.5" in out  # not recorded
     assert "`python -m benchmarks.bench_transforms --sizes 10`" in out
+    reused = tables.render(
+        text, [(Path("x.json"), {**DOC, "allocator": "glibc, large blocks reused"})], where="t.md"
+    )
+    assert "allocator glibc, large blocks reused; load average" in reused
 
 
 def test_unknown_marker_is_an_error():

@@ -60,6 +60,7 @@ NO_MATH = {
     "ksbopt.targets.schedule": "the target is the user's function of the step",
     "ksbopt.theory.NLD_COEFFICIENTS": "a tuple of names; nld_coefficient has the formulas",
     "ksbopt.flax.param_paths": "lists path strings; no formula",
+    "ksbopt.bench.host.setting": "reads back what reuse_large_buffers set; that one states it",
     "ksbopt.bench.advantage.is_kinetic_energy": "reads the registry; no formula",
     "ksbopt.bench.advantage.markdown": "formats advantages' numbers; advantages has the math",
     "ksbopt.bench.agreement.Verdict": "a record of one suite's verdict; Pair has the rule",

@@ -8,10 +8,20 @@ tasks or your own (:func:`make_task`), and read the :class:`Results`; see
 ``docs/howto/compare.md``. The tuning rules and statistics every suite uses are the public
 modules :mod:`ksbopt.bench.protocol` and :mod:`ksbopt.bench.stats`; whether a ksbopt kinetic
 energy pays against the practitioners' optimizers, :mod:`ksbopt.bench.advantage`; whether two
-suites' verdicts agree where they overlap, :mod:`ksbopt.bench.agreement`.
+suites' verdicts agree where they overlap, :mod:`ksbopt.bench.agreement`; keeping XLA:CPU's
+large buffers from being page-faulted every step, :mod:`ksbopt.bench.host`.
 """
 
-__all__ = ["Results", "advantage", "agreement", "compare", "make_task", "protocol", "stats"]
+__all__ = [
+    "Results",
+    "advantage",
+    "agreement",
+    "compare",
+    "host",
+    "make_task",
+    "protocol",
+    "stats",
+]
 
 
 def __getattr__(name: str):
@@ -25,7 +35,7 @@ def __getattr__(name: str):
 
         return make_task
     # the rules every suite is scored by, and the check that two suites agree
-    if name in ("advantage", "agreement", "protocol", "stats"):
+    if name in ("advantage", "agreement", "host", "protocol", "stats"):
         import importlib
 
         return importlib.import_module(f"ksbopt.bench.{name}")

@@ -11,6 +11,9 @@ the one below is already in the window). Hours come from measured costs per run 
 each task (``benchmarks/bench_task_costs.py`` writes them as JSON: seconds per whole run,
 compilation and evaluations included, on the machine and load it records).
 
+:func:`price_records` prices records already written the same way (what they would take in one
+sitting); ``python -m ksbopt.bench.budget OUT --costs FILE`` prints it per task.
+
 Example:
   >>> from ksbopt.bench import budget
   >>> budget.search_runs(window=3, wds=(), tuning_seeds=2, seeds=5, max_extensions=4)
@@ -27,7 +30,15 @@ from pathlib import Path
 
 from ksbopt.bench import protocol
 
-__all__ = ["Estimate", "estimate", "estimate_plan", "grid_runs", "load_costs", "search_runs"]
+__all__ = [
+    "Estimate",
+    "estimate",
+    "estimate_plan",
+    "grid_runs",
+    "load_costs",
+    "price_records",
+    "search_runs",
+]
 
 CASES = ("at_centre", "typical")
 
@@ -219,3 +230,85 @@ def estimate_plan(suite, fixed: list, grid_args: Mapping | None, costs) -> Estim
     per_task = collections.Counter((r.task, r.scale) for r in fixed)
     table, note = costs if costs is not None else ({}, "")
     return estimate(grid, per_task, table, note)
+
+
+def price_records(records, costs: Costs) -> dict:
+    """What ``records`` (finished run records) would take in one sitting at ``costs``.
+
+    Every run pays its task's ``run_s``; every compiled train step its task's ``compile_s``,
+    once: runs share a step when they differ only in learning rate, seed and tuned
+    hyperparameters (:func:`ksbopt.bench.compiled.train_key`). Returns ``{"tasks": {(task,
+    scale): {"runs", "compilations", "hours"}}, "hours": total, "unpriced": [(task, scale),
+    ...]}`` (runs of a task without a measured cost are counted, not priced). An optimizer the
+    registry does not know (a user's entry) gets a compilation per hyperparameter setting,
+    an upper bound.
+    """
+    from ksbopt.bench import registry
+
+    runs: dict[tuple[str, str], int] = {}
+    steps: dict[tuple[str, str], set] = {}
+    for rec in records:
+        c = rec["config"]
+        key = (c["task"], c["scale"])
+        tuned = (
+            registry.REGISTRY[c["optimizer"]].tune if c["optimizer"] in registry.REGISTRY else ()
+        )
+        fixed = tuple(sorted((k, str(v)) for k, v in c["hparams"].items() if k not in tuned))
+        runs[key] = runs.get(key, 0) + 1
+        steps.setdefault(key, set()).add((c["optimizer"], c["schedule"], c["steps"], fixed))
+    tasks, total, unpriced = {}, 0.0, []
+    for key in sorted(runs):
+        n, k = runs[key], len(steps[key])
+        hours = None
+        if key in costs:
+            hours = (n * costs[key][0] + k * costs[key][1]) / 3600
+            total += hours
+        else:
+            unpriced.append(key)
+        tasks[key] = {"runs": n, "compilations": k, "hours": hours}
+    return {"tasks": tasks, "hours": total, "unpriced": unpriced}
+
+
+def main(argv=None) -> dict:
+    """``python -m ksbopt.bench.budget OUT --costs FILE [--costs FILE2]``: the hours of OUT's
+    records in one sitting at the measured costs of FILE (``bench_task_costs`` JSON)."""
+    import argparse
+
+    from ksbopt.bench.records import load_record
+
+    p = argparse.ArgumentParser(
+        prog="python -m ksbopt.bench.budget",
+        description="The hours of a benchmark folder's records in one sitting, at measured costs.",
+    )
+    p.add_argument("out", help="a benchmark output folder (its runs/ holds the records)")
+    p.add_argument(
+        "--costs",
+        required=True,
+        action="append",
+        help="a bench_task_costs JSON file (repeat it for tasks measured apart, e.g. at "
+        "another scale; a later file's (task, scale) replaces an earlier one's)",
+    )
+    a = p.parse_args(argv)
+    paths = sorted(Path(a.out, "runs").glob("*.json"))
+    records = [r for r in map(load_record, paths) if r is not None]
+    if not records:
+        p.error(f"no finished run records under {str(Path(a.out, 'runs'))!r}")
+    costs, notes = {}, []
+    for path in a.costs:
+        try:
+            table, note = load_costs(path)
+        except ValueError as e:
+            p.error(f"--costs {path!r} cannot price the records: {e}")
+        costs.update(table)
+        notes.append(note)
+    note = "; ".join(notes)
+    priced = price_records(records, costs)
+    for (task, scale), t in priced["tasks"].items():
+        hours = "no measured cost" if t["hours"] is None else f"{t['hours']:.2f} h"
+        print(f"{task} ({scale}): {t['runs']} runs, {t['compilations']} compilations, {hours}")
+    print(f"{len(records)} records: {priced['hours']:.2f} h in one sitting ({note})")
+    return priced
+
+
+if __name__ == "__main__":
+    main()

@@ -73,7 +73,7 @@ def _header(records: Sequence[dict], meta: Mapping) -> list[str]:
         f"- devices: {meta.get('devices', '')}",
         f"- machine: {env.get('machine', '?')}, {env.get('cpu_count', '?')} CPUs visible; "
         f"python {env.get('python', '?')}, jax {env.get('jax', '?')}, "
-        f"optax {env.get('optax', '?')}",
+        f"optax {env.get('optax', '?')}; allocator {env.get('allocator', 'default')}",
         f"- scale: `{meta.get('scale')}`; runs: {len(records)} "
         f"({meta.get('trained', '?')} trained now, {meta.get('reused', '?')} reused from "
         "earlier records)",

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ksbopt.bench import compiled, diagnostics, profiles, registry
+from ksbopt.bench import compiled, diagnostics, host, profiles, registry
 from ksbopt.bench.compiled import MAX_EVAL_INTERVALS, clear_caches
 from ksbopt.bench.diagnostics import finite_or_none
 from ksbopt.bench.protocol import schedule_definition, schedule_factor
@@ -63,6 +63,7 @@ def environment() -> dict:
         "device_count": jax.device_count(),
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
+        **host.setting(),
     }
 
 
@@ -73,6 +74,7 @@ class Runner:
         self.out = Path(out)
         self.cache_dir = cache_dir
         self.progress = progress
+        host.reuse_large_buffers()  # before the first compilation: see ksbopt.bench.host
         # Built tasks are shared by every Runner of the process, as the compiled functions
         # are (:mod:`ksbopt.bench.compiled`).
         self._tasks: dict[tuple[str, str], Task] = compiled._CACHE["tasks"]

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from ksbopt._src import groups as groups_lib
-from ksbopt._src import numerics
+from ksbopt._src import numerics, reductions
 from ksbopt._src.numerics import default_tol
 from ksbopt._src.symmetries import joint_solve
 from ksbopt._src.symmetries.declarations import (
@@ -160,14 +160,19 @@ def project(
     out = list(u)
     coefs: list[jax.Array] = [None] * len(binding.bound)  # type: ignore[list-item]
     residuals = [jnp.zeros((), jnp.float32)]
+    # The closed form per group: one reduction per leaf for Scale, Rescale and Translation
+    # besides the norms; a Sylvester equation per head for Linear. The coefficients are
+    # finished before the passes that apply them (else XLA redoes a group's sum over every
+    # leaf it spans for every entry); non-finite ones stay in ``coefs`` for the caller's flag.
+    alone = [comp[0] for comp in binding.components if len(comp) == 1]
+    for i in alone:
+        coefs[i] = binding.bound[i].coefficients(flat, u)
+    applied = reductions.finished(numerics.all_finite_values([coefs[i] for i in alone]), coefs)
+    for i in alone:
+        out = apply_moved(out, binding.bound[i].expand(flat, applied[i]), sign=-1.0)
     for comp in binding.components:
         syms = [binding.bound[i] for i in comp]
         if len(syms) == 1:
-            # The closed form per group: one reduction per leaf for Scale, Rescale and
-            # Translation besides the norms; a Sylvester equation per head for Linear.
-            c = syms[0].coefficients(flat, u)
-            coefs[comp[0]] = c
-            out = apply_moved(out, syms[0].expand(flat, c), sign=-1.0)
             continue
         dtype = flat[syms[0].leaves[0]].dtype
         projected, cs, res = joint_solve.joint_project(
