@@ -236,26 +236,32 @@ def price_records(records, costs: Costs) -> dict:
     """What ``records`` (finished run records) would take in one sitting at ``costs``.
 
     Every run pays its task's ``run_s``; every compiled train step its task's ``compile_s``,
-    once: runs share a step when they differ only in learning rate, seed and tuned
-    hyperparameters (:func:`ksbopt.bench.compiled.train_key`). Returns ``{"tasks": {(task,
-    scale): {"runs", "compilations", "hours"}}, "hours": total, "unpriced": [(task, scale),
-    ...]}`` (runs of a task without a measured cost are counted, not priced). An optimizer the
-    registry does not know (a user's entry) gets a compilation per hyperparameter setting,
-    an upper bound.
+    once: runs with one :func:`ksbopt.bench.compiled.train_key` share a step (they differ only
+    in learning rate, seed and tuned hyperparameters). Returns ``{"tasks": {(task, scale):
+    {"runs", "compilations", "hours"}}, "hours": total, "unpriced": [(task, scale), ...]}``
+    (runs of a task without a measured cost are counted, not priced). An optimizer the
+    registry does not know (a user's entry) gets a compilation per hyperparameter setting, an
+    upper bound.
     """
     from ksbopt.bench import registry
+    from ksbopt.bench.compiled import train_key
+    from ksbopt.bench.records import RunConfig
 
     runs: dict[tuple[str, str], int] = {}
     steps: dict[tuple[str, str], set] = {}
     for rec in records:
         c = rec["config"]
         key = (c["task"], c["scale"])
-        tuned = (
-            registry.REGISTRY[c["optimizer"]].tune if c["optimizer"] in registry.REGISTRY else ()
+        cfg = RunConfig(
+            **{k: c[k] for k in ("experiment", "task", "optimizer", "learning_rate", "seed")},
+            scale=c["scale"],
+            hparams=tuple(sorted(c["hparams"].items())),
+            steps=c["steps"],
+            schedule=c["schedule"],
         )
-        fixed = tuple(sorted((k, str(v)) for k, v in c["hparams"].items() if k not in tuned))
+        known = c["optimizer"] in registry.REGISTRY
         runs[key] = runs.get(key, 0) + 1
-        steps.setdefault(key, set()).add((c["optimizer"], c["schedule"], c["steps"], fixed))
+        steps.setdefault(key, set()).add(train_key(cfg) if known else (cfg.schedule, cfg.hparams))
     tasks, total, unpriced = {}, 0.0, []
     for key in sorted(runs):
         n, k = runs[key], len(steps[key])
