@@ -202,6 +202,7 @@ def test_origin_hash_follows_source_closure_and_called_helpers():
     assert user.origin(ns["make"]) != first
 
 
+@pytest.mark.slow  # ~20 s in a subprocess; compare's own tests above run by default
 @pytest.mark.skipif(
     not registry.REGISTRY["sgd+retract"].available, reason="the example uses sgd+retract"
 )
