@@ -170,10 +170,8 @@ def project(
     applied = reductions.finished(numerics.all_finite_values([coefs[i] for i in alone]), coefs)
     for i in alone:
         out = apply_moved(out, binding.bound[i].expand(flat, applied[i]), sign=-1.0)
-    for comp in binding.components:
+    for comp in (comp for comp in binding.components if len(comp) > 1):
         syms = [binding.bound[i] for i in comp]
-        if len(syms) == 1:
-            continue
         dtype = flat[syms[0].leaves[0]].dtype
         projected, cs, res = joint_solve.joint_project(
             syms, flat, u, max_iter, default_tol(dtype) if tol is None else tol
