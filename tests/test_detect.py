@@ -708,3 +708,52 @@ def test_select_n_not_folded_into_a_symmetry_it_breaks(gate):
     assert (kernel, "mult") in analysis.broken, analysis.broken
     syms, _ = detect(loss_fn, params, batch)
     assert_same_groups(syms, [T(["l1/kernel", "l1/bias"])], params)
+
+
+# --------------------------------------------------------------------------- finite actions
+
+
+class _SumOfActions:
+    """A stand-in checker: the composed action of a set of candidates changes the loss by the
+    sum of the members' own changes (rounding that adds up), counted per evaluation."""
+
+    def __init__(self, own):
+        self.own, self.masks = list(own), []
+
+    def check(self, batch, loss0, grads, active):
+        self.masks.append(tuple(active))
+        return [], sum(v for v, on in zip(self.own, active, strict=True) if on)
+
+    def actions(self, batch, loss0, moved):
+        return self.check(batch, loss0, None, moved)[1]
+
+
+def _settle(own, tol):
+    from ksbopt._src.detection import checker as checker_lib
+    from ksbopt._src.detection.candidates import Candidate
+
+    live = [Candidate(ksbopt.Scale(f"w{i}"), "graph") for i in range(len(own))]
+    fake = _SumOfActions(own)
+    checker_lib._settle_actions(fake, live, list(range(len(own))), None, 1.0, None, tol)
+    return [c.action for c in live], fake.masks
+
+
+def test_composed_actions_that_pass_settle_every_candidate_in_one_evaluation():
+    actions, masks = _settle([1e-5] * 20, tol=1e-3)
+    assert len(masks) == 1 and actions == [pytest.approx(2e-4)] * 20
+
+
+def test_rounding_that_adds_up_past_tol_halves_the_set_until_each_part_passes():
+    # 20 candidates of 9e-5 each: together 1.8e-3 > tol, each half 9e-4 passes.
+    actions, masks = _settle([9e-5] * 20, tol=1e-3)
+    assert [sum(m) for m in masks] == [20, 10, 10]
+    assert actions == [pytest.approx(9e-4)] * 20  # a bound on each one's own
+
+
+def test_one_broken_candidate_is_isolated_in_log_n_evaluations():
+    own = [0.0] * 32
+    own[13] = 0.5  # not a symmetry
+    actions, masks = _settle(own, tol=1e-3)
+    assert actions[13] == 0.5 and max(a for i, a in enumerate(actions) if i != 13) == 0.0
+    # halving 32 -> 1 along the failing path: 1 + 2 * log2(32) evaluations, not 32
+    assert len(masks) == 1 + 2 * 5

@@ -240,9 +240,10 @@ def run_checks(
     """Fill ``lie``, ``action`` and ``bad`` of every bound candidate.
 
     Per batch: one gradient (all Lie derivatives), then the actions of all candidates whose
-    Lie derivatives pass, applied together; only if that composition changes the loss is
-    each candidate's action checked on its own. With ``every``, candidates whose Lie
-    derivative fails get their own action measured too (else their action is NaN).
+    Lie derivatives pass, applied together (:func:`_settle_actions`: a set whose composed
+    action changes the loss is halved until each part passes or is one candidate). With
+    ``every``, candidates whose Lie derivative fails get their own action measured too
+    (else their action is NaN).
     """
     live = [c for c in cands if c.bound is not None]
     if not live:
@@ -257,24 +258,49 @@ def run_checks(
             bad = v > tol
             if np.any(bad):
                 c.bad = tuple(dict.fromkeys(c.bad + _group_names(c.bound, bad)))
-        passing = [c.lie <= tol for c in live]
-        if all(passing):
-            together = checker.actions(batch, loss0, moved)
-        elif any(passing):
-            together = checker.check(batch, loss0, grads, passing)[1]
-        else:
-            together = 0.0
-        if together <= tol:
-            for c, on in zip(live, passing, strict=True):
-                if on:
-                    c.action = max(c.action, together)
-            alone = [j for j, on in enumerate(passing) if not on and every]
-        else:
-            alone = [j for j, on in enumerate(passing) if on or every]
-        for j in alone:
-            mask = [i == j for i in range(len(live))]
-            live[j].action = max(live[j].action, checker.check(batch, loss0, grads, mask)[1])
-        if not every:
-            for c, on in zip(live, passing, strict=True):
-                if not on:
-                    c.action = np.nan  # not measured: its Lie derivative already fails
+        passing = [j for j, c in enumerate(live) if c.lie <= tol]
+        every_moved = moved if len(passing) == len(live) else None
+        _settle_actions(checker, live, passing, batch, loss0, grads, tol, every_moved)
+        for j in (j for j in range(len(live)) if j not in passing):
+            if every:  # measured alone
+                mask = [i == j for i in range(len(live))]
+                live[j].action = max(live[j].action, checker.check(batch, loss0, grads, mask)[1])
+            else:
+                live[j].action = np.nan  # not measured: its Lie derivative already fails
+
+
+def _settle_actions(
+    checker: _Checker,
+    live: list[Candidate],
+    members: list[int],
+    batch,
+    loss0: float,
+    grads,
+    tol: float,
+    moved=None,
+) -> None:
+    """Record, for each candidate in ``members``, the finite-action violation of the largest
+    set containing it that passes ``tol``, or its own when no such set does.
+
+    A composition of symmetries is a symmetry, so one evaluation usually settles every
+    candidate at once. In float32 the rounding of many composed actions can add up past
+    ``tol`` where each one alone stays under it (a pre-LN Transformer: shifting every
+    residual branch at once); the set is then halved, recursively, so k failing or
+    rounding-heavy candidates out of n cost O(k log n) loss evaluations instead of n.
+    A singleton's value is its own action; a passing set's value bounds each member's.
+    ``moved`` (optional) is the parameters already moved by exactly ``members``.
+    """
+    if not members:
+        return
+    if moved is not None:
+        value = checker.actions(batch, loss0, moved)
+    else:
+        mask = [i in members for i in range(len(live))]
+        value = checker.check(batch, loss0, grads, mask)[1]
+    if value <= tol or len(members) == 1:
+        for j in members:
+            live[j].action = max(live[j].action, value)
+        return
+    half = len(members) // 2
+    for part in (members[:half], members[half:]):
+        _settle_actions(checker, live, part, batch, loss0, grads, tol)

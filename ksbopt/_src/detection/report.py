@@ -41,7 +41,10 @@ class SymmetryCheck:
       n_groups: number of groups (heads for :class:`~ksbopt.Linear`).
       lie: largest per-group ``|<grad L, xi>| / (|grad L| |xi|)`` over groups and batches.
       action: largest ``|L(psi(theta, a)) - L(theta)| / |L(theta)|`` over the actions and
-        batches.
+        batches, where psi applies this declaration together with the other accepted ones
+        (a composition of symmetries is a symmetry); a set whose composed action exceeds
+        ``tol`` is halved until its parts pass, so the figure is this declaration's own
+        violation or a bound on it set by a passing set that contains it.
       status: ``"exact"``, ``"approximate"`` or ``"violated"`` (``"invalid"`` when the
         declaration does not fit the parameter tree).
       reason: why it holds (e.g. ``"BatchNorm epsilon=1e-05"``) or how it fails.
