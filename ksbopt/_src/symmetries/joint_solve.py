@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ksbopt._src import groups as groups_lib
 from ksbopt._src import reductions
@@ -47,6 +48,41 @@ def _expand_all(syms: Sequence[BoundSymmetry], flat: Flat, coefs: Sequence[jax.A
 def _is_axis(sym: BoundSymmetry) -> bool:
     """Scale, Rescale and Translation: every entry belongs to exactly one group."""
     return sym.symmetry.kind in ("scale", "rescale", "translation")
+
+
+class _Layout:
+    """The coefficient arrays of a component's symmetries laid end to end in one vector.
+
+    The iterative solves work on that vector: every per-group operation of the iteration
+    (masks, residuals, the diagonal preconditioner, the trust region, the group elements) is
+    one operation for the whole component instead of one per symmetry, which keeps the
+    compiled program (and its compile time) from growing with the number of symmetries.
+    """
+
+    def __init__(self, syms: Sequence[BoundSymmetry]):
+        self.shapes = [tuple(s.charge_shape) for s in syms]
+        sizes = [math.prod(sh) for sh in self.shapes]
+        self.starts = [0, *itertools.accumulate(sizes)][:-1]
+        self.n = len(syms)
+        self.segment = np.repeat(np.arange(len(syms), dtype=np.int32), sizes)
+
+    def join(self, vs: Sequence[jax.Array]) -> jax.Array:
+        return jnp.concatenate([jnp.ravel(v) for v in vs])
+
+    def split(self, v: jax.Array) -> list[jax.Array]:
+        return [v[a : a + math.prod(sh)].reshape(sh) for a, sh in zip(self.starts, self.shapes)]
+
+    def flags(self, per_symmetry: Sequence[bool]) -> np.ndarray:
+        """A static boolean per entry: its symmetry's flag."""
+        return np.asarray(per_symmetry, bool)[self.segment]
+
+    def spread(self, per_symmetry: jax.Array) -> jax.Array:
+        """One value per symmetry, repeated over its entries."""
+        return per_symmetry[self.segment]
+
+    def sums(self, v: jax.Array) -> jax.Array:
+        """The sum of each symmetry's entries (one value per symmetry)."""
+        return jax.ops.segment_sum(v, self.segment, self.n, indices_are_sorted=True)
 
 
 def _contract(m: jax.Array, p: groups_lib.AxisPart, c: jax.Array, q: groups_lib.AxisPart):
@@ -79,11 +115,13 @@ def _squares(syms: Sequence[BoundSymmetry], flat: Flat) -> dict[int, jax.Array]:
 
 def _axis_gram(
     syms: Sequence[BoundSymmetry],
+    lay: _Layout,
     flat: Flat,
-    norms: Sequence[jax.Array],
+    norms: jax.Array,
     squares: dict[int, jax.Array],
 ):
-    """J^T J of overlapping Scale / Rescale / Translation symmetries as contractions.
+    """J^T J of overlapping Scale / Rescale / Translation symmetries as contractions, on the
+    component's coefficient vector (``norms``: the squared generator norms, laid out alike).
 
     [derived] Groups of one symmetry are disjoint, so its own block of J^T J is diagonal
     (the squared generator norms). Two symmetries k, l that share a leaf couple through it:
@@ -94,7 +132,7 @@ def _axis_gram(
     does not on XLA:CPU). x*x is formed once per leaf and point (``squares``, shared with the
     charges and norms measured there), then reused by every product.
     """
-    couplings = []  # (k, p, j, q, sign, operand): symmetry k's part p acts on j's part q
+    couplings = []  # (p's slice, p, q's slice, q, sign, operand): k's part p acts on j's q
     for i, entries in _parts_by_leaf(syms).items():
         for k, p, sp, kind_p in entries:
             for j, q, sq, kind_q in entries:
@@ -103,100 +141,103 @@ def _axis_gram(
                 power = (kind_p != "translation") + (kind_q != "translation")
                 x = flat[i]
                 operand = (jnp.ones_like(x), x, squares[i] if power == 2 else None)[power]
-                couplings.append((k, p, j, q, sp * sq, operand))
+                src = slice(lay.starts[k] + p.offset, lay.starts[k] + p.offset + p.size)
+                dst = slice(lay.starts[j] + q.offset, lay.starts[j] + q.offset + q.size)
+                couplings.append((src, p, dst, q, sp * sq, operand, k, j))
 
-    def matvec(c: Sequence[jax.Array]) -> list[jax.Array]:
-        out = [n * x for n, x in zip(norms, c)]
-        for k, p, j, q, sign, m in couplings:
-            term = sign * _contract(m, p, c[k][p.offset : p.offset + p.size], q)
-            out[j] = out[j].at[q.offset : q.offset + q.size].add(term)
+    def matvec(c: jax.Array) -> jax.Array:
+        # Each coupling's term padded to the whole vector: XLA sums them in one elementwise
+        # pass (an indexed add per coupling would be a scatter each).
+        out = norms * c
+        for src, p, dst, q, sign, m, _, _ in couplings:
+            term = sign * _contract(m, p, c[src], q)
+            out = out + jnp.pad(term, (dst.start, c.shape[0] - dst.stop))
         return out
 
-    def coarse(e: Sequence[jax.Array]) -> jax.Array:
-        """E^T (J^T J) E for E with one column per symmetry, ``e[k]`` on k's coefficients."""
-        a = [[jnp.zeros((), norms[0].dtype)] * len(syms) for _ in syms]
-        for k in range(len(syms)):
-            a[k][k] = jnp.sum(e[k] * norms[k] * e[k])
-        for k, p, j, q, sign, m in couplings:
-            term = _contract(m, p, e[k][p.offset : p.offset + p.size], q)
-            a[j][k] = a[j][k] + sign * jnp.sum(e[j][q.offset : q.offset + q.size] * term)
-        a = jnp.stack([jnp.stack(row) for row in a])
+    def coarse(e: jax.Array) -> jax.Array:
+        """E^T (J^T J) E for E with one column per symmetry, column k ``e`` on k's entries."""
+        a = jnp.diag(lay.sums(e * norms * e))
+        if couplings:
+            terms = [
+                sign * jnp.sum(e[dst] * _contract(m, p, e[src], q))
+                for src, p, dst, q, sign, m, _, _ in couplings
+            ]
+            rows, cols = (np.asarray([c[i] for c in couplings]) for i in (7, 6))
+            a = a.at[rows, cols].add(jnp.stack(terms))
         return 0.5 * (a + a.T)
 
     return matvec, coarse
 
 
-def _normal_equations(syms: Sequence[BoundSymmetry], flat: Flat, mask=None, point=None):
-    """The Gram operator J^T J of overlapping symmetries at ``flat``, matrix-free.
+def _normal_equations(
+    syms: Sequence[BoundSymmetry], lay: _Layout, flat: Flat, mask=None, point=None
+):
+    """The Gram operator J^T J of overlapping symmetries at ``flat``, matrix-free, on the
+    component's coefficient vector (:class:`_Layout`).
 
-    Returns ``(matvec, solve, own, reduce)`` acting on lists of coefficient arrays (one per
-    symmetry): ``matvec`` applies J^T J (:func:`_axis_gram` for Scale, Rescale and
-    Translation; J^T (J p) otherwise, one pass over the component's leaves that reads the
-    parameters and writes nothing leaf-sized); ``own`` the block-diagonal part's
-    (pseudo-)inverse, each symmetry's own Gram operator solved in closed form; ``solve`` the
-    conjugate gradients' preconditioner (``own``, plus a coarse correction for Scale,
-    Rescale and Translation); ``reduce`` maps leaves (leaf index -> array) to J^T v. With
-    ``mask`` (one 0/1 array per symmetry, shaped like its coefficients) the masked
-    coefficients are held at zero: the operators act on the other groups only. ``point``, for
-    Scale, Rescale and Translation, is ``(norms, squares)`` at ``flat`` already computed (see
-    :func:`_squares`).
+    Returns ``(matvec, solve, own, reduce)``: ``matvec`` applies J^T J (:func:`_axis_gram`
+    for Scale, Rescale and Translation; J^T (J p) otherwise, one pass over the component's
+    leaves that reads the parameters and writes nothing leaf-sized); ``own`` the
+    block-diagonal part's (pseudo-)inverse, each symmetry's own Gram operator solved in
+    closed form; ``solve`` the conjugate gradients' preconditioner (``own``, plus a coarse
+    correction for Scale, Rescale and Translation); ``reduce`` maps leaves (leaf index ->
+    array) to J^T v. With ``mask`` (0/1 per coefficient) the masked coefficients are held at
+    zero: the operators act on the other groups only. ``point``, for Scale, Rescale and
+    Translation, is ``(norms, squares)`` at ``flat`` already computed (the norms laid out as
+    the coefficients; see :func:`_squares`).
     """
 
-    def reduce(sub: Moved) -> list[jax.Array]:
+    def reduce(sub: Moved) -> jax.Array:
         full: Flat = [None] * len(flat)
         for i, v in sub.items():
             full[i] = v
-        return [s.reduce(flat, full) for s in syms]
+        return lay.join([s.reduce(flat, full) for s in syms])
 
-    def masked(c: Sequence[jax.Array]) -> list[jax.Array]:
-        return list(c) if mask is None else [m * x for m, x in zip(mask, c)]
+    def masked(c: jax.Array) -> jax.Array:
+        return c if mask is None else mask * c
 
     sharded = any(
         groups_lib.explicit_sharding(flat[i]) is not None for i in _component_leaves(syms)
     )
 
     if all(map(_is_axis, syms)) and not sharded:
-        norms, squares = point or ([s.norms(flat) for s in syms], _squares(syms, flat))
-        gram, coarse = _axis_gram(syms, flat, norms, squares)
+        norms, squares = point or (lay.join([s.norms(flat) for s in syms]), _squares(syms, flat))
+        gram, coarse = _axis_gram(syms, lay, flat, norms, squares)
 
-        def block_jacobi(r: Sequence[jax.Array]) -> list[jax.Array]:
+        def block_jacobi(r: jax.Array) -> jax.Array:
             # Each symmetry's own Gram operator is diagonal: r / |xi_g|^2, 0 * r for a
             # zero-norm group (0 for finite r, a NaN kept visible otherwise).
-            return [jnp.where(n != 0, x / jnp.where(n != 0, n, 1), 0 * x) for n, x in zip(norms, r)]
+            return jnp.where(norms != 0, r / jnp.where(norms != 0, norms, 1), 0 * r)
 
         # [derived] Two-level preconditioner: block Jacobi plus the exact solve on the span
         # of one vector per symmetry (its coefficients all alike, masked). The slowest modes
         # of block Jacobi on a chain are such layer-wide moves, coupled only to neighbours,
         # which the small coarse system resolves at once.
-        basis = [
-            jnp.ones(s.charge_shape, n.dtype) if mask is None else m
-            for s, n, m in zip(syms, norms, mask or [None] * len(syms))
-        ]
+        basis = jnp.ones_like(norms) if mask is None else mask
         coarse_inv = _pinv(coarse(basis))
 
-        def preconditioner(r: Sequence[jax.Array]) -> list[jax.Array]:
-            y = coarse_inv @ jnp.stack([jnp.sum(e * x) for e, x in zip(basis, r)])
-            return [z + y[k] * e for k, (z, e) in enumerate(zip(block_jacobi(r), basis))]
+        def preconditioner(r: jax.Array) -> jax.Array:
+            return block_jacobi(r) + lay.spread(coarse_inv @ lay.sums(basis * r)) * basis
 
     else:
 
-        def gram(p: Sequence[jax.Array]) -> list[jax.Array]:
-            return reduce(_expand_all(syms, flat, p))
+        def gram(p: jax.Array) -> jax.Array:
+            return reduce(_expand_all(syms, flat, lay.split(p)))
 
         precond = [s.gram_solver(flat) for s in syms]
 
-        def block_jacobi(r: Sequence[jax.Array]) -> list[jax.Array]:
-            return [m(x) for m, x in zip(precond, r)]
+        def block_jacobi(r: jax.Array) -> jax.Array:
+            return lay.join([m(x) for m, x in zip(precond, lay.split(r))])
 
         preconditioner = block_jacobi
 
-    def matvec(p: Sequence[jax.Array]) -> list[jax.Array]:
+    def matvec(p: jax.Array) -> jax.Array:
         return masked(gram(masked(p)))
 
-    def solve(r: Sequence[jax.Array]) -> list[jax.Array]:
+    def solve(r: jax.Array) -> jax.Array:
         return masked(preconditioner(masked(r)))
 
-    def own(r: Sequence[jax.Array]) -> list[jax.Array]:
+    def own(r: jax.Array) -> jax.Array:
         return masked(block_jacobi(masked(r)))
 
     return matvec, solve, own, reduce
@@ -211,60 +252,44 @@ def _pinv(a: jax.Array) -> jax.Array:
     return (v * inv) @ v.T
 
 
-def _inner(a: Sequence[jax.Array], b: Sequence[jax.Array]) -> jax.Array:
-    return sum(jnp.sum(x * y) for x, y in zip(a, b))
-
-
-def _pcg(matvec, solve, b: list[jax.Array], max_iter, stop) -> tuple[list[jax.Array], jax.Array]:
+def _pcg(matvec, solve, b: jax.Array, max_iter, stop) -> tuple[jax.Array, jax.Array]:
     """Preconditioned conjugate gradients for A x = b (A symmetric positive semi-definite).
 
     ``matvec`` applies A, ``solve`` the preconditioner's (pseudo-)inverse M^+; both act on
-    lists of arrays. Iterates while ``stop(r^T M^+ r, b^T M^+ b)`` is false, at most
+    the coefficient vector. Iterates while ``stop(r^T M^+ r, b^T M^+ b)`` is false, at most
     ``max_iter`` times.
     Rounding-robust choices: the step length is the exact line search <r, p> / <p, A p> for
     the current residual (equal to r^T M^+ r / <p, A p> in exact arithmetic, and never
     increasing the A-norm of the error) and beta is Polak-Ribiere's, clipped at 0 (a restart
     whenever rounding has cost the directions their conjugacy). Returns x and r^T M^+ r.
     """
-    # The iterates are single vectors (the coefficient arrays raveled and concatenated): each
-    # vector operation of the iteration is one operation, not one per symmetry.
-    shapes = [v.shape for v in b]
-    ends = list(itertools.accumulate(math.prod(sh) for sh in shapes))
-
-    def split(v: jax.Array) -> list[jax.Array]:
-        return [v[e - math.prod(sh) : e].reshape(sh) for sh, e in zip(shapes, ends)]
-
-    def joined(vs: Sequence[jax.Array]) -> jax.Array:
-        return jnp.concatenate([jnp.ravel(v) for v in vs])
-
-    def mv(v: jax.Array) -> jax.Array:
-        return joined(matvec(split(v)))
-
-    def pre(v: jax.Array) -> jax.Array:
-        return joined(solve(split(v)))
-
-    bv = joined(b)
-    z = pre(bv)
-    rz0 = jnp.maximum(jnp.vdot(bv, z), 0)
+    z = solve(b)
+    rz0 = jnp.maximum(jnp.vdot(b, z), 0)
 
     def cond(state):
         it, _, _, _, rz = state
         return (it < max_iter) & ~stop(rz, rz0)
 
+    def dots(*pairs):
+        """Inner products, as one reduction (each would be a reduction of its own)."""
+        return jnp.sum(jnp.stack([a * b for a, b in pairs]), axis=1)
+
     def body(state):
         it, x, r, p, rz = state
-        ap = mv(p)
-        alpha = safe_div(jnp.vdot(r, p), jnp.vdot(p, ap))
+        ap = matvec(p)
+        rp, pap = dots((r, p), (p, ap))
+        alpha = safe_div(rp, pap)
         x = x + alpha * p
         r_new = r - alpha * ap
-        z = pre(r_new)
-        rz_new = jnp.maximum(jnp.vdot(r_new, z), 0)
-        beta = jnp.maximum(safe_div(rz_new - jnp.vdot(r, z), rz), 0)
+        z = solve(r_new)
+        rz_new, rz_old = dots((r_new, z), (r, z))
+        rz_new = jnp.maximum(rz_new, 0)
+        beta = jnp.maximum(safe_div(rz_new - rz_old, rz), 0)
         return it + 1, x, r_new, z + beta * p, rz_new
 
-    state = (jnp.zeros((), jnp.int32), jnp.zeros_like(bv), bv, z, rz0)
+    state = (jnp.zeros((), jnp.int32), jnp.zeros_like(b), b, z, rz0)
     _, x, _, _, rz = jax.lax.while_loop(cond, body, state)
-    return split(x), rz
+    return x, rz
 
 
 def joint_project(
@@ -292,15 +317,17 @@ def joint_project(
     finite on the component).
     """
     leaves = _component_leaves(syms)
-    matvec, solve, own, reduce = _normal_equations(syms, flat)
+    lay = _Layout(syms)
+    matvec, solve, own, reduce = _normal_equations(syms, lay, flat)
 
-    def left(r: Sequence[jax.Array]) -> jax.Array:
-        return jnp.maximum(_inner(r, own(r)), 0)
+    def left(r: jax.Array) -> jax.Array:
+        return jnp.maximum(jnp.vdot(r, own(r)), 0)
 
     sub = {i: u[i] for i in leaves}
     uu = sum(jnp.sum(jnp.square(x)) for x in sub.values())
     tol = jnp.asarray(tol, uu.dtype)
     c, _ = _pcg(matvec, solve, reduce(sub), max_iter, lambda rz, _: rz <= tol * tol * uu)
+    c = lay.split(c)
     removed = _expand_all(syms, flat, c)
     out = {i: v - removed[i] if i in removed else v for i, v in sub.items()}
     # NaN when u is not finite: the NaN reaches the caller's checks.
@@ -315,17 +342,12 @@ MOVE_MAX_ITER = 32
 MOVE_CG_MAX_ITER = 64
 
 
-def _group_element(sym: BoundSymmetry, c: jax.Array) -> jax.Array:
-    """The group element exp(c) of generator coefficients ``c``, as ``act`` takes it.
-
-    Multiplicative kinds (Scale, Rescale) act by the factor e^c (incoming) and e^-c
-    (outgoing); Translation by the shift c itself.
-    """
-    return c if sym.symmetry.kind == "translation" else jnp.exp(c)
-
-
-def _movable(sym: BoundSymmetry, q: jax.Array, norms: jax.Array, target: jax.Array) -> jax.Array:
-    """1 where the group can reach ``target`` along its own orbit, else 0 (float mask).
+def _movable(
+    q: jax.Array, norms: jax.Array, target: jax.Array, shift: np.ndarray, no_out: np.ndarray
+) -> jax.Array:
+    """1 where the group can reach ``target`` along its own orbit, else 0 (float mask), for
+    the coefficient vector of a component (``shift``: Translation entries, ``no_out``: Scale
+    entries, static).
 
     [derived] Along exp(c), a multiplicative group's charge is
     (e^{2c} x_+ - e^{-2c} x_-) / 2 with x_+ = |incoming|^2 = N/2 + Q and
@@ -335,12 +357,10 @@ def _movable(sym: BoundSymmetry, q: jax.Array, norms: jax.Array, target: jax.Arr
     every value. A group that cannot reach its target stays where it is, as in the closed
     form of a symmetry alone.
     """
-    if sym.symmetry.kind == "translation":
-        return jnp.ones_like(q)
     x_in = 0.5 * norms + q
-    x_out = jnp.zeros_like(q) if sym.symmetry.kind == "scale" else 0.5 * norms - q
+    x_out = jnp.where(no_out, 0, 0.5 * norms - q)
     ok = ((x_in > 0) | (target < 0)) & ((x_out > 0) | (target > 0)) & (norms > 0)
-    return ok.astype(q.dtype)
+    return (ok | shift).astype(q.dtype)
 
 
 def joint_move(
@@ -374,6 +394,11 @@ def joint_move(
     non-finite input).
     """
     leaves = _component_leaves(syms)
+    lay = _Layout(syms)
+    shift = lay.flags([s.symmetry.kind == "translation" for s in syms])
+    no_out = lay.flags([s.symmetry.kind == "scale" for s in syms])
+    target = lay.join(targets)
+    target_size = jnp.stack([jnp.max(jnp.abs(t)) for t in targets])
 
     def view(sub: Sequence[jax.Array]) -> Flat:
         full = list(cand)
@@ -381,19 +406,20 @@ def joint_move(
             full[i] = v
         return full
 
-    def measure(cur: Flat, qs: Sequence[jax.Array]):
+    def measure(cur: Flat, q: jax.Array):
+        """The state of the loop at ``cur`` (charges ``q``): the squared generator norms and
+        squares of shared leaves (the Gram operator's), the charge errors, the movable
+        groups, the largest relative error and the largest one over the movable groups."""
         squares = _squares(syms, cur)
-        norms = [s.norms(cur) for s in syms]
-        errs = [t - q for t, q in zip(targets, qs)]
-        masks = [_movable(s, q, n, t) for s, q, n, t in zip(syms, qs, norms, targets)]
-        rel = [
-            safe_div(jnp.abs(e), jnp.maximum(jnp.max(jnp.abs(t)), s.charge_scale(cur)))
-            for s, e, t in zip(syms, errs, targets)
-        ]
-        worst = jnp.max(jnp.stack([jnp.max(r) for r in rel]))
+        norms = lay.join([s.norms(cur) for s in syms])
+        err = target - q
+        mask = _movable(q, norms, target, shift, no_out)
+        scales = jnp.maximum(target_size, jnp.stack([s.charge_scale(cur) for s in syms]))
+        rel = safe_div(jnp.abs(err), lay.spread(scales))
+        worst = jnp.max(rel)
         # NaN (non-finite input) stops the loop at once and is reported.
-        moving = jnp.max(jnp.stack([jnp.max(r * m) for r, m in zip(rel, masks)])) + 0 * worst
-        return (norms, squares), errs, masks, worst, moving
+        moving = jnp.max(rel * mask) + 0 * worst
+        return (norms, squares), err, mask, worst, moving
 
     def cond(state):
         # At least one step (as a closed-form move, which is exact to rounding, would make):
@@ -402,37 +428,25 @@ def joint_move(
         return (it < max_iter) & ((moving > tol) | ((it == 0) & jnp.isfinite(moving)))
 
     def body(state):
-        it, sub, point, errs, masks, _, moving = state
+        it, sub, point, err, mask, _, moving = state
         cur = view(sub)
-        matvec, solve, _, _ = _normal_equations(syms, cur, masks, point)
+        matvec, solve, _, _ = _normal_equations(syms, lay, cur, mask, point)
         eta = jnp.minimum(jnp.maximum(tol / (16 * moving), moving), 0.1)
         c, _ = _pcg(
-            matvec,
-            solve,
-            [m * e for m, e in zip(masks, errs)],
-            MOVE_CG_MAX_ITER,
-            lambda rz, rz0: rz <= eta * eta * rz0,
+            matvec, solve, mask * err, MOVE_CG_MAX_ITER, lambda rz, rz0: rz <= eta * eta * rz0
         )
-        big = jnp.max(
-            jnp.stack(
-                [
-                    jnp.max(jnp.abs(x), initial=0)
-                    for s, x in zip(syms, c)
-                    if s.symmetry.kind != "translation"
-                ]
-                + [jnp.zeros((), moving.dtype)]
-            )
-        )
+        big = jnp.max(jnp.where(shift, 0, jnp.abs(c)))
         shrink = jnp.where(big > 1, 1 / jnp.where(big > 1, big, 1), 1)
-        # The group elements, computed once (not redone for every entry of the leaves).
-        elements = reductions.finished(
-            jnp.isfinite(moving), [_group_element(s, shrink * x) for s, x in zip(syms, c)]
-        )
+        # The group elements exp(c) (the shift c itself for a Translation), computed once
+        # (not redone for every entry of the leaves).
+        elements = jnp.where(shift, shrink * c, jnp.exp(shrink * c))
+        elements = lay.split(reductions.finished(jnp.isfinite(moving), elements))
         for s, a in zip(syms, elements):
             cur = apply_moved(cur, s.act(cur, a), add=False)
-        return it + 1, [cur[i] for i in leaves], *measure(cur, [s.raw_charge(cur) for s in syms])
+        q = lay.join([s.raw_charge(cur) for s in syms])
+        return it + 1, [cur[i] for i in leaves], *measure(cur, q)
 
-    state = (jnp.zeros((), jnp.int32), [cand[i] for i in leaves], *measure(cand, charges))
+    state = (jnp.zeros((), jnp.int32), [cand[i] for i in leaves], *measure(cand, lay.join(charges)))
     _, sub, _, _, _, worst, _ = jax.lax.while_loop(cond, body, state)
     return dict(zip(leaves, sub)), worst
 
