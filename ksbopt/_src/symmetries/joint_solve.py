@@ -146,12 +146,16 @@ def _axis_gram(
                 couplings.append((src, p, dst, q, sp * sq, operand, k, j))
 
     def matvec(c: jax.Array) -> jax.Array:
-        # Each coupling's term padded to the whole vector: XLA sums them in one elementwise
-        # pass (an indexed add per coupling would be a scatter each).
-        out = norms * c
+        # The terms landing on the same groups are summed first: one indexed add per range
+        # (a chain's symmetry receives both neighbours' terms on all its groups).
+        terms: dict[tuple[int, int], jax.Array] = {}
         for src, p, dst, q, sign, m, _, _ in couplings:
             term = sign * _contract(m, p, c[src], q)
-            out = out + jnp.pad(term, (dst.start, c.shape[0] - dst.stop))
+            key = (dst.start, dst.stop)
+            terms[key] = terms[key] + term if key in terms else term
+        out = norms * c
+        for (start, stop), term in terms.items():
+            out = out.at[start:stop].add(term)
         return out
 
     def coarse(e: jax.Array) -> jax.Array:
