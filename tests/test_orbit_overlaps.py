@@ -195,3 +195,25 @@ def test_nonfinite_update_keeps_the_residual(x64):
 def test_solver_arguments_are_checked_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ksbopt.project(ksbopt.Scale("w"), **kwargs)
+
+
+def test_coefficient_layout_of_a_component():
+    """The solves' one-vector layout: split inverts join, per-symmetry sums, spread and flags
+    land on exactly each symmetry's entries (the chain of unequal widths has no two alike)."""
+    from ksbopt._src.symmetries import joint_solve
+
+    params, syms = _relu_chain(np.random.default_rng(0))
+    bound = orbit.bind(tuple(syms), params).bound
+    lay = joint_solve._Layout(bound)
+    parts = [
+        jnp.arange(np.prod(b.charge_shape), dtype=jnp.float32) + 10 * k for k, b in enumerate(bound)
+    ]
+    v = lay.join(parts)
+    # the Rescales' units (9, 8, 7), the Translation's rows of fc3's kernel and its bias (7 + 1)
+    sizes = [9, 8, 7, 8]
+    assert v.shape == (sum(sizes),)
+    for a, b in zip(lay.split(v), parts, strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(lay.sums(v), [float(np.sum(p)) for p in parts])
+    np.testing.assert_array_equal(lay.spread(jnp.arange(4.0)), np.repeat(np.arange(4.0), sizes))
+    np.testing.assert_array_equal(lay.flags([False, False, False, True]), np.arange(32) >= 24)

@@ -279,8 +279,8 @@ def _settle_actions(
     tol: float,
     moved=None,
 ) -> None:
-    """Record, for each candidate in ``members``, the finite-action violation of the largest
-    set containing it that passes ``tol``, or its own when no such set does.
+    """Record, for each candidate in ``members``, the finite-action violation of the first
+    set of the halving below that contains it and passes ``tol``, or its own when none does.
 
     A composition of symmetries is a symmetry, so one evaluation usually settles every
     candidate at once. In float32 the rounding of many composed actions can add up past
