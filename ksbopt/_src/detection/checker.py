@@ -10,8 +10,9 @@
 - **Finite action**: L(psi(theta, a)) = L(theta) for group elements a in {0.5, 2} (scale,
   rescale; alternating over the groups so that groups are moved independently), shifts of
   0.5 and 2 (translation) and G = a (I + N / 4 |N|) (linear). All candidates are applied
-  at once (a composition of symmetries is a symmetry); only when that fails is each one
-  checked on its own. The violation is |L(psi) - L| / max(|L|, tiny).
+  at once (a composition of symmetries is a symmetry); a set whose composed action fails is
+  halved until each part passes or is one candidate. The violation is
+  |L(psi) - L| / max(|L|, tiny).
 """
 
 from __future__ import annotations
