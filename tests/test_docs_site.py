@@ -146,6 +146,7 @@ MODELS = {
                     "variant": "+ retract",
                     "step_ms": 2.0,
                     "step_ratio": 1.5,
+                    "step_ratio_range": [1.25, 1.75],
                     "compile_s": 3.0,
                     "compile_ratio": 2.0,
                     "residual": 1e-6,
@@ -171,7 +172,7 @@ def test_bench_tables_render_micro_json_with_run_facts(tmp_path, monkeypatch):
         "| state / base |" in text
     )
     assert "| + ksbopt.retract | 3.00 | 2.00 | 1.25 | 1.60 | 1.50 | 1.00 |" in text
-    assert "| adam | + retract | 2.00 | 1.50 | 3.00 | 2.00 | 1.0e-06 |" in text
+    assert "| adam | + retract | 2.00 | 1.50 | 1.25-1.75 | 3.00 | 2.00 | 1.0e-06 |" in text
 
 
 def test_bench_tables_name_the_malformed_file_and_field(tmp_path, monkeypatch):
