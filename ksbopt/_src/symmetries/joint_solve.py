@@ -132,7 +132,8 @@ def _axis_gram(
     does not on XLA:CPU). x*x is formed once per leaf and point (``squares``, shared with the
     charges and norms measured there), then reused by every product.
     """
-    couplings = []  # (p's slice, p, q's slice, q, sign, operand): k's part p acts on j's q
+    # (p's slice, p, q's slice, q, sign, operand, k, j): symmetry k's part p acts on j's q
+    couplings = []
     for i, entries in _parts_by_leaf(syms).items():
         for k, p, sp, kind_p in entries:
             for j, q, sq, kind_q in entries:
@@ -166,7 +167,8 @@ def _axis_gram(
                 sign * jnp.sum(e[dst] * _contract(m, p, e[src], q))
                 for src, p, dst, q, sign, m, _, _ in couplings
             ]
-            rows, cols = (np.asarray([c[i] for c in couplings]) for i in (7, 6))
+            rows = np.asarray([j for *_, k, j in couplings])
+            cols = np.asarray([k for *_, k, j in couplings])
             a = a.at[rows, cols].add(jnp.stack(terms))
         return 0.5 * (a + a.T)
 
