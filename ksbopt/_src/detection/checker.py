@@ -260,9 +260,10 @@ def run_checks(
             if np.any(bad):
                 c.bad = tuple(dict.fromkeys(c.bad + _group_names(c.bound, bad)))
         passing = [j for j, c in enumerate(live) if c.lie <= tol]
-        every_moved = moved if len(passing) == len(live) else None
+        failing = [j for j, c in enumerate(live) if not c.lie <= tol]
+        every_moved = moved if not failing else None
         _settle_actions(checker, live, passing, batch, loss0, grads, tol, every_moved)
-        for j in (j for j in range(len(live)) if j not in passing):
+        for j in failing:
             if every:  # measured alone
                 mask = [i == j for i in range(len(live))]
                 live[j].action = max(live[j].action, checker.check(batch, loss0, grads, mask)[1])
