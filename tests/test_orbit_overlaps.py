@@ -217,3 +217,27 @@ def test_coefficient_layout_of_a_component():
     np.testing.assert_array_equal(lay.sums(v), [float(np.sum(p)) for p in parts])
     np.testing.assert_array_equal(lay.spread(jnp.arange(4.0)), np.repeat(np.arange(4.0), sizes))
     np.testing.assert_array_equal(lay.flags([False, False, False, True]), np.arange(32) >= 24)
+
+
+def _newton_loop_carries(params, syms) -> list[tuple[int, ...]]:
+    """Shapes of the arrays that the joint move's Newton loop carries (its outer while)."""
+    binding = orbit.bind(tuple(syms), params)
+    w = [jnp.asarray(x, jnp.float32) for x in jax.tree.leaves(params)]
+    u = [0.01 * x for x in w]
+    targets = orbit.charges(binding, w)
+    jaxpr = jax.make_jaxpr(lambda w, u: orbit.move(binding, w, u, targets))(w, u)
+    loops = [e for e in jaxpr.eqns if e.primitive is jax.lax.while_p]
+    assert len(loops) == 1, [e.primitive for e in jaxpr.eqns]
+    p = loops[0].params
+    return [v.aval.shape for v in loops[0].invars[p["cond_nconsts"] + p["body_nconsts"] :]]
+
+
+def test_joint_move_carries_group_elements_not_multiplicative_leaves():
+    """A leaf that only Rescales act on is not carried by the Newton loop (its accumulated
+    group elements are; the leaf is formed where it is read): the carried leaf-sized arrays
+    are the squares of the two leaves that two Rescales share (fc1, fc2 kernels) and the
+    kernel that the Translation shifts too (fc3). Moving every leaf in the loop would carry
+    fc0's kernel, fc1's and fc2's as well (and cost XLA:CPU a copy of each per step)."""
+    params, syms = _relu_chain(np.random.default_rng(0))
+    matrices = sorted(s for s in _newton_loop_carries(params, syms) if len(s) == 2)
+    assert matrices == [(7, 4), (8, 7), (9, 8)]

@@ -96,6 +96,15 @@ class BoundAxis(BoundSymmetry):
         # but keeps a NaN / inf of r visible to the non-finite checks of the transforms.
         return jnp.where(n != 0, r / jnp.where(n != 0, n, 1), 0 * r)
 
+    def measured(
+        self, flat: Flat, squares: dict[int, jax.Array]
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """``(raw_charge, norms, charge_scale)`` at ``flat``, computed together; ``squares``
+        holds x*x of some leaves (leaf index -> array), formed already, that the
+        multiplicative kinds read instead of squaring the leaf again."""
+        del squares
+        return self.raw_charge(flat), self.norms(flat), self.charge_scale(flat)
+
     def coefficients(self, flat: Flat, v: Flat) -> jax.Array:
         # [derived] The groups of one symmetry are disjoint, so J^T J is diagonal and
         # c_g = <xi_g, v> / |xi_g|^2. Both sums of a large leaf come out of ONE pass over it
@@ -136,6 +145,19 @@ class BoundMultiplicative(BoundAxis):
 
     def act(self, flat: Flat, a: jax.Array) -> Moved:
         return self._map(flat, lambda w, p, s: w * self._part_factor(p, s, a))
+
+    def measured(
+        self, flat: Flat, squares: dict[int, jax.Array]
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        # One reduction per part gives both: Q = sum_p s_p |part|^2 / 2 and |xi|^2 =
+        # sum_p |part|^2 per group; the charge scale is half the largest |xi|^2.
+        sums = [
+            p.reduce(squares[p.leaf] if p.leaf in squares else jnp.square(flat[p.leaf]))
+            for p in self.parts
+        ]
+        norms = self._sum(sums)
+        charge = 0.5 * self._sum([s * r for s, r in zip(self.signs, sums)])
+        return charge, norms, 0.5 * jnp.max(norms)
 
     def move_to(self, flat: Flat, target: jax.Array) -> Moved:
         return self.act(flat, self._factors(flat, target))

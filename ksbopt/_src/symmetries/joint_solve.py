@@ -394,6 +394,17 @@ def joint_move(
     every multiplicative factor within e^(+-1) per step (large steered moves). Groups that
     cannot reach their target are held where they are (:func:`_movable`).
 
+    [derived] What the loop carries: the actions of Scale and Rescale commute and compose
+    by multiplying their group elements, so a leaf that only they act on is ``cand`` times
+    the product of each symmetry's accumulated elements (one number per group). The loop
+    carries those and forms such a leaf only where it is read: in the squares of shared
+    leaves (formed once per step, for the charges measured at the new point and for the
+    next step's Gram operator, so they are carried too) and once at the end. A leaf that a
+    Translation also shifts is carried and moved step by step. Moving each leaf in the loop
+    instead costs a read and a write of it per step, and on XLA:CPU a copy as well: XLA fuses
+    the move into each reader of the moved leaf, so the carried buffer it would overwrite
+    in place is still read after the write.
+
     Takes at least one step and stops when the largest relative residual |Q - T| / scale over
     the movable groups is below ``tol`` or after ``max_iter`` steps. Returns the moved leaves
     and the largest relative residual over all groups, measured on the result (NaN for
@@ -405,22 +416,44 @@ def joint_move(
     no_out = lay.flags([s.symmetry.kind == "scale" for s in syms])
     target = lay.join(targets)
     target_size = jnp.stack([jnp.max(jnp.abs(t)) for t in targets])
+    # A leaf that only Scale / Rescale symmetries act on is cand times the product of their
+    # accumulated group elements (``acc``, one per group): the loop carries those, not the
+    # leaf. A leaf that a Translation shifts too is carried and moved step by step.
+    shifted = {p.leaf for s in syms if s.symmetry.kind == "translation" for p in s.parts}
+    carried = [i for i in leaves if i in shifted]
+    derived = [i for i in leaves if i not in shifted]
 
-    def view(sub: Sequence[jax.Array]) -> Flat:
+    def with_carried(sub: Sequence[jax.Array]) -> Flat:
         full = list(cand)
-        for i, v in zip(leaves, sub):
+        for i, v in zip(carried, sub):
             full[i] = v
         return full
 
-    def measure(cur: Flat, q: jax.Array):
-        """The state of the loop at ``cur`` (charges ``q``): the squared generator norms and
-        squares of shared leaves (the Gram operator's), the charge errors, the movable
-        groups, the largest relative error and the largest one over the movable groups."""
+    def acted(full: Flat, s: BoundSymmetry, a: jax.Array, keep: Sequence[int]) -> Flat:
+        """``full`` with ``s`` acting by ``a`` on the leaves ``keep`` (only)."""
+        moved = s.act(full, a)
+        return apply_moved(full, {i: moved[i] for i in keep if i in moved}, add=False)
+
+    def view(acc: jax.Array, sub: Sequence[jax.Array]) -> Flat:
+        """The leaves at accumulated elements ``acc`` and carried leaves ``sub``."""
+        full = with_carried(sub)
+        for s, a in zip(syms, lay.split(acc)):
+            if s.symmetry.kind != "translation":
+                full = acted(full, s, a, derived)
+        return full
+
+    def measure(cur: Flat, q: jax.Array | None = None):
+        """The state of the loop at ``cur``: the squares of shared leaves and the squared
+        generator norms (the Gram operator's), the charge errors, the movable groups, the
+        largest relative error and the largest one over the movable groups (``q``: the
+        charges, if known)."""
         squares = _squares(syms, cur)
-        norms = lay.join([s.norms(cur) for s in syms])
+        measured = [s.measured(cur, squares) for s in syms]
+        q = lay.join([m[0] for m in measured]) if q is None else q
+        norms = lay.join([m[1] for m in measured])
         err = target - q
         mask = _movable(q, norms, target, shift, no_out)
-        scales = jnp.maximum(target_size, jnp.stack([s.charge_scale(cur) for s in syms]))
+        scales = jnp.maximum(target_size, jnp.stack([m[2] for m in measured]))
         rel = safe_div(jnp.abs(err), lay.spread(scales))
         worst = jnp.max(rel)
         # NaN (non-finite input) stops the loop at once and is reported.
@@ -430,12 +463,12 @@ def joint_move(
     def cond(state):
         # At least one step (as a closed-form move, which is exact to rounding, would make):
         # a charge already within tol of its target is still brought well below it.
-        it, _, _, _, _, _, moving = state
+        it, _, _, _, _, _, _, moving = state
         return (it < max_iter) & ((moving > tol) | ((it == 0) & jnp.isfinite(moving)))
 
     def body(state):
-        it, sub, point, err, mask, _, moving = state
-        cur = view(sub)
+        it, acc, sub, point, err, mask, _, moving = state
+        cur = view(acc, sub)
         matvec, solve, _, _ = _normal_equations(syms, lay, cur, mask, point)
         eta = jnp.minimum(jnp.maximum(tol / (16 * moving), moving), 0.1)
         c, _ = _pcg(
@@ -443,18 +476,22 @@ def joint_move(
         )
         big = jnp.max(jnp.where(shift, 0, jnp.abs(c)))
         shrink = jnp.where(big > 1, 1 / jnp.where(big > 1, big, 1), 1)
-        # The group elements exp(c) (the shift c itself for a Translation), computed once
-        # (not redone for every entry of the leaves).
-        elements = jnp.where(shift, shrink * c, jnp.exp(shrink * c))
-        elements = lay.split(reductions.finished(jnp.isfinite(moving), elements))
-        for s, a in zip(syms, elements):
-            cur = apply_moved(cur, s.act(cur, a), add=False)
-        q = lay.join([s.raw_charge(cur) for s in syms])
-        return it + 1, [cur[i] for i in leaves], *measure(cur, q)
+        # This step's group elements exp(c) (the shift c itself for a Translation) and the
+        # accumulated ones, computed once (not redone for every entry of the leaves).
+        step = jnp.where(shift, shrink * c, jnp.exp(shrink * c))
+        acc = acc * jnp.where(shift, 1, step)
+        step, acc = reductions.finished(jnp.isfinite(moving), (step, acc))
+        moved = with_carried(sub)
+        for s, a in zip(syms, lay.split(step)):
+            moved = acted(moved, s, a, carried)
+        sub = [moved[i] for i in carried]
+        return it + 1, acc, sub, *measure(view(acc, sub))
 
-    state = (jnp.zeros((), jnp.int32), [cand[i] for i in leaves], *measure(cand, lay.join(charges)))
-    _, sub, _, _, _, worst, _ = jax.lax.while_loop(cond, body, state)
-    return dict(zip(leaves, sub)), worst
+    start = measure(cand, lay.join(charges))
+    state = (jnp.zeros((), jnp.int32), jnp.ones_like(target), [cand[i] for i in carried], *start)
+    _, acc, sub, _, _, _, worst, _ = jax.lax.while_loop(cond, body, state)
+    out = view(acc, sub)
+    return {i: out[i] for i in leaves}, worst
 
 
 def sweep_move(
