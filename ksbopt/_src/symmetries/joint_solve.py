@@ -517,17 +517,15 @@ def sweep_move(
         return jnp.max(jnp.stack([s.residual(cur, t) for s, t in zip(syms, targets)]))
 
     def cond(state):
-        # At least one sweep (the candidate is not measured); the sweep is traced once,
-        # in the loop body, which halves the compile time of this loop.
-        it, sub = state
-        return (it == 0) | (
-            (it < max_sweeps)
-            & jax.lax.cond(it == 0, lambda x: False, lambda x: worst(x) > tol, sub)
-        )
+        it, _, res = state
+        return (it < max_sweeps) & (res > tol)
 
     def body(state):
-        it, sub = state
-        return it + 1, sweep(sub)
+        it, sub, _ = state
+        sub = sweep(sub)
+        return it + 1, sub, worst(sub)
 
-    _, sub = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), [cand[i] for i in leaves]))
+    # At least one sweep (the candidate is not measured): the residual starts at infinity.
+    state = (jnp.zeros((), jnp.int32), [cand[i] for i in leaves], jnp.asarray(jnp.inf, tol.dtype))
+    _, sub, _ = jax.lax.while_loop(cond, body, state)
     return dict(zip(leaves, sub))
