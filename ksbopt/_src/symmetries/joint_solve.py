@@ -424,10 +424,7 @@ def joint_move(
     derived = [i for i in leaves if i not in shifted]
 
     def with_carried(sub: Sequence[jax.Array]) -> Flat:
-        full = list(cand)
-        for i, v in zip(carried, sub):
-            full[i] = v
-        return full
+        return apply_moved(cand, dict(zip(carried, sub)), add=False)
 
     def acted(full: Flat, s: BoundSymmetry, a: jax.Array, keep: Sequence[int]) -> Flat:
         """``full`` with ``s`` acting by ``a`` on the leaves ``keep`` (only)."""
