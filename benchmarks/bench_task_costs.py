@@ -5,8 +5,13 @@ per optimizer) and projects the cost of a whole run at the task's own step budge
 ``compile + steps * step time + evaluations * evaluation time``. The suites are sized from
 these numbers. Records the machine's load average, since the benchmarks share CPUs.
 
+With ``--jobs N`` each measurement runs N times side by side, each copy in a worker process
+pinned to one core (:mod:`ksbopt.bench.workers`), as ``ksbopt-bench --jobs N`` trains:
+the file then holds the mean cost of one such run and ``"jobs": N``, and the suite's
+estimate (:func:`ksbopt.bench.budget.load_costs`) counts each run 1/N of it.
+
 Run:  python -m benchmarks.bench_task_costs [--scale small] [--tasks a,b]
-      [--optimizers sgd+wd,adamw] [--steps 200] [--json out.json]
+      [--optimizers sgd+wd,adamw] [--steps 200] [--jobs 1] [--json out.json]
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ksbopt.bench import cli, registry
+from ksbopt.bench import cli, registry, workers
 from ksbopt.bench.runner import MAX_EVAL_INTERVALS, environment
 from ksbopt.bench.tasks import HEADLINE_TASKS, TASKS, build_task
 
@@ -72,6 +77,20 @@ def measure(task: str, optimizer: str, scale: str, steps: int, cache: Path) -> d
     }
 
 
+def _measure_args(args: tuple) -> dict:
+    """:func:`measure` of one ``(task, optimizer, scale, steps, cache)`` (for the workers)."""
+    return measure(*args)
+
+
+def measure_side_by_side(pool, task, optimizer, scale, steps, cache: Path) -> dict:
+    """:func:`measure` run ``pool.jobs`` times at once on ``pool``'s workers; the mean of
+    their timings (each the cost of one run among ``pool.jobs`` side by side)."""
+    build_task(task, scale, cache)  # the data generated once, before the copies start
+    rows = pool.map(_measure_args, [(task, optimizer, scale, steps, cache)] * pool.jobs)
+    timed = ("step_ms_median", "eval_s_each", "compile_s", "run_s", "projected_run_s")
+    return {**rows[0], **{k: sum(r[k] for r in rows) / len(rows) for k in timed}}
+
+
 def _utc_now() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
 
@@ -83,26 +102,39 @@ def main(argv=None) -> dict:
     p.add_argument("--optimizers", default="sgd+wd,adamw")
     p.add_argument("--steps", type=int, default=200, help="steps measured per run")
     p.add_argument("--cache-dir", default=None, help="cache of generated data")
+    p.add_argument(
+        "--jobs", type=int, default=1, help="runs side by side, one core each (default 1)"
+    )
     p.add_argument("--json", default=None, help="write the results here")
     a = p.parse_args(argv)
     names = [t for t in a.tasks.split(",") if t]
     if bad := [t for t in names if t not in TASKS]:
         p.error(f"unknown task(s) {bad}; valid: {', '.join(TASKS)}")
+    try:
+        workers.check_jobs(a.jobs)
+    except ValueError as e:
+        p.error(f"--jobs cannot be used: {e}")
     started = _utc_now()
     cache = Path(a.cache_dir or tempfile.mkdtemp(prefix="ksbopt_task_costs_"))
     rows = []
-    for task in names:
-        for opt in a.optimizers.split(","):
-            row = measure(task, opt, a.scale, a.steps, cache)
-            rows.append(row)
-            print(
-                f"{task:22s} {opt:10s} {row['n_params']:>10,d} params "
-                f"{row['step_ms_median']:8.2f} ms/step {row['eval_s_each']:6.3f} s/eval "
-                f"-> {row['projected_run_s']:7.1f} s per {row['steps']}-step run",
-                flush=True,
-            )
+    with contextlib.ExitStack() as stack:
+        pool = stack.enter_context(workers.Workers(a.jobs)) if a.jobs > 1 else None
+        for task in names:
+            for opt in a.optimizers.split(","):
+                if pool is None:
+                    row = measure(task, opt, a.scale, a.steps, cache)
+                else:
+                    row = measure_side_by_side(pool, task, opt, a.scale, a.steps, cache)
+                rows.append(row)
+                print(
+                    f"{task:22s} {opt:10s} {row['n_params']:>10,d} params "
+                    f"{row['step_ms_median']:8.2f} ms/step {row['eval_s_each']:6.3f} s/eval "
+                    f"-> {row['projected_run_s']:7.1f} s per {row['steps']}-step run",
+                    flush=True,
+                )
     result = {
         "env": environment(),
+        "jobs": a.jobs,
         "load_average": os.getloadavg(),
         "results": rows,
         "command": " ".join(["python3 -m benchmarks.bench_task_costs", *sys.argv[1:]]),

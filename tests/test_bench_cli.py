@@ -8,8 +8,6 @@ real symmetries of their losses.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import shutil
@@ -28,6 +26,7 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
 from flax import nnx
+from support.bench_cli import run_cli
 
 from ksbopt.bench import cli, compiled, diagnostics, host, registry, runner
 from ksbopt.bench.report import fmt
@@ -37,14 +36,7 @@ RETRACT = registry.REGISTRY["sgd+retract"].available
 SMOKE_OPTS = ["sgd", "sgd+retract"] if RETRACT else ["sgd"]
 
 
-def _main(argv) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            rc = cli.main([str(a) for a in argv])
-        except SystemExit as e:
-            rc = e.code
-    return rc, out.getvalue(), err.getvalue()
+_main = run_cli
 
 
 @pytest.fixture(scope="module")

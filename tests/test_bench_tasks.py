@@ -6,9 +6,7 @@ and GPU scales are checked from their tables and abstract models, without traini
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import json
 import math
 import socket
@@ -24,8 +22,9 @@ pytest.importorskip("flax")
 pytest.importorskip("mnist1d")
 
 from flax import nnx
+from support.bench_cli import run_cli
 
-from ksbopt.bench import cli, compiled, data, registry, runner, tasks
+from ksbopt.bench import compiled, data, registry, runner, tasks
 from ksbopt.bench.suites import SUITES, arms_of
 from ksbopt.bench.tasks import GPU_TASKS, HEADLINE_TASKS, TASKS, build_task
 
@@ -240,13 +239,8 @@ def test_schedule_free_is_evaluated_at_its_average(cache):
 
 
 def _main(argv) -> tuple[int, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            rc = cli.main([str(a) for a in argv])
-        except SystemExit as e:
-            rc = e.code
-    return rc, err.getvalue()
+    rc, _, err = run_cli(argv)
+    return rc, err
 
 
 def _records(out: Path) -> list[dict]:

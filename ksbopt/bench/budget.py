@@ -163,9 +163,18 @@ class Estimate:
 Costs = Mapping[tuple[str, str], tuple[float, float]]  # (task, scale) -> (run_s, compile_s)
 
 
-def load_costs(path: str | Path) -> tuple[dict[tuple[str, str], tuple[float, float]], str]:
-    """Seconds per run and per compilation of each (task, scale) from a ``bench_task_costs``
-    JSON file (means over the optimizers it measured), and a note naming machine and load."""
+def load_costs(
+    path: str | Path, jobs: int | None = None
+) -> tuple[dict[tuple[str, str], tuple[float, float]], str]:
+    """Seconds of wall time per run and per compilation of each (task, scale) from a
+    ``bench_task_costs`` JSON file (means over the optimizers it measured), and a note naming
+    machine and load.
+
+    A file measured with ``--jobs N`` (N runs side by side, one core each) holds each run's
+    own seconds; N of them share that time, so they are divided by N here. ``jobs``: the
+    setting of the suite to price (a ValueError if the file was measured with another;
+    None: the file's).
+    """
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -173,20 +182,31 @@ def load_costs(path: str | Path) -> tuple[dict[tuple[str, str], tuple[float, flo
             (r["task"], r["scale"], float(r["run_s"]), float(r["compile_s"]))
             for r in data["results"]
         ]
+        measured_jobs = int(data.get("jobs", 1))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(
             f"costs file {str(path)!r} is not a bench_task_costs JSON ({type(e).__name__}: {e});"
             " write one with python -m benchmarks.bench_task_costs --json FILE"
         ) from e
+    if jobs is not None and jobs != measured_jobs:
+        raise ValueError(
+            f"it was measured with --jobs {measured_jobs} and the suite runs with --jobs {jobs};"
+            f" measure with python -m benchmarks.bench_task_costs --jobs {jobs} --json FILE"
+        )
     by: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for t, sc, run_s, comp_s in rows:
-        by.setdefault((t, sc), []).append((run_s, comp_s))
+        by.setdefault((t, sc), []).append((run_s / measured_jobs, comp_s / measured_jobs))
     env = data.get("env", {})
     load = data.get("load_average")
     note = (
         f"costs from {path.name}: {env.get('device', '?')}, {env.get('cpu_count', '?')} cores,"
         f" load average {', '.join(f'{x:.1f}' for x in load) if load else '?'} when measured"
     )
+    if measured_jobs > 1:
+        note += (
+            f"; {measured_jobs} runs side by side, so each run counts 1/{measured_jobs} of its"
+            " time (rounds that end with fewer runs than workers take longer)"
+        )
     costs = {
         k: (sum(r for r, _ in v) / len(v), sum(c for _, c in v) / len(v)) for k, v in by.items()
     }

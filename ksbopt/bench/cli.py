@@ -20,6 +20,7 @@ action: list, report only, dry run, or run (the training session is
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import importlib.util
@@ -100,6 +101,14 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="MODULE:ATTR",
         help="your task (ksbopt.bench.make_task(...) or a function returning one; repeatable)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train N runs at a time, each in a worker process pinned to one CPU core (CPU only; "
+        "at most one per core; default 1: one run at a time on every core)",
     )
     p.add_argument("--out", help="output folder (default bench_results/<suite>)")
     p.add_argument("--cache-dir", help="cache of generated data (default OUT/cache)")
@@ -242,6 +251,7 @@ def _plan(p, a) -> _Plan:
     steps = a.steps
     if steps is None and (scale or suite.scale) == suite.scale:
         steps = suite.steps  # the suite's step budget holds at its own scale only
+    _jobs(p, a)
     costs = _costs(p, a)
     suite = _schedules(p, a, suite)
     experiments = _experiments(p, a, suite)
@@ -343,6 +353,19 @@ def _lrs(p, s: str | None) -> tuple[float, ...] | None:
     return lrs
 
 
+def _jobs(p, a) -> None:
+    """``--jobs``: worker processes this machine can run (one CPU core each)."""
+    if a.jobs != 1:
+        import jax
+
+        from ksbopt.bench import workers
+
+        try:
+            workers.check_jobs(a.jobs, jax.default_backend())
+        except ValueError as e:
+            p.error(f"--jobs cannot be used: {e}")
+
+
 def _costs(p, a):
     """The measured costs of ``--costs`` (None without it); ``--max-hours`` needs them."""
     if a.max_hours is not None and (not a.costs or not a.max_hours > 0):
@@ -352,7 +375,7 @@ def _costs(p, a):
     from ksbopt.bench import budget
 
     try:
-        return budget.load_costs(a.costs)
+        return budget.load_costs(a.costs, jobs=a.jobs)
     except ValueError as e:
         p.error(f"--costs={a.costs!r} cannot be used: {e}")
 
@@ -409,6 +432,7 @@ def _run(plan: _Plan, a, argv) -> int:
 
     from ksbopt.bench.runner import Runner
     from ksbopt.bench.session import Session, protocol_meta, search_notes
+    from ksbopt.bench.workers import Workers
 
     t0 = time.perf_counter()
     suite, grid_args, notes = plan.suite, plan.grid_args, list(plan.notes)
@@ -427,7 +451,12 @@ def _run(plan: _Plan, a, argv) -> int:
     cache = Path(a.cache_dir) if a.cache_dir else plan.out / "cache"
     session = Session(Runner(plan.out, cache_dir=cache, progress=not a.no_progress))
     try:
-        user_failed = _train(plan, session)
+        with contextlib.ExitStack() as stack:
+            if a.jobs > 1:
+                user_args = (a.optimizer, a.grid, a.task)
+                session.workers = stack.enter_context(Workers(a.jobs, user_args))
+                print(f"{a.jobs} worker processes, one CPU core each", flush=True)
+            user_failed = _train(plan, session)
     except KeyboardInterrupt:
         print(
             f"\ninterrupted: {len(session.records)} finished runs are saved under "

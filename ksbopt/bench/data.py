@@ -59,7 +59,7 @@ def _cached(cache_dir: str | os.PathLike | None, key: str, build):
             return {k: f[k] for k in f.files}
     arrays = build()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")  # one per process: workers may race
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
     return arrays

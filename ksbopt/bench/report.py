@@ -11,6 +11,7 @@ and arm (:mod:`ksbopt.bench.tables`), with the figures of :func:`ksbopt.bench.pl
 
 from __future__ import annotations
 
+import collections
 import datetime
 import json
 import os
@@ -78,6 +79,13 @@ def _header(records: Sequence[dict], meta: Mapping) -> list[str]:
         f"({meta.get('trained', '?')} trained now, {meta.get('reused', '?')} reused from "
         "earlier records)",
     ]
+    side = collections.Counter(r["env"].get("jobs", 1) for r in records)
+    for jobs, n in sorted((j, n) for j, n in side.items() if j > 1):
+        L.append(
+            f"- {n} of the runs were trained {jobs} at a time, each pinned to one CPU core "
+            "(`--jobs`): their times per step and to target include their neighbours' share of "
+            "the machine"
+        )
     if meta.get("wall_s") is not None:
         L.append(f"- wall time of this invocation: {meta['wall_s']:.1f} s")
     for note in meta.get("notes", []):

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ksbopt.bench import compiled, diagnostics, host, profiles, registry
+from ksbopt.bench import compiled, diagnostics, host, profiles, registry, workers
 from ksbopt.bench.compiled import MAX_EVAL_INTERVALS, clear_caches
 from ksbopt.bench.diagnostics import finite_or_none
 from ksbopt.bench.protocol import schedule_definition, schedule_factor
@@ -64,6 +64,7 @@ def environment() -> dict:
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
         **host.setting(),
+        **workers.setting(),
     }
 
 

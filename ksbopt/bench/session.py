@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import traceback
 
 __all__ = ["Session", "protocol_meta", "search_notes", "tuning_round"]
 
@@ -27,10 +26,15 @@ def _combo(cfg) -> tuple:
 
 
 class Session:
-    """The records of one invocation, the runs that failed, and training with progress lines."""
+    """The records of one invocation, the runs that failed, and training with progress lines.
 
-    def __init__(self, runner):
+    With ``workers`` (:class:`ksbopt.bench.workers.Workers`) the runs of a round are trained
+    by worker processes, one unit (setting) at a time each; else one by one here.
+    """
+
+    def __init__(self, runner, workers=None):
         self.runner = runner
+        self.workers = workers
         self.records: dict[str, dict] = {}
         self.trained = 0
         self.failed: dict[tuple, str] = {}
@@ -57,26 +61,55 @@ class Session:
         runs = [r for r in runs if r.run_id not in self.records]
         if runs:
             print(f"-- {what}: {len(runs)} runs", flush=True)
-        for i, cfg in enumerate(runs, 1):
-            pos = f"[{i}/{len(runs)}] "
-            if self.blocked(cfg):  # the same error again: do not pay its compilation 15 times
-                why = self.failed.get(_combo(cfg), "cannot start")
-                print(f"{pos}{cfg.run_id}: skipped, {why}", flush=True)
-                continue
-            try:
-                rec, new = self.runner.run(cfg, position=pos)
-            except Exception as e:  # one broken optimizer must not stop a long suite
-                self.failed[_combo(cfg)] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-                print(
-                    f"{pos}{cfg.run_id}: FAILED, {self.failed[_combo(cfg)]}",
-                    file=sys.stderr,
-                    flush=True,
+        for i, outcome in enumerate(self._outcomes(runs), 1):
+            self._settle(_position(i, len(runs)), *outcome)
+
+    def _skipped(self, cfg):
+        """The outcome of a run whose setting failed or cannot start: not compiled again."""
+        return cfg, None, False, self.failed.get(_combo(cfg), "cannot start"), None
+
+    def _outcomes(self, runs):
+        """Each run's outcome (:data:`ksbopt.bench.workers.Outcome`), in order here, as
+        units finish on workers."""
+        from ksbopt.bench import compiled, workers
+
+        if self.workers is None:
+            for i, cfg in enumerate(runs, 1):
+                pos = _position(i, len(runs))  # for the run's progress bar
+                yield (
+                    self._skipped(cfg)
+                    if self.blocked(cfg)
+                    else workers.attempt(self.runner, cfg, position=pos)
                 )
-                traceback.print_exc()
-                continue
+            return
+        units: dict[tuple, list] = {}
+        for cfg in runs:
+            if self.blocked(cfg):
+                yield self._skipped(cfg)
+            else:
+                units.setdefault(_combo(cfg), []).append(cfg)
+        for cfg, *_ in units.values():  # data generated (and cached) here, once, not per worker
+            self.runner.task(cfg.task, cfg.scale)
+        keyed = [(compiled.train_key(u[0]), u) for u in units.values()]
+        yield from self.workers.train(self.runner.out, self.runner.cache_dir, keyed)
+
+    def _settle(self, pos: str, cfg, rec, new: bool, failure, trace) -> None:
+        """Keeps one outcome and prints its line (a failure blocks its setting's other runs:
+        the same error again would cost its compilation every time)."""
+        if rec is None and trace is None:
+            print(f"{pos}{cfg.run_id}: skipped, {failure}", flush=True)
+        elif rec is None:
+            self.failed[_combo(cfg)] = failure
+            print(f"{pos}{cfg.run_id}: FAILED, {failure}", file=sys.stderr, flush=True)
+            print(trace, file=sys.stderr, end="", flush=True)
+        else:
             self.trained += new
             self.records[cfg.run_id] = rec
             print(f"{pos}{_progress_line(cfg, rec, new)}", flush=True)
+
+
+def _position(i: int, n: int) -> str:
+    return f"[{i}/{n}] "
 
 
 def _progress_line(cfg, rec: dict, new: bool) -> str:

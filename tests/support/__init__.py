@@ -6,6 +6,7 @@
 - :mod:`support.registry`: the one list of transforms under test, read by every battery.
 - :mod:`support.contract`: the contract battery run over the registry.
 - :mod:`support.sharding_check`: the sharding checks, run as a script on 8 CPU devices.
+- :mod:`support.bench_cli`: the benchmark command line run in-process (``run_cli``).
 
 Test files ``import support`` and use the flat names re-exported below.
 """
