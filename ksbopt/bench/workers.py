@@ -159,12 +159,15 @@ def _serve(core: int, inbox, outbox, jobs: int, user_args: tuple) -> None:
     receives on ``inbox`` and sends ``(uid, ok, result)`` on ``outbox`` (``ok`` False: the
     result is the exception's first line and traceback); stops at None."""
     _start_worker(core, jobs, user_args)
-    while (msg := inbox.recv()) is not None:
-        uid, fn, args = msg
-        try:
-            outbox.send((uid, True, fn(*args)))
-        except Exception as e:
-            outbox.send((uid, False, _failure(e)))
+    try:
+        while (msg := inbox.recv()) is not None:
+            uid, fn, args = msg
+            try:
+                outbox.send((uid, True, fn(*args)))
+            except Exception as e:
+                outbox.send((uid, False, _failure(e)))
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole group: the parent says what to do
+        return
 
 
 class Workers:
